@@ -1,0 +1,98 @@
+"""The vocabulary of remote operations: wire names <-> allow-listed callables.
+
+A wire name says where the operation comes from:
+
+    torch.<name>      a function in the torch namespace        torch.add
+    linalg.<name>     a function in torch.linalg                linalg.norm
+    F.<name>          a function in torch.nn.functional         F.relu
+    Tensor.<name>     a tensor method, called with self first   Tensor.__add__
+    Tensor@<name>     a tensor attribute read (no call)         Tensor@grad
+    getitem/setitem   indexing, also of tuple results           getitem
+
+Workers resolve names through `resolve`, which refuses anything that is not on
+the allow-list (`_allowlist.py`): there is no path from a name to `getattr` on
+an arbitrary object. Clients use `wire_name` to name the torch functions that
+reach a pointer through `__torch_function__`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import _allowlist
+from ._errors import OperationRefused
+
+__all__ = ["is_inplace", "resolve", "wire_name"]
+
+Op = Callable[..., Any]
+
+
+def _attribute_reader(name: str) -> Op:
+    def read(tensor: torch.Tensor) -> Any:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"Tensor@{name} needs a tensor, not {type(tensor).__name__}")
+        return getattr(tensor, name)
+
+    return read
+
+
+def _build_table() -> dict[str, Op]:
+    table: dict[str, Op] = {"getitem": operator.getitem, "setitem": operator.setitem}
+    namespaces: list[tuple[str, object, frozenset[str]]] = [
+        ("torch.", torch, _allowlist.TORCH_FUNCTIONS),
+        ("linalg.", torch.linalg, _allowlist.LINALG),
+        ("F.", F, _allowlist.FUNCTIONAL),
+        ("Tensor.", torch.Tensor, _allowlist.TENSOR_METHODS),
+    ]
+    for prefix, namespace, names in namespaces:
+        for name in names:
+            function = getattr(namespace, name, None)
+            if callable(function):  # an allow-listed name this torch lacks is skipped
+                table[prefix + name] = function
+    for name in _allowlist.TENSOR_ATTRIBUTES:
+        table[f"Tensor@{name}"] = _attribute_reader(name)
+    return table
+
+
+_TABLE: dict[str, Op] = _build_table()
+_NAMES: dict[Op, str] = {}
+for _name, _function in _TABLE.items():
+    _NAMES.setdefault(_function, _name)
+
+
+def resolve(name: str) -> Op:
+    """The callable for wire name `name`; raises `OperationRefused` if not allowed."""
+    try:
+        return _TABLE[name]
+    except (KeyError, TypeError):
+        raise OperationRefused(f"operation {name!r} is not on the allow-list") from None
+
+
+def wire_name(function: Any) -> str | None:
+    """The wire name of a torch function or tensor method, or None if not allowed."""
+    try:
+        return _NAMES.get(function)
+    except TypeError:  # unhashable
+        return None
+
+
+_INPLACE_OPERATORS = frozenset(
+    f"__i{op}__"
+    for op in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+        "and", "or", "xor", "lshift", "rshift",
+    )
+)
+
+
+def is_inplace(name: str) -> bool:
+    """Whether the operation modifies its first argument and returns it (or nothing)."""
+    short = name.rpartition(".")[2]
+    if short == "setitem" or short in _INPLACE_OPERATORS:
+        return True
+    return short.endswith("_") and not short.endswith("__")

@@ -1,0 +1,364 @@
+"""RabbitMQ through pika.
+
+Topology (what the management console shows):
+
+- exchange `torchrelay.commands` (direct, durable): routing key = worker id;
+- queue `torchrelay.worker.<id>` (durable), bound with the worker's id and
+  consumed exclusively by its one daemon, with manual acks and a prefetch limit;
+- queue `torchrelay.reply.<identity>.<token>` (exclusive), one per endpoint.
+
+Every message carries `type` (the command, or `<command>.reply`), `app_id`,
+`correlation_id`, `reply_to` on commands, and a `sender` header; every
+connection is named `torchrelay <role> <identity>`.
+
+Threading: a pika connection must not be used by two threads at once. The
+owner thread does all the work; a keeper thread pumps the connection (which
+sends heartbeats and queues incoming deliveries, nothing more) whenever the
+owner is busy elsewhere — computing a long command, or a client script doing
+local work — so the broker never takes a busy participant for a dead one. A
+lock makes the two take turns; on the hot path it is uncontended.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions as pe
+import tenacity
+
+from ._codec import Frame
+from ._errors import BrokerError, BrokerUnavailable, ConnectionLost, UnknownWorker
+from ._transport import (
+    APP_ID,
+    COMMAND_EXCHANGE,
+    RETURNED,
+    Broker,
+    Delivery,
+    Endpoint,
+    worker_queue,
+)
+
+__all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
+
+log = logging.getLogger("torchrelay.broker")
+
+_T = TypeVar("_T")
+
+# Errors after which the connection is unusable and must be reopened.
+_CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ChannelClosed, pe.ChannelWrongStateError)
+_TRANSIENT = 1
+_PERSISTENT = 2
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class RabbitMQBroker(Broker):
+    """A RabbitMQ server at `url` (`amqp://` or `amqps://`)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat: int | None = None,
+        prefetch: int = 64,
+        connect_timeout: float = 15.0,
+    ) -> None:
+        self._url = url
+        self.url = redact_url(url)
+        self.heartbeat = heartbeat
+        self.prefetch = prefetch
+        self.connect_timeout = connect_timeout
+
+    def connect(self, identity: str, *, serve_worker: str | None = None) -> RabbitMQEndpoint:
+        return RabbitMQEndpoint(self, identity, serve_worker)
+
+    def parameters(self, connection_name: str) -> pika.URLParameters:
+        params = pika.URLParameters(self._url)
+        params.client_properties = {"connection_name": connection_name, "product": APP_ID}
+        if self.heartbeat is not None:
+            params.heartbeat = self.heartbeat
+        # Without this a publish blocks forever while the broker is out of memory.
+        params.blocked_connection_timeout = 60
+        return params
+
+    def open_connection(self, connection_name: str) -> pika.BlockingConnection:
+        """Connect, retrying with backoff while the broker is unreachable."""
+        params = self.parameters(connection_name)
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(self.connect_timeout),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+            retry=tenacity.retry_if_exception(_is_retryable),
+            reraise=True,
+        )
+        try:
+            return retrying(pika.BlockingConnection, params)
+        except (pe.ProbableAuthenticationError, pe.AuthenticationError) as e:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self.url} refused the credentials: {e}"
+            ) from None
+        except pe.ProbableAccessDeniedError as e:
+            raise BrokerUnavailable(f"RabbitMQ at {self.url} denied access: {e}") from None
+        except pe.AMQPConnectionError as e:
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ at {self.url} after {self.connect_timeout:g} s: "
+                f"{type(e).__name__} {e}"
+            ) from None
+
+
+def _is_retryable(error: BaseException) -> bool:
+    refused = (
+        pe.ProbableAuthenticationError, pe.AuthenticationError, pe.ProbableAccessDeniedError
+    )
+    return isinstance(error, pe.AMQPConnectionError) and not isinstance(error, refused)
+
+
+class RabbitMQEndpoint(Endpoint):
+    """One participant's connection to RabbitMQ (see the module docstring)."""
+
+    def __init__(self, broker: RabbitMQBroker, identity: str, serve_worker: str | None) -> None:
+        self.identity = identity
+        self._broker = broker
+        self._serve_worker = serve_worker
+        role = "worker" if serve_worker is not None else "client"
+        self.connection_name = f"torchrelay {role} {identity}"
+        self._lock = threading.Lock()
+        self._inbox: deque[Delivery] = deque()
+        self._headers = {"sender": identity}
+        self._epoch = 0
+        self._closed = False
+        self._lost = False
+        self.reconnects = 0
+        self._connection: Any = None
+        self._channel: Any = None
+        self._confirm_channel: Any = None
+        self._open()
+        self._stop = threading.Event()
+        self._keeper = threading.Thread(
+            target=self._keep_alive, name=f"torchrelay-keepalive-{identity}", daemon=True
+        )
+        self._keeper.start()
+
+    # -- connection ------------------------------------------------------------
+
+    def _open(self) -> None:
+        connection = self._broker.open_connection(self.connection_name)
+        try:
+            channel = connection.channel()
+            channel.exchange_declare(COMMAND_EXCHANGE, "direct", durable=True)
+            channel.basic_qos(prefetch_count=self._broker.prefetch)
+            self.reply_queue = f"torchrelay.reply.{self.identity}.{secrets.token_hex(4)}"
+            channel.queue_declare(self.reply_queue, exclusive=True, auto_delete=True)
+            channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+            channel.add_on_return_callback(self._on_return)
+            if self._serve_worker is not None:
+                queue = worker_queue(self._serve_worker)
+                channel.queue_declare(queue, durable=True)
+                channel.queue_bind(queue, COMMAND_EXCHANGE, routing_key=self._serve_worker)
+                try:
+                    channel.basic_consume(queue, self._on_command, exclusive=True)
+                except pe.ChannelClosedByBroker as e:
+                    raise BrokerError(
+                        f"worker {self._serve_worker!r} is already served by another daemon "
+                        f"on {self._broker.url} ({e.reply_text})"
+                    ) from None
+        except BaseException:
+            _close_quietly(connection)
+            raise
+        self._connection = connection
+        self._channel = channel
+        self._confirm_channel = None
+        self._epoch += 1
+
+    def _reconnect(self) -> None:
+        log.warning("%s lost its connection to %s; reconnecting", self.connection_name,
+                    self._broker.url)
+        _close_quietly(self._connection)
+        self._inbox.clear()  # deliveries of the old channel cannot be acked any more
+        self._open()
+        self.reconnects += 1
+        self._lost = True
+
+    def _guarded(self, action: Callable[[], _T]) -> _T:
+        """Run `action` under the lock; on a dead connection reopen it and retry once."""
+        with self._lock:
+            try:
+                return action()
+            except _CONNECTION_ERRORS:
+                if self._closed:
+                    raise ConnectionLost(f"{self.connection_name} is closed") from None
+                self._reconnect()
+            return action()
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self._keepalive_interval()):
+            if not self._lock.acquire(blocking=False):
+                continue  # the owner is pumping the connection itself
+            try:
+                if not self._closed:
+                    self._connection.process_data_events(0)
+            except Exception:
+                log.debug("keepalive found the connection broken", exc_info=True)
+            finally:
+                self._lock.release()
+
+    def _keepalive_interval(self) -> float:
+        heartbeat = getattr(getattr(self._connection, "_impl", None), "params", None)
+        seconds = getattr(heartbeat, "heartbeat", None) or 60
+        return max(0.2, min(seconds / 4, 5.0))
+
+    # -- pika callbacks (run in whichever thread pumps; they only queue) --------
+
+    def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        headers = props.headers or {}
+        self._inbox.append(Delivery(True, props.type or "", props.correlation_id or "",
+                                    str(headers.get("sender", "")), body))
+
+    def _on_command(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        headers = props.headers or {}
+        self._inbox.append(Delivery(False, props.type or "", props.correlation_id or "",
+                                    str(headers.get("sender", "")), body, props.reply_to,
+                                    method.delivery_tag, method.redelivered, self._epoch))
+
+    def _on_return(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        # A command nobody could receive: answer it ourselves, at once.
+        self._inbox.append(Delivery(True, RETURNED, props.correlation_id or "",
+                                    method.routing_key, b""))
+
+    # -- Endpoint ----------------------------------------------------------------
+
+    def send_command(
+        self,
+        worker_id: str,
+        type: str,
+        frame: Frame,
+        correlation_id: str,
+        *,
+        confirm: bool = False,
+    ) -> None:
+        body = frame.tobytes()
+
+        def publish() -> None:
+            props = pika.BasicProperties(
+                type=type,
+                app_id=APP_ID,
+                correlation_id=correlation_id,
+                reply_to=self.reply_queue,
+                headers=self._headers,
+                delivery_mode=_PERSISTENT if confirm else _TRANSIENT,
+            )
+            channel = self._confirming_channel() if confirm else self._channel
+            channel.basic_publish(COMMAND_EXCHANGE, worker_id, body, props, mandatory=True)
+
+        try:
+            self._guarded(publish)
+        except pe.UnroutableError:
+            raise UnknownWorker(worker_id, f"no queue for it on {self._broker.url}") from None
+        except pe.NackError:
+            raise BrokerError(f"RabbitMQ refused a message for worker {worker_id!r}") from None
+
+    def _confirming_channel(self) -> Any:
+        if self._confirm_channel is None or not self._confirm_channel.is_open:
+            channel = self._connection.channel()
+            channel.confirm_delivery()
+            self._confirm_channel = channel
+        return self._confirm_channel
+
+    def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
+        body = frame.tobytes()
+
+        def publish() -> None:
+            props = pika.BasicProperties(
+                type=type, app_id=APP_ID, correlation_id=correlation_id, headers=self._headers
+            )
+            self._channel.basic_publish("", reply_to, body, props)
+
+        self._guarded(publish)
+
+    def receive(self, timeout: float) -> Delivery | None:
+        self._raise_if_lost()
+        if self._inbox:
+            return self._inbox.popleft()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            self._guarded(partial(self._pump, remaining))
+            self._raise_if_lost()
+            if self._inbox:
+                return self._inbox.popleft()
+            if remaining <= 0:
+                return None
+
+    def _pump(self, seconds: float) -> None:
+        self._connection.process_data_events(time_limit=seconds)
+
+    def _raise_if_lost(self) -> None:
+        if self._lost:
+            self._lost = False
+            raise ConnectionLost(
+                f"{self.connection_name} reconnected to {self._broker.url}; "
+                "replies awaited on the old connection are lost"
+            )
+
+    def ack(self, delivery: Delivery) -> None:
+        if delivery.epoch != self._epoch:
+            return  # from a channel that is gone; the broker has requeued it already
+        self._guarded(lambda: self._channel.basic_ack(delivery.tag))
+
+    def ensure_worker(self, worker_id: str) -> None:
+        queue = worker_queue(worker_id)
+
+        def declare() -> int:
+            channel = self._connection.channel()
+            try:
+                ok = channel.queue_declare(queue, passive=True)
+            except pe.ChannelClosedByBroker as e:
+                if e.reply_code != 404:
+                    raise BrokerError(f"cannot inspect queue {queue}: {e.reply_text}") from None
+                return -1
+            channel.close()
+            return int(ok.method.consumer_count)
+
+        consumers = self._guarded(declare)
+        if consumers < 0:
+            raise UnknownWorker(
+                worker_id,
+                f"there is no queue {queue} on {self._broker.url}; "
+                f"start it with `torchrelay worker --id {worker_id}`",
+            )
+        if consumers == 0:
+            raise UnknownWorker(
+                worker_id, f"queue {queue} exists on {self._broker.url} but no daemon consumes it"
+            )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        with self._lock:
+            _close_quietly(self._connection)
+        self._keeper.join(timeout=5)
+
+
+def _close_quietly(connection: Any) -> None:
+    try:
+        if connection is not None and connection.is_open:
+            connection.close()
+    except Exception:
+        log.debug("error while closing a connection", exc_info=True)

@@ -1,0 +1,129 @@
+"""The broker interface: what a worker or a client needs from a message broker.
+
+A `Broker` is chosen by URL (`open_broker`). Each participant — a worker, a
+client, a worker acting as a client — opens one `Endpoint`: its own reply queue,
+plus, for a worker, the command queue it serves. Endpoints move encoded frames
+and know nothing of commands or tensors.
+
+Addressing follows RabbitMQ: commands go to the worker's queue
+(`torchrelay.worker.<id>`), replies to the requester's reply queue named in
+`reply_to`, matched by `correlation_id`. A command that no worker can receive
+comes back as a delivery of type `RETURNED` with the same correlation id, so the
+requester fails fast instead of waiting for a reply that will never come.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Final
+
+from ._codec import Frame
+
+__all__ = [
+    "APP_ID",
+    "COMMAND_EXCHANGE",
+    "RETURNED",
+    "Broker",
+    "Delivery",
+    "Endpoint",
+    "worker_queue",
+]
+
+APP_ID: Final = "torchrelay"
+COMMAND_EXCHANGE: Final = "torchrelay.commands"
+RETURNED: Final = "returned"
+"""Type of the synthetic reply for a command no worker could receive."""
+
+
+def worker_queue(worker_id: str) -> str:
+    """The name of the queue a worker consumes its commands from."""
+    return f"torchrelay.worker.{worker_id}"
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One received message.
+
+    `is_reply` tells a reply (from the endpoint's reply queue) from a command
+    (from the worker queue it serves). `tag` and `epoch` are the transport's handle
+    for `ack`.
+    """
+
+    is_reply: bool
+    type: str
+    correlation_id: str
+    sender: str
+    body: bytes | bytearray | memoryview
+    reply_to: str | None = None
+    tag: int = 0
+    redelivered: bool = False
+    epoch: int = 0
+    """Which connection of the endpoint received it; an ack must use the same one."""
+
+
+class Endpoint(ABC):
+    """One participant's connection to the broker. Not thread-safe: one owner thread."""
+
+    identity: str
+    """Who we are (a worker id, or a client name); sent with every message."""
+    reply_queue: str
+    """Where replies to our commands are delivered."""
+
+    @abstractmethod
+    def send_command(
+        self,
+        worker_id: str,
+        type: str,
+        frame: Frame,
+        correlation_id: str,
+        *,
+        confirm: bool = False,
+    ) -> None:
+        """Publish a command to `worker_id`'s queue.
+
+        With `confirm`, return only once the broker has taken responsibility for
+        the message (publisher confirms), raising if it could not be routed.
+        """
+
+    @abstractmethod
+    def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
+        """Publish a reply to a requester's reply queue."""
+
+    @abstractmethod
+    def receive(self, timeout: float) -> Delivery | None:
+        """The next delivery (command or reply), or None after `timeout` seconds."""
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge a command once it has been executed."""
+
+    @abstractmethod
+    def ensure_worker(self, worker_id: str) -> None:
+        """Raise `UnknownWorker` unless a worker consumes `worker_id`'s queue."""
+
+    @property
+    def quiescent(self) -> bool:
+        """True when nothing can arrive until this endpoint sends something.
+
+        Only an in-process broker can know this; a networked one never claims it.
+        """
+        return False
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection; unacknowledged commands return to their queue."""
+
+
+class Broker(ABC):
+    """A message broker, chosen by URL."""
+
+    url: str
+    """The URL, without credentials, for messages and logs."""
+
+    @abstractmethod
+    def connect(self, identity: str, *, serve_worker: str | None = None) -> Endpoint:
+        """Open an endpoint; with `serve_worker`, it also consumes that worker's queue."""
+
+    def close(self) -> None:  # noqa: B027 - most brokers share nothing to release
+        """Release resources shared by this broker's endpoints."""

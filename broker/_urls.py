@@ -1,0 +1,61 @@
+"""Choosing a broker by URL, as kombu does: one table of schemes."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from ._embedded import EmbeddedBroker, WorkerStarter
+from ._errors import UnknownBrokerURL
+from ._rabbitmq import RabbitMQBroker
+from ._transport import Broker
+
+__all__ = ["BROKER_ENV", "default_url", "open_broker"]
+
+BROKER_ENV = "TORCHRELAY_BROKER"
+"""Environment variable consulted when no URL is given to the command line."""
+
+
+def _embedded(url: str, start_worker: WorkerStarter | None, **options: Any) -> Broker:
+    return EmbeddedBroker(start_worker, name=urllib.parse.urlsplit(url).netloc)
+
+
+def _rabbitmq(url: str, start_worker: WorkerStarter | None, **options: Any) -> Broker:
+    return RabbitMQBroker(url, **options)
+
+
+_SCHEMES: dict[str, Callable[..., Broker]] = {
+    "memory": _embedded,
+    "amqp": _rabbitmq,
+    "amqps": _rabbitmq,
+}
+
+
+def open_broker(
+    url: str | None = None, *, start_worker: WorkerStarter | None = None, **options: Any
+) -> Broker:
+    """The broker for `url`: `memory://` (in-process, the default) or `amqp[s]://`.
+
+    `start_worker` lets an in-process broker start workers on first use; options
+    (`heartbeat`, `prefetch`, `connect_timeout`) go to RabbitMQ.
+    """
+    url = url or "memory://"
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    factory = _SCHEMES.get(scheme)
+    if factory is None:
+        close = difflib.get_close_matches(scheme, list(_SCHEMES), n=1)
+        hint = f"; did you mean {close[0]}://?" if close else ""
+        raise UnknownBrokerURL(
+            f"unknown broker URL scheme {scheme + '://' if scheme else repr(url)}"
+            f" (known: {', '.join(s + '://' for s in _SCHEMES)}){hint}"
+        )
+    if factory is _embedded:
+        options = {}
+    return factory(url, start_worker, **options)
+
+
+def default_url() -> str | None:
+    return os.environ.get(BROKER_ENV) or None

@@ -1,0 +1,9 @@
+"""torchrelay.client: pointers, and the session that carries their commands."""
+
+from __future__ import annotations
+
+from ._fleet import Fleet, ObjectDescription, WorkerHandle
+from ._hook import hook
+from ._pointer import PointerTensor, send
+
+__all__ = ["Fleet", "ObjectDescription", "PointerTensor", "WorkerHandle", "hook", "send"]

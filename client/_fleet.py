@@ -1,0 +1,284 @@
+"""A client's session: one broker connection, handles to workers, replies in flight.
+
+Commands that need no answer (operations on pointers, sends, deletes) are
+pipelined: published at once, their replies collected later. Every call that
+waits — `get`, `_objects`, `sync`, a move — first collects every reply still
+outstanding, so it observes all that was issued before it, and raises the first
+error among them, naming the operation that failed. A worker replies only once a
+command's effects have happened down the whole chain, so "all replies in" means
+"every worker is up to date".
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import random
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torchrelay.broker import (
+    RETURNED,
+    Broker,
+    Command,
+    ConnectionLost,
+    Delete,
+    Describe,
+    ProtocolError,
+    ReplyTimeout,
+    Status,
+    TorchRelayError,
+    UnknownWorker,
+    decode_reply,
+    new_object_id,
+)
+
+if TYPE_CHECKING:
+    from ._pointer import PointerTensor
+
+__all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
+
+log = logging.getLogger("torchrelay.client")
+
+_MISSING = object()
+
+
+class ObjectDescription(str):
+    """A stored object's description; its repr is the text itself, as in a notebook."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class WorkerHandle:
+    """A worker as the client sees it: where pointers point and commands go."""
+
+    __slots__ = ("fleet", "id")
+
+    def __init__(self, fleet: Fleet, worker_id: str) -> None:
+        self.fleet = fleet
+        self.id = worker_id
+
+    @property
+    def _objects(self) -> dict[int, ObjectDescription]:
+        """A snapshot of the worker's store: `{id: short description}`."""
+        described = self.fleet.request(self.id, Describe())
+        return {int(k): ObjectDescription(v) for k, v in described.items()}
+
+    def status(self) -> dict[str, Any]:
+        """The worker's health and counters."""
+        status: dict[str, Any] = self.fleet.request(self.id, Status())
+        return status
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} on {self.fleet.broker.url}>"
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    worker_id: str
+    description: str
+    keep: bool  # the caller will collect the value
+
+
+class Fleet:
+    """A client session on `broker`. Use `torchrelay.connect` to make one."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        name: str = "me",
+        timeout: float = 30.0,
+        pipelined: bool = True,
+        owns_broker: bool = False,
+    ) -> None:
+        self.broker = broker
+        self.name = name
+        self.timeout = timeout
+        self.pipelined = pipelined
+        self._owns_broker = owns_broker
+        self.endpoint = broker.connect(name)
+        self._workers: dict[str, WorkerHandle] = {}
+        self._outstanding: dict[str, _Outstanding] = {}
+        self._results: dict[str, Any] = {}
+        self._errors: list[TorchRelayError] = []
+        self._doomed: list[tuple[str, int]] = []
+        self._live: weakref.WeakSet[PointerTensor] = weakref.WeakSet()
+        self._numbers = itertools.count(1)
+        self._random = random.Random()
+        self.closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # -- public ----------------------------------------------------------------
+
+    def worker(self, worker_id: str) -> WorkerHandle:
+        """A handle to `worker_id`; raises `UnknownWorker` if nothing serves it."""
+        handle = self._workers.get(worker_id)
+        if handle is None:
+            self.endpoint.ensure_worker(worker_id)
+            handle = self._workers[worker_id] = WorkerHandle(self, worker_id)
+        return handle
+
+    def sync(self) -> None:
+        """Wait until every command issued so far has taken effect; raise the first error."""
+        self._flush_deletes()
+        self._collect()
+
+    def close(self) -> None:
+        """Delete what this session's pointers own, wait for it, and disconnect."""
+        if self.closed:
+            return
+        try:
+            for pointer in list(self._live):
+                if pointer.garbage_collect:
+                    pointer.garbage_collect = False
+                    self._doomed.append((pointer.location.id, pointer.id_at_location))
+            self.sync()
+        except TorchRelayError as e:
+            log.warning("while closing: %s", e)
+        finally:
+            self.closed = True
+            self.endpoint.close()
+            if self._owns_broker:
+                self.broker.close()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Fleet {self.name} on {self.broker.url}>"
+
+    # -- used by pointers and handles -------------------------------------------
+
+    def new_id(self) -> int:
+        return new_object_id(self._random)
+
+    def post(self, worker_id: str, command: Command) -> None:
+        """Publish `command`; its reply is collected by the next call that waits."""
+        self._flush_deletes()
+        self._send(worker_id, command, keep=False)
+        if not self.pipelined:
+            self._collect()
+
+    def request(self, worker_id: str, command: Command) -> Any:
+        """Publish `command` after everything before it took effect; return its reply."""
+        self.sync()
+        correlation_id = self._send(worker_id, command, keep=True)
+        self._collect(raise_errors=False)
+        result = self._results.pop(correlation_id)
+        if isinstance(result, TorchRelayError):
+            raise result
+        return result
+
+    def track(self, pointer: PointerTensor) -> None:
+        self._live.add(pointer)
+
+    def doom(self, worker_id: str, object_id: int) -> None:
+        """Called when a pointer dies: its target is deleted with the next message."""
+        if not self.closed:
+            self._doomed.append((worker_id, object_id))
+
+    # -- internals ---------------------------------------------------------------
+
+    def _send(self, worker_id: str, command: Command, *, keep: bool) -> str:
+        if self.closed:
+            raise TorchRelayError(f"{self!r} is closed")
+        correlation_id = f"{self.name}.{next(self._numbers)}"
+        self._outstanding[correlation_id] = _Outstanding(worker_id, command.describe(), keep)
+        try:
+            self.endpoint.send_command(worker_id, command.name, command.encode(), correlation_id)
+        except BaseException:
+            del self._outstanding[correlation_id]
+            raise
+        return correlation_id
+
+    def _flush_deletes(self) -> None:
+        if not self._doomed:
+            return
+        doomed, self._doomed = self._doomed, []
+        by_worker: dict[str, list[int]] = {}
+        for worker_id, object_id in doomed:
+            by_worker.setdefault(worker_id, []).append(object_id)
+        for worker_id, ids in by_worker.items():
+            self._send(worker_id, Delete(ids), keep=False)
+
+    def _collect(self, *, raise_errors: bool = True) -> None:
+        """Receive replies until none is outstanding."""
+        outstanding = self._outstanding
+        endpoint = self.endpoint
+        timeout = self.timeout
+        while outstanding:
+            try:
+                delivery = endpoint.receive(timeout)
+            except ConnectionLost as e:
+                self._fail_outstanding(e)
+                break
+            if delivery is None:  # nothing at all arrived for `timeout` seconds
+                self._time_out()
+                break
+            entry = outstanding.pop(delivery.correlation_id, None)
+            if entry is None or not delivery.is_reply:
+                continue  # a late reply to a request that already timed out
+            self._record(delivery.correlation_id, entry, delivery.type, delivery.body)
+        if raise_errors:
+            self._raise_errors()
+
+    def _record(self, correlation_id: str, entry: _Outstanding, kind: str, body: Any) -> None:
+        result: Any
+        if kind == RETURNED:
+            result = UnknownWorker(entry.worker_id, "no worker consumes its queue")
+        else:
+            try:
+                reply = decode_reply(body)
+            except ProtocolError as e:
+                result = e
+            else:
+                if reply.error is None:
+                    result = reply.value
+                else:
+                    result = reply.error.to_exception(entry.worker_id, entry.description)
+        if entry.keep:
+            self._results[correlation_id] = result
+        elif isinstance(result, TorchRelayError):
+            self._errors.append(result)
+
+    def _time_out(self) -> None:
+        first = next(iter(self._outstanding.values()))
+        reason = f"nothing left to run on {self.broker.url}" if self.endpoint.quiescent else ""
+        error = ReplyTimeout(first.worker_id, first.description, self.timeout, reason)
+        self._fail_outstanding(error)
+
+    def _fail_outstanding(self, error: TorchRelayError) -> None:
+        for correlation_id, entry in self._outstanding.items():
+            if entry.keep:
+                self._results[correlation_id] = error
+        if not all(entry.keep for entry in self._outstanding.values()):
+            self._errors.append(error)
+        self._outstanding.clear()
+
+    def _raise_errors(self) -> None:
+        if not self._errors:
+            return
+        first, *others = self._errors
+        self._errors.clear()
+        for other in others:
+            first.add_note(f"also: {other}")
+        raise first
+
+    def workers(self) -> Iterator[WorkerHandle]:
+        return iter(self._workers.values())
+
+
+def _close_at_exit(ref: weakref.ref[Fleet]) -> None:
+    fleet = ref()
+    if fleet is not None and not fleet.closed:
+        fleet.close()

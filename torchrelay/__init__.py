@@ -1,0 +1,84 @@
+"""torchrelay: privacy-preserving remote execution of PyTorch, through pointers.
+
+    import torch, torchrelay as tr
+    tr.hook(torch)
+    fleet = tr.connect()                  # in-process workers; or tr.connect("amqp://...")
+    bob = fleet.worker("bob")
+    x = torch.tensor([1, 2, 3]).send(bob) # a PointerTensor; the data is on bob
+    y = (x + x).get()                     # computed on bob, brought back
+
+Data stays with the worker that holds it; clients hold pointers. Workers run
+only allow-listed operations and exchange nothing but msgpack frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchrelay.broker import (
+    BrokerError,
+    BrokerUnavailable,
+    ConnectionLost,
+    DecodeError,
+    ObjectNotFound,
+    OperationRefused,
+    ProtocolError,
+    RemoteError,
+    ReplyTimeout,
+    TorchRelayError,
+    UnknownBrokerURL,
+    UnknownWorker,
+    open_broker,
+)
+from torchrelay.client import Fleet, ObjectDescription, PointerTensor, WorkerHandle, hook
+from torchrelay.worker import start_embedded_worker
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConnectionLost",
+    "DecodeError",
+    "Fleet",
+    "ObjectDescription",
+    "ObjectNotFound",
+    "OperationRefused",
+    "PointerTensor",
+    "ProtocolError",
+    "RemoteError",
+    "ReplyTimeout",
+    "TorchRelayError",
+    "UnknownBrokerURL",
+    "UnknownWorker",
+    "WorkerHandle",
+    "__version__",
+    "connect",
+    "hook",
+]
+
+__version__ = "0.1.0"
+
+
+def connect(
+    url: str | None = None,
+    *,
+    name: str = "me",
+    timeout: float = 30.0,
+    pipelined: bool = True,
+    **broker_options: Any,
+) -> Fleet:
+    """Open a client session.
+
+    With no `url`, an in-process broker whose workers start on first use (no
+    server needed). With `amqp://user:password@host:port/vhost` (or `amqps://`),
+    RabbitMQ and the worker daemons consuming from it.
+
+    `timeout` bounds how long to wait with no reply at all; with `pipelined`
+    false, every operation waits for its worker's answer. `broker_options`
+    (`heartbeat`, `prefetch`, `connect_timeout`) tune the RabbitMQ connection.
+    """
+    broker = open_broker(url, start_worker=start_embedded_worker, **broker_options)
+    try:
+        return Fleet(broker, name=name, timeout=timeout, pipelined=pipelined, owns_broker=True)
+    except BaseException:
+        broker.close()
+        raise

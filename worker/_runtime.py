@@ -1,0 +1,413 @@
+"""A worker's behaviour: commands in, replies out, no I/O of its own.
+
+The runtime is handed deliveries by whoever drives it (the daemon's loop on
+RabbitMQ, the embedded broker's loop in-process) and answers through its
+endpoint. It never blocks: a command that needs another worker — an operation
+on pointers forwarded down a chain, a transfer waiting for the destination to
+confirm — is an `async def` handler that awaits a `_Request`; the runtime
+publishes the request, parks the coroutine under the request's correlation id
+and resumes it when the reply arrives. Meanwhile it keeps serving, so chains
+with cycles (alice -> bob -> alice) cannot deadlock.
+
+A worker replies to a command only once everything it caused has happened,
+down the whole chain. A caller that has all its replies therefore sees every
+effect of its commands, on every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from torchrelay.broker import (
+    RETURNED,
+    Call,
+    Command,
+    Delete,
+    Delivery,
+    Describe,
+    EncodeError,
+    Endpoint,
+    ErrorInfo,
+    Fetch,
+    Frame,
+    ObjectRef,
+    OperationRefused,
+    PointerRef,
+    ProtocolError,
+    Pull,
+    Reply,
+    ReplyTimeout,
+    Status,
+    Store,
+    TorchRelayError,
+    Transfer,
+    UnknownWorker,
+    decode_command,
+    decode_reply,
+    new_object_id,
+    resolve_op,
+)
+
+from ._store import ObjectStore, StoredObject
+
+__all__ = ["WorkerRuntime"]
+
+log = logging.getLogger("torchrelay.worker")
+
+_Handler = Callable[[Any, str], Coroutine[Any, Any, Any]]
+
+
+class _Request:
+    """Awaited by a handler: send `command` to `worker_id`, resume with its reply's value."""
+
+    __slots__ = ("command", "confirm", "worker_id")
+
+    def __init__(self, worker_id: str, command: Command, confirm: bool) -> None:
+        self.worker_id = worker_id
+        self.command = command
+        self.confirm = confirm
+
+    def __await__(self) -> Generator[_Request, Any, Any]:
+        return (yield self)
+
+
+@dataclass(slots=True)
+class _Task:
+    """One command in progress."""
+
+    coroutine: Coroutine[Any, Any, Any]
+    command: Command
+    reply_to: str | None
+    correlation_id: str
+
+
+@dataclass(slots=True)
+class _Waiting:
+    task: _Task
+    request: _Request
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A reply value already encoded (so the handler can act once it surely travels)."""
+
+    frame: Frame
+
+
+class WorkerRuntime:
+    """The worker named `worker_id`, answering through `endpoint`."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        endpoint: Endpoint,
+        *,
+        reply_timeout: float = 60.0,
+        status_extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.id = worker_id
+        self.endpoint = endpoint
+        self.store = ObjectStore(worker_id)
+        self.reply_timeout = reply_timeout
+        self._status_extra = status_extra
+        self._waiting: dict[str, _Waiting] = {}
+        self._started = time.time()
+        self._handled = 0
+        self._failed = 0
+        self._request_numbers = 0
+        self._random = random.Random()
+        self._handlers: dict[type[Command], _Handler] = {
+            Store: self._store,
+            Fetch: self._fetch,
+            Delete: self._delete,
+            Call: self._call,
+            Transfer: self._transfer,
+            Pull: self._pull,
+            Describe: self._describe,
+            Status: self._status,
+        }
+
+    # -- driving ---------------------------------------------------------------
+
+    def handle(self, delivery: Delivery) -> None:
+        """Handle one delivery; every command is answered, every failure is a reply."""
+        if delivery.is_reply:
+            self._resume(delivery)
+            return
+        self._handled += 1
+        try:
+            command = decode_command(delivery.type, delivery.body)
+        except ProtocolError as e:
+            self._failed += 1
+            log.warning("refused a malformed %r command from %s: %s", delivery.type,
+                        delivery.sender, e)
+            if delivery.reply_to:
+                info = ErrorInfo.from_exception(e, with_traceback=False)
+                self._send_reply(delivery.reply_to, delivery.type, delivery.correlation_id,
+                                 Reply(error=info).encode())
+            return
+        handler = self._handlers[type(command)]
+        task = _Task(handler(command, delivery.sender), command, delivery.reply_to,
+                     delivery.correlation_id)
+        self._advance(task, None, None)
+
+    def expire(self, now: float | None = None) -> None:
+        """Fail the requests whose reply is overdue."""
+        now = time.monotonic() if now is None else now
+        overdue = [cid for cid, w in self._waiting.items() if w.deadline <= now]
+        for cid in overdue:
+            waiting = self._waiting.pop(cid)
+            error = ReplyTimeout(waiting.request.worker_id, waiting.request.command.describe(),
+                                 self.reply_timeout)
+            self._advance(waiting.task, None, error)
+
+    def fail_waiting(self, error: TorchRelayError) -> None:
+        """Fail every request in flight (the connection that would carry replies is gone)."""
+        waiting, self._waiting = self._waiting, {}
+        for w in waiting.values():
+            self._advance(w.task, None, error)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _advance(self, task: _Task, value: Any, error: BaseException | None) -> None:
+        while True:
+            try:
+                if error is None:
+                    request = task.coroutine.send(value)
+                else:
+                    request = task.coroutine.throw(error)
+            except StopIteration as done:
+                self._finish(task, done.value, None)
+                return
+            except Exception as e:
+                self._finish(task, None, e)
+                return
+            correlation_id = self._next_correlation_id()
+            try:
+                self.endpoint.send_command(
+                    request.worker_id,
+                    request.command.name,
+                    request.command.encode(),
+                    correlation_id,
+                    confirm=request.confirm,
+                )
+            except Exception as e:  # unroutable, broker down: the handler decides
+                value, error = None, e
+                continue
+            deadline = time.monotonic() + self.reply_timeout
+            self._waiting[correlation_id] = _Waiting(task, request, deadline)
+            return
+
+    def _resume(self, delivery: Delivery) -> None:
+        waiting = self._waiting.pop(delivery.correlation_id, None)
+        if waiting is None:
+            log.debug("dropped a late reply %s", delivery.correlation_id)
+            return
+        worker_id = waiting.request.worker_id
+        if delivery.type == RETURNED:
+            self._advance(waiting.task, None, UnknownWorker(worker_id, "no worker consumes it"))
+            return
+        try:
+            reply = decode_reply(delivery.body)
+        except ProtocolError as e:
+            self._advance(waiting.task, None, e)
+            return
+        if reply.error is not None:
+            error = reply.error.to_exception(worker_id, waiting.request.command.describe())
+            self._advance(waiting.task, None, error)
+        else:
+            self._advance(waiting.task, reply.value, None)
+
+    def _finish(self, task: _Task, value: Any, error: Exception | None) -> None:
+        if error is not None:
+            self._failed += 1
+            if not isinstance(error, TorchRelayError | TypeError | ValueError | RuntimeError):
+                log.exception("command %s failed unexpectedly", task.command.describe(),
+                              exc_info=error)
+        if task.reply_to is None:
+            return
+        if error is None:
+            if type(value) is _Encoded:
+                frame = value.frame
+            else:
+                try:
+                    frame = Reply(value).encode()
+                except EncodeError as e:
+                    error = e
+        if error is not None:
+            frame = Reply(error=ErrorInfo.from_exception(error)).encode()
+        self._send_reply(task.reply_to, task.command.name, task.correlation_id, frame)
+
+    def _send_reply(self, reply_to: str, name: str, correlation_id: str, frame: Frame) -> None:
+        self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
+
+    def _next_correlation_id(self) -> str:
+        self._request_numbers += 1
+        return f"{self.id}.{self._request_numbers}"
+
+    def _new_id(self) -> int:
+        return new_object_id(self._random)
+
+    # -- commands --------------------------------------------------------------
+
+    async def _store(self, command: Store, sender: str) -> None:
+        provenance = frozenset(command.provenance) | {sender}
+        if not command.replaces_pointer:
+            self.store.put(command.id, command.value, provenance)
+            return
+        entry = self.store.get(command.id)
+        value = entry.value
+        if not (type(value) is PointerRef and value.location == sender):
+            raise ProtocolError(
+                f"object {command.id} on worker {self.id!r} is not a pointer to {sender!r}; "
+                "only the target of a pointer can replace it"
+            )
+        self.store.replace(command.id, command.value, provenance)
+
+    async def _fetch(self, command: Fetch, sender: str) -> _Encoded:
+        entry = self.store.get(command.id)
+        frame = Reply(entry.value).encode()  # before removing: nothing is lost if it cannot travel
+        # A pointer leaves with its duty to delete the target: no delete down the chain.
+        self.store.discard(command.id)
+        return _Encoded(frame)
+
+    async def _delete(self, command: Delete, sender: str) -> list[int]:
+        missing: list[int] = []
+        targets: dict[str, list[int]] = {}
+        for object_id in command.ids:
+            entry = self.store.discard(object_id)
+            if entry is None:
+                missing.append(object_id)  # deleting twice is harmless, not an error
+            elif type(entry.value) is PointerRef:
+                targets.setdefault(entry.value.location, []).append(entry.value.id_at_location)
+        for location, ids in targets.items():
+            await self._ask(location, Delete(ids))
+        return missing
+
+    async def _call(self, command: Call, sender: str) -> None:
+        op = resolve_op(command.op)
+        resolver = _ArgumentResolver(self.store)
+        args = resolver.resolve(command.args)
+        kwargs = resolver.resolve(command.kwargs)
+        if resolver.location is None:
+            result = op(*args, **kwargs)
+            if command.result_id is not None:
+                self.store.put(command.result_id, result, resolver.provenance)
+            return
+        # Every object argument is a pointer to one other worker: the call runs there.
+        remote_result = None if command.result_id is None else self._new_id()
+        forwarded = Call(command.op, args, kwargs, remote_result)
+        if command.result_id is not None:
+            # Stored before the answer, so later commands on it queue up behind this one.
+            assert remote_result is not None
+            self.store.put(command.result_id, PointerRef(resolver.location, remote_result))
+        try:
+            await self._ask(resolver.location, forwarded)
+        except BaseException:
+            if command.result_id is not None:
+                self.store.discard(command.result_id)
+            raise
+
+    async def _transfer(self, command: Transfer, sender: str) -> None:
+        entry = self.store.get(command.id)
+        store = Store(command.destination_id, entry.value, sorted(entry.provenance),
+                      command.replaces_pointer)
+        await self._ask(command.destination, store, confirm=True)
+        # The destination holds it now. Drop ours, unless a command replaced it meanwhile.
+        if not self.store.discard_if(command.id, entry):
+            return
+        if command.keep_pointer:
+            self.store.put(command.id, PointerRef(command.destination, command.destination_id))
+
+    async def _pull(self, command: Pull, sender: str) -> None:
+        entry = self.store.get(command.id)
+        pointer = entry.value
+        if type(pointer) is not PointerRef:
+            raise ProtocolError(
+                f"object {command.id} on worker {self.id!r} is not a pointer; nothing to pull"
+            )
+        await self._ask(
+            pointer.location,
+            Transfer(pointer.id_at_location, self.id, command.id, replaces_pointer=True),
+        )
+
+    async def _describe(self, command: Describe, sender: str) -> dict[int, str]:
+        return self.store.describe()
+
+    async def _status(self, command: Status, sender: str) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "id": self.id,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self._started, 3),
+            "objects": len(self.store),
+            "tensor_bytes": self.store.tensor_bytes(),
+            "commands_handled": self._handled,
+            "commands_failed": self._failed,
+            "requests_waiting": len(self._waiting),
+        }
+        if self._status_extra is not None:
+            status.update(self._status_extra())
+        return status
+
+    def _ask(self, worker_id: str, command: Command, *, confirm: bool = False) -> _Request:
+        return _Request(worker_id, command, confirm)
+
+
+class _ArgumentResolver:
+    """Replaces `ObjectRef`s in call arguments by the stored values.
+
+    Either every referenced object is local data, or every one is a pointer to
+    the same other worker (then `location` names it and the refs are rewritten
+    to that worker's ids, ready to forward).
+    """
+
+    __slots__ = ("_local", "_pointers", "location", "provenance", "store")
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.location: str | None = None
+        self.provenance: frozenset[str] = frozenset()
+        self._local = False
+        self._pointers = False
+
+    def resolve(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is ObjectRef:
+            return self._reference(self.store.get(value.id))
+        if kind is list:
+            return [self.resolve(v) for v in value]
+        if kind is tuple:
+            return tuple(self.resolve(v) for v in value)
+        if kind is dict:
+            return {k: self.resolve(v) for k, v in value.items()}
+        return value
+
+    def _reference(self, entry: StoredObject) -> Any:
+        value = entry.value
+        if type(value) is PointerRef:
+            if self._local or (self.location is not None and self.location != value.location):
+                self._refuse_mix(value.location)
+            self.location = value.location
+            self._pointers = True
+            return ObjectRef(value.id_at_location)
+        if self._pointers:
+            self._refuse_mix(None)
+        self._local = True
+        self.provenance |= entry.provenance
+        return value
+
+    def _refuse_mix(self, location: str | None) -> None:
+        where = sorted({self.location or "here", location or "here"})
+        raise OperationRefused(
+            f"the arguments live on different workers ({' and '.join(where)}) on worker "
+            f"{self.store.owner!r}; move them to one worker first"
+        )
