@@ -5,7 +5,9 @@ Topology (what the management console shows):
 - exchange `torchrelay.commands` (direct, durable): routing key = worker id;
 - queue `torchrelay.worker.<id>` (durable), bound with the worker's id and
   consumed exclusively by its one daemon, with manual acks and a prefetch limit;
-- queue `torchrelay.reply.<identity>.<token>` (exclusive), one per endpoint.
+- queue `torchrelay.reply.<identity>.<token>`, one per endpoint, consumed
+  exclusively; it outlives a dropped connection by a minute, so a reconnect
+  loses no reply.
 
 Every message carries `type` (the command, or `<command>.reply`), `app_id`,
 `correlation_id`, `reply_to` on commands, and a `sender` header; every
@@ -57,6 +59,8 @@ _T = TypeVar("_T")
 _CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ChannelClosed, pe.ChannelWrongStateError)
 _TRANSIENT = 1
 _PERSISTENT = 2
+REPLY_QUEUE_EXPIRES_MS = 60_000
+REPLY_PREFETCH = 1024
 
 
 def redact_url(url: str) -> str:
@@ -142,11 +146,15 @@ class RabbitMQEndpoint(Endpoint):
         self._headers = {"sender": identity}
         self._epoch = 0
         self._closed = False
-        self._lost = False
         self.reconnects = 0
+        # Named once: the queue outlives a dropped connection (it expires only after
+        # REPLY_QUEUE_EXPIRES_MS unused), so replies in flight survive a reconnect.
+        self.reply_queue = f"torchrelay.reply.{identity}.{secrets.token_hex(4)}"
         self._connection: Any = None
         self._channel: Any = None
         self._confirm_channel: Any = None
+        self._reply_channel: Any = None
+        self._unacked_reply = 0
         self._open()
         self._stop = threading.Event()
         self._keeper = threading.Thread(
@@ -156,17 +164,22 @@ class RabbitMQEndpoint(Endpoint):
 
     # -- connection ------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self, *, reconnecting: bool = False) -> bool:
+        """Connect and declare; whether the reply queue survived from a previous connection."""
         connection = self._broker.open_connection(self.connection_name)
         try:
+            survived = reconnecting and _queue_exists(connection, self.reply_queue)
             channel = connection.channel()
             channel.exchange_declare(COMMAND_EXCHANGE, "direct", durable=True)
-            channel.basic_qos(prefetch_count=self._broker.prefetch)
-            self.reply_queue = f"torchrelay.reply.{self.identity}.{secrets.token_hex(4)}"
-            channel.queue_declare(self.reply_queue, exclusive=True, auto_delete=True)
-            channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
             channel.add_on_return_callback(self._on_return)
+            # Replies on a channel of their own, acknowledged in batches once queued
+            # locally: one lost with a dropped connection is delivered again.
+            replies = connection.channel()
+            replies.basic_qos(prefetch_count=REPLY_PREFETCH)
+            replies.queue_declare(self.reply_queue, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
+            replies.basic_consume(self.reply_queue, self._on_reply, exclusive=True)
             if self._serve_worker is not None:
+                channel.basic_qos(prefetch_count=self._broker.prefetch)
                 queue = worker_queue(self._serve_worker)
                 channel.queue_declare(queue, durable=True)
                 channel.queue_bind(queue, COMMAND_EXCHANGE, routing_key=self._serve_worker)
@@ -182,17 +195,28 @@ class RabbitMQEndpoint(Endpoint):
             raise
         self._connection = connection
         self._channel = channel
+        self._reply_channel = replies
+        self._unacked_reply = 0
         self._confirm_channel = None
         self._epoch += 1
+        return survived
 
     def _reconnect(self) -> None:
         log.warning("%s lost its connection to %s; reconnecting", self.connection_name,
                     self._broker.url)
         _close_quietly(self._connection)
-        self._inbox.clear()  # deliveries of the old channel cannot be acked any more
-        self._open()
+        # Commands not yet handled come again from the broker; replies already here stay.
+        replies = [d for d in self._inbox if d.is_reply]
+        self._inbox.clear()
+        self._inbox.extend(replies)
+        survived = self._open(reconnecting=True)
         self.reconnects += 1
-        self._lost = True
+        log.warning("%s reconnected to %s", self.connection_name, self._broker.url)
+        if not survived:
+            raise ConnectionLost(
+                f"{self.connection_name} reconnected to {self._broker.url}, but its reply queue "
+                "was gone: replies to commands sent before are lost"
+            )
 
     def _guarded(self, action: Callable[[], _T]) -> _T:
         """Run `action` under the lock; on a dead connection reopen it and retry once."""
@@ -211,7 +235,7 @@ class RabbitMQEndpoint(Endpoint):
                 continue  # the owner is pumping the connection itself
             try:
                 if not self._closed:
-                    self._connection.process_data_events(0)
+                    self._pump(0)
             except Exception:
                 log.debug("keepalive found the connection broken", exc_info=True)
             finally:
@@ -225,6 +249,7 @@ class RabbitMQEndpoint(Endpoint):
     # -- pika callbacks (run in whichever thread pumps; they only queue) --------
 
     def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self._unacked_reply = method.delivery_tag
         headers = props.headers or {}
         self._inbox.append(Delivery(True, props.type or "", props.correlation_id or "",
                                     str(headers.get("sender", "")), body))
@@ -291,14 +316,12 @@ class RabbitMQEndpoint(Endpoint):
         self._guarded(publish)
 
     def receive(self, timeout: float) -> Delivery | None:
-        self._raise_if_lost()
         if self._inbox:
             return self._inbox.popleft()
         deadline = time.monotonic() + timeout
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             self._guarded(partial(self._pump, remaining))
-            self._raise_if_lost()
             if self._inbox:
                 return self._inbox.popleft()
             if remaining <= 0:
@@ -306,14 +329,9 @@ class RabbitMQEndpoint(Endpoint):
 
     def _pump(self, seconds: float) -> None:
         self._connection.process_data_events(time_limit=seconds)
-
-    def _raise_if_lost(self) -> None:
-        if self._lost:
-            self._lost = False
-            raise ConnectionLost(
-                f"{self.connection_name} reconnected to {self._broker.url}; "
-                "replies awaited on the old connection are lost"
-            )
+        if self._unacked_reply:
+            self._reply_channel.basic_ack(self._unacked_reply, multiple=True)
+            self._unacked_reply = 0
 
     def ack(self, delivery: Delivery) -> None:
         if delivery.epoch != self._epoch:
@@ -354,6 +372,18 @@ class RabbitMQEndpoint(Endpoint):
         with self._lock:
             _close_quietly(self._connection)
         self._keeper.join(timeout=5)
+
+
+def _queue_exists(connection: Any, queue: str) -> bool:
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue, passive=True)
+    except pe.ChannelClosedByBroker as e:
+        if e.reply_code != 404:
+            raise
+        return False
+    channel.close()
+    return True
 
 
 def _close_quietly(connection: Any) -> None:

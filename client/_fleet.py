@@ -196,8 +196,10 @@ class Fleet:
         self._outstanding[correlation_id] = _Outstanding(worker_id, command.describe(), keep)
         try:
             self.endpoint.send_command(worker_id, command.name, command.encode(), correlation_id)
-        except BaseException:
+        except BaseException as e:
             del self._outstanding[correlation_id]
+            if isinstance(e, ConnectionLost):  # raised now, for every reply it took
+                self._fail_outstanding(e, report_later=False)
             raise
         return correlation_id
 
@@ -257,11 +259,11 @@ class Fleet:
         error = ReplyTimeout(first.worker_id, first.description, self.timeout, reason)
         self._fail_outstanding(error)
 
-    def _fail_outstanding(self, error: TorchRelayError) -> None:
+    def _fail_outstanding(self, error: TorchRelayError, *, report_later: bool = True) -> None:
         for correlation_id, entry in self._outstanding.items():
             if entry.keep:
                 self._results[correlation_id] = error
-        if not all(entry.keep for entry in self._outstanding.values()):
+        if report_later and not all(entry.keep for entry in self._outstanding.values()):
             self._errors.append(error)
         self._outstanding.clear()
 

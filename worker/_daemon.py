@@ -16,6 +16,7 @@ from types import FrameType
 
 from torchrelay.broker import (
     BrokerError,
+    BrokerUnavailable,
     ConnectionLost,
     RabbitMQBroker,
     RabbitMQEndpoint,
@@ -30,6 +31,7 @@ log = logging.getLogger("torchrelay.worker")
 
 _POLL_SECONDS = 0.5
 _SHUTDOWN_GRACE_SECONDS = 10.0
+_BROKER_RETRY_SECONDS = 5.0
 
 
 def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int:
@@ -71,13 +73,16 @@ def _serve(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime, stop: threading.E
     while not stop.is_set():
         try:
             delivery = endpoint.receive(_POLL_SECONDS)
+            if delivery is not None:
+                runtime.handle(delivery)
+                if not delivery.is_reply:
+                    endpoint.ack(delivery)
         except ConnectionLost as e:
             runtime.fail_waiting(e)
-            continue
-        if delivery is not None:
-            runtime.handle(delivery)
-            if not delivery.is_reply:
-                endpoint.ack(delivery)
+        except BrokerUnavailable as e:
+            # Keep the objects in memory and keep trying: the broker may come back.
+            log.error("%s; retrying in %g s", e, _BROKER_RETRY_SECONDS)
+            stop.wait(_BROKER_RETRY_SECONDS)
         now = time.monotonic()
         if now >= next_expiry:
             runtime.expire(now)

@@ -1,0 +1,129 @@
+"""Fixtures: one contract suite, run against the embedded broker and a real RabbitMQ.
+
+`fleet` is parametrized over both brokers. On RabbitMQ, the workers bob, alice
+and carol are real daemon processes (`python -m torchrelay worker`), started
+once per session in a virtual host of their own, which is deleted afterwards.
+
+RabbitMQ tests skip when no broker is reachable, except under `CI=true`, where
+that is a failure. After every test the workers' stores must hold nothing the
+test created: garbage collection is checked everywhere, for free.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import torchrelay as tr
+from torchrelay.worker import WorkerProcesses
+
+from .rabbitmq_admin import AMQP_URL, ManagementAPI
+
+WORKERS = ("bob", "alice", "carol")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> ManagementAPI:
+    """The RabbitMQ management API; skips (fails in CI) when there is no RabbitMQ."""
+    api = ManagementAPI()
+    if not api.available():
+        message = f"no RabbitMQ management API at {api.base} (AMQP_URL={AMQP_URL})"
+        if IN_CI:
+            pytest.fail(message + "; under CI=true RabbitMQ tests must run")
+        pytest.skip(message)
+    return api
+
+
+@pytest.fixture(scope="session")
+def vhost_factory(rabbitmq: ManagementAPI) -> Iterator[Any]:
+    """Makes fresh virtual hosts (returns their AMQP URLs); deletes them at the end."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"torchrelay-test-{secrets.token_hex(4)}"
+        created.append(name)
+        return rabbitmq.create_vhost(name)
+
+    yield make
+    for name in created:
+        rabbitmq.delete_vhost(name)
+
+
+@pytest.fixture(scope="session")
+def daemons_factory(vhost_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Starts worker daemons in a fresh virtual host; stops them at the end of the session."""
+    started: list[WorkerProcesses] = []
+
+    def make(worker_ids: tuple[str, ...] = WORKERS, *extra_args: str) -> WorkerProcesses:
+        url = vhost_factory()
+        log_dir = tmp_path_factory.mktemp("daemons")
+        daemons = WorkerProcesses(url, worker_ids, extra_args=extra_args, log_dir=log_dir)
+        started.append(daemons)
+        daemons.start()
+        return daemons
+
+    yield make
+    for daemons in started:
+        daemons.stop_all()
+
+
+@pytest.fixture(scope="session")
+def session_daemons(daemons_factory: Any) -> WorkerProcesses:
+    """bob, alice and carol, shared by the contract suite."""
+    daemons: WorkerProcesses = daemons_factory()
+    return daemons
+
+
+@pytest.fixture(params=["embedded", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "embedded":
+        return None
+    daemons: WorkerProcesses = request.getfixturevalue("session_daemons")
+    return daemons.url
+
+
+@pytest.fixture
+def fleet(broker_url: str | None, request: pytest.FixtureRequest) -> Iterator[tr.Fleet]:
+    """A client session whose workers are bob, alice and carol; checks nothing leaks."""
+    session = tr.connect(broker_url, timeout=30)
+    workers = [session.worker(w) for w in WORKERS]
+    before = {w.id: set(w._objects) for w in workers}
+    yield session
+    try:
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.passed:
+            gc.collect()
+            session.sync()
+            leaked = {w.id: set(w._objects) - before[w.id] for w in workers}
+            leaked = {k: v for k, v in leaked.items() if v}
+            assert not leaked, f"objects left behind on workers: {leaked}"
+    finally:
+        session.close()
+
+
+@pytest.fixture
+def bob(fleet: tr.Fleet) -> tr.WorkerHandle:
+    return fleet.worker("bob")
+
+
+@pytest.fixture
+def alice(fleet: tr.Fleet) -> tr.WorkerHandle:
+    return fleet.worker("alice")
+
+
+@pytest.fixture
+def carol(fleet: tr.Fleet) -> tr.WorkerHandle:
+    return fleet.worker("carol")

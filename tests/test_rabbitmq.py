@@ -1,0 +1,151 @@
+"""What only RabbitMQ has: topology, message properties, the console's view, reconnects."""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from typing import Any
+
+import pika
+import pytest
+import torch
+
+import torchrelay as tr
+from torchrelay.broker import COMMAND_EXCHANGE, worker_queue
+from torchrelay.worker import WorkerProcesses
+
+from .rabbitmq_admin import ManagementAPI
+
+tr.hook(torch)
+
+
+def vhost_of(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:])
+
+
+def test_commands_carry_properties_a_person_can_read_in_the_console(
+    session_daemons: WorkerProcesses,
+) -> None:
+    url = session_daemons.url
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        spy = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(spy, COMMAND_EXCHANGE, routing_key="bob")  # a copy of bob's commands
+        with tr.connect(url, name="reader") as fleet:
+            pointer = torch.tensor([1.0]).send(fleet.worker("bob"))
+            fleet.sync()
+            method, props, body = channel.basic_get(spy, auto_ack=True)
+            pointer.get()
+
+    assert method is not None
+    assert props.type == "store"
+    assert props.app_id == "torchrelay"
+    assert props.correlation_id.startswith("reader.")
+    assert props.reply_to.startswith("torchrelay.reply.reader.")
+    assert props.headers["sender"] == "reader"
+    assert body.startswith(b"TRL")
+
+
+def test_replies_come_back_typed_and_signed(session_daemons: WorkerProcesses) -> None:
+    with tr.connect(session_daemons.url) as fleet:
+        fleet.worker("bob")
+        fleet.endpoint.send_command("bob", "describe", tr.broker.Describe().encode(), "c-1")
+        delivery = fleet.endpoint.receive(10)
+    assert delivery is not None
+    assert (delivery.type, delivery.sender, delivery.correlation_id) == ("describe.reply", "bob",
+                                                                         "c-1")
+
+
+def test_topology_and_connection_names_as_the_console_shows_them(
+    rabbitmq: ManagementAPI, session_daemons: WorkerProcesses
+) -> None:
+    vhost = vhost_of(session_daemons.url)
+    quoted = urllib.parse.quote(vhost, safe="")
+    with tr.connect(session_daemons.url, name="console-check"):
+        names = {c["client_properties"].get("connection_name") for c in
+                 rabbitmq.wait_for_connections(vhost, lambda cs: len(cs) >= 4)}
+        queue = rabbitmq.call("GET", f"/api/queues/{quoted}/{worker_queue('bob')}")
+        exchange = rabbitmq.call("GET", f"/api/exchanges/{quoted}/{COMMAND_EXCHANGE}")
+
+    assert {"torchrelay worker bob", "torchrelay worker alice", "torchrelay worker carol",
+            "torchrelay client console-check"} <= names
+    assert queue["durable"] is True
+    assert queue["consumers"] == 1
+    assert exchange["type"] == "direct"
+    assert exchange["durable"] is True
+
+
+def test_a_handle_to_a_worker_nobody_serves_fails_fast_naming_it(
+    session_daemons: WorkerProcesses,
+) -> None:
+    with tr.connect(session_daemons.url) as fleet:
+        started = time.monotonic()
+        with pytest.raises(tr.UnknownWorker, match="torchrelay worker --id nobody"):
+            fleet.worker("nobody")
+        with pika.BlockingConnection(pika.URLParameters(session_daemons.url)) as connection:
+            connection.channel().queue_declare(worker_queue("idle"))
+            with pytest.raises(tr.UnknownWorker, match="no daemon consumes it"):
+                fleet.worker("idle")
+            connection.channel().queue_delete(worker_queue("idle"))
+        assert time.monotonic() - started < 5
+
+
+def test_a_second_daemon_with_the_same_id_is_refused(session_daemons: WorkerProcesses) -> None:
+    twin = WorkerProcesses(session_daemons.url, [], log_dir=session_daemons.log_dir / "twin")
+    twin.log_dir.mkdir()
+    process = twin.spawn("bob")
+    assert process.wait(timeout=60) == 1
+    assert "already served by another daemon" in twin.log_tail("bob")
+
+
+def test_a_worker_reconnects_and_keeps_its_objects(
+    rabbitmq: ManagementAPI, daemons_factory: Any
+) -> None:
+    daemons = daemons_factory(("dave",))
+    vhost = vhost_of(daemons.url)
+    with tr.connect(daemons.url) as fleet:
+        dave = fleet.worker("dave")
+        pointer = torch.tensor([1.0, 2.0]).send(dave)
+        fleet.sync()
+        connections = rabbitmq.wait_for_connections(
+            vhost, lambda cs: any(c["client_properties"].get("connection_name") ==
+                                  "torchrelay worker dave" for c in cs))
+        (worker_connection,) = [c["name"] for c in connections if
+                                c["client_properties"].get("connection_name") ==
+                                "torchrelay worker dave"]
+
+        rabbitmq.close_connection(worker_connection)
+
+        deadline = time.monotonic() + 30
+        while True:  # the daemon notices within one poll and reconnects
+            try:
+                status = dave.status()
+                if status["reconnects"] >= 1:
+                    break
+            except tr.TorchRelayError:
+                pass
+            assert time.monotonic() < deadline, "the worker did not reconnect"
+            time.sleep(0.2)
+        assert torch.equal((pointer * 2).get(), torch.tensor([2.0, 4.0]))
+        assert torch.equal(pointer.get(), torch.tensor([1.0, 2.0]))
+
+
+def test_a_client_reconnects_without_losing_replies(
+    rabbitmq: ManagementAPI, session_daemons: WorkerProcesses
+) -> None:
+    vhost = vhost_of(session_daemons.url)
+    with tr.connect(session_daemons.url, name="fragile") as fleet:
+        pointer = torch.tensor([3.0]).send(fleet.worker("bob"))
+        doubled = pointer * 2  # its reply may arrive while the connection is down
+        connections = rabbitmq.wait_for_connections(
+            vhost, lambda cs: any(c["client_properties"].get("connection_name") ==
+                                  "torchrelay client fragile" for c in cs))
+        (name,) = [c["name"] for c in connections
+                   if c["client_properties"].get("connection_name") == "torchrelay client fragile"]
+
+        rabbitmq.close_connection(name)
+        time.sleep(0.5)
+
+        assert torch.equal(doubled.get(), torch.tensor([6.0]))
+        assert torch.equal(pointer.get(), torch.tensor([3.0]))
+        assert fleet.endpoint.reconnects == 1  # type: ignore[attr-defined]

@@ -1,0 +1,37 @@
+"""The seed walkthrough, cell by cell, on the embedded broker and on RabbitMQ daemons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import torchrelay as tr
+from torchrelay._walkthrough import WalkthroughMismatch, run_walkthrough
+
+
+def test_walkthrough_on_the_embedded_broker() -> None:
+    lines: list[str] = []
+    with tr.connect() as fleet:
+        run_walkthrough(fleet, echo=lines.append)
+    text = "\n".join(lines)
+    assert "tensor([ 2,  4,  6,  8, 10])" in text
+    assert text.count("._objects") == 15  # every store listing the notebook shows, and one more
+
+
+def test_walkthrough_on_rabbitmq_with_daemon_processes(daemons_factory: Any) -> None:
+    daemons = daemons_factory(("bob", "alice"))  # fresh daemons: the stores start empty
+    lines: list[str] = []
+    with tr.connect(daemons.url) as fleet:
+        run_walkthrough(fleet, echo=lines.append)
+        statuses = [fleet.worker(w).status() for w in ("bob", "alice")]
+    assert {s["pid"] for s in statuses} == {p.pid for p in daemons.processes.values()}
+    assert all(s["objects"] == 0 for s in statuses)
+
+
+def test_walkthrough_notices_a_store_that_differs() -> None:
+    with tr.connect() as fleet:
+        leftover = tr.client.send(1, fleet.worker("bob"))
+        with pytest.raises(WalkthroughMismatch, match="bob is not empty"):
+            run_walkthrough(fleet, echo=lambda line: None)
+        leftover.get()
