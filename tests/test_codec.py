@@ -105,11 +105,11 @@ def test_commands_validate_every_field() -> None:
     decoded = decode_command("store", store.encode().tobytes())
     assert isinstance(decoded, Store)
     assert decoded.provenance == ["alice"]
+    body = encode({"op": "x", "args": [], "kwargs": {}, "result_id": "7"}).tobytes()
     with pytest.raises(ProtocolError, match="field 'result_id' must be an integer or nil"):
-        body = encode({"op": "x", "args": [], "kwargs": {}, "result_id": "7"}).tobytes()
         decode_command("call", body)
+    body = encode({"op": "x", "args": [], "kwargs": {1: 2}, "result_id": None}).tobytes()
     with pytest.raises(ProtocolError, match="field 'kwargs' must be a map with string keys"):
-        body = encode({"op": "x", "args": [], "kwargs": {1: 2}, "result_id": None}).tobytes()
         decode_command("call", body)
 
 

@@ -58,7 +58,7 @@ def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
         assert process.wait(timeout=60) == 0
 
         # The command in hand was answered before the exit; the next one never started.
-        with pytest.raises(tr.ReplyTimeout, match="to call Tensor.sum"):
+        with pytest.raises(tr.ReplyTimeout, match=r"to call Tensor\.sum"):
             fleet.sync()
         for pointer in (big, power, waiting):
             pointer.garbage_collect = False
