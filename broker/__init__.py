@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from ._codec import EncodeError, Frame, decode, encode, tensor_buffer
+from ._chunks import DEFAULT_CHUNK_SIZE, Reassembler, split_frame
+from ._codec import Body, EncodeError, Frame, decode, encode, tensor_buffer
 from ._embedded import EmbeddedBroker, EmbeddedEndpoint
 from ._errors import (
     BrokerError,
@@ -62,7 +63,9 @@ __all__ = [
     "BROKER_ENV",
     "COMMANDS",
     "COMMAND_EXCHANGE",
+    "DEFAULT_CHUNK_SIZE",
     "RETURNED",
+    "Body",
     "Broker",
     "BrokerError",
     "BrokerUnavailable",
@@ -88,6 +91,7 @@ __all__ = [
     "Pull",
     "RabbitMQBroker",
     "RabbitMQEndpoint",
+    "Reassembler",
     "RemoteError",
     "Reply",
     "ReplyTimeout",
@@ -108,6 +112,7 @@ __all__ = [
     "open_broker",
     "redact_url",
     "resolve_op",
+    "split_frame",
     "tensor_buffer",
     "wire_name",
     "worker_queue",

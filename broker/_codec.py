@@ -32,7 +32,10 @@ import torch
 from ._errors import DecodeError, ProtocolError
 from ._refs import ObjectRef, PointerRef
 
-__all__ = ["EncodeError", "Frame", "decode", "encode", "tensor_buffer"]
+__all__ = ["Body", "EncodeError", "Frame", "decode", "encode", "tensor_buffer"]
+
+Body = bytes | bytearray | memoryview | torch.Tensor
+"""A received message: bytes from the transport, or a uint8 tensor it assembled."""
 
 MAGIC = b"TRL"
 VERSION = 1
@@ -197,11 +200,12 @@ def encode(value: Any) -> Frame:
 
 
 class _Decoder:
-    __slots__ = ("body", "data_start", "depth", "ext_hook", "writable")
+    __slots__ = ("backing", "body", "data_start", "depth", "ext_hook", "writable")
 
-    def __init__(self, body: memoryview, data_start: int) -> None:
+    def __init__(self, body: memoryview, data_start: int, backing: torch.Tensor | None) -> None:
         self.body = body
         self.data_start = data_start
+        self.backing = backing
         self.writable = not body.readonly
         self.depth = 0
         self.ext_hook: Callable[[int, bytes], Any] = self._ext
@@ -295,6 +299,8 @@ class _Decoder:
             )
         if numel == 0:
             tensor = torch.empty(shape, dtype=dtype)
+        elif self.backing is not None:  # a view that keeps the assembled message alive
+            tensor = self.backing[start : start + nbytes].view(dtype).view(shape)
         elif self.writable:
             tensor = torch.frombuffer(self.body, dtype=dtype, count=numel, offset=start)
             tensor = tensor.view(shape)
@@ -317,11 +323,18 @@ def _expect(condition: bool, message: str) -> None:
         raise DecodeError(message)
 
 
-def decode(body: bytes | bytearray | memoryview) -> Any:
+def decode(body: Body) -> Any:
     """Decode a frame. Tensors view `body` directly when it is writable."""
-    view = memoryview(body).cast("B") if not isinstance(body, memoryview) else body
-    if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
+    backing = None
+    if isinstance(body, torch.Tensor):
+        if body.dtype != torch.uint8 or body.dim() != 1 or not body.is_contiguous():
+            raise DecodeError("a message tensor must be contiguous one-dimensional uint8")
+        backing = body
+        view = tensor_buffer(body)
+    else:
+        view = memoryview(body)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
     if len(view) < _PREFIX.size:
         raise DecodeError(f"message of {len(view)} bytes is too short to be a torchrelay frame")
     magic, version, header_len = _PREFIX.unpack_from(view)
@@ -335,7 +348,7 @@ def decode(body: bytes | bytearray | memoryview) -> Any:
     header_end = _PREFIX.size + header_len
     if header_end > len(view):
         raise DecodeError(f"header of {header_len} bytes runs past the end of the message")
-    decoder = _Decoder(view, _align(header_end))
+    decoder = _Decoder(view, _align(header_end), backing)
     try:
         return decoder.unpack(view[_PREFIX.size : header_end])
     except DecodeError:

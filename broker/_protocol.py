@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ._codec import Frame, decode, encode
+from ._codec import Body, Frame, decode, encode
 from ._errors import DecodeError, ProtocolError, RemoteError
 
 __all__ = [
@@ -216,7 +216,7 @@ COMMANDS: dict[str, type[Command]] = {
 }
 
 
-def decode_command(name: str, body: bytes | bytearray | memoryview) -> Command:
+def decode_command(name: str, body: Body) -> Command:
     """Decode and validate a command; raises `ProtocolError` naming what was wrong."""
     cls = COMMANDS.get(name)
     if cls is None:
@@ -275,7 +275,7 @@ class Reply:
         return encode({"error": [e.type, e.message, e.traceback]})
 
 
-def decode_reply(body: bytes | bytearray | memoryview) -> Reply:
+def decode_reply(body: Body) -> Reply:
     fields = decode(body)
     if type(fields) is dict and len(fields) == 1:
         if "ok" in fields:

@@ -36,9 +36,11 @@ from typing import Any, TypeVar
 import pika
 import pika.exceptions as pe
 import tenacity
+import torch
 
+from ._chunks import DEFAULT_CHUNK_SIZE, Reassembler, split_frame
 from ._codec import Frame
-from ._errors import BrokerError, BrokerUnavailable, ConnectionLost, UnknownWorker
+from ._errors import BrokerError, BrokerUnavailable, ConnectionLost, ProtocolError, UnknownWorker
 from ._transport import (
     APP_ID,
     COMMAND_EXCHANGE,
@@ -57,8 +59,10 @@ _T = TypeVar("_T")
 
 # Errors after which the connection is unusable and must be reopened.
 _CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ChannelClosed, pe.ChannelWrongStateError)
+# Transient even for transfers between workers: their safety comes from the
+# destination's confirmation (the source keeps its copy until then), and a
+# persistent 1 GiB message would be written to the broker's disk for nothing.
 _TRANSIENT = 1
-_PERSISTENT = 2
 REPLY_QUEUE_EXPIRES_MS = 60_000
 REPLY_PREFETCH = 1024
 
@@ -82,12 +86,18 @@ class RabbitMQBroker(Broker):
         heartbeat: int | None = None,
         prefetch: int = 64,
         connect_timeout: float = 15.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_message_bytes: int = 64 << 30,
     ) -> None:
+        if chunk_size < 4096:
+            raise ValueError(f"chunk_size must be at least 4096 bytes, not {chunk_size}")
         self._url = url
         self.url = redact_url(url)
         self.heartbeat = heartbeat
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
+        self.chunk_size = chunk_size
+        self.max_message_bytes = max_message_bytes
 
     def connect(self, identity: str, *, serve_worker: str | None = None) -> RabbitMQEndpoint:
         return RabbitMQEndpoint(self, identity, serve_worker)
@@ -143,7 +153,7 @@ class RabbitMQEndpoint(Endpoint):
         self.connection_name = f"torchrelay {role} {identity}"
         self._lock = threading.Lock()
         self._inbox: deque[Delivery] = deque()
-        self._headers = {"sender": identity}
+        self._headers: dict[str, Any] = {"sender": identity}
         self._epoch = 0
         self._closed = False
         self.reconnects = 0
@@ -155,6 +165,8 @@ class RabbitMQEndpoint(Endpoint):
         self._confirm_channel: Any = None
         self._reply_channel: Any = None
         self._unacked_reply = 0
+        self._bytes_before = (0, 0)
+        self._reassembler = Reassembler(broker.max_message_bytes)
         self._open()
         self._stop = threading.Event()
         self._keeper = threading.Thread(
@@ -201,7 +213,21 @@ class RabbitMQEndpoint(Endpoint):
         self._epoch += 1
         return survived
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the broker by this endpoint, over all its connections."""
+        return self._bytes_before[0] + getattr(self._connection_impl(), "bytes_sent", 0)
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the broker by this endpoint, over all its connections."""
+        return self._bytes_before[1] + getattr(self._connection_impl(), "bytes_received", 0)
+
+    def _connection_impl(self) -> Any:
+        return getattr(self._connection, "_impl", None)
+
     def _reconnect(self) -> None:
+        self._bytes_before = (self.bytes_sent, self.bytes_received)
         log.warning("%s lost its connection to %s; reconnecting", self.connection_name,
                     self._broker.url)
         _close_quietly(self._connection)
@@ -221,6 +247,11 @@ class RabbitMQEndpoint(Endpoint):
     def _guarded(self, action: Callable[[], _T]) -> _T:
         """Run `action` under the lock; on a dead connection reopen it and retry once."""
         with self._lock:
+            if self._closed:
+                raise ConnectionLost(f"{self.connection_name} is closed")
+            if not self._connection.is_open:  # e.g. closed by the broker while we were away
+                self._reconnect()
+                return action()
             try:
                 return action()
             except _CONNECTION_ERRORS:
@@ -250,15 +281,38 @@ class RabbitMQEndpoint(Endpoint):
 
     def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         self._unacked_reply = method.delivery_tag
-        headers = props.headers or {}
-        self._inbox.append(Delivery(True, props.type or "", props.correlation_id or "",
-                                    str(headers.get("sender", "")), body))
+        self._deliver(True, method, props, body)
 
     def _on_command(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self._deliver(False, method, props, body)
+
+    def _deliver(self, is_reply: bool, method: Any, props: Any, body: bytes) -> None:
         headers = props.headers or {}
-        self._inbox.append(Delivery(False, props.type or "", props.correlation_id or "",
-                                    str(headers.get("sender", "")), body, props.reply_to,
-                                    method.delivery_tag, method.redelivered, self._epoch))
+        sender = str(headers.get("sender", ""))
+        chunk = headers.get("chunk")
+        whole: bytes | torch.Tensor = body
+        if chunk is not None:
+            assembled = self._add_chunk(sender, props.correlation_id or "", chunk, body)
+            if assembled is None:
+                if not is_reply:  # acked now, or the prefetch window would stall the rest
+                    self._channel.basic_ack(method.delivery_tag)
+                return
+            whole = assembled
+        self._inbox.append(Delivery(
+            is_reply, props.type or "", props.correlation_id or "", sender, whole,
+            None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
+            self._epoch,
+        ))
+
+    def _add_chunk(
+        self, sender: str, correlation_id: str, chunk: Any, body: bytes
+    ) -> torch.Tensor | None:
+        try:
+            index, count, total = (int(n) for n in chunk)
+            return self._reassembler.add((sender, correlation_id), index, count, total, body)
+        except (ProtocolError, TypeError, ValueError) as e:
+            log.warning("dropped a chunked message %s from %r: %s", correlation_id, sender, e)
+            return None
 
     def _on_return(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         # A command nobody could receive: answer it ourselves, at once.
@@ -276,26 +330,52 @@ class RabbitMQEndpoint(Endpoint):
         *,
         confirm: bool = False,
     ) -> None:
-        body = frame.tobytes()
-
-        def publish() -> None:
-            props = pika.BasicProperties(
-                type=type,
-                app_id=APP_ID,
-                correlation_id=correlation_id,
-                reply_to=self.reply_queue,
-                headers=self._headers,
-                delivery_mode=_PERSISTENT if confirm else _TRANSIENT,
-            )
-            channel = self._confirming_channel() if confirm else self._channel
-            channel.basic_publish(COMMAND_EXCHANGE, worker_id, body, props, mandatory=True)
-
         try:
-            self._guarded(publish)
+            self._publish(COMMAND_EXCHANGE, worker_id, type, frame, correlation_id,
+                          reply_to=self.reply_queue, confirm=confirm)
         except pe.UnroutableError:
             raise UnknownWorker(worker_id, f"no queue for it on {self._broker.url}") from None
         except pe.NackError:
             raise BrokerError(f"RabbitMQ refused a message for worker {worker_id!r}") from None
+
+    def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
+        self._publish("", reply_to, type, frame, correlation_id)
+
+    def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        type: str,
+        frame: Frame,
+        correlation_id: str,
+        *,
+        reply_to: str | None = None,
+        confirm: bool = False,
+    ) -> None:
+        chunk_size = self._broker.chunk_size
+        if frame.nbytes <= chunk_size:
+            bodies: list[Any] = [frame.tobytes()]
+            headers = [self._headers]
+        else:
+            bodies = list(split_frame(frame, chunk_size))
+            count = len(bodies)
+            headers = [{**self._headers, "chunk": [i, count, frame.nbytes]} for i in range(count)]
+        # Commands to a worker: mandatory, so one nobody can receive comes back at once.
+        mandatory = exchange == COMMAND_EXCHANGE
+
+        def publish() -> None:
+            channel = self._confirming_channel() if confirm else self._channel
+            for body, header in zip(bodies, headers, strict=True):
+                props = pika.BasicProperties(
+                    type=type, app_id=APP_ID, correlation_id=correlation_id,
+                    reply_to=reply_to, headers=header, delivery_mode=_TRANSIENT,
+                )
+                # pika takes only bytes: one chunk is copied at a time, never the tensor.
+                data = body if isinstance(body, bytes) else bytes(body)
+                channel.basic_publish(exchange, routing_key, data, props, mandatory=mandatory)
+
+        # A reconnect in the middle sends the whole message again, from chunk 0.
+        self._guarded(publish)
 
     def _confirming_channel(self) -> Any:
         if self._confirm_channel is None or not self._confirm_channel.is_open:
@@ -303,17 +383,6 @@ class RabbitMQEndpoint(Endpoint):
             channel.confirm_delivery()
             self._confirm_channel = channel
         return self._confirm_channel
-
-    def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
-        body = frame.tobytes()
-
-        def publish() -> None:
-            props = pika.BasicProperties(
-                type=type, app_id=APP_ID, correlation_id=correlation_id, headers=self._headers
-            )
-            self._channel.basic_publish("", reply_to, body, props)
-
-        self._guarded(publish)
 
     def receive(self, timeout: float) -> Delivery | None:
         if self._inbox:
@@ -325,6 +394,7 @@ class RabbitMQEndpoint(Endpoint):
             if self._inbox:
                 return self._inbox.popleft()
             if remaining <= 0:
+                self._reassembler.drop_stale()
                 return None
 
     def _pump(self, seconds: float) -> None:

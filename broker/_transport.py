@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Final
 
-from ._codec import Frame
+from ._codec import Body, Frame
 
 __all__ = [
     "APP_ID",
@@ -54,7 +54,7 @@ class Delivery:
     type: str
     correlation_id: str
     sender: str
-    body: bytes | bytearray | memoryview
+    body: Body
     reply_to: str | None = None
     tag: int = 0
     redelivered: bool = False

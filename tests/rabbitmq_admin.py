@@ -69,5 +69,14 @@ class ManagementAPI:
                 return connections
             time.sleep(0.25)
 
+    def get_when(self, path: str, ready: Any, timeout: float = 15.0) -> Any:
+        """GET `path` until `ready(result)`: statistics lag a few seconds behind."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.call("GET", path)
+            if ready(result) or time.monotonic() > deadline:
+                return result
+            time.sleep(0.25)
+
     def close_connection(self, name: str) -> None:
         self.call("DELETE", f"/api/connections/{urllib.parse.quote(name, safe='')}")

@@ -64,7 +64,8 @@ def test_topology_and_connection_names_as_the_console_shows_them(
     with tr.connect(session_daemons.url, name="console-check"):
         names = {c["client_properties"].get("connection_name") for c in
                  rabbitmq.wait_for_connections(vhost, lambda cs: len(cs) >= 4)}
-        queue = rabbitmq.call("GET", f"/api/queues/{quoted}/{worker_queue('bob')}")
+        queue = rabbitmq.get_when(f"/api/queues/{quoted}/{worker_queue('bob')}",
+                                  lambda q: q.get("consumers") == 1)
         exchange = rabbitmq.call("GET", f"/api/exchanges/{quoted}/{COMMAND_EXCHANGE}")
 
     assert {"torchrelay worker bob", "torchrelay worker alice", "torchrelay worker carol",

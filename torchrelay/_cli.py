@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--heartbeat", type=int, help="AMQP heartbeat in seconds (default 30)")
     worker.add_argument("--reply-timeout", type=float,
                         help="seconds to wait for another worker down a chain (default 60)")
+    worker.add_argument("--chunk-size", type=int,
+                        help="bytes; larger messages travel in chunks (default 8 MiB)")
     worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     demo = commands.add_parser("demo", help="run the remote-execution walkthrough")
@@ -70,6 +72,7 @@ def _worker(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             heartbeat=args.heartbeat,
             reply_timeout=args.reply_timeout,
+            chunk_size=args.chunk_size,
             log_level=args.log_level,
         )
     except ConfigError as e:

@@ -6,6 +6,7 @@
     prefetch = 64          # commands delivered ahead of the one being executed
     heartbeat = 30         # seconds; the connection stays alive during long commands
     reply_timeout = 60.0   # seconds to wait for another worker down a chain
+    chunk_size = 8388608   # bytes; larger messages travel as chunks of this size
     log_level = "INFO"
 
 Later sources win: file < `TORCHRELAY_BROKER` < command-line flags.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchrelay.broker import BROKER_ENV
+from torchrelay.broker import BROKER_ENV, DEFAULT_CHUNK_SIZE
 
 __all__ = ["ConfigError", "WorkerConfig"]
 
@@ -40,6 +41,7 @@ class WorkerConfig:
     prefetch: int = 64
     heartbeat: int | None = 30
     reply_timeout: float = 60.0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class WorkerConfig:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
         if self.reply_timeout <= 0:
             raise ConfigError(f"reply_timeout must be positive, not {self.reply_timeout}")
+        if self.chunk_size < 4096:
+            raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -92,7 +96,7 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
     expected: dict[str, tuple[type, ...]] = {
         "id": (str,), "broker": (str,), "prefetch": (int,), "heartbeat": (int,),
-        "reply_timeout": (int, float), "log_level": (str,),
+        "reply_timeout": (int, float), "chunk_size": (int,), "log_level": (str,),
     }
     for key, value in section.items():
         if not isinstance(value, expected[key]) or isinstance(value, bool):

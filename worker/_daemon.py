@@ -39,7 +39,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         _stop_on_signals(stop)
-    broker = RabbitMQBroker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch)
+    broker = RabbitMQBroker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
+                            chunk_size=config.chunk_size)
     try:
         endpoint = broker.connect(config.id, serve_worker=config.id)
     except BrokerError as e:

@@ -1,0 +1,117 @@
+"""Tensors of any size: chunked past the chunk size, reassembled whole or not at all."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pika
+import pytest
+import torch
+
+import torchrelay as tr
+from torchrelay.broker import (
+    COMMAND_EXCHANGE,
+    ProtocolError,
+    Reassembler,
+    Store,
+    decode,
+    encode,
+    split_frame,
+)
+from torchrelay.worker import WorkerProcesses
+
+tr.hook(torch)
+
+MIB = 1 << 20
+
+
+def test_a_tensor_larger_than_a_chunk_goes_there_and_back(
+    fleet: tr.Fleet, bob: tr.WorkerHandle
+) -> None:
+    tensor = torch.randn(20 * MIB // 4)  # 20 MiB: three of the workers' 8 MiB chunks
+    pointer = tensor.send(bob)
+    assert torch.equal((pointer * 2).get(), tensor * 2)
+    assert torch.equal(pointer.get(), tensor)
+
+
+def test_a_large_tensor_moves_between_workers(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle
+) -> None:
+    tensor = torch.arange(5 * MIB, dtype=torch.int32)
+    moved = tensor.send(bob).move(alice)
+    assert moved.location is alice
+    assert torch.equal(moved.get(), tensor)
+
+
+def test_many_small_chunks_from_a_client_that_asks_for_them(
+    session_daemons: WorkerProcesses,
+) -> None:
+    tensor = torch.randn(3 * MIB)  # 12 MiB in 1 MiB chunks: 13 messages
+    with tr.connect(session_daemons.url, chunk_size=MIB) as fleet:
+        pointer = tensor.send(fleet.worker("bob"))
+        assert torch.equal(pointer.get(), tensor)
+
+
+def test_a_transfer_cut_short_is_never_seen(session_daemons: WorkerProcesses) -> None:
+    object_id = secrets.randbits(53)
+    frame = Store(object_id, torch.ones(MIB), []).encode()  # 4 MiB
+    chunks = list(split_frame(frame, MIB))
+
+    def publish(indexes: range) -> None:
+        with pika.BlockingConnection(pika.URLParameters(session_daemons.url)) as connection:
+            channel = connection.channel()
+            for index in indexes:
+                headers = {"sender": "crasher", "chunk": [index, len(chunks), frame.nbytes]}
+                channel.basic_publish(COMMAND_EXCHANGE, "bob", bytes(chunks[index]),
+                                      pika.BasicProperties(type="store", correlation_id="cut",
+                                                           headers=headers))
+
+    with tr.connect(session_daemons.url) as fleet:
+        bob = fleet.worker("bob")
+        publish(range(2))  # the sender "dies" after two of five chunks
+        time.sleep(0.2)
+        assert object_id not in bob._objects  # nothing half-written, and bob still answers
+
+        publish(range(len(chunks)))  # the sender starts over and finishes
+        deadline = time.monotonic() + 10
+        while object_id not in bob._objects:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert torch.equal(tr.PointerTensor(bob, object_id).get(), torch.ones(MIB))
+
+
+def test_split_frame_views_the_tensor_and_rejoins_exactly() -> None:
+    tensor = torch.arange(10_000, dtype=torch.float64)
+    frame = encode({"t": tensor})
+    chunks = list(split_frame(frame, 4096))
+    assert b"".join(chunks) == frame.tobytes()
+    assert all(len(c) == 4096 for c in chunks[:-1])
+    assert sum(isinstance(c, memoryview) for c in chunks) >= len(chunks) - 2  # views, not copies
+
+    reassembler = Reassembler(max_message_bytes=frame.nbytes)
+    whole = None
+    for index, chunk in enumerate(chunks):
+        assert whole is None
+        whole = reassembler.add(("me", "c"), index, len(chunks), frame.nbytes, bytes(chunk))
+    assert whole is not None
+    assert torch.equal(decode(whole)["t"], tensor)
+    assert len(reassembler) == 0
+
+
+def test_the_reassembler_refuses_what_does_not_fit() -> None:
+    reassembler = Reassembler(max_message_bytes=1000)
+    with pytest.raises(ProtocolError, match="over this endpoint's limit"):
+        reassembler.add(("x", "1"), 0, 2, 10**12, b"a" * 10)
+    with pytest.raises(ProtocolError, match="first chunk never came"):
+        reassembler.add(("x", "2"), 1, 2, 100, b"a" * 10)
+    reassembler.add(("x", "3"), 0, 3, 100, b"a" * 40)
+    with pytest.raises(ProtocolError, match="does not continue its message"):
+        reassembler.add(("x", "3"), 2, 3, 100, b"a" * 40)
+    reassembler.add(("x", "4"), 0, 2, 100, b"a" * 40)
+    assert reassembler.add(("x", "4"), 0, 2, 100, b"b" * 50) is None  # started over
+    whole = reassembler.add(("x", "4"), 1, 2, 100, b"c" * 50)
+    assert whole is not None
+    assert bytes(whole.tolist()) == b"b" * 50 + b"c" * 50
+    reassembler.add(("x", "5"), 0, 2, 100, b"a" * 40)
+    assert reassembler.drop_stale(now=time.monotonic() + 1e6) == [("x", "5")]
