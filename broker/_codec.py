@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import math
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +39,15 @@ Body = bytes | bytearray | memoryview | torch.Tensor
 MAGIC = b"TRL"
 VERSION = 1
 _PREFIX = struct.Struct("<3sBI")
+_ID = struct.Struct("<q")
+_pack_id = _ID.pack
+_unpack_id = _ID.unpack
+
+
+def _ext(code: int, data: bytes) -> msgpack.ExtType:
+    # ExtType's constructor re-validates its (already valid) arguments; this is the
+    # hot path of every command, so build the named tuple directly.
+    return tuple.__new__(msgpack.ExtType, (code, data))
 ALIGN = 64
 MAX_NESTING = 32
 MAX_DIMS = 64
@@ -121,19 +129,19 @@ class _Encoder:
             packed: bytes = msgpack.packb(
                 value, default=self.default, use_bin_type=True, strict_types=True
             )
-        except (TypeError, ValueError, OverflowError) as e:
+        except (TypeError, ValueError, OverflowError, struct.error) as e:
             if isinstance(e, EncodeError):
                 raise
             raise EncodeError(f"cannot encode value: {e}") from None
         return packed
 
     def default(self, value: Any) -> Any:
+        if type(value) is ObjectRef:  # the commonest extension, packed directly
+            return _ext(_EXT_OBJECT_REF, _pack_id(value.id))
         if isinstance(value, torch.Tensor):
-            return msgpack.ExtType(_EXT_TENSOR, self._tensor(value))
+            return _ext(_EXT_TENSOR, self._tensor(value))
         if isinstance(value, tuple):  # also torch.Size and named tuples
             return msgpack.ExtType(_EXT_TUPLE, self.pack(list(value)))
-        if isinstance(value, ObjectRef):
-            return msgpack.ExtType(_EXT_OBJECT_REF, self.pack(value.id))
         if isinstance(value, PointerRef):
             return msgpack.ExtType(
                 _EXT_POINTER_REF, self.pack([value.location, value.id_at_location])
@@ -187,6 +195,9 @@ def encode(value: Any) -> Frame:
     encoder = _Encoder()
     header = encoder.pack(value)
     head = _PREFIX.pack(MAGIC, VERSION, len(header))
+    if not encoder.blobs:  # no tensors: one buffer
+        whole = head + header
+        return Frame((whole,), len(whole))
     data_start = _align(len(head) + len(header))
     parts: list[memoryview | bytes] = [head, header]
     position = len(head) + len(header)
@@ -200,7 +211,9 @@ def encode(value: Any) -> Frame:
 
 
 class _Decoder:
-    __slots__ = ("backing", "body", "data_start", "depth", "ext_hook", "writable")
+    # No attribute may hold a bound method of the decoder: that cycle would keep
+    # the message (maybe a GiB) alive until the cycle collector happened to run.
+    __slots__ = ("backing", "body", "data_start", "depth", "writable")
 
     def __init__(self, body: memoryview, data_start: int, backing: torch.Tensor | None) -> None:
         self.body = body
@@ -208,7 +221,6 @@ class _Decoder:
         self.backing = backing
         self.writable = not body.readonly
         self.depth = 0
-        self.ext_hook: Callable[[int, bytes], Any] = self._ext
 
     def unpack(self, data: bytes | memoryview) -> Any:
         self.depth += 1
@@ -216,7 +228,7 @@ class _Decoder:
             raise DecodeError(f"values nested deeper than {MAX_NESTING} levels")
         try:
             return msgpack.unpackb(
-                data, ext_hook=self.ext_hook, raw=False, strict_map_key=False, use_list=True
+                data, ext_hook=self._ext, raw=False, strict_map_key=False, use_list=True
             )
         finally:
             self.depth -= 1
@@ -229,9 +241,8 @@ class _Decoder:
             _expect(isinstance(items, list), "a tuple must hold a list of items")
             return tuple(items)
         if code == _EXT_OBJECT_REF:
-            object_id = self.unpack(data)
-            _expect(_is_int(object_id), "an object reference must be an integer id")
-            return ObjectRef(object_id)
+            _expect(len(data) == 8, "an object reference must be an 8-byte id")
+            return ObjectRef(_unpack_id(data)[0])
         if code == _EXT_POINTER_REF:
             fields = self.unpack(data)
             _expect(

@@ -17,6 +17,7 @@ reach a pointer through `__torch_function__`.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +91,7 @@ _INPLACE_OPERATORS = frozenset(
 )
 
 
+@functools.cache
 def is_inplace(name: str) -> bool:
     """Whether the operation modifies its first argument and returns it (or nothing)."""
     short = name.rpartition(".")[2]

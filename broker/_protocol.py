@@ -11,7 +11,7 @@ malformed or hostile input becomes one `ProtocolError` naming what was wrong.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +36,11 @@ __all__ = [
 ]
 
 _Check = Callable[[Any], bool]
+
+GARBAGE = "garbage"
+"""Optional field of every command: ids of dead pointers' targets, deleted first.
+Garbage collection rides along with the next command to the same worker instead
+of costing a message of its own."""
 
 
 def _int(v: Any) -> bool:
@@ -92,8 +97,12 @@ class Command:
     name: ClassVar[str]
     schema: ClassVar[Mapping[str, _Check]]
 
-    def encode(self) -> Frame:
-        return encode({key: getattr(self, key) for key in self.schema})
+    def encode(self, garbage: Sequence[int] = ()) -> Frame:
+        """The message body; `garbage` lists objects to delete before the command runs."""
+        fields = {key: getattr(self, key) for key in self.schema}
+        if garbage:
+            fields[GARBAGE] = list(garbage)
+        return encode(fields)
 
     def describe(self) -> str:
         """A short human-readable description, for error messages."""
@@ -216,14 +225,20 @@ COMMANDS: dict[str, type[Command]] = {
 }
 
 
-def decode_command(name: str, body: Body) -> Command:
-    """Decode and validate a command; raises `ProtocolError` naming what was wrong."""
+def decode_command(name: str, body: Body) -> tuple[Command, list[int]]:
+    """Decode and validate a command and the garbage sent with it.
+
+    Raises `ProtocolError` naming what was wrong.
+    """
     cls = COMMANDS.get(name)
     if cls is None:
         raise ProtocolError(f"unknown command {name!r}; known commands: {', '.join(COMMANDS)}")
     fields = decode(body)
     if type(fields) is not dict:
         raise DecodeError(f"{name}: the body must be a map of fields, not {type(fields).__name__}")
+    garbage = fields.pop(GARBAGE, [])
+    if not _ints(garbage):
+        raise ProtocolError(f"{name}: field {GARBAGE!r} must be {_CHECK_NAMES[_ints]}")
     schema = cls.schema
     if fields.keys() != schema.keys():
         unknown = sorted(map(str, fields.keys() - schema.keys()))
@@ -235,7 +250,7 @@ def decode_command(name: str, body: Body) -> Command:
                 f"{name}: field {key!r} must be {_CHECK_NAMES[check]}, "
                 f"got {type(fields[key]).__name__}"
             )
-    return cls(**fields)
+    return cls(**fields), garbage
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,12 +285,21 @@ class Reply:
 
     def encode(self) -> Frame:
         if self.error is None:
+            if self.value is None:
+                return _OK_NONE  # the commonest reply, encoded once
             return encode({"ok": self.value})
         e = self.error
         return encode({"error": [e.type, e.message, e.traceback]})
 
 
+_OK_NONE = encode({"ok": None})
+_OK_NONE_BYTES = _OK_NONE.tobytes()
+_NOTHING = Reply()
+
+
 def decode_reply(body: Body) -> Reply:
+    if type(body) is bytes and body == _OK_NONE_BYTES:
+        return _NOTHING
     fields = decode(body)
     if type(fields) is dict and len(fields) == 1:
         if "ok" in fields:

@@ -18,7 +18,7 @@ def new_object_id(rng: random.Random) -> int:
     return rng.getrandbits(OBJECT_ID_BITS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every argument of every call
 class ObjectRef:
     """"The object stored under `id` on the worker that receives this message."
 

@@ -67,12 +67,12 @@ class WorkerHandle:
     @property
     def _objects(self) -> dict[int, ObjectDescription]:
         """A snapshot of the worker's store: `{id: short description}`."""
-        described = self.fleet.request(self.id, Describe())
+        described = self.fleet.request(self.id, Describe(), show_garbage=True)
         return {int(k): ObjectDescription(v) for k, v in described.items()}
 
     def status(self) -> dict[str, Any]:
         """The worker's health and counters."""
-        status: dict[str, Any] = self.fleet.request(self.id, Status())
+        status: dict[str, Any] = self.fleet.request(self.id, Status(), show_garbage=True)
         return status
 
     def __repr__(self) -> str:
@@ -82,7 +82,7 @@ class WorkerHandle:
 @dataclass(slots=True)
 class _Outstanding:
     worker_id: str
-    description: str
+    command: Command
     keep: bool  # the caller will collect the value
 
 
@@ -108,7 +108,7 @@ class Fleet:
         self._outstanding: dict[str, _Outstanding] = {}
         self._results: dict[str, Any] = {}
         self._errors: list[TorchRelayError] = []
-        self._doomed: list[tuple[str, int]] = []
+        self._doomed: dict[str, list[int]] = {}
         self._live: weakref.WeakSet[PointerTensor] = weakref.WeakSet()
         self._numbers = itertools.count(1)
         self._random = random.Random()
@@ -126,8 +126,11 @@ class Fleet:
         return handle
 
     def sync(self) -> None:
-        """Wait until every command issued so far has taken effect; raise the first error."""
-        self._flush_deletes()
+        """Wait until every command issued so far has taken effect; raise the first error.
+
+        Garbage (targets of dead pointers) is not waited for: it travels with the
+        next command to its worker, and before anything that shows a store.
+        """
         self._collect()
 
     def close(self) -> None:
@@ -138,7 +141,8 @@ class Fleet:
             for pointer in list(self._live):
                 if pointer.garbage_collect:
                     pointer.garbage_collect = False
-                    self._doomed.append((pointer.location.id, pointer.id_at_location))
+                    self.doom(pointer.location.id, pointer.id_at_location)
+            self._flush_deletes()
             self.sync()
         except TorchRelayError as e:
             log.warning("while closing: %s", e)
@@ -164,13 +168,18 @@ class Fleet:
 
     def post(self, worker_id: str, command: Command) -> None:
         """Publish `command`; its reply is collected by the next call that waits."""
-        self._flush_deletes()
         self._send(worker_id, command, keep=False)
         if not self.pipelined:
             self._collect()
 
-    def request(self, worker_id: str, command: Command) -> Any:
-        """Publish `command` after everything before it took effect; return its reply."""
+    def request(self, worker_id: str, command: Command, *, show_garbage: bool = False) -> Any:
+        """Publish `command` after everything before it took effect; return its reply.
+
+        With `show_garbage`, every worker first deletes what dead pointers owned,
+        for commands that show a store.
+        """
+        if show_garbage:
+            self._flush_deletes()
         self.sync()
         correlation_id = self._send(worker_id, command, keep=True)
         self._collect(raise_errors=False)
@@ -183,9 +192,10 @@ class Fleet:
         self._live.add(pointer)
 
     def doom(self, worker_id: str, object_id: int) -> None:
-        """Called when a pointer dies: its target is deleted with the next message."""
+        """Called when a pointer dies: its target is deleted with the next command to
+        its worker (or by the next `sync`, `_objects`, or `close`)."""
         if not self.closed:
-            self._doomed.append((worker_id, object_id))
+            self._doomed.setdefault(worker_id, []).append(object_id)
 
     # -- internals ---------------------------------------------------------------
 
@@ -193,24 +203,24 @@ class Fleet:
         if self.closed:
             raise TorchRelayError(f"{self!r} is closed")
         correlation_id = f"{self.name}.{next(self._numbers)}"
-        self._outstanding[correlation_id] = _Outstanding(worker_id, command.describe(), keep)
+        garbage = self._doomed.pop(worker_id, ())
+        self._outstanding[correlation_id] = _Outstanding(worker_id, command, keep)
         try:
-            self.endpoint.send_command(worker_id, command.name, command.encode(), correlation_id)
+            frame = command.encode(garbage)
+            self.endpoint.send_command(worker_id, command.name, frame, correlation_id)
         except BaseException as e:
             del self._outstanding[correlation_id]
+            if garbage:  # not sent: it waits for the next ride
+                self._doomed.setdefault(worker_id, []).extend(garbage)
             if isinstance(e, ConnectionLost):  # raised now, for every reply it took
                 self._fail_outstanding(e, report_later=False)
             raise
         return correlation_id
 
     def _flush_deletes(self) -> None:
-        if not self._doomed:
-            return
-        doomed, self._doomed = self._doomed, []
-        by_worker: dict[str, list[int]] = {}
-        for worker_id, object_id in doomed:
-            by_worker.setdefault(worker_id, []).append(object_id)
-        for worker_id, ids in by_worker.items():
+        """Send every worker the garbage still waiting for a ride."""
+        while self._doomed:
+            worker_id, ids = self._doomed.popitem()
             self._send(worker_id, Delete(ids), keep=False)
 
     def _collect(self, *, raise_errors: bool = True) -> None:
@@ -247,7 +257,7 @@ class Fleet:
                 if reply.error is None:
                     result = reply.value
                 else:
-                    result = reply.error.to_exception(entry.worker_id, entry.description)
+                    result = reply.error.to_exception(entry.worker_id, entry.command.describe())
         if entry.keep:
             self._results[correlation_id] = result
         elif isinstance(result, TorchRelayError):
@@ -256,7 +266,7 @@ class Fleet:
     def _time_out(self) -> None:
         first = next(iter(self._outstanding.values()))
         reason = f"nothing left to run on {self.broker.url}" if self.endpoint.quiescent else ""
-        error = ReplyTimeout(first.worker_id, first.description, self.timeout, reason)
+        error = ReplyTimeout(first.worker_id, first.command.describe(), self.timeout, reason)
         self._fail_outstanding(error)
 
     def _fail_outstanding(self, error: TorchRelayError, *, report_later: bool = True) -> None:

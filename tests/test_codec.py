@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import gc
+import sys
 
 import pytest
 import torch
@@ -100,11 +102,12 @@ def test_a_pickle_is_never_decoded() -> None:
 
 def test_commands_validate_every_field() -> None:
     command = Call("torch.add", [ObjectRef(1), 2], {"alpha": 3}, 99)
-    assert decode_command("call", command.encode().tobytes()) == command
+    assert decode_command("call", command.encode().tobytes()) == (command, [])
     store = Store(5, torch.ones(1), ["alice"])
-    decoded = decode_command("store", store.encode().tobytes())
+    decoded, garbage = decode_command("store", store.encode(garbage=[7, 8]).tobytes())
     assert isinstance(decoded, Store)
     assert decoded.provenance == ["alice"]
+    assert garbage == [7, 8]
     body = encode({"op": "x", "args": [], "kwargs": {}, "result_id": "7"}).tobytes()
     with pytest.raises(ProtocolError, match="field 'result_id' must be an integer or nil"):
         decode_command("call", body)
@@ -127,3 +130,16 @@ def test_replies_carry_a_value_or_an_error() -> None:
     assert str(error) == "call torch.add failed on worker 'bob': ValueError: bad value"
     with pytest.raises(ProtocolError):
         decode_reply(encode({"maybe": 1}).tobytes())
+
+
+def test_decoding_leaves_no_cycle_holding_the_message() -> None:
+    gc.disable()  # a cycle would keep a (maybe 1 GiB) message alive until collected
+    try:
+        body = torch.frombuffer(bytearray(encode(torch.ones(1000)).tobytes()), dtype=torch.uint8)
+        references = sys.getrefcount(body)
+        tensor = decode(body)
+        assert tensor.sum().item() == 1000
+        del tensor
+        assert sys.getrefcount(body) == references
+    finally:
+        gc.enable()

@@ -143,7 +143,7 @@ class WorkerRuntime:
             return
         self._handled += 1
         try:
-            command = decode_command(delivery.type, delivery.body)
+            command, garbage = decode_command(delivery.type, delivery.body)
         except ProtocolError as e:
             self._failed += 1
             log.warning("refused a malformed %r command from %s: %s", delivery.type,
@@ -153,9 +153,10 @@ class WorkerRuntime:
                 self._send_reply(delivery.reply_to, delivery.type, delivery.correlation_id,
                                  Reply(error=info).encode())
             return
-        handler = self._handlers[type(command)]
-        task = _Task(handler(command, delivery.sender), command, delivery.reply_to,
-                     delivery.correlation_id)
+        coroutine = self._handlers[type(command)](command, delivery.sender)
+        if garbage:
+            coroutine = self._collect_then(garbage, coroutine)
+        task = _Task(coroutine, command, delivery.reply_to, delivery.correlation_id)
         self._advance(task, None, None)
 
     def expire(self, now: float | None = None) -> None:
@@ -281,16 +282,28 @@ class WorkerRuntime:
         return _Encoded(frame)
 
     async def _delete(self, command: Delete, sender: str) -> list[int]:
+        return await self._delete_objects(command.ids)
+
+    async def _collect_then(self, garbage: list[int], then: Coroutine[Any, Any, Any]) -> Any:
+        """Delete the garbage sent along with a command, then run the command."""
+        try:
+            await self._delete_objects(garbage)
+        except TorchRelayError as e:  # a worker down the chain is gone: so is its object
+            log.warning("garbage collection down a chain failed: %s", e)
+        return await then
+
+    async def _delete_objects(self, ids: list[int]) -> list[int]:
+        """Delete objects, and the targets of pointers among them; the ids not found."""
         missing: list[int] = []
         targets: dict[str, list[int]] = {}
-        for object_id in command.ids:
+        for object_id in ids:
             entry = self.store.discard(object_id)
             if entry is None:
                 missing.append(object_id)  # deleting twice is harmless, not an error
             elif type(entry.value) is PointerRef:
                 targets.setdefault(entry.value.location, []).append(entry.value.id_at_location)
-        for location, ids in targets.items():
-            await self._ask(location, Delete(ids))
+        for location, target_ids in targets.items():
+            await self._ask(location, Delete(target_ids))
         return missing
 
     async def _call(self, command: Call, sender: str) -> None:
