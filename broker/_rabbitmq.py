@@ -30,7 +30,6 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import pika
@@ -65,6 +64,10 @@ _CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ChannelClosed, pe.ChannelWrongS
 _TRANSIENT = 1
 REPLY_QUEUE_EXPIRES_MS = 60_000
 REPLY_PREFETCH = 1024
+REPLY_ACK_BATCH = 128
+ACK_BATCH = 16
+ACK_DELAY = 0.05
+_TICK_SECONDS = 0.1
 
 
 def redact_url(url: str) -> str:
@@ -154,6 +157,9 @@ class RabbitMQEndpoint(Endpoint):
         self._lock = threading.Lock()
         self._inbox: deque[Delivery] = deque()
         self._headers: dict[str, Any] = {"sender": identity}
+        self._properties = pika.BasicProperties(
+            app_id=APP_ID, headers=self._headers, delivery_mode=_TRANSIENT
+        )
         self._epoch = 0
         self._closed = False
         self.reconnects = 0
@@ -167,6 +173,8 @@ class RabbitMQEndpoint(Endpoint):
         self._unacked_reply = 0
         self._bytes_before = (0, 0)
         self._reassembler = Reassembler(broker.max_message_bytes)
+        # Never hold back more of the prefetch window than a quarter.
+        self._ack_batch = max(1, min(ACK_BATCH, broker.prefetch // 4))
         self._open()
         self._stop = threading.Event()
         self._keeper = threading.Thread(
@@ -209,9 +217,19 @@ class RabbitMQEndpoint(Endpoint):
         self._channel = channel
         self._reply_channel = replies
         self._unacked_reply = 0
+        self._replies_since_ack = 0
+        self._unacked_command = 0
+        self._commands_since_ack = 0
+        self._oldest_unacked = 0.0
         self._confirm_channel = None
         self._epoch += 1
+        self._tick()
         return survived
+
+    def _tick(self) -> None:
+        # A standing timer wakes `receive` to check its deadline, so waiting does not
+        # create and cancel a timer for every message (pika's time_limit would).
+        self._connection.call_later(_TICK_SECONDS, self._tick)
 
     @property
     def bytes_sent(self) -> int:
@@ -266,7 +284,7 @@ class RabbitMQEndpoint(Endpoint):
                 continue  # the owner is pumping the connection itself
             try:
                 if not self._closed:
-                    self._pump(0)
+                    self._pump(blocking=False, ack_all=True)
             except Exception:
                 log.debug("keepalive found the connection broken", exc_info=True)
             finally:
@@ -281,6 +299,7 @@ class RabbitMQEndpoint(Endpoint):
 
     def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         self._unacked_reply = method.delivery_tag
+        self._replies_since_ack += 1
         self._deliver(True, method, props, body)
 
     def _on_command(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
@@ -352,30 +371,37 @@ class RabbitMQEndpoint(Endpoint):
         reply_to: str | None = None,
         confirm: bool = False,
     ) -> None:
-        chunk_size = self._broker.chunk_size
-        if frame.nbytes <= chunk_size:
-            bodies: list[Any] = [frame.tobytes()]
-            headers = [self._headers]
-        else:
-            bodies = list(split_frame(frame, chunk_size))
-            count = len(bodies)
-            headers = [{**self._headers, "chunk": [i, count, frame.nbytes]} for i in range(count)]
         # Commands to a worker: mandatory, so one nobody can receive comes back at once.
         mandatory = exchange == COMMAND_EXCHANGE
+        props = self._properties
+        if frame.nbytes <= self._broker.chunk_size:
+            body = frame.tobytes()
 
-        def publish() -> None:
+            def publish() -> None:
+                # One properties object, refilled: pika encodes it during the call.
+                props.type, props.correlation_id, props.reply_to = type, correlation_id, reply_to
+                channel = self._confirming_channel() if confirm else self._channel
+                channel.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
+
+            self._guarded(publish)
+            return
+        chunks = list(split_frame(frame, self._broker.chunk_size))
+
+        def publish_chunks() -> None:
             channel = self._confirming_channel() if confirm else self._channel
-            for body, header in zip(bodies, headers, strict=True):
-                props = pika.BasicProperties(
+            for index, chunk in enumerate(chunks):
+                headers = {**self._headers, "chunk": [index, len(chunks), frame.nbytes]}
+                chunk_props = pika.BasicProperties(
                     type=type, app_id=APP_ID, correlation_id=correlation_id,
-                    reply_to=reply_to, headers=header, delivery_mode=_TRANSIENT,
+                    reply_to=reply_to, headers=headers, delivery_mode=_TRANSIENT,
                 )
                 # pika takes only bytes: one chunk is copied at a time, never the tensor.
-                data = body if isinstance(body, bytes) else bytes(body)
-                channel.basic_publish(exchange, routing_key, data, props, mandatory=mandatory)
+                data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+                channel.basic_publish(exchange, routing_key, data, chunk_props,
+                                      mandatory=mandatory)
 
         # A reconnect in the middle sends the whole message again, from chunk 0.
-        self._guarded(publish)
+        self._guarded(publish_chunks)
 
     def _confirming_channel(self) -> Any:
         if self._confirm_channel is None or not self._confirm_channel.is_open:
@@ -389,24 +415,49 @@ class RabbitMQEndpoint(Endpoint):
             return self._inbox.popleft()
         deadline = time.monotonic() + timeout
         while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            self._guarded(partial(self._pump, remaining))
+            self._guarded(self._pump)
             if self._inbox:
                 return self._inbox.popleft()
-            if remaining <= 0:
+            if time.monotonic() >= deadline:
                 self._reassembler.drop_stale()
                 return None
 
-    def _pump(self, seconds: float) -> None:
-        self._connection.process_data_events(time_limit=seconds)
-        if self._unacked_reply:
+    def _pump(self, *, blocking: bool = True, ack_all: bool = False) -> None:
+        """Process I/O: until something arrives or the next tick, or only what is ready."""
+        if self._unacked_command and (
+            ack_all or time.monotonic() - self._oldest_unacked >= ACK_DELAY
+        ):
+            self._ack_commands()
+        self._connection.process_data_events(time_limit=None if blocking else 0)
+        # Replies are acknowledged in batches: one lost with the connection comes
+        # again, and a duplicate is ignored by whoever waits for it.
+        if self._unacked_reply and (ack_all or self._replies_since_ack >= REPLY_ACK_BATCH):
             self._reply_channel.basic_ack(self._unacked_reply, multiple=True)
             self._unacked_reply = 0
+            self._replies_since_ack = 0
 
     def ack(self, delivery: Delivery) -> None:
+        """Acknowledge an executed command, in a batch with the ones before it.
+
+        The acknowledgement goes out with the next ACK_BATCH-th command or within
+        ACK_DELAY seconds (at close at the latest): one frame for many commands.
+        Commands run in delivery order, so acknowledging up to a tag acknowledges
+        exactly the executed ones.
+        """
         if delivery.epoch != self._epoch:
             return  # from a channel that is gone; the broker has requeued it already
-        self._guarded(lambda: self._channel.basic_ack(delivery.tag))
+        if not self._unacked_command:
+            self._oldest_unacked = time.monotonic()
+        self._unacked_command = delivery.tag
+        self._commands_since_ack += 1
+        if self._commands_since_ack >= self._ack_batch:
+            self._guarded(self._ack_commands)
+
+    def _ack_commands(self) -> None:
+        if self._unacked_command:
+            self._channel.basic_ack(self._unacked_command, multiple=True)
+            self._unacked_command = 0
+            self._commands_since_ack = 0
 
     def ensure_worker(self, worker_id: str) -> None:
         queue = worker_queue(worker_id)
@@ -437,9 +488,14 @@ class RabbitMQEndpoint(Endpoint):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         self._stop.set()
         with self._lock:
+            try:
+                if self._connection.is_open:
+                    self._ack_commands()  # what ran is done: it must not come again
+            except _CONNECTION_ERRORS:
+                log.debug("could not acknowledge before closing", exc_info=True)
+            self._closed = True
             _close_quietly(self._connection)
         self._keeper.join(timeout=5)
 

@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any
 
 from torchrelay.broker import (
@@ -60,7 +61,11 @@ __all__ = ["WorkerRuntime"]
 
 log = logging.getLogger("torchrelay.worker")
 
-_Handler = Callable[[Any, str], Coroutine[Any, Any, Any]]
+_Handler = Callable[[Any, str], Any]  # a value, or a coroutine that awaits requests
+
+_REMEMBERED_COMMANDS = 4096
+"""Commands remembered by (sender, correlation id), so one redelivered after a
+reconnect is not run twice; more than the prefetch window can hold unacknowledged."""
 
 
 class _Request:
@@ -118,6 +123,7 @@ class WorkerRuntime:
         self.reply_timeout = reply_timeout
         self._status_extra = status_extra
         self._waiting: dict[str, _Waiting] = {}
+        self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
         self._started = time.time()
         self._handled = 0
         self._failed = 0
@@ -141,6 +147,16 @@ class WorkerRuntime:
         if delivery.is_reply:
             self._resume(delivery)
             return
+        key = (delivery.sender, delivery.correlation_id)
+        if delivery.redelivered and key in self._recent:
+            # Ran already; its acknowledgement was lost with a connection. Running it
+            # again could apply an in-place operation twice.
+            log.info("skipped %s %s from %s: it already ran", delivery.type,
+                     delivery.correlation_id, delivery.sender)
+            return
+        self._recent[key] = None
+        if len(self._recent) > _REMEMBERED_COMMANDS:
+            del self._recent[next(iter(self._recent))]
         self._handled += 1
         try:
             command, garbage = decode_command(delivery.type, delivery.body)
@@ -153,11 +169,20 @@ class WorkerRuntime:
                 self._send_reply(delivery.reply_to, delivery.type, delivery.correlation_id,
                                  Reply(error=info).encode())
             return
-        coroutine = self._handlers[type(command)](command, delivery.sender)
-        if garbage:
-            coroutine = self._collect_then(garbage, coroutine)
-        task = _Task(coroutine, command, delivery.reply_to, delivery.correlation_id)
-        self._advance(task, None, None)
+        reply_to, correlation_id = delivery.reply_to, delivery.correlation_id
+        try:
+            # Garbage first; only its pointers' targets on other workers need waiting for.
+            targets = self._discard(garbage) if garbage else None
+            outcome = self._handlers[type(command)](command, delivery.sender)
+            if targets:
+                outcome = self._then_delete(outcome, targets)
+        except Exception as e:
+            self._finish(command, reply_to, correlation_id, None, e)
+            return
+        if type(outcome) is CoroutineType:  # it waits for another worker
+            self._advance(_Task(outcome, command, reply_to, correlation_id), None, None)
+        else:
+            self._finish(command, reply_to, correlation_id, outcome, None)
 
     def expire(self, now: float | None = None) -> None:
         """Fail the requests whose reply is overdue."""
@@ -187,10 +212,10 @@ class WorkerRuntime:
                 else:
                     request = task.coroutine.throw(error)
             except StopIteration as done:
-                self._finish(task, done.value, None)
+                self._finish(task.command, task.reply_to, task.correlation_id, done.value, None)
                 return
             except Exception as e:
-                self._finish(task, None, e)
+                self._finish(task.command, task.reply_to, task.correlation_id, None, e)
                 return
             correlation_id = self._next_correlation_id()
             try:
@@ -228,13 +253,20 @@ class WorkerRuntime:
         else:
             self._advance(waiting.task, reply.value, None)
 
-    def _finish(self, task: _Task, value: Any, error: Exception | None) -> None:
+    def _finish(
+        self,
+        command: Command,
+        reply_to: str | None,
+        correlation_id: str,
+        value: Any,
+        error: Exception | None,
+    ) -> None:
         if error is not None:
             self._failed += 1
             if not isinstance(error, TorchRelayError | TypeError | ValueError | RuntimeError):
-                log.exception("command %s failed unexpectedly", task.command.describe(),
+                log.exception("command %s failed unexpectedly", command.describe(),
                               exc_info=error)
-        if task.reply_to is None:
+        if reply_to is None:
             return
         if error is None:
             if type(value) is _Encoded:
@@ -246,7 +278,7 @@ class WorkerRuntime:
                     error = e
         if error is not None:
             frame = Reply(error=ErrorInfo.from_exception(error)).encode()
-        self._send_reply(task.reply_to, task.command.name, task.correlation_id, frame)
+        self._send_reply(reply_to, command.name, correlation_id, frame)
 
     def _send_reply(self, reply_to: str, name: str, correlation_id: str, frame: Frame) -> None:
         self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
@@ -260,7 +292,7 @@ class WorkerRuntime:
 
     # -- commands --------------------------------------------------------------
 
-    async def _store(self, command: Store, sender: str) -> None:
+    def _store(self, command: Store, sender: str) -> None:
         provenance = frozenset(command.provenance) | {sender}
         if not command.replaces_pointer:
             self.store.put(command.id, command.value, provenance)
@@ -274,57 +306,69 @@ class WorkerRuntime:
             )
         self.store.replace(command.id, command.value, provenance)
 
-    async def _fetch(self, command: Fetch, sender: str) -> _Encoded:
+    def _fetch(self, command: Fetch, sender: str) -> _Encoded:
         entry = self.store.get(command.id)
         frame = Reply(entry.value).encode()  # before removing: nothing is lost if it cannot travel
         # A pointer leaves with its duty to delete the target: no delete down the chain.
         self.store.discard(command.id)
         return _Encoded(frame)
 
-    async def _delete(self, command: Delete, sender: str) -> list[int]:
-        return await self._delete_objects(command.ids)
-
-    async def _collect_then(self, garbage: list[int], then: Coroutine[Any, Any, Any]) -> Any:
-        """Delete the garbage sent along with a command, then run the command."""
-        try:
-            await self._delete_objects(garbage)
-        except TorchRelayError as e:  # a worker down the chain is gone: so is its object
-            log.warning("garbage collection down a chain failed: %s", e)
-        return await then
-
-    async def _delete_objects(self, ids: list[int]) -> list[int]:
-        """Delete objects, and the targets of pointers among them; the ids not found."""
+    def _delete(self, command: Delete, sender: str) -> Any:
         missing: list[int] = []
+        targets = self._discard(command.ids, missing)
+        if targets:
+            return self._then_delete(missing, targets)
+        return missing
+
+    def _discard(self, ids: list[int], missing: list[int] | None = None) -> dict[str, list[int]]:
+        """Delete objects here; the targets of the pointers among them, by worker.
+
+        Deleting twice is harmless: ids not found go to `missing`."""
         targets: dict[str, list[int]] = {}
         for object_id in ids:
             entry = self.store.discard(object_id)
             if entry is None:
-                missing.append(object_id)  # deleting twice is harmless, not an error
+                if missing is not None:
+                    missing.append(object_id)
             elif type(entry.value) is PointerRef:
                 targets.setdefault(entry.value.location, []).append(entry.value.id_at_location)
-        for location, target_ids in targets.items():
-            await self._ask(location, Delete(target_ids))
-        return missing
+        return targets
 
-    async def _call(self, command: Call, sender: str) -> None:
+    async def _then_delete(self, outcome: Any, targets: dict[str, list[int]]) -> Any:
+        """Finish `outcome`, then have pointed-at objects deleted down their chains."""
+        if type(outcome) is CoroutineType:
+            outcome = await outcome
+        for location, ids in targets.items():
+            try:
+                await self._ask(location, Delete(ids))
+            except TorchRelayError as e:  # the worker down the chain is gone: so is its object
+                log.warning("deleting objects on %s failed: %s", location, e)
+        return outcome
+
+    def _call(self, command: Call, sender: str) -> Any:
         op = resolve_op(command.op)
         resolver = _ArgumentResolver(self.store)
         args = resolver.resolve(command.args)
-        kwargs = resolver.resolve(command.kwargs)
+        kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
         if resolver.location is None:
             result = op(*args, **kwargs)
             if command.result_id is not None:
                 self.store.put(command.result_id, result, resolver.provenance)
-            return
-        # Every object argument is a pointer to one other worker: the call runs there.
+            return None
+        return self._forward_call(command, resolver.location, args, kwargs)
+
+    async def _forward_call(
+        self, command: Call, location: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Every object argument is a pointer to `location`: the call runs there."""
         remote_result = None if command.result_id is None else self._new_id()
         forwarded = Call(command.op, args, kwargs, remote_result)
         if command.result_id is not None:
             # Stored before the answer, so later commands on it queue up behind this one.
             assert remote_result is not None
-            self.store.put(command.result_id, PointerRef(resolver.location, remote_result))
+            self.store.put(command.result_id, PointerRef(location, remote_result))
         try:
-            await self._ask(resolver.location, forwarded)
+            await self._ask(location, forwarded)
         except BaseException:
             if command.result_id is not None:
                 self.store.discard(command.result_id)
@@ -353,10 +397,10 @@ class WorkerRuntime:
             Transfer(pointer.id_at_location, self.id, command.id, replaces_pointer=True),
         )
 
-    async def _describe(self, command: Describe, sender: str) -> dict[int, str]:
+    def _describe(self, command: Describe, sender: str) -> dict[int, str]:
         return self.store.describe()
 
-    async def _status(self, command: Status, sender: str) -> dict[str, Any]:
+    def _status(self, command: Status, sender: str) -> dict[str, Any]:
         status: dict[str, Any] = {
             "id": self.id,
             "pid": os.getpid(),
