@@ -2,12 +2,13 @@
 
 The runtime is handed deliveries by whoever drives it (the daemon's loop on
 RabbitMQ, the embedded broker's loop in-process) and answers through its
-endpoint. It never blocks: a command that needs another worker — an operation
-on pointers forwarded down a chain, a transfer waiting for the destination to
-confirm — is an `async def` handler that awaits a `_Request`; the runtime
-publishes the request, parks the coroutine under the request's correlation id
-and resumes it when the reply arrives. Meanwhile it keeps serving, so chains
-with cycles (alice -> bob -> alice) cannot deadlock.
+endpoint. It never blocks. Most commands are plain functions, answered at once.
+One that needs another worker — an operation on pointers forwarded down a
+chain, a transfer waiting for the destination to confirm — returns a coroutine
+that awaits a `_Request`; the runtime publishes the request, parks the
+coroutine under the request's correlation id and resumes it when the reply
+arrives. Meanwhile it keeps serving, so chains with cycles (alice -> bob ->
+alice) cannot deadlock.
 
 A worker replies to a command only once everything it caused has happened,
 down the whole chain. A caller that has all its replies therefore sees every
