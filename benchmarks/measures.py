@@ -60,7 +60,7 @@ def _time_kept_loop(fleet: Fleet, x: PointerTensor, count: int) -> list[float]:
         fleet.sync()
         samples.append(time.perf_counter() - start)
     del kept
-    fleet.sync()  # one Delete for the whole block, not timed
+    fleet.sync()  # the garbage goes with the next command, not timed
     return samples
 
 
@@ -71,7 +71,7 @@ def _time_pipelined(fleet: Fleet, x: PointerTensor, count: int) -> float:
     fleet.sync()
     elapsed = time.perf_counter() - start
     del results
-    fleet.sync()  # one Delete for all of them, not timed
+    fleet.sync()  # the garbage goes with the next command, not timed
     return elapsed
 
 
@@ -109,9 +109,9 @@ def sync_op(session: Session) -> MeasureResult:
     pika_median, pika_p99 = median(bare), percentile(bare, 0.99)
     for label, samples, target_median, target_p99, note in (
         ("1 sync x+x", literal, at_most(1.2), at_most(1.5),
-         "`y = x + x; fleet.sync()`: also deletes the previous y"),
+         "`y = x + x; fleet.sync()`: the old y rides, as garbage, with the next command"),
         ("1 sync x+x, results kept", kept, None, None,
-         "one command per iteration (no GC delete); no target"),
+         "every result kept alive (no garbage at all); no target"),
     ):
         ours_median, ours_p99 = median(samples), percentile(samples, 0.99)
         result.rows += [

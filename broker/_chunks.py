@@ -59,12 +59,17 @@ class Reassembler:
     """Collects chunks, keyed by (sender, correlation id), into whole messages."""
 
     def __init__(self, max_message_bytes: int, stale_after: float = 120.0) -> None:
+        """`max_message_bytes` bounds every message, and all of them still arriving."""
         self.max_message_bytes = max_message_bytes
         self.stale_after = stale_after
         self._assemblies: dict[tuple[str, str], _Assembly] = {}
 
     def __len__(self) -> int:
         return len(self._assemblies)
+
+    @property
+    def bytes_in_progress(self) -> int:
+        return sum(len(a.view) for a in self._assemblies.values())
 
     def add(
         self, key: tuple[str, str], index: int, count: int, total: int, body: bytes
@@ -77,10 +82,13 @@ class Reassembler:
         if assembly is None or index == 0:  # index 0 again: the sender started over
             if index != 0:
                 raise ProtocolError(f"chunk {index} of a message whose first chunk never came")
-            if not 0 < total <= self.max_message_bytes:
+            if key in self._assemblies:
+                del self._assemblies[key]
+            if not 0 < total <= self.max_message_bytes - self.bytes_in_progress:
                 raise ProtocolError(
                     f"a message of {total} bytes is over this endpoint's limit of "
-                    f"{self.max_message_bytes}"
+                    f"{self.max_message_bytes} (of which {self.bytes_in_progress} are taken "
+                    "by messages still arriving)"
                 )
             if count < 1:
                 raise ProtocolError(f"a chunked message cannot have {count} chunks")

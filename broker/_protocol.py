@@ -158,11 +158,14 @@ class Call(Command):
         "args": _list,
         "kwargs": _kwargs,
         "result_id": _opt_int,
+        "hops": _int,
     }
     op: str
     args: list[Any]
     kwargs: dict[str, Any]
     result_id: int | None
+    hops: int = 0
+    """How many workers forwarded it so far (a bound on cycles of pointers)."""
 
     def describe(self) -> str:
         return f"call {self.op}"

@@ -39,7 +39,7 @@ import torch
 
 from ._chunks import DEFAULT_CHUNK_SIZE, Reassembler, split_frame
 from ._codec import Frame
-from ._errors import BrokerError, BrokerUnavailable, ConnectionLost, ProtocolError, UnknownWorker
+from ._errors import BrokerError, BrokerUnavailable, ConnectionLost, UnknownWorker
 from ._transport import (
     APP_ID,
     COMMAND_EXCHANGE,
@@ -90,7 +90,7 @@ class RabbitMQBroker(Broker):
         prefetch: int = 64,
         connect_timeout: float = 15.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        max_message_bytes: int = 64 << 30,
+        max_message_bytes: int = 16 << 30,
     ) -> None:
         if chunk_size < 4096:
             raise ValueError(f"chunk_size must be at least 4096 bytes, not {chunk_size}")
@@ -210,6 +210,9 @@ class RabbitMQEndpoint(Endpoint):
                         f"worker {self._serve_worker!r} is already served by another daemon "
                         f"on {self._broker.url} ({e.reply_text})"
                     ) from None
+        except pe.ChannelClosedByBroker as e:
+            _close_quietly(connection)
+            raise BrokerError(f"RabbitMQ at {self._broker.url} refused: {e.reply_text}") from None
         except BaseException:
             _close_quietly(connection)
             raise
@@ -249,11 +252,26 @@ class RabbitMQEndpoint(Endpoint):
         log.warning("%s lost its connection to %s; reconnecting", self.connection_name,
                     self._broker.url)
         _close_quietly(self._connection)
-        # Commands not yet handled come again from the broker; replies already here stay.
-        replies = [d for d in self._inbox if d.is_reply]
+        # Commands not yet handled come again from the broker, except a chunked one
+        # already whole here: only its last chunk would come again. Replies stay.
+        kept = [d for d in self._inbox if d.is_reply or isinstance(d.body, torch.Tensor)]
         self._inbox.clear()
-        self._inbox.extend(replies)
-        survived = self._open(reconnecting=True)
+        self._inbox.extend(kept)
+        # Until the broker notices our old connection is dead, it still holds our
+        # exclusive consumers: retry for a few heartbeats.
+        patience = max(30.0, 3.0 * (self._broker.heartbeat or 60))
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                survived = self._open(reconnecting=True)
+                break
+            except BrokerUnavailable:
+                raise
+            except BrokerError as e:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"{self.connection_name} cannot reconnect: {e}") from None
+                log.info("reconnect refused (%s); retrying", e)
+                time.sleep(1.0)
         self.reconnects += 1
         log.warning("%s reconnected to %s", self.connection_name, self._broker.url)
         if not survived:
@@ -263,20 +281,27 @@ class RabbitMQEndpoint(Endpoint):
             )
 
     def _guarded(self, action: Callable[[], _T]) -> _T:
-        """Run `action` under the lock; on a dead connection reopen it and retry once."""
+        """Run `action` under the lock; on a dead connection reopen it and retry once.
+
+        pika's errors do not leave this method: they become `BrokerError`s.
+        """
         with self._lock:
             if self._closed:
                 raise ConnectionLost(f"{self.connection_name} is closed")
-            if not self._connection.is_open:  # e.g. closed by the broker while we were away
-                self._reconnect()
-                return action()
             try:
-                return action()
-            except _CONNECTION_ERRORS:
-                if self._closed:
-                    raise ConnectionLost(f"{self.connection_name} is closed") from None
+                if self._connection.is_open:
+                    try:
+                        return action()
+                    except _CONNECTION_ERRORS:
+                        if self._closed:
+                            raise ConnectionLost(f"{self.connection_name} is closed") from None
+                # Dead: closed by the broker while we were away, or just now.
                 self._reconnect()
-            return action()
+                return action()
+            except (pe.UnroutableError, pe.NackError):
+                raise  # the caller names the worker
+            except pe.AMQPError as e:
+                raise BrokerError(f"{self.connection_name}: {type(e).__name__}: {e}") from None
 
     def _keep_alive(self) -> None:
         while not self._stop.wait(self._keepalive_interval()):
@@ -329,7 +354,7 @@ class RabbitMQEndpoint(Endpoint):
         try:
             index, count, total = (int(n) for n in chunk)
             return self._reassembler.add((sender, correlation_id), index, count, total, body)
-        except (ProtocolError, TypeError, ValueError) as e:
+        except Exception as e:  # hostile headers, or a size this machine cannot hold
             log.warning("dropped a chunked message %s from %r: %s", correlation_id, sender, e)
             return None
 
@@ -419,7 +444,8 @@ class RabbitMQEndpoint(Endpoint):
             if self._inbox:
                 return self._inbox.popleft()
             if time.monotonic() >= deadline:
-                self._reassembler.drop_stale()
+                with self._lock:  # pika callbacks in the keeper thread add chunks
+                    self._reassembler.drop_stale()
                 return None
 
     def _pump(self, *, blocking: bool = True, ack_all: bool = False) -> None:
@@ -446,11 +472,13 @@ class RabbitMQEndpoint(Endpoint):
         """
         if delivery.epoch != self._epoch:
             return  # from a channel that is gone; the broker has requeued it already
-        if not self._unacked_command:
-            self._oldest_unacked = time.monotonic()
-        self._unacked_command = delivery.tag
-        self._commands_since_ack += 1
-        if self._commands_since_ack >= self._ack_batch:
+        with self._lock:  # the keeper thread may be acknowledging right now
+            if not self._unacked_command:
+                self._oldest_unacked = time.monotonic()
+            self._unacked_command = delivery.tag
+            self._commands_since_ack += 1
+            due = self._commands_since_ack >= self._ack_batch
+        if due:
             self._guarded(self._ack_commands)
 
     def _ack_commands(self) -> None:
@@ -458,6 +486,18 @@ class RabbitMQEndpoint(Endpoint):
             self._channel.basic_ack(self._unacked_command, multiple=True)
             self._unacked_command = 0
             self._commands_since_ack = 0
+
+    def take_unreturnable(self) -> list[Delivery]:
+        """Remove and return the commands that closing would lose.
+
+        A command delivered but not handled goes back to its queue when the
+        connection closes, except a chunked one: its first chunks were
+        acknowledged on arrival, so only the last would come back.
+        """
+        lost = [d for d in self._inbox if not d.is_reply and isinstance(d.body, torch.Tensor)]
+        for delivery in lost:
+            self._inbox.remove(delivery)
+        return lost
 
     def ensure_worker(self, worker_id: str) -> None:
         queue = worker_queue(worker_id)

@@ -15,6 +15,8 @@ import atexit
 import itertools
 import logging
 import random
+import secrets
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +113,11 @@ class Fleet:
         self._doomed: dict[str, list[int]] = {}
         self._live: weakref.WeakSet[PointerTensor] = weakref.WeakSet()
         self._numbers = itertools.count(1)
+        # Unique per session: a worker remembers recent correlation ids to skip a
+        # command redelivered after a reconnect, and two sessions named "me" must
+        # not look alike.
+        self._prefix = f"{name}.{secrets.token_hex(4)}."
+        self._doomed_lock = threading.Lock()
         self._random = random.Random()
         self.closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -195,15 +202,17 @@ class Fleet:
         """Called when a pointer dies: its target is deleted with the next command to
         its worker (or by the next `sync`, `_objects`, or `close`)."""
         if not self.closed:
-            self._doomed.setdefault(worker_id, []).append(object_id)
+            with self._doomed_lock:  # __del__ may run in any thread
+                self._doomed.setdefault(worker_id, []).append(object_id)
 
     # -- internals ---------------------------------------------------------------
 
     def _send(self, worker_id: str, command: Command, *, keep: bool) -> str:
         if self.closed:
             raise TorchRelayError(f"{self!r} is closed")
-        correlation_id = f"{self.name}.{next(self._numbers)}"
-        garbage = self._doomed.pop(worker_id, ())
+        correlation_id = f"{self._prefix}{next(self._numbers)}"
+        with self._doomed_lock:
+            garbage = self._doomed.pop(worker_id, ())
         self._outstanding[correlation_id] = _Outstanding(worker_id, command, keep)
         try:
             frame = command.encode(garbage)
@@ -211,7 +220,8 @@ class Fleet:
         except BaseException as e:
             del self._outstanding[correlation_id]
             if garbage:  # not sent: it waits for the next ride
-                self._doomed.setdefault(worker_id, []).extend(garbage)
+                with self._doomed_lock:
+                    self._doomed.setdefault(worker_id, []).extend(garbage)
             if isinstance(e, ConnectionLost):  # raised now, for every reply it took
                 self._fail_outstanding(e, report_later=False)
             raise
@@ -220,7 +230,8 @@ class Fleet:
     def _flush_deletes(self) -> None:
         """Send every worker the garbage still waiting for a ride."""
         while self._doomed:
-            worker_id, ids = self._doomed.popitem()
+            with self._doomed_lock:
+                worker_id, ids = self._doomed.popitem()
             self._send(worker_id, Delete(ids), keep=False)
 
     def _collect(self, *, raise_errors: bool = True) -> None:

@@ -101,7 +101,7 @@ class PointerTensor:
         new_id = self.fleet.new_id()
         self.fleet.request(self.location.id, Transfer(self.id_at_location, worker.id, new_id))
         self.garbage_collect = False
-        return PointerTensor(worker, new_id, id=new_id)
+        return PointerTensor(worker, new_id)
 
     def remote_get(self) -> PointerTensor:
         """Have the worker this points at pull the data its own pointer points at."""

@@ -108,10 +108,10 @@ def test_commands_validate_every_field() -> None:
     assert isinstance(decoded, Store)
     assert decoded.provenance == ["alice"]
     assert garbage == [7, 8]
-    body = encode({"op": "x", "args": [], "kwargs": {}, "result_id": "7"}).tobytes()
+    body = encode({"op": "x", "args": [], "kwargs": {}, "result_id": "7", "hops": 0}).tobytes()
     with pytest.raises(ProtocolError, match="field 'result_id' must be an integer or nil"):
         decode_command("call", body)
-    body = encode({"op": "x", "args": [], "kwargs": {1: 2}, "result_id": None}).tobytes()
+    body = encode({"op": "x", "args": [], "kwargs": {1: 2}, "result_id": None, "hops": 0}).tobytes()
     with pytest.raises(ProtocolError, match="field 'kwargs' must be a map with string keys"):
         decode_command("call", body)
 

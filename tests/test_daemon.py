@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,9 +30,15 @@ def big_matrix(worker: tr.WorkerHandle) -> tr.PointerTensor:
     return torch.full((1, 1), 0.5).send(worker).expand(4096, 4096).contiguous()
 
 
-def slow(matrix: tr.PointerTensor) -> tr.PointerTensor:
-    """Seconds of work for the worker: four 4096x4096 matrix products."""
-    return torch.linalg.matrix_power(matrix, 16)
+def slow(matrix: tr.PointerTensor, fleet: tr.Fleet, seconds: float = 4.0) -> tr.PointerTensor:
+    """A command that keeps the worker busy for about `seconds`, whatever its speed:
+    repeated squaring of the matrix, as many times as one squaring says it takes."""
+    started = time.monotonic()
+    torch.linalg.matrix_power(matrix, 2)
+    fleet.sync()
+    one = max(time.monotonic() - started, 1e-3)
+    squarings = min(max(2, math.ceil(seconds / one)), 40)
+    return torch.linalg.matrix_power(matrix, 2**squarings)
 
 
 def queued_messages(url: str, worker_id: str) -> int:
@@ -50,7 +57,7 @@ def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
         erin = fleet.worker("erin")
         big = big_matrix(erin)
         fleet.sync()
-        power = slow(big)  # starts now, runs for seconds
+        power = slow(big, fleet)  # starts now, runs for seconds
         waiting = big.sum()  # delivered, not started: must go back to the queue
         time.sleep(0.5)
 
@@ -74,7 +81,7 @@ def test_a_long_command_does_not_cost_the_worker_its_connection(daemons_factory:
         frank = fleet.worker("frank")
         big = big_matrix(frank)
         fleet.sync()
-        power = slow(big)
+        power = slow(big, fleet)
         started = time.monotonic()
         fleet.sync()
         elapsed = time.monotonic() - started

@@ -16,6 +16,7 @@ from torchrelay.broker import (
     RETURNED,
     Frame,
     ObjectRef,
+    PointerRef,
     Reply,
     decode_reply,
     encode,
@@ -72,20 +73,22 @@ BAD_COMMANDS = {
     "unknown command": ("eval", fields(source="__import__('os')"), "unknown command 'eval'"),
     "unknown field": ("fetch", fields(id=1, path="/etc/passwd"), "unknown fields ['path']"),
     "missing field": ("call", fields(op="torch.add", args=[]), "missing fields"),
+    "self pointer": ("store", fields(id=5, value=PointerRef("bob", 5), provenance=[],
+                                     replaces_pointer=False), "cannot point at itself"),
     "wrong type": ("fetch", fields(id="1"), "field 'id' must be an integer"),
     "unknown id": ("fetch", fields(id=123456789), "no object 123456789 on worker 'bob'"),
     "os.system": ("call", fields(op="os.system", args=["echo pwned"], kwargs={},
-                                 result_id=None), "'os.system' is not on the allow-list"),
-    "eval": ("call", fields(op="builtins.eval", args=["1"], kwargs={}, result_id=None),
+                                 result_id=None, hops=0), "'os.system' is not on the allow-list"),
+    "eval": ("call", fields(op="builtins.eval", args=["1"], kwargs={}, result_id=None, hops=0),
              "not on the allow-list"),
     "torch.load": ("call", fields(op="torch.load", args=["/etc/passwd"], kwargs={},
-                                  result_id=None), "not on the allow-list"),
+                                  result_id=None, hops=0), "not on the allow-list"),
     "dunder": ("call", fields(op="Tensor.__reduce_ex__", args=[ObjectRef(1), 2], kwargs={},
-                              result_id=None), "not on the allow-list"),
+                              result_id=None, hops=0), "not on the allow-list"),
     "attribute chain": ("call", fields(op="Tensor.__class__.__subclasses__", args=[],
-                                       kwargs={}, result_id=None), "not on the allow-list"),
+                                       kwargs={}, result_id=None, hops=0), "not on the allow-list"),
     "raw memory": ("call", fields(op="Tensor.data_ptr", args=[ObjectRef(1)], kwargs={},
-                                  result_id=7), "not on the allow-list"),
+                                  result_id=7, hops=0), "not on the allow-list"),
     "shape lies": ("store", b"TRL\x01" + bytes(4), "malformed"),
     "huge shape": ("store", b"", "needs"),  # filled in below
     "deep nesting": ("store", b"", "nest"),  # filled in below
@@ -228,3 +231,43 @@ def test_a_worker_that_never_answers_times_out_naming_it(broker_url: str | None)
         if broker_url is not None:
             with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
                 connection.channel().queue_delete(worker_queue(ghost))
+
+
+def test_a_cycle_of_pointers_is_refused_not_followed_forever(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle
+) -> None:
+    at_alice, at_bob = secrets.randbits(53), secrets.randbits(53)
+    # alice's object points at bob's, which points back at alice's: no data anywhere.
+    raw_request(fleet, "alice", "store", fields(id=at_alice, value=PointerRef("bob", at_bob),
+                                                provenance=[], replaces_pointer=False))
+    raw_request(fleet, "bob", "store", fields(id=at_bob, value=PointerRef("alice", at_alice),
+                                              provenance=[], replaces_pointer=False))
+    cycle = tr.PointerTensor(alice, at_alice)
+    with pytest.raises(tr.RemoteError, match="forwarded 32 times"):
+        (cycle + 1).get()
+    del cycle  # deleting it follows the cycle once round, then stops
+    assert at_alice not in alice._objects
+    assert at_bob not in bob._objects
+
+
+def test_garbage_riding_on_a_failing_command_is_still_collected(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle
+) -> None:
+    data = torch.tensor([42.0]).send(bob)
+    data_id = data.id_at_location
+    chain = data.send(alice)
+    del data, chain  # garbage for alice, which rides with the next command to alice
+    broken = torch.ones(2).send(alice)
+    with pytest.raises(tr.RemoteError):
+        (broken + torch.ones(3)).get()
+    fleet.sync()
+    assert data_id not in bob._objects
+    broken.get()
+
+
+def test_sessions_never_share_correlation_ids(broker_url: str | None) -> None:
+    # A worker skips a redelivered command it remembers by (sender, correlation
+    # id): two sessions both named "me" must not be taken for one another.
+    with tr.connect(broker_url) as one, tr.connect(broker_url) as other:
+        assert one.name == other.name == "me"
+        assert one._prefix != other._prefix

@@ -176,7 +176,7 @@ def test_move_sends_data_from_worker_to_worker(
 
     assert old_id not in bob._objects
     assert alice._objects == {moved.id_at_location: "tensor([1, 2, 3, 4, 5])"}
-    assert repr(moved) == f"[PointerTensor | me:{moved.id} -> alice:{moved.id}]"
+    assert repr(moved) == f"[PointerTensor | me:{moved.id} -> alice:{moved.id_at_location}]"
     assert torch.equal(moved.get(), torch.tensor([1, 2, 3, 4, 5]))
 
 
@@ -191,6 +191,14 @@ def test_move_of_a_pointer_moves_the_pointer_not_the_data(
     assert not alice._objects.keys() & {chain.id_at_location}
     assert list(bob._objects) == [data_ptr.id_at_location]
     assert torch.equal(moved.get().get(), torch.tensor([7]))
+
+
+def test_a_moved_pointer_can_be_sent_on_to_its_own_worker(
+    bob: tr.WorkerHandle, alice: tr.WorkerHandle
+) -> None:
+    moved = torch.tensor([9]).send(bob).move(alice)
+    chain = moved.send(alice)  # alice stores a pointer next to the data: distinct ids
+    assert torch.equal(chain.get().get(), torch.tensor([9]))
 
 
 def test_move_to_the_same_worker_is_a_no_op(bob: tr.WorkerHandle) -> None:

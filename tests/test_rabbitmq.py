@@ -150,3 +150,30 @@ def test_a_client_reconnects_without_losing_replies(
         assert torch.equal(doubled.get(), torch.tensor([6.0]))
         assert torch.equal(pointer.get(), torch.tensor([3.0]))
         assert fleet.endpoint.reconnects == 1  # type: ignore[attr-defined]
+
+
+def test_hostile_envelopes_do_not_take_a_daemon_down(session_daemons: WorkerProcesses) -> None:
+    url = session_daemons.url
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        reply_queue = channel.queue_declare("", exclusive=True).method.queue
+        hostile = [
+            ("x" * 250, {"sender": "evil"}),  # an error reply "<type>.reply" would not fit
+            ("store", {"sender": "evil", "chunk": "nonsense"}),
+            ("store", {"sender": "evil", "chunk": [0, 1000, 1 << 60]}),  # 1 EiB, announced
+        ]
+        for kind, headers in hostile:
+            channel.basic_publish(COMMAND_EXCHANGE, "bob", b"TRL\x01\x00\x00\x00\x00",
+                                  pika.BasicProperties(type=kind, correlation_id="evil",
+                                                       reply_to=reply_queue, headers=headers))
+        method, props, _ = None, None, None
+        deadline = time.monotonic() + 10
+        while method is None and time.monotonic() < deadline:
+            method, props, _ = channel.basic_get(reply_queue, auto_ack=True)
+            time.sleep(0.05)
+        assert props is not None
+        assert props.type == "invalid.reply"
+    assert session_daemons.processes["bob"].poll() is None
+    with tr.connect(url) as fleet:
+        assert torch.equal(torch.tensor([1.0]).send(fleet.worker("bob")).get(),
+                           torch.tensor([1.0]))

@@ -101,7 +101,7 @@ def run_walkthrough(fleet: Fleet, echo: Callable[[str], None] = print) -> None:
     _check_store(cell, "bob", bob, {})
     _check_store(cell, "alice", alice, {x_ptr.id_at_location: "tensor([1, 2, 3, 4, 5])"})
     cell.show("x", x_ptr)
-    _expect(repr(x_ptr) == f"[PointerTensor | me:{x_ptr.id} -> alice:{x_ptr.id}]",
+    _expect(repr(x_ptr) == f"[PointerTensor | me:{x_ptr.id} -> alice:{x_ptr.id_at_location}]",
             f"x is {x_ptr!r}")
 
     del x_ptr  # its last pointer gone, alice's copy is garbage collected

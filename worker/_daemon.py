@@ -1,9 +1,11 @@
 """The worker daemon: one worker, served from its RabbitMQ queue until told to stop.
 
-SIGTERM or SIGINT lets the command in hand finish and be acknowledged, waits a
-little for requests still in flight down a chain, and exits 0. Commands that
-were delivered but not started return to the queue when the connection closes,
-for the next daemon with this id.
+SIGTERM or SIGINT lets the command in hand finish and be acknowledged, serves a
+little longer while commands wait on other workers down a chain, and exits 0.
+Commands that were delivered but not started return to the queue when the
+connection closes, for the next daemon with this id. A message whose handling
+fails unexpectedly is logged and acknowledged: it cannot take the worker down,
+nor come back to do it again.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from torchrelay.broker import (
     BrokerError,
-    BrokerUnavailable,
     ConnectionLost,
+    Delivery,
     RabbitMQBroker,
     RabbitMQEndpoint,
 )
@@ -69,18 +72,22 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int
     return 0
 
 
-def _serve(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime, stop: threading.Event) -> None:
+def _serve(
+    endpoint: RabbitMQEndpoint,
+    runtime: WorkerRuntime,
+    stop: threading.Event,
+    until: Callable[[], bool] = lambda: False,
+) -> None:
+    """Handle deliveries until `stop` is set (or `until()` is true)."""
     next_expiry = time.monotonic() + _POLL_SECONDS
-    while not stop.is_set():
+    while not stop.is_set() and not until():
         try:
             delivery = endpoint.receive(_POLL_SECONDS)
             if delivery is not None:
-                runtime.handle(delivery)
-                if not delivery.is_reply:
-                    endpoint.ack(delivery)
+                _handle(endpoint, runtime, delivery)
         except ConnectionLost as e:
             runtime.fail_waiting(e)
-        except BrokerUnavailable as e:
+        except BrokerError as e:
             # Keep the objects in memory and keep trying: the broker may come back.
             log.error("%s; retrying in %g s", e, _BROKER_RETRY_SECONDS)
             stop.wait(_BROKER_RETRY_SECONDS)
@@ -90,15 +97,35 @@ def _serve(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime, stop: threading.E
             next_expiry = now + _POLL_SECONDS
 
 
+def _handle(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime, delivery: Delivery) -> None:
+    try:
+        runtime.handle(delivery)
+    except (ConnectionLost, BrokerError):
+        raise
+    except Exception:
+        # A bug, or input nothing anticipated: this message must not take the
+        # worker (and every object it holds) down, nor come back to do it again.
+        log.exception("handling %s %s from %r failed", delivery.type,
+                      delivery.correlation_id, delivery.sender)
+    finally:
+        if not delivery.is_reply:
+            endpoint.ack(delivery)
+
+
 def _finish_in_flight(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime) -> None:
-    """Give requests down a chain a moment to answer; start no new command."""
+    """Let the commands parked on other workers finish, for a little while.
+
+    Deliveries keep being handled meanwhile: a chain through this worker (a
+    cycle, a `remote_get`) needs it to answer its part.
+    """
     deadline = time.monotonic() + _SHUTDOWN_GRACE_SECONDS
-    while runtime.waiting and time.monotonic() < deadline:
-        delivery = endpoint.receive(_POLL_SECONDS)
-        if delivery is not None and delivery.is_reply:
-            runtime.handle(delivery)
+    if runtime.waiting:
+        _serve(endpoint, runtime, threading.Event(),
+               until=lambda: not runtime.waiting or time.monotonic() > deadline)
     if runtime.waiting:
         log.warning("stopping with %d requests still unanswered", runtime.waiting)
+    for delivery in endpoint.take_unreturnable():
+        _handle(endpoint, runtime, delivery)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from types import CoroutineType
 from typing import Any
 
 from torchrelay.broker import (
+    COMMANDS,
     RETURNED,
     Call,
     Command,
@@ -63,6 +65,9 @@ __all__ = ["WorkerRuntime"]
 log = logging.getLogger("torchrelay.worker")
 
 _Handler = Callable[[Any, str], Any]  # a value, or a coroutine that awaits requests
+
+MAX_HOPS = 32
+"""How often a call may be forwarded down a pointer chain before it is refused."""
 
 _REMEMBERED_COMMANDS = 4096
 """Commands remembered by (sender, correlation id), so one redelivered after a
@@ -129,6 +134,7 @@ class WorkerRuntime:
         self._handled = 0
         self._failed = 0
         self._request_numbers = 0
+        self._prefix = f"{worker_id}.{secrets.token_hex(4)}."  # unique per run, as a client's
         self._random = random.Random()
         self._handlers: dict[type[Command], _Handler] = {
             Store: self._store,
@@ -167,19 +173,23 @@ class WorkerRuntime:
                         delivery.sender, e)
             if delivery.reply_to:
                 info = ErrorInfo.from_exception(e, with_traceback=False)
-                self._send_reply(delivery.reply_to, delivery.type, delivery.correlation_id,
+                # Never echo an unknown type: it is the sender's text, of any length.
+                name = delivery.type if delivery.type in COMMANDS else "invalid"
+                self._send_reply(delivery.reply_to, name, delivery.correlation_id,
                                  Reply(error=info).encode())
             return
         reply_to, correlation_id = delivery.reply_to, delivery.correlation_id
+        # Garbage first; only its pointers' targets on other workers need waiting for.
+        targets = self._discard(garbage) if garbage else None
         try:
-            # Garbage first; only its pointers' targets on other workers need waiting for.
-            targets = self._discard(garbage) if garbage else None
             outcome = self._handlers[type(command)](command, delivery.sender)
-            if targets:
-                outcome = self._then_delete(outcome, targets)
         except Exception as e:
+            for location, ids in (targets or {}).items():
+                self._tell(location, Delete(ids))
             self._finish(command, reply_to, correlation_id, None, e)
             return
+        if targets:
+            outcome = self._then_delete(outcome, targets)
         if type(outcome) is CoroutineType:  # it waits for another worker
             self._advance(_Task(outcome, command, reply_to, correlation_id), None, None)
         else:
@@ -286,7 +296,7 @@ class WorkerRuntime:
 
     def _next_correlation_id(self) -> str:
         self._request_numbers += 1
-        return f"{self.id}.{self._request_numbers}"
+        return f"{self._prefix}{self._request_numbers}"
 
     def _new_id(self) -> int:
         return new_object_id(self._random)
@@ -294,6 +304,11 @@ class WorkerRuntime:
     # -- commands --------------------------------------------------------------
 
     def _store(self, command: Store, sender: str) -> None:
+        value = command.value
+        if type(value) is PointerRef and value.location == self.id and (
+            value.id_at_location == command.id
+        ):
+            raise ProtocolError(f"object {command.id} on worker {self.id!r} cannot point at itself")
         provenance = frozenset(command.provenance) | {sender}
         if not command.replaces_pointer:
             self.store.put(command.id, command.value, provenance)
@@ -336,14 +351,17 @@ class WorkerRuntime:
         return targets
 
     async def _then_delete(self, outcome: Any, targets: dict[str, list[int]]) -> Any:
-        """Finish `outcome`, then have pointed-at objects deleted down their chains."""
-        if type(outcome) is CoroutineType:
-            outcome = await outcome
-        for location, ids in targets.items():
-            try:
-                await self._ask(location, Delete(ids))
-            except TorchRelayError as e:  # the worker down the chain is gone: so is its object
-                log.warning("deleting objects on %s failed: %s", location, e)
+        """Finish `outcome`, then (even if it failed) have pointed-at objects deleted
+        down their chains."""
+        try:
+            if type(outcome) is CoroutineType:
+                outcome = await outcome
+        finally:
+            for location, ids in targets.items():
+                try:
+                    await self._ask(location, Delete(ids))
+                except TorchRelayError as e:  # the worker down the chain is gone, and its object
+                    log.warning("deleting objects on %s failed: %s", location, e)
         return outcome
 
     def _call(self, command: Call, sender: str) -> Any:
@@ -362,8 +380,13 @@ class WorkerRuntime:
         self, command: Call, location: str, args: list[Any], kwargs: dict[str, Any]
     ) -> None:
         """Every object argument is a pointer to `location`: the call runs there."""
+        if command.hops >= MAX_HOPS:
+            raise OperationRefused(
+                f"call {command.op} has been forwarded {command.hops} times: a pointer chain "
+                f"that long is a cycle of pointers with no data at its end"
+            )
         remote_result = None if command.result_id is None else self._new_id()
-        forwarded = Call(command.op, args, kwargs, remote_result)
+        forwarded = Call(command.op, args, kwargs, remote_result, command.hops + 1)
         if command.result_id is not None:
             # Stored before the answer, so later commands on it queue up behind this one.
             assert remote_result is not None
@@ -373,6 +396,10 @@ class WorkerRuntime:
         except BaseException:
             if command.result_id is not None:
                 self.store.discard(command.result_id)
+                # If the call does run there after all (we gave up waiting), its
+                # result has no owner: have it deleted right behind it.
+                assert remote_result is not None
+                self._tell(location, Delete([remote_result]))
             raise
 
     async def _transfer(self, command: Transfer, sender: str) -> None:
@@ -418,6 +445,14 @@ class WorkerRuntime:
 
     def _ask(self, worker_id: str, command: Command, *, confirm: bool = False) -> _Request:
         return _Request(worker_id, command, confirm)
+
+    def _tell(self, worker_id: str, command: Command) -> None:
+        """Send `command` without waiting for its reply (dropped as a late one)."""
+        try:
+            self.endpoint.send_command(worker_id, command.name, command.encode(),
+                                       self._next_correlation_id())
+        except TorchRelayError as e:
+            log.warning("could not send %s to %s: %s", command.describe(), worker_id, e)
 
 
 class _ArgumentResolver:
