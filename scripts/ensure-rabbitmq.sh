@@ -44,7 +44,13 @@ if ! answers "$host" "$port"; then
   fi
   echo "Starting RabbitMQ ..."
   as_root rabbitmq-server -detached
-  as_root rabbitmqctl await_startup --timeout 120
+  # -detached returns before the node is reachable, even for rabbitmqctl: poll.
+  for _ in $(seq 1 240); do
+    answers "$host" "$port" && break
+    sleep 0.5
+  done
+  answers "$host" "$port" || { echo "RabbitMQ did not start within 2 minutes" >&2; exit 1; }
+  as_root rabbitmqctl await_startup --timeout 120 >/dev/null
 fi
 
 if ! management_answers; then
