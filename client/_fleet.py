@@ -18,7 +18,6 @@ import random
 import secrets
 import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
 
 log = logging.getLogger("torchrelay.client")
-
-_MISSING = object()
-
 
 class ObjectDescription(str):
     """A stored object's description; its repr is the text itself, as in a notebook."""
@@ -296,9 +292,6 @@ class Fleet:
         for other in others:
             first.add_note(f"also: {other}")
         raise first
-
-    def workers(self) -> Iterator[WorkerHandle]:
-        return iter(self._workers.values())
 
 
 def _close_at_exit(ref: weakref.ref[Fleet]) -> None:

@@ -25,10 +25,6 @@ class StoredObject:
     value: Any
     provenance: frozenset[str] = frozenset()
 
-    @property
-    def is_pointer(self) -> bool:
-        return type(self.value) is PointerRef
-
 
 class ObjectStore:
     """The objects of the worker named `owner`."""
