@@ -19,6 +19,12 @@ sends heartbeats and queues incoming deliveries, nothing more) whenever the
 owner is busy elsewhere — computing a long command, or a client script doing
 local work — so the broker never takes a busy participant for a dead one. A
 lock makes the two take turns; on the hot path it is uncontended.
+
+Cost per message is pika's, and kept there: acknowledgements of executed
+commands and of replies go out in batches (a command redelivered after a lost
+acknowledgement is recognised and skipped by the worker), one properties object
+is refilled for every publish, and one standing timer bounds every wait.
+Messages over the chunk size travel in chunks (`_chunks.py`).
 """
 
 from __future__ import annotations
