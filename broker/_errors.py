@@ -10,6 +10,7 @@
     ├── ProtocolError               bytes that are not a valid torchrelay message
     │   └── DecodeError             ... raised while decoding them
     ├── OperationRefused            an operation outside the allow-list
+    ├── EarlierFailure              not run: an earlier command of the session failed
     ├── ObjectNotFound              no object under that id on that worker
     └── RemoteError                 a worker failed; carries the remote type and traceback
 
@@ -25,6 +26,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConnectionLost",
     "DecodeError",
+    "EarlierFailure",
     "ObjectNotFound",
     "OperationRefused",
     "ProtocolError",
@@ -85,6 +87,14 @@ class DecodeError(ProtocolError, ValueError):
 
 class OperationRefused(TorchRelayError, PermissionError):
     """The operation is not on the worker's allow-list."""
+
+
+class EarlierFailure(TorchRelayError):
+    """A command refused because an earlier one of the same session failed first.
+
+    Workers refuse a command the client waits for (`Envelope.guard`) rather than
+    run it behind a failure the client has not been told about yet.
+    """
 
 
 class ObjectNotFound(TorchRelayError, KeyError):

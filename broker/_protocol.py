@@ -1,177 +1,334 @@
-"""The commands a worker understands and the replies it sends, as frozen dataclasses.
+"""The commands a worker understands and the replies it sends.
 
-Pure data and pure functions, no I/O. A command travels as a message whose type
-is the command's name and whose body is the codec's encoding of its fields; a
-reply carries either `{"ok": value}` or `{"error": [type, message, traceback]}`.
-
-`decode_command` validates every field, so a handler can trust what it gets:
+Pure data and pure functions, no I/O. Each command is declared once, as a class
+decorated with `@command(name)`: its annotated fields are at once the dataclass,
+the wire schema and the validation. `encode` walks those fields, `decode_command`
+checks every one of them against its annotation — type, and for the annotated
+aliases below the range or length too — so a handler can trust what it gets, and
 malformed or hostile input becomes one `ProtocolError` naming what was wrong.
+Adding a command is its declaration plus its handler.
+
+A command travels as a message whose type is the command's name and whose body
+is the codec's encoding of a map: the command's fields, plus the `Envelope`
+fields that may ride along with any command. A reply carries either
+`{"ok": value}` or `{"error": [type, message, traceback]}`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Final, TypeVar, dataclass_transform
 
 from ._codec import Body, Frame, decode, encode
 from ._errors import DecodeError, ProtocolError, RemoteError
 
 __all__ = [
     "COMMANDS",
+    "MAX_HOPS",
     "Call",
     "Command",
     "Delete",
     "Describe",
+    "Envelope",
     "ErrorInfo",
     "Fetch",
+    "Meta",
+    "ObjectId",
     "Pull",
     "Reply",
     "Status",
     "Store",
     "Transfer",
+    "WorkerId",
+    "command",
     "decode_command",
     "decode_reply",
+    "session_and_number",
 ]
 
-_Check = Callable[[Any], bool]
-
-GARBAGE = "garbage"
-"""Optional field of every command: ids of dead pointers' targets, deleted first.
-Garbage collection rides along with the next command to the same worker instead
-of costing a message of its own."""
+# -- constrained field types ----------------------------------------------------------
 
 
-def _int(v: Any) -> bool:
-    return type(v) is int
+@dataclass(frozen=True, slots=True)
+class Range:
+    """An integer field's inclusive bounds."""
+
+    low: int
+    high: int
 
 
-def _opt_int(v: Any) -> bool:
-    return v is None or type(v) is int
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A string field's length bounds, and optionally the pattern it must match."""
+
+    max_length: int
+    pattern: str | None = None
+    meaning: str = ""
 
 
-def _str(v: Any) -> bool:
-    return type(v) is str and 0 < len(v) <= 255
+MAX_OBJECT_ID: Final = (1 << 53) - 1
+"""Ids are 53-bit: exact as JSON numbers, so monitoring tools show them faithfully."""
+
+MAX_HOPS: Final = 32
+"""How often a call may be forwarded down a pointer chain before it is refused."""
+
+ObjectId = Annotated[int, Range(0, MAX_OBJECT_ID)]
+Hops = Annotated[int, Range(0, MAX_HOPS)]
+Sequence = Annotated[int, Range(0, (1 << 63) - 1)]
+OpName = Annotated[str, Text(255)]
+WorkerId = Annotated[
+    str,
+    Text(128, r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '.' or '-'"),
+]
+Identity = Annotated[str, Text(255)]
 
 
-def _bool(v: Any) -> bool:
-    return type(v) is bool
+# -- validators derived from annotations --------------------------------------------------
 
 
-def _any(v: Any) -> bool:
-    return True
+@dataclass(frozen=True, slots=True)
+class _Validator:
+    check: Callable[[Any], bool]
+    expected: str
 
 
-def _ints(v: Any) -> bool:
-    return type(v) is list and all(type(i) is int for i in v)
+def _validator(annotation: Any) -> _Validator:
+    """How to check a decoded value against a field's annotation."""
+    if annotation is Any:
+        return _Validator(lambda v: True, "any value")
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        return _constrained(args[0], args[1:])
+    if annotation is int:
+        return _constrained(int, (Range(-(1 << 63), (1 << 63) - 1),))
+    if annotation is str:
+        return _constrained(str, (Text(255),))
+    if annotation is bool:
+        return _Validator(lambda v: type(v) is bool, "a boolean")
+    if origin is list:
+        (item,) = args
+        if item is Any:
+            return _Validator(lambda v: type(v) is list, "a list")
+        inner = _validator(item).check
+        return _Validator(
+            lambda v: type(v) is list and all(inner(i) for i in v),
+            f"a list of {_validator(item).expected}",
+        )
+    if origin is dict and args == (str, Any):
+        return _Validator(
+            lambda v: type(v) is dict and all(type(k) is str for k in v), "a map with string keys"
+        )
+    if origin in (typing.Union, _UNION_TYPE) and len(args) == 2 and type(None) in args:
+        (inner_type,) = [a for a in args if a is not type(None)]
+        inner_validator = _validator(inner_type)
+        check = inner_validator.check
+        return _Validator(lambda v: v is None or check(v), f"{inner_validator.expected} or nil")
+    raise TypeError(f"no wire validation for fields annotated {annotation!r}")
 
 
-def _strs(v: Any) -> bool:
-    return type(v) is list and all(_str(s) for s in v)
+_UNION_TYPE = type(int | None)
 
 
-def _list(v: Any) -> bool:
-    return type(v) is list
+def _constrained(base: type, constraints: tuple[Any, ...]) -> _Validator:
+    (constraint,) = constraints
+    if base is int and isinstance(constraint, Range):
+        low, high = constraint.low, constraint.high
+        return _Validator(
+            lambda v: type(v) is int and low <= v <= high, f"an integer from {low} to {high}"
+        )
+    if base is str and isinstance(constraint, Text):
+        longest = constraint.max_length
+        if constraint.pattern is None:
+            return _Validator(
+                lambda v: type(v) is str and 0 < len(v) <= longest,
+                f"a non-empty string of at most {longest} characters",
+            )
+        matches = re.compile(constraint.pattern).fullmatch
+        return _Validator(
+            lambda v: type(v) is str and 0 < len(v) <= longest and matches(v) is not None,
+            f"1 to {longest} {constraint.meaning}",
+        )
+    raise TypeError(f"no wire validation for {base.__name__} with {constraint!r}")
 
 
-def _kwargs(v: Any) -> bool:
-    return type(v) is dict and all(type(k) is str for k in v)
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    validator: _Validator
+    required: bool
 
 
-_CHECK_NAMES: dict[_Check, str] = {
-    _int: "an integer",
-    _opt_int: "an integer or nil",
-    _str: "a non-empty string of at most 255 characters",
-    _bool: "a boolean",
-    _ints: "a list of integers",
-    _strs: "a list of strings",
-    _list: "a list",
-    _kwargs: "a map with string keys",
-}
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    """The wire form of one declared class: its fields, in declaration order."""
+
+    owner: str
+    fields: tuple[_Field, ...]
+    names: frozenset[str]
+
+    @classmethod
+    def of(cls, owner: str, declared: type) -> _Schema:
+        hints = typing.get_type_hints(declared, include_extras=True)
+        fields = tuple(
+            _Field(
+                f.name,
+                _validator(hints[f.name]),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(declared)
+        )
+        return cls(owner, fields, frozenset(f.name for f in fields))
+
+    def validate(self, values: dict[Any, Any]) -> None:
+        """Raise `ProtocolError` unless `values` holds exactly valid fields of this schema."""
+        if not values.keys() <= self.names:
+            unknown = sorted(str(k) for k in values.keys() - self.names)
+            raise ProtocolError(f"{self.owner}: unknown fields {unknown}")
+        for f in self.fields:
+            if f.name in values:
+                value = values[f.name]
+                if not f.validator.check(value):
+                    raise ProtocolError(
+                        f"{self.owner}: field {f.name!r} must be {f.validator.expected}, "
+                        f"got {_shown(value)}"
+                    )
+            elif f.required:
+                missing = sorted(f.name for f in self.fields if f.required and f.name not in values)
+                raise ProtocolError(f"{self.owner}: missing fields {missing}")
+
+
+def _shown(value: Any) -> str:
+    """A value named in an error: its type, and short scalars themselves."""
+    if type(value) in (int, bool) or (type(value) is str and len(value) <= 40):
+        return f"{type(value).__name__} {value!r}"
+    return type(value).__name__
+
+
+# -- commands -------------------------------------------------------------------------------
 
 
 class Command:
-    """Base of every command; subclasses are frozen dataclasses."""
+    """Base of every command. Subclasses are declared with `@command(name)`."""
 
+    __slots__ = ()
     name: ClassVar[str]
-    schema: ClassVar[Mapping[str, _Check]]
+    _schema: ClassVar[_Schema]
+    _names: ClassVar[tuple[str, ...]]
 
-    def encode(self, garbage: Sequence[int] = ()) -> Frame:
-        """The message body; `garbage` lists objects to delete before the command runs."""
-        fields = {key: getattr(self, key) for key in self.schema}
-        if garbage:
-            fields[GARBAGE] = list(garbage)
-        return encode(fields)
+    def encode(self, envelope: Envelope | None = None) -> Frame:
+        """The message body, with `envelope` riding along."""
+        values = {key: getattr(self, key) for key in self._names}
+        if envelope is not None:
+            if envelope.garbage:
+                values["garbage"] = envelope.garbage
+            if envelope.guard is not None:
+                values["guard"] = envelope.guard
+        return encode(values)
 
     def describe(self) -> str:
         """A short human-readable description, for error messages."""
         return self.name
 
 
+COMMANDS: dict[str, type[Command]] = {}
+"""Every command by its wire name."""
+
+_C = TypeVar("_C", bound=type[Command])
+
+
+@dataclass_transform(frozen_default=True)
+def command(name: str) -> Callable[[_C], _C]:
+    """Declare a command: a frozen dataclass whose annotations are its wire schema."""
+
+    def declare(cls: _C) -> _C:
+        if name in COMMANDS:
+            raise TypeError(f"command {name!r} is declared twice")
+        cls.name = name
+        made = typing.cast(_C, dataclass(frozen=True, slots=True)(cls))
+        made._schema = _Schema.of(name, made)
+        made._names = tuple(f.name for f in made._schema.fields)
+        clash = made._schema.names & _ENVELOPE.names
+        if clash:
+            raise TypeError(f"command {name!r} uses the envelope's field names {sorted(clash)}")
+        COMMANDS[name] = made
+        return made
+
+    return declare
+
+
 @dataclass(frozen=True, slots=True)
+class Envelope:
+    """What may ride along with any command.
+
+    `garbage`: ids of dead pointers' targets, deleted before the command runs, so
+    garbage collection costs no message of its own.
+
+    `guard`: set on a command the client waits for when it was published right
+    behind commands whose replies have not come back yet. It is the sequence
+    number (see `session_and_number`) of the oldest of them: if any command of
+    the same session from that one on failed on this worker, the guarded command
+    is refused instead of run, so that a destructive call (a `get`, a move) never
+    runs behind a failure its caller has not yet been told about.
+    """
+
+    garbage: list[ObjectId] = field(default_factory=list)
+    guard: Sequence | None = None
+
+
+_ENVELOPE: Final = _Schema.of("envelope", Envelope)
+_NO_ENVELOPE: Final = Envelope()
+
+
+@command("store")
 class Store(Command):
     """Store `value` under `id`. With `replaces_pointer`, the id must hold a pointer
     to the sender's object (the end of a `Pull`), which the value replaces."""
 
-    name: ClassVar[str] = "store"
-    schema: ClassVar[Mapping[str, _Check]] = {
-        "id": _int,
-        "value": _any,
-        "provenance": _strs,
-        "replaces_pointer": _bool,
-    }
-    id: int
+    id: ObjectId
     value: Any
-    provenance: list[str] = field(default_factory=list)
+    provenance: list[Identity] = field(default_factory=list)
     replaces_pointer: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@command("fetch")
 class Fetch(Command):
     """Return the object under `id` and remove it (`.get()`)."""
 
-    name: ClassVar[str] = "fetch"
-    schema: ClassVar[Mapping[str, _Check]] = {"id": _int}
-    id: int
+    id: ObjectId
 
 
-@dataclass(frozen=True, slots=True)
+@command("delete")
 class Delete(Command):
     """Delete objects; pointers among them delete their targets too."""
 
-    name: ClassVar[str] = "delete"
-    schema: ClassVar[Mapping[str, _Check]] = {"ids": _ints}
-    ids: list[int]
+    ids: list[ObjectId]
 
 
-@dataclass(frozen=True, slots=True)
+@command("call")
 class Call(Command):
     """Run the allow-listed operation `op` and store its result under `result_id`.
 
-    Arguments may hold `ObjectRef`s to objects on the receiving worker.
+    Arguments may hold `ObjectRef`s to objects on the receiving worker. `hops`
+    counts the workers that forwarded it so far (a bound on cycles of pointers).
     """
 
-    name: ClassVar[str] = "call"
-    schema: ClassVar[Mapping[str, _Check]] = {
-        "op": _str,
-        "args": _list,
-        "kwargs": _kwargs,
-        "result_id": _opt_int,
-        "hops": _int,
-    }
-    op: str
+    op: OpName
     args: list[Any]
     kwargs: dict[str, Any]
-    result_id: int | None
-    hops: int = 0
-    """How many workers forwarded it so far (a bound on cycles of pointers)."""
+    result_id: ObjectId | None
+    hops: Hops = 0
 
     def describe(self) -> str:
         return f"call {self.op}"
 
 
-@dataclass(frozen=True, slots=True)
+@command("transfer")
 class Transfer(Command):
     """Send the object under `id` to `destination` (stored there as `destination_id`).
 
@@ -180,17 +337,9 @@ class Transfer(Command):
     `replaces_pointer` is passed on to the destination's `Store`.
     """
 
-    name: ClassVar[str] = "transfer"
-    schema: ClassVar[Mapping[str, _Check]] = {
-        "id": _int,
-        "destination": _str,
-        "destination_id": _int,
-        "keep_pointer": _bool,
-        "replaces_pointer": _bool,
-    }
-    id: int
-    destination: str
-    destination_id: int
+    id: ObjectId
+    destination: WorkerId
+    destination_id: ObjectId
     keep_pointer: bool = False
     replaces_pointer: bool = False
 
@@ -198,62 +347,65 @@ class Transfer(Command):
         return f"transfer to {self.destination}"
 
 
-@dataclass(frozen=True, slots=True)
+@command("pull")
 class Pull(Command):
     """The object under `id` is a pointer: fetch its target here (`remote_get`)."""
 
-    name: ClassVar[str] = "pull"
-    schema: ClassVar[Mapping[str, _Check]] = {"id": _int}
-    id: int
+    id: ObjectId
 
 
-@dataclass(frozen=True, slots=True)
+@command("meta")
+class Meta(Command):
+    """Return `[dtype, shape, requires_grad]` of the tensor under `id`, wherever
+    down a chain of pointers it is: what a tensor shows without its values."""
+
+    id: ObjectId
+    hops: Hops = 0
+
+
+@command("describe")
 class Describe(Command):
     """Return `{id: short description}` of every stored object."""
 
-    name: ClassVar[str] = "describe"
-    schema: ClassVar[Mapping[str, _Check]] = {}
 
-
-@dataclass(frozen=True, slots=True)
+@command("status")
 class Status(Command):
     """Return the worker's health and counters."""
 
-    name: ClassVar[str] = "status"
-    schema: ClassVar[Mapping[str, _Check]] = {}
 
-
-COMMANDS: dict[str, type[Command]] = {
-    cls.name: cls for cls in (Store, Fetch, Delete, Call, Transfer, Pull, Describe, Status)
-}
-
-
-def decode_command(name: str, body: Body) -> tuple[Command, list[int]]:
-    """Decode and validate a command and the garbage sent with it.
+def decode_command(name: str, body: Body) -> tuple[Command, Envelope]:
+    """Decode and validate a command and its envelope.
 
     Raises `ProtocolError` naming what was wrong.
     """
     cls = COMMANDS.get(name)
     if cls is None:
         raise ProtocolError(f"unknown command {name!r}; known commands: {', '.join(COMMANDS)}")
-    fields = decode(body)
-    if type(fields) is not dict:
-        raise DecodeError(f"{name}: the body must be a map of fields, not {type(fields).__name__}")
-    garbage = fields.pop(GARBAGE, [])
-    if not _ints(garbage):
-        raise ProtocolError(f"{name}: field {GARBAGE!r} must be {_CHECK_NAMES[_ints]}")
-    schema = cls.schema
-    if fields.keys() != schema.keys():
-        unknown = sorted(map(str, fields.keys() - schema.keys()))
-        missing = sorted(schema.keys() - fields.keys())
-        raise ProtocolError(f"{name}: unknown fields {unknown}, missing fields {missing}")
-    for key, check in schema.items():
-        if not check(fields[key]):
-            raise ProtocolError(
-                f"{name}: field {key!r} must be {_CHECK_NAMES[check]}, "
-                f"got {type(fields[key]).__name__}"
-            )
-    return cls(**fields), garbage
+    values = decode(body)
+    if type(values) is not dict:
+        raise DecodeError(f"{name}: the body must be a map of fields, not {type(values).__name__}")
+    envelope = _NO_ENVELOPE
+    if "garbage" in values or "guard" in values:
+        carried = {key: values.pop(key) for key in ("garbage", "guard") if key in values}
+        _ENVELOPE.validate(carried)
+        envelope = Envelope(**carried)
+    cls._schema.validate(values)
+    return cls(**values), envelope
+
+
+def session_and_number(correlation_id: str) -> tuple[str, int] | None:
+    """A correlation id `<session>.<number>` split in two; None if it is not of that form.
+
+    Every participant numbers its commands within a session of its own, so a
+    worker can tell how a command stands relative to others of the same session.
+    """
+    session, _, number = correlation_id.rpartition(".")
+    if not session or not number.isdecimal() or len(number) > 18:
+        return None
+    return session, int(number)
+
+
+# -- replies --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,19 +447,19 @@ class Reply:
         return encode({"error": [e.type, e.message, e.traceback]})
 
 
-_OK_NONE = encode({"ok": None})
-_OK_NONE_BYTES = _OK_NONE.tobytes()
-_NOTHING = Reply()
+_OK_NONE: Final = encode({"ok": None})
+_OK_NONE_BYTES: Final = _OK_NONE.tobytes()
+_NOTHING: Final = Reply()
 
 
 def decode_reply(body: Body) -> Reply:
     if type(body) is bytes and body == _OK_NONE_BYTES:
         return _NOTHING
-    fields = decode(body)
-    if type(fields) is dict and len(fields) == 1:
-        if "ok" in fields:
-            return Reply(fields["ok"])
-        error = fields.get("error")
+    values = decode(body)
+    if type(values) is dict and len(values) == 1:
+        if "ok" in values:
+            return Reply(values["ok"])
+        error = values.get("error")
         if type(error) is list and len(error) == 3 and all(type(s) is str for s in error):
             return Reply(error=ErrorInfo(*error))
     raise ProtocolError("a reply must be {'ok': value} or {'error': [type, message, traceback]}")

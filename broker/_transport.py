@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ._codec import Body, Frame
 
@@ -46,8 +46,10 @@ class Delivery:
     """One received message.
 
     `is_reply` tells a reply (from the endpoint's reply queue) from a command
-    (from the worker queue it serves). `tag` and `epoch` are the transport's handle
-    for `ack`.
+    (from the worker queue it serves). `chunked` says the message arrived in
+    chunks and was reassembled here: its first chunks were acknowledged on
+    arrival, so if it is not handled here it cannot come back from the broker.
+    `tag` and `epoch` are the transport's handle for `ack`.
     """
 
     is_reply: bool
@@ -60,6 +62,7 @@ class Delivery:
     redelivered: bool = False
     epoch: int = 0
     """Which connection of the endpoint received it; an ack must use the same one."""
+    chunked: bool = False
 
 
 class Endpoint(ABC):
@@ -109,6 +112,18 @@ class Endpoint(ABC):
         Only an in-process broker can know this; a networked one never claims it.
         """
         return False
+
+    def take_unreturnable(self) -> list[Delivery]:
+        """Remove and return the received commands that closing would lose.
+
+        A command delivered but not handled goes back to its queue when the
+        endpoint closes, except one that arrived in chunks (`Delivery.chunked`).
+        """
+        return []
+
+    def stats(self) -> dict[str, Any]:
+        """Transport facts for a worker's status (connection name, reconnects...)."""
+        return {}
 
     @abstractmethod
     def close(self) -> None:

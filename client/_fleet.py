@@ -1,12 +1,20 @@
 """A client's session: one broker connection, handles to workers, replies in flight.
 
 Commands that need no answer (operations on pointers, sends, deletes) are
-pipelined: published at once, their replies collected later. Every call that
-waits — `get`, `_objects`, `sync`, a move — first collects every reply still
-outstanding, so it observes all that was issued before it, and raises the first
-error among them, naming the operation that failed. A worker replies only once a
-command's effects have happened down the whole chain, so "all replies in" means
-"every worker is up to date".
+pipelined: published at once, their replies collected later. A call that waits
+(`get`, `move`, `_objects`, `.shape`...) returns only once every reply still
+outstanding is in, so it observes all that was issued before it, and raises the
+first error among them, naming the operation that failed. A worker replies only
+once a command's effects have happened down the whole chain, so "all replies
+in" means "every worker is up to date".
+
+A wait costs one broker round trip. When every command still in flight went to
+the same worker and settles there in order (no pointer chain to forward it down),
+the awaited command is published right behind them: the worker runs its queue in
+order, so it sees their effects. It carries a guard (`Envelope.guard`): should
+one of them fail, the worker refuses it instead of running it behind a failure
+the client has not heard of, so a `get` never destroys what it fetched. In every
+other case the client first collects what is in flight, then publishes.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torchrelay.broker import (
     ConnectionLost,
     Delete,
     Describe,
+    Envelope,
     ProtocolError,
     ReplyTimeout,
     Status,
@@ -81,7 +90,12 @@ class WorkerHandle:
 class _Outstanding:
     worker_id: str
     command: Command
-    keep: bool  # the caller will collect the value
+    number: int
+    keep: bool
+    """The caller will collect the value."""
+    settles: bool
+    """Its outcome is known on its worker before the worker starts the next command
+    (it is not forwarded down a chain of pointers)."""
 
 
 class Fleet:
@@ -103,7 +117,9 @@ class Fleet:
         self._owns_broker = owns_broker
         self.endpoint = broker.connect(name)
         self._workers: dict[str, WorkerHandle] = {}
-        self._outstanding: dict[str, _Outstanding] = {}
+        self._outstanding: dict[str, _Outstanding] = {}  # in the order sent
+        self._unsettled = 0  # outstanding commands that do not settle in order
+        self._outstanding_to: dict[str, int] = {}  # worker id -> outstanding commands to it
         self._results: dict[str, Any] = {}
         self._errors: list[TorchRelayError] = []
         self._doomed: dict[str, list[int]] = {}
@@ -115,6 +131,9 @@ class Fleet:
         self._prefix = f"{name}.{secrets.token_hex(4)}."
         self._doomed_lock = threading.Lock()
         self._random = random.Random()
+        self.meta_epoch = 0
+        """Bumped by operations that may change a tensor's metadata: pointers' caches
+        of it are valid for one epoch."""
         self.closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -169,27 +188,44 @@ class Fleet:
     def new_id(self) -> int:
         return new_object_id(self._random)
 
-    def post(self, worker_id: str, command: Command) -> None:
-        """Publish `command`; its reply is collected by the next call that waits."""
-        self._send(worker_id, command, keep=False)
+    def post(self, worker_id: str, command: Command, *, settles: bool = True) -> None:
+        """Publish `command`; its reply is collected by the next call that waits.
+
+        `settles`: its outcome is known on `worker_id` before the worker starts its
+        next command (false for a call forwarded down a chain of pointers).
+        """
+        self._send(worker_id, command, keep=False, settles=settles)
         if not self.pipelined:
             self._collect()
 
     def request(self, worker_id: str, command: Command, *, show_garbage: bool = False) -> Any:
-        """Publish `command` after everything before it took effect; return its reply.
+        """Publish `command` and return its reply, once everything before it took effect.
 
         With `show_garbage`, every worker first deletes what dead pointers owned,
         for commands that show a store.
         """
+        guard = None
         if show_garbage:
             self._flush_deletes()
-        self.sync()
-        correlation_id = self._send(worker_id, command, keep=True)
+            self._collect()  # deletes down chains finish after their own replies
+        elif self._outstanding:
+            if self._may_overtake(worker_id):
+                guard = next(iter(self._outstanding.values())).number
+            else:
+                self._collect()
+        correlation_id = self._send(worker_id, command, keep=True, settles=True, guard=guard)
         self._collect(raise_errors=False)
         result = self._results.pop(correlation_id)
+        self._raise_errors()  # an earlier failure first: the reason this one was refused
         if isinstance(result, TorchRelayError):
             raise result
         return result
+
+    def _may_overtake(self, worker_id: str) -> bool:
+        """Whether a command to `worker_id` may be published behind those in flight."""
+        return not self._unsettled and (
+            self._outstanding_to.get(worker_id, 0) == len(self._outstanding)
+        )
 
     def track(self, pointer: PointerTensor) -> None:
         self._live.add(pointer)
@@ -203,18 +239,31 @@ class Fleet:
 
     # -- internals ---------------------------------------------------------------
 
-    def _send(self, worker_id: str, command: Command, *, keep: bool) -> str:
+    def _send(
+        self,
+        worker_id: str,
+        command: Command,
+        *,
+        keep: bool,
+        settles: bool,
+        guard: int | None = None,
+    ) -> str:
         if self.closed:
             raise TorchRelayError(f"{self!r} is closed")
-        correlation_id = f"{self._prefix}{next(self._numbers)}"
+        number = next(self._numbers)
+        correlation_id = f"{self._prefix}{number}"
         with self._doomed_lock:
             garbage = self._doomed.pop(worker_id, ())
-        self._outstanding[correlation_id] = _Outstanding(worker_id, command, keep)
+        self._outstanding[correlation_id] = _Outstanding(worker_id, command, number, keep, settles)
+        self._outstanding_to[worker_id] = self._outstanding_to.get(worker_id, 0) + 1
+        if not settles:
+            self._unsettled += 1
         try:
-            frame = command.encode(garbage)
+            envelope = _PLAIN if not garbage and guard is None else Envelope(list(garbage), guard)
+            frame = command.encode(envelope)
             self.endpoint.send_command(worker_id, command.name, frame, correlation_id)
         except BaseException as e:
-            del self._outstanding[correlation_id]
+            self._forget(correlation_id)
             if garbage:  # not sent: it waits for the next ride
                 with self._doomed_lock:
                     self._doomed.setdefault(worker_id, []).extend(garbage)
@@ -223,12 +272,20 @@ class Fleet:
             raise
         return correlation_id
 
+    def _forget(self, correlation_id: str) -> _Outstanding | None:
+        entry = self._outstanding.pop(correlation_id, None)
+        if entry is not None:
+            self._outstanding_to[entry.worker_id] -= 1
+            if not entry.settles:
+                self._unsettled -= 1
+        return entry
+
     def _flush_deletes(self) -> None:
         """Send every worker the garbage still waiting for a ride."""
         while self._doomed:
             with self._doomed_lock:
                 worker_id, ids = self._doomed.popitem()
-            self._send(worker_id, Delete(ids), keep=False)
+            self._send(worker_id, Delete(ids), keep=False, settles=False)
 
     def _collect(self, *, raise_errors: bool = True) -> None:
         """Receive replies until none is outstanding."""
@@ -244,8 +301,10 @@ class Fleet:
             if delivery is None:  # nothing at all arrived for `timeout` seconds
                 self._time_out()
                 break
-            entry = outstanding.pop(delivery.correlation_id, None)
-            if entry is None or not delivery.is_reply:
+            if not delivery.is_reply:
+                continue
+            entry = self._forget(delivery.correlation_id)
+            if entry is None:
                 continue  # a late reply to a request that already timed out
             self._record(delivery.correlation_id, entry, delivery.type, delivery.body)
         if raise_errors:
@@ -283,15 +342,23 @@ class Fleet:
         if report_later and not all(entry.keep for entry in self._outstanding.values()):
             self._errors.append(error)
         self._outstanding.clear()
+        self._outstanding_to.clear()
+        self._unsettled = 0
 
     def _raise_errors(self) -> None:
         if not self._errors:
             return
         first, *others = self._errors
         self._errors.clear()
-        for other in others:
-            first.add_note(f"also: {other}")
+        if others:
+            first.add_note(
+                f"{len(others)} later operation{'s' if len(others) > 1 else ''} failed too, "
+                f"the first of them: {others[0]}"
+            )
         raise first
+
+
+_PLAIN = Envelope()
 
 
 def _close_at_exit(ref: weakref.ref[Fleet]) -> None:

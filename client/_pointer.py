@@ -6,19 +6,28 @@ nothing has to come back (see `Fleet` for when errors surface). A pointer can
 itself be sent on (a pointer to a pointer); operations then run at the end of
 the chain and leave a result pointer at every hop.
 
+The operator methods are generated from the worker's allow-list, in their
+plain, reflected and in-place forms: `1 & p`, `p %= 2` and `p <<= 1` do on the
+worker what they do on a local tensor, and an in-place form returns the same
+pointer. Metadata (`shape`, `dtype`, `ndim`, `requires_grad`, `device`) answers
+with local values, fetched once and cached until an operation that can change
+it runs.
+
 Garbage collection: a pointer that owns its target deletes it when it dies.
 Sending a pointer on, getting, or moving its target hands that duty over.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
 from torchrelay.broker import (
     Call,
     Fetch,
+    Meta,
     ObjectRef,
     OperationRefused,
     PointerRef,
@@ -30,10 +39,24 @@ from torchrelay.broker import (
     resolve_op,
     wire_name,
 )
+from torchrelay.broker._allowlist import TENSOR_METHODS
 
 from ._fleet import Fleet, WorkerHandle
 
-__all__ = ["PointerTensor", "send"]
+__all__ = ["OPERATORS", "PointerTensor", "send"]
+
+OPERATORS: Final = tuple(sorted(
+    name for name in TENSOR_METHODS
+    if name.startswith("__") and name.endswith("__") and name not in ("__getitem__", "__setitem__")
+))
+"""The Python operators a pointer supports: every one the allow-list permits."""
+
+_METADATA_CHANGING: Final = frozenset({
+    "t_", "transpose_", "squeeze_", "unsqueeze_", "swapaxes_", "swapdims_",
+    "requires_grad_", "detach_",
+})
+"""In-place operations that change a tensor's shape or `requires_grad`: any pointer's
+cached metadata may be stale after one (another pointer may reach the same tensor)."""
 
 
 def send(value: Any, worker: WorkerHandle) -> PointerTensor:
@@ -47,9 +70,17 @@ def send(value: Any, worker: WorkerHandle) -> PointerTensor:
 
 
 class PointerTensor:
-    """Points at the object stored under `id_at_location` on `location`."""
+    """Points at the object stored under `id_at_location` on `location`.
 
-    __slots__ = ("__weakref__", "garbage_collect", "id", "id_at_location", "location")
+    `chain` is whether the target may itself be a pointer (to a worker further
+    down a chain): operations on it are forwarded, and the client then waits for
+    them before a call that must see their effect.
+    """
+
+    __slots__ = (
+        "__weakref__", "_meta", "_meta_epoch", "chain", "garbage_collect", "id",
+        "id_at_location", "location",
+    )
 
     def __init__(
         self,
@@ -58,11 +89,15 @@ class PointerTensor:
         *,
         id: int | None = None,
         garbage_collect: bool = True,
+        chain: bool = False,
     ) -> None:
         self.location = location
         self.id_at_location = id_at_location
         self.id = location.fleet.new_id() if id is None else id
         self.garbage_collect = garbage_collect
+        self.chain = chain
+        self._meta: tuple[torch.dtype, torch.Size, bool] | None = None
+        self._meta_epoch = -1
         location.fleet.track(self)
 
     @property
@@ -84,7 +119,8 @@ class PointerTensor:
         self.garbage_collect = False
         if type(value) is PointerRef:
             location = self.fleet.worker(value.location)
-            return PointerTensor(location, value.id_at_location, id=self.id_at_location)
+            return PointerTensor(location, value.id_at_location, id=self.id_at_location,
+                                 chain=True)
         return value
 
     def send(self, worker: WorkerHandle) -> PointerTensor:
@@ -92,7 +128,7 @@ class PointerTensor:
         reference = PointerRef(self.location.id, self.id_at_location)
         self.fleet.post(worker.id, Store(self.id, reference))
         self.garbage_collect = False  # the copy on `worker` owns the target now
-        return PointerTensor(worker, self.id)
+        return PointerTensor(worker, self.id, chain=True)
 
     def move(self, worker: WorkerHandle) -> PointerTensor:
         """Move the target straight from its worker to `worker`; return the new pointer."""
@@ -101,18 +137,83 @@ class PointerTensor:
         new_id = self.fleet.new_id()
         self.fleet.request(self.location.id, Transfer(self.id_at_location, worker.id, new_id))
         self.garbage_collect = False
-        return PointerTensor(worker, new_id)
+        return PointerTensor(worker, new_id, chain=self.chain)
 
     def remote_get(self) -> PointerTensor:
         """Have the worker this points at pull the data its own pointer points at."""
         self.fleet.request(self.location.id, Pull(self.id_at_location))
+        self.chain = True  # what was pulled may itself be a pointer
         return self
 
     def remote_send(self, worker: WorkerHandle) -> PointerTensor:
         """Have the target sent on to `worker`; its old worker keeps a pointer to it."""
         transfer = Transfer(self.id_at_location, worker.id, self.fleet.new_id(), keep_pointer=True)
         self.fleet.request(self.location.id, transfer)
+        self.chain = True
         return self
+
+    # -- metadata, answered locally ------------------------------------------------
+
+    def _metadata(self) -> tuple[torch.dtype, torch.Size, bool]:
+        fleet = self.fleet
+        if self._meta is None or self._meta_epoch != fleet.meta_epoch:
+            dtype, shape, requires_grad = fleet.request(self.location.id,
+                                                        Meta(self.id_at_location))
+            self._meta = (dtype, torch.Size(shape), requires_grad)
+            self._meta_epoch = fleet.meta_epoch
+        return self._meta
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._metadata()[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._metadata()[1]
+
+    @property
+    def ndim(self) -> int:
+        return len(self._metadata()[1])
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._metadata()[2]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # workers compute on the CPU: `to` and `cpu` stay there
+
+    def size(self, dim: int | None = None) -> Any:
+        shape = self.shape
+        return shape if dim is None else shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    ndimension = dim
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    nelement = numel
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def is_complex(self) -> bool:
+        return self.dtype.is_complex
+
+    def __len__(self) -> int:
+        shape = self.shape
+        if not shape:
+            raise TypeError("len() of a 0-d tensor")
+        return shape[0]
+
+    def __iter__(self) -> Iterator[PointerTensor]:
+        return (self[i] for i in range(len(self)))
 
     # -- remote operations ---------------------------------------------------------
 
@@ -142,11 +243,6 @@ class PointerTensor:
             f"'PointerTensor' has no attribute {name!r}: it is not an allow-listed tensor method"
         )
 
-    @property
-    def shape(self) -> torch.Size:
-        """The target's shape (asks the worker)."""
-        return torch.Size(_remote_call("Tensor@shape", (self,), {}).get())
-
     def __getitem__(self, key: Any) -> PointerTensor:
         return _remote_call("getitem", (self, key), {})
 
@@ -156,109 +252,40 @@ class PointerTensor:
     def __bool__(self) -> bool:
         raise TypeError("a PointerTensor has no truth value here; .get() it first")
 
-    def __len__(self) -> int:
-        raise TypeError("a PointerTensor has no length here; use .shape or .get() it first")
-
-    def __iter__(self) -> Any:
-        raise TypeError("a PointerTensor cannot be iterated; index it instead (ptr[0])")
-
     __hash__ = object.__hash__
 
-    def __add__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__add__", (self, other), {})
+    if TYPE_CHECKING:  # the generated operators, as mypy sees them (a test checks the list)
+        def _unary(self) -> PointerTensor: ...
+        def _binary(self, other: Any) -> PointerTensor: ...
+        def _comparison(self, other: object) -> PointerTensor: ...
 
-    def __radd__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__radd__", (self, other), {})
+        __abs__ = __invert__ = __neg__ = __pos__ = _unary
+        __add__ = __radd__ = __iadd__ = __sub__ = __rsub__ = __isub__ = _binary
+        __mul__ = __rmul__ = __imul__ = __matmul__ = __rmatmul__ = _binary
+        __truediv__ = __rtruediv__ = __itruediv__ = _binary
+        __floordiv__ = __rfloordiv__ = __ifloordiv__ = _binary
+        __mod__ = __rmod__ = __imod__ = __pow__ = __rpow__ = __ipow__ = _binary
+        __and__ = __rand__ = __iand__ = __or__ = __ror__ = __ior__ = _binary
+        __xor__ = __rxor__ = __ixor__ = _binary
+        __lshift__ = __rlshift__ = __ilshift__ = __rshift__ = __rrshift__ = __irshift__ = _binary
+        __lt__ = __le__ = __gt__ = __ge__ = _binary
+        __eq__ = __ne__ = _comparison  # type: ignore[assignment]
 
-    def __iadd__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__iadd__", (self, other), {})
 
-    def __sub__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__sub__", (self, other), {})
+def _operator(name: str) -> Callable[..., PointerTensor]:
+    wire = f"Tensor.{name}"
 
-    def __rsub__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__rsub__", (self, other), {})
+    def operator(self: PointerTensor, *args: Any) -> PointerTensor:
+        return _remote_call(wire, (self, *args), {})
 
-    def __isub__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__isub__", (self, other), {})
+    operator.__name__ = name
+    operator.__qualname__ = f"PointerTensor.{name}"
+    operator.__doc__ = f"`{name}` of the target, run on its worker."
+    return operator
 
-    def __mul__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__mul__", (self, other), {})
 
-    def __rmul__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__rmul__", (self, other), {})
-
-    def __imul__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__imul__", (self, other), {})
-
-    def __truediv__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__truediv__", (self, other), {})
-
-    def __rtruediv__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__rtruediv__", (self, other), {})
-
-    def __itruediv__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__itruediv__", (self, other), {})
-
-    def __floordiv__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__floordiv__", (self, other), {})
-
-    def __rfloordiv__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__rfloordiv__", (self, other), {})
-
-    def __mod__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__mod__", (self, other), {})
-
-    def __pow__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__pow__", (self, other), {})
-
-    def __rpow__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__rpow__", (self, other), {})
-
-    def __matmul__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__matmul__", (self, other), {})
-
-    def __rmatmul__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__rmatmul__", (self, other), {})
-
-    def __neg__(self) -> PointerTensor:
-        return _remote_call("Tensor.__neg__", (self,), {})
-
-    def __pos__(self) -> PointerTensor:
-        return _remote_call("Tensor.__pos__", (self,), {})
-
-    def __abs__(self) -> PointerTensor:
-        return _remote_call("Tensor.__abs__", (self,), {})
-
-    def __invert__(self) -> PointerTensor:
-        return _remote_call("Tensor.__invert__", (self,), {})
-
-    def __and__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__and__", (self, other), {})
-
-    def __or__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__or__", (self, other), {})
-
-    def __xor__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__xor__", (self, other), {})
-
-    def __eq__(self, other: object) -> PointerTensor:  # type: ignore[override]
-        return _remote_call("Tensor.__eq__", (self, other), {})
-
-    def __ne__(self, other: object) -> PointerTensor:  # type: ignore[override]
-        return _remote_call("Tensor.__ne__", (self, other), {})
-
-    def __lt__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__lt__", (self, other), {})
-
-    def __le__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__le__", (self, other), {})
-
-    def __gt__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__gt__", (self, other), {})
-
-    def __ge__(self, other: Any) -> PointerTensor:
-        return _remote_call("Tensor.__ge__", (self, other), {})
+for _name in OPERATORS:
+    setattr(PointerTensor, _name, _operator(_name))
 
 
 class _BoundRemoteMethod:
@@ -292,23 +319,30 @@ def _remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Poin
     """
     finder = _LocationFinder()
     wire_args = finder.replace(list(args))
-    wire_kwargs = finder.replace(kwargs)
+    wire_kwargs = finder.replace(kwargs) if kwargs else kwargs
     first = finder.first
     if first is None:
         raise TypeError(f"{op} was given no PointerTensor")
     location = first.location
-    result_id = None if is_inplace(op) else location.fleet.new_id()
-    location.fleet.post(location.id, Call(op, wire_args, wire_kwargs, result_id))
-    return first if result_id is None else PointerTensor(location, result_id)
+    fleet = location.fleet
+    inplace = is_inplace(op)
+    if inplace and op.rpartition(".")[2] in _METADATA_CHANGING:
+        fleet.meta_epoch += 1
+    result_id = None if inplace else fleet.new_id()
+    fleet.post(location.id, Call(op, wire_args, wire_kwargs, result_id), settles=not finder.chain)
+    if result_id is None:
+        return first
+    return PointerTensor(location, result_id, chain=finder.chain)
 
 
 class _LocationFinder:
     """Turns pointers in call arguments into `ObjectRef`s, checking they share a worker."""
 
-    __slots__ = ("first",)
+    __slots__ = ("chain", "first")
 
     def __init__(self) -> None:
         self.first: PointerTensor | None = None
+        self.chain = False
 
     def replace(self, value: Any) -> Any:
         if isinstance(value, PointerTensor):
@@ -319,6 +353,7 @@ class _LocationFinder:
                     f"the arguments point to different workers ({self.first.location.id} and "
                     f"{value.location.id}); move them to one worker first"
                 )
+            self.chain = self.chain or value.chain
             return ObjectRef(value.id_at_location)
         if isinstance(value, list | tuple):
             replaced = [self.replace(v) for v in value]

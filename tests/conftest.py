@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 
 import torchrelay as tr
+from torchrelay.broker import ManagementAPI
 from torchrelay.worker import WorkerProcesses
 
-from .rabbitmq_admin import AMQP_URL, ManagementAPI
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/")
+MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://localhost:15672")
 
 WORKERS = ("bob", "alice", "carol")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -38,7 +40,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def rabbitmq() -> ManagementAPI:
     """The RabbitMQ management API; skips (fails in CI) when there is no RabbitMQ."""
-    api = ManagementAPI()
+    api = ManagementAPI(AMQP_URL, base=MANAGEMENT_URL)
     if not api.available():
         message = f"no RabbitMQ management API at {api.base} (AMQP_URL={AMQP_URL})"
         if IN_CI:

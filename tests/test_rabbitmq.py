@@ -11,10 +11,8 @@ import pytest
 import torch
 
 import torchrelay as tr
-from torchrelay.broker import COMMAND_EXCHANGE, worker_queue
+from torchrelay.broker import COMMAND_EXCHANGE, ManagementAPI, worker_queue
 from torchrelay.worker import WorkerProcesses
-
-from .rabbitmq_admin import ManagementAPI
 
 tr.hook(torch)
 
@@ -63,7 +61,7 @@ def test_topology_and_connection_names_as_the_console_shows_them(
     quoted = urllib.parse.quote(vhost, safe="")
     with tr.connect(session_daemons.url, name="console-check"):
         names = {c["client_properties"].get("connection_name") for c in
-                 rabbitmq.wait_for_connections(vhost, lambda cs: len(cs) >= 4)}
+                 rabbitmq.wait_for_connections(lambda cs: len(cs) >= 4, vhost)}
         queue = rabbitmq.get_when(f"/api/queues/{quoted}/{worker_queue('bob')}",
                                   lambda q: q.get("consumers") == 1)
         exchange = rabbitmq.call("GET", f"/api/exchanges/{quoted}/{COMMAND_EXCHANGE}")
@@ -109,8 +107,8 @@ def test_a_worker_reconnects_and_keeps_its_objects(
         pointer = torch.tensor([1.0, 2.0]).send(dave)
         fleet.sync()
         connections = rabbitmq.wait_for_connections(
-            vhost, lambda cs: any(c["client_properties"].get("connection_name") ==
-                                  "torchrelay worker dave" for c in cs))
+            lambda cs: any(c["client_properties"].get("connection_name") ==
+                           "torchrelay worker dave" for c in cs), vhost)
         (worker_connection,) = [c["name"] for c in connections if
                                 c["client_properties"].get("connection_name") ==
                                 "torchrelay worker dave"]
@@ -139,8 +137,8 @@ def test_a_client_reconnects_without_losing_replies(
         pointer = torch.tensor([3.0]).send(fleet.worker("bob"))
         doubled = pointer * 2  # its reply may arrive while the connection is down
         connections = rabbitmq.wait_for_connections(
-            vhost, lambda cs: any(c["client_properties"].get("connection_name") ==
-                                  "torchrelay client fragile" for c in cs))
+            lambda cs: any(c["client_properties"].get("connection_name") ==
+                           "torchrelay client fragile" for c in cs), vhost)
         (name,) = [c["name"] for c in connections
                    if c["client_properties"].get("connection_name") == "torchrelay client fragile"]
 

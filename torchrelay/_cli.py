@@ -79,6 +79,10 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"torchrelay worker: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format=_LOG_FORMAT)
+    if config.log_level.upper() != "DEBUG":
+        # pika narrates every connection and channel at INFO: the daemon's own lines
+        # are what an operator reads.
+        logging.getLogger("pika").setLevel(logging.WARNING)
     return run_worker(config)
 
 

@@ -21,8 +21,8 @@ from torchrelay.broker import (
     BrokerError,
     ConnectionLost,
     Delivery,
-    RabbitMQBroker,
-    RabbitMQEndpoint,
+    Endpoint,
+    open_broker,
 )
 
 from ._config import WorkerConfig
@@ -42,23 +42,14 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         _stop_on_signals(stop)
-    broker = RabbitMQBroker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
-                            chunk_size=config.chunk_size)
+    broker = open_broker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
+                         chunk_size=config.chunk_size)
     try:
         endpoint = broker.connect(config.id, serve_worker=config.id)
     except BrokerError as e:
         log.error("worker %s cannot start: %s", config.id, e)
         return 1
-    runtime = WorkerRuntime(
-        config.id,
-        endpoint,
-        reply_timeout=config.reply_timeout,
-        status_extra=lambda: {
-            "broker": broker.url,
-            "connection": endpoint.connection_name,
-            "reconnects": endpoint.reconnects,
-        },
-    )
+    runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout)
     log.info("worker %s serving on %s", config.id, broker.url)
     try:
         _serve(endpoint, runtime, stop)
@@ -73,7 +64,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int
 
 
 def _serve(
-    endpoint: RabbitMQEndpoint,
+    endpoint: Endpoint,
     runtime: WorkerRuntime,
     stop: threading.Event,
     until: Callable[[], bool] = lambda: False,
@@ -97,7 +88,7 @@ def _serve(
             next_expiry = now + _POLL_SECONDS
 
 
-def _handle(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime, delivery: Delivery) -> None:
+def _handle(endpoint: Endpoint, runtime: WorkerRuntime, delivery: Delivery) -> None:
     try:
         runtime.handle(delivery)
     except (ConnectionLost, BrokerError):
@@ -112,7 +103,7 @@ def _handle(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime, delivery: Delive
             endpoint.ack(delivery)
 
 
-def _finish_in_flight(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime) -> None:
+def _finish_in_flight(endpoint: Endpoint, runtime: WorkerRuntime) -> None:
     """Let the commands parked on other workers finish, for a little while.
 
     Deliveries keep being handled meanwhile: a chain through this worker (a

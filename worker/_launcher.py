@@ -1,13 +1,14 @@
 """Starting and stopping worker daemons as child processes (the demo, tests, benchmarks).
 
 Each daemon is `python -m torchrelay worker --id <id> --broker <url>`, exactly
-what a user runs; `start` returns once every one of them consumes its queue.
+what a user runs; `start` returns once every one of them answers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from torchrelay.broker import BrokerError, RabbitMQBroker, UnknownWorker
+from torchrelay.broker import RETURNED, BrokerError, Status, open_broker
 
 __all__ = ["WorkerProcesses"]
 
@@ -59,31 +60,53 @@ class WorkerProcesses:
         return process
 
     def wait_ready(self, worker_ids: Sequence[str], timeout: float = 60.0) -> None:
-        """Return once every daemon in `worker_ids` consumes its queue."""
-        endpoint = RabbitMQBroker(self.url).connect("launcher")
+        """Return once every daemon in `worker_ids` has answered a status request.
+
+        Asked with a command rather than by inspecting the worker's queue: to a
+        queue that does not exist yet, the command comes back (and is sent again
+        a little later), where a passive declaration would make the broker close
+        a channel and pika log a warning each time.
+        """
+        endpoint = open_broker(self.url).connect(f"launcher-{secrets.token_hex(2)}")
         try:
             deadline = time.monotonic() + timeout
-            pending = list(worker_ids)
-            while pending:
-                worker_id = pending[0]
-                process = self.processes[worker_id]
-                if process.poll() is not None:
-                    raise BrokerError(
-                        f"worker daemon {worker_id!r} exited with status {process.returncode}:\n"
-                        + self.log_tail(worker_id)
-                    )
-                try:
-                    endpoint.ensure_worker(worker_id)
-                    pending.pop(0)
-                except UnknownWorker:
-                    if time.monotonic() > deadline:
-                        raise BrokerError(
-                            f"worker daemon {worker_id!r} did not start within {timeout:g} s:\n"
-                            + self.log_tail(worker_id)
-                        ) from None
-                    time.sleep(0.05)
+            asked: dict[str, str] = {}  # correlation id -> worker id
+            ask_at = dict.fromkeys(worker_ids, 0.0)  # worker id -> when to ask (again)
+            ready: set[str] = set()
+            number = 0
+            while len(ready) < len(worker_ids):
+                now = time.monotonic()
+                for worker_id in [w for w, when in ask_at.items() if when <= now]:
+                    number += 1
+                    correlation_id = f"{endpoint.identity}.{number}"
+                    endpoint.send_command(worker_id, Status.name, Status().encode(),
+                                          correlation_id)
+                    asked[correlation_id] = worker_id
+                    del ask_at[worker_id]
+                delivery = endpoint.receive(0.05)
+                if delivery is not None and delivery.correlation_id in asked:
+                    worker_id = asked.pop(delivery.correlation_id)
+                    if delivery.type == RETURNED:  # no queue yet: the daemon is starting
+                        ask_at[worker_id] = time.monotonic() + 0.1
+                    else:
+                        ready.add(worker_id)
+                for worker_id in set(worker_ids) - ready:
+                    self._check_alive(worker_id, deadline, timeout)
         finally:
             endpoint.close()
+
+    def _check_alive(self, worker_id: str, deadline: float, timeout: float) -> None:
+        process = self.processes[worker_id]
+        if process.poll() is not None:
+            raise BrokerError(
+                f"worker daemon {worker_id!r} exited with status {process.returncode}:\n"
+                + self.log_tail(worker_id)
+            )
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"worker daemon {worker_id!r} did not start within {timeout:g} s:\n"
+                + self.log_tail(worker_id)
+            )
 
     def stop(self, worker_id: str, timeout: float = 30.0) -> int:
         """SIGTERM one daemon and wait for it; its exit status (killed if it hangs)."""

@@ -27,19 +27,24 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
 
+import torch
+
 from torchrelay.broker import (
     COMMANDS,
+    MAX_HOPS,
     RETURNED,
     Call,
     Command,
     Delete,
     Delivery,
     Describe,
+    EarlierFailure,
     EncodeError,
     Endpoint,
     ErrorInfo,
     Fetch,
     Frame,
+    Meta,
     ObjectRef,
     OperationRefused,
     PointerRef,
@@ -56,6 +61,7 @@ from torchrelay.broker import (
     decode_reply,
     new_object_id,
     resolve_op,
+    session_and_number,
 )
 
 from ._store import ObjectStore, StoredObject
@@ -66,12 +72,12 @@ log = logging.getLogger("torchrelay.worker")
 
 _Handler = Callable[[Any, str], Any]  # a value, or a coroutine that awaits requests
 
-MAX_HOPS = 32
-"""How often a call may be forwarded down a pointer chain before it is refused."""
-
 _REMEMBERED_COMMANDS = 4096
 """Commands remembered by (sender, correlation id), so one redelivered after a
 reconnect is not run twice; more than the prefetch window can hold unacknowledged."""
+
+_REMEMBERED_SESSIONS = 4096
+"""Sessions whose last failure is remembered, for guarded commands (`Envelope.guard`)."""
 
 
 class _Request:
@@ -88,14 +94,22 @@ class _Request:
         return (yield self)
 
 
-@dataclass(slots=True)
-class _Task:
-    """One command in progress."""
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A command to answer: what, from whom, and where the answer goes."""
 
-    coroutine: Coroutine[Any, Any, Any]
     command: Command
+    sender: str
     reply_to: str | None
     correlation_id: str
+
+
+@dataclass(slots=True)
+class _Task:
+    """A command in progress that waits for other workers."""
+
+    coroutine: Coroutine[Any, Any, Any]
+    job: _Job
 
 
 @dataclass(slots=True)
@@ -121,15 +135,15 @@ class WorkerRuntime:
         endpoint: Endpoint,
         *,
         reply_timeout: float = 60.0,
-        status_extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.id = worker_id
         self.endpoint = endpoint
         self.store = ObjectStore(worker_id)
         self.reply_timeout = reply_timeout
-        self._status_extra = status_extra
         self._waiting: dict[str, _Waiting] = {}
         self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
+        # (sender, session) -> number and description of its last failed command.
+        self._failures: dict[tuple[str, str], tuple[int, str]] = {}
         self._started = time.time()
         self._handled = 0
         self._failed = 0
@@ -143,6 +157,7 @@ class WorkerRuntime:
             Call: self._call,
             Transfer: self._transfer,
             Pull: self._pull,
+            Meta: self._meta,
             Describe: self._describe,
             Status: self._status,
         }
@@ -166,7 +181,7 @@ class WorkerRuntime:
             del self._recent[next(iter(self._recent))]
         self._handled += 1
         try:
-            command, garbage = decode_command(delivery.type, delivery.body)
+            command, envelope = decode_command(delivery.type, delivery.body)
         except ProtocolError as e:
             self._failed += 1
             log.warning("refused a malformed %r command from %s: %s", delivery.type,
@@ -178,22 +193,46 @@ class WorkerRuntime:
                 self._send_reply(delivery.reply_to, name, delivery.correlation_id,
                                  Reply(error=info).encode())
             return
-        reply_to, correlation_id = delivery.reply_to, delivery.correlation_id
+        job = _Job(command, delivery.sender, delivery.reply_to, delivery.correlation_id)
         # Garbage first; only its pointers' targets on other workers need waiting for.
-        targets = self._discard(garbage) if garbage else None
+        targets = self._discard(envelope.garbage) if envelope.garbage else None
         try:
-            outcome = self._handlers[type(command)](command, delivery.sender)
+            if envelope.guard is not None:
+                self._check_guard(job, envelope.guard)
+            outcome = self._handlers[type(command)](command, job.sender)
         except Exception as e:
             for location, ids in (targets or {}).items():
                 self._tell(location, Delete(ids))
-            self._finish(command, reply_to, correlation_id, None, e)
+            self._finish(job, None, e)
             return
         if targets:
             outcome = self._then_delete(outcome, targets)
         if type(outcome) is CoroutineType:  # it waits for another worker
-            self._advance(_Task(outcome, command, reply_to, correlation_id), None, None)
+            self._advance(_Task(outcome, job), None, None)
         else:
-            self._finish(command, reply_to, correlation_id, outcome, None)
+            self._finish(job, outcome, None)
+
+    def _check_guard(self, job: _Job, guard: int) -> None:
+        """Refuse to run a command behind a failure its sender has not heard of yet."""
+        numbered = session_and_number(job.correlation_id)
+        if numbered is None:
+            return
+        failure = self._failures.get((job.sender, numbered[0]))
+        if failure is not None and failure[0] >= guard:
+            raise EarlierFailure(
+                f"not run: an earlier command of this session ({failure[1]}, number "
+                f"{failure[0]}) failed on worker {self.id!r}"
+            )
+
+    def _remember_failure(self, job: _Job) -> None:
+        numbered = session_and_number(job.correlation_id)
+        if numbered is None:
+            return
+        key = (job.sender, numbered[0])
+        self._failures.pop(key, None)  # re-inserted last: the oldest go first
+        self._failures[key] = (numbered[1], job.command.describe())
+        if len(self._failures) > _REMEMBERED_SESSIONS:
+            del self._failures[next(iter(self._failures))]
 
     def expire(self, now: float | None = None) -> None:
         """Fail the requests whose reply is overdue."""
@@ -223,10 +262,10 @@ class WorkerRuntime:
                 else:
                     request = task.coroutine.throw(error)
             except StopIteration as done:
-                self._finish(task.command, task.reply_to, task.correlation_id, done.value, None)
+                self._finish(task.job, done.value, None)
                 return
             except Exception as e:
-                self._finish(task.command, task.reply_to, task.correlation_id, None, e)
+                self._finish(task.job, None, e)
                 return
             correlation_id = self._next_correlation_id()
             try:
@@ -264,20 +303,14 @@ class WorkerRuntime:
         else:
             self._advance(waiting.task, reply.value, None)
 
-    def _finish(
-        self,
-        command: Command,
-        reply_to: str | None,
-        correlation_id: str,
-        value: Any,
-        error: Exception | None,
-    ) -> None:
+    def _finish(self, job: _Job, value: Any, error: Exception | None) -> None:
         if error is not None:
             self._failed += 1
+            self._remember_failure(job)
             if not isinstance(error, TorchRelayError | TypeError | ValueError | RuntimeError):
-                log.exception("command %s failed unexpectedly", command.describe(),
+                log.exception("command %s failed unexpectedly", job.command.describe(),
                               exc_info=error)
-        if reply_to is None:
+        if job.reply_to is None:
             return
         if error is None:
             if type(value) is _Encoded:
@@ -289,7 +322,7 @@ class WorkerRuntime:
                     error = e
         if error is not None:
             frame = Reply(error=ErrorInfo.from_exception(error)).encode()
-        self._send_reply(reply_to, command.name, correlation_id, frame)
+        self._send_reply(job.reply_to, job.command.name, job.correlation_id, frame)
 
     def _send_reply(self, reply_to: str, name: str, correlation_id: str, frame: Frame) -> None:
         self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
@@ -380,11 +413,7 @@ class WorkerRuntime:
         self, command: Call, location: str, args: list[Any], kwargs: dict[str, Any]
     ) -> None:
         """Every object argument is a pointer to `location`: the call runs there."""
-        if command.hops >= MAX_HOPS:
-            raise OperationRefused(
-                f"call {command.op} has been forwarded {command.hops} times: a pointer chain "
-                f"that long is a cycle of pointers with no data at its end"
-            )
+        _check_hops(command.hops, f"call {command.op}")
         remote_result = None if command.result_id is None else self._new_id()
         forwarded = Call(command.op, args, kwargs, remote_result, command.hops + 1)
         if command.result_id is not None:
@@ -425,6 +454,21 @@ class WorkerRuntime:
             Transfer(pointer.id_at_location, self.id, command.id, replaces_pointer=True),
         )
 
+    def _meta(self, command: Meta, sender: str) -> Any:
+        value = self.store.get(command.id).value
+        if type(value) is PointerRef:
+            return self._forward_meta(value, command.hops)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"object {command.id} on worker {self.id!r} is a {type(value).__name__}, "
+                "not a tensor: it has no shape or dtype"
+            )
+        return [value.dtype, list(value.shape), value.requires_grad]
+
+    async def _forward_meta(self, pointer: PointerRef, hops: int) -> Any:
+        _check_hops(hops, "meta")
+        return await self._ask(pointer.location, Meta(pointer.id_at_location, hops + 1))
+
     def _describe(self, command: Describe, sender: str) -> dict[int, str]:
         return self.store.describe()
 
@@ -439,8 +483,7 @@ class WorkerRuntime:
             "commands_failed": self._failed,
             "requests_waiting": len(self._waiting),
         }
-        if self._status_extra is not None:
-            status.update(self._status_extra())
+        status.update(self.endpoint.stats())
         return status
 
     def _ask(self, worker_id: str, command: Command, *, confirm: bool = False) -> _Request:
@@ -453,6 +496,14 @@ class WorkerRuntime:
                                        self._next_correlation_id())
         except TorchRelayError as e:
             log.warning("could not send %s to %s: %s", command.describe(), worker_id, e)
+
+
+def _check_hops(hops: int, what: str) -> None:
+    if hops >= MAX_HOPS:
+        raise OperationRefused(
+            f"{what} has been forwarded {hops} times: a pointer chain that long is a "
+            "cycle of pointers with no data at its end"
+        )
 
 
 class _ArgumentResolver:

@@ -1,0 +1,166 @@
+"""Consuming: pika's deliveries into an inbox, acknowledged in batches.
+
+`Consumer`'s callbacks are what pika calls; they only turn messages into
+`Delivery`s (reassembling chunked ones) and queue them. Like everything that
+touches pika, they run under the link's lock, and so does every other method
+here: the owner thread reaches them only through `Link.run`.
+
+Acknowledgements go out in batches, with one policy per kind (`AckBatch`):
+replies are acknowledged once queued here, every `REPLY_ACK_BATCH` of them (one
+lost with a dropped connection is delivered again, and a duplicate is ignored
+by whoever waits for it); commands once executed, every `ACK_BATCH` of them or
+within `ACK_DELAY` seconds (a command redelivered after a lost acknowledgement
+is recognised and skipped by the worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Final
+
+from .._chunks import Reassembler
+from .._transport import RETURNED, Delivery
+
+__all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch", "Consumer"]
+
+log = logging.getLogger("torchrelay.broker")
+
+REPLY_PREFETCH: Final = 1024
+REPLY_ACK_BATCH: Final = 128
+ACK_BATCH: Final = 16
+ACK_DELAY: Final = 0.05
+
+
+class AckBatch:
+    """Acknowledges the deliveries of one channel with one `multiple` ack per batch.
+
+    Deliveries are acknowledged in the order they arrived, so acknowledging up to
+    the last tag acknowledges exactly the ones added.
+    """
+
+    __slots__ = ("_count", "_every", "_oldest", "_tag", "_within")
+
+    def __init__(self, every: int, within: float | None = None) -> None:
+        self._every = every
+        self._within = within
+        self._tag = 0
+        self._count = 0
+        self._oldest = 0.0
+
+    def add(self, tag: int) -> bool:
+        """Count a delivery to acknowledge; whether the batch is full."""
+        if not self._count:
+            self._oldest = time.monotonic()
+        self._tag = tag
+        self._count += 1
+        return self._count >= self._every
+
+    def due(self) -> bool:
+        """Whether the batch must go out now: full, or its oldest has waited long enough."""
+        if not self._count:
+            return False
+        return self._count >= self._every or (
+            self._within is not None and time.monotonic() - self._oldest >= self._within
+        )
+
+    def flush(self, channel: Any) -> None:
+        """Acknowledge everything added so far."""
+        if self._count:
+            channel.basic_ack(self._tag, multiple=True)
+            self._tag = self._count = 0
+
+    def forget(self) -> None:
+        """The channel is gone: its unacknowledged deliveries were requeued."""
+        self._tag = self._count = 0
+
+
+class Consumer:
+    """Turns pika deliveries into `Delivery`s in an inbox (see the module docstring)."""
+
+    def __init__(self, max_message_bytes: int, prefetch: int) -> None:
+        self.inbox: deque[Delivery] = deque()
+        self.reassembler = Reassembler(max_message_bytes)
+        self.replies = AckBatch(REPLY_ACK_BATCH)
+        # Never hold back more of the prefetch window than a quarter.
+        self.commands = AckBatch(max(1, min(ACK_BATCH, prefetch // 4)), ACK_DELAY)
+        self.bytes_received = 0
+        self.epoch = 0
+
+    # -- pika callbacks -------------------------------------------------------------
+
+    def on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self.replies.add(method.delivery_tag)
+        self._deliver(True, channel, method, props, body)
+
+    def on_command(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self._deliver(False, channel, method, props, body)
+
+    def on_return(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        # A command nobody could receive: answer it ourselves, at once.
+        self.inbox.append(Delivery(True, RETURNED, props.correlation_id or "",
+                                   method.routing_key, b""))
+
+    def _deliver(self, is_reply: bool, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self.bytes_received += len(body)
+        headers = props.headers or {}
+        sender = str(headers.get("sender", ""))
+        chunk = headers.get("chunk")
+        if chunk is None:
+            self.inbox.append(Delivery(
+                is_reply, props.type or "", props.correlation_id or "", sender, body,
+                None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
+                self.epoch,
+            ))
+            return
+        whole = self._add_chunk(sender, props.correlation_id or "", chunk, body)
+        if whole is None:
+            if not is_reply:  # acked now, or the prefetch window would stall the rest
+                channel.basic_ack(method.delivery_tag)
+            return
+        self.inbox.append(Delivery(
+            is_reply, props.type or "", props.correlation_id or "", sender, whole,
+            None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
+            self.epoch, chunked=True,
+        ))
+
+    def _add_chunk(self, sender: str, correlation_id: str, chunk: Any, body: bytes) -> Any:
+        try:
+            index, count, total = (int(n) for n in chunk)
+            return self.reassembler.add((sender, correlation_id), index, count, total, body)
+        except Exception as e:  # hostile headers, or a size this machine cannot hold
+            log.warning("dropped a chunked message %s from %r: %s", correlation_id, sender, e)
+            return None
+
+    # -- the owner's side (under the lock) ---------------------------------------------
+
+    def take(self) -> Delivery | None:
+        inbox = self.inbox
+        return inbox.popleft() if inbox else None
+
+    def flush_acks(self, commands_channel: Any, replies_channel: Any, *, everything: bool) -> None:
+        """Send the acknowledgements that are due (with `everything`, all of them)."""
+        if everything or self.commands.due():
+            self.commands.flush(commands_channel)
+        if everything or self.replies.due():
+            self.replies.flush(replies_channel)
+
+    def reopened(self, epoch: int) -> None:
+        """A new connection: what the old one delivered but we did not handle comes again.
+
+        Commands not yet handled are requeued by the broker, except chunked ones
+        already whole here (only their last chunk would come again); replies stay.
+        """
+        kept = [d for d in self.inbox if d.is_reply or d.chunked]
+        self.inbox.clear()
+        self.inbox.extend(kept)
+        self.commands.forget()
+        self.replies.forget()
+        self.epoch = epoch
+
+    def take_unreturnable(self) -> list[Delivery]:
+        lost = [d for d in self.inbox if not d.is_reply and d.chunked]
+        for delivery in lost:
+            self.inbox.remove(delivery)
+        return lost

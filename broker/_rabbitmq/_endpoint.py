@@ -1,0 +1,235 @@
+"""`RabbitMQBroker` and its `RabbitMQEndpoint`: the parts put together.
+
+An endpoint is one `Link` (connection, reconnect, the lock and the keeper
+thread), one `Consumer` (deliveries in, acknowledgements out) and one
+`Publisher` (properties, confirms, chunks). It adds only the `Endpoint`
+vocabulary on top: which queue a command goes to, and how long to wait.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import urllib.parse
+from typing import Any
+
+import pika.exceptions as pe
+
+from .._chunks import DEFAULT_CHUNK_SIZE
+from .._codec import Frame
+from .._errors import BrokerError, ConnectionLost, UnknownWorker
+from .._transport import COMMAND_EXCHANGE, Broker, Delivery, Endpoint, worker_queue
+from . import _topology as topology
+from ._consuming import REPLY_PREFETCH, Consumer
+from ._link import Channels, Link, LinkSettings
+from ._publishing import Publisher
+
+__all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class RabbitMQBroker(Broker):
+    """A RabbitMQ server at `url` (`amqp://` or `amqps://`)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat: int | None = None,
+        prefetch: int = 64,
+        connect_timeout: float = 15.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_message_bytes: int = 16 << 30,
+    ) -> None:
+        if chunk_size < 4096:
+            raise ValueError(f"chunk_size must be at least 4096 bytes, not {chunk_size}")
+        self._url = url
+        self.url = redact_url(url)
+        self.heartbeat = heartbeat
+        self.prefetch = prefetch
+        self.connect_timeout = connect_timeout
+        self.chunk_size = chunk_size
+        self.max_message_bytes = max_message_bytes
+
+    def connect(self, identity: str, *, serve_worker: str | None = None) -> RabbitMQEndpoint:
+        role = "worker" if serve_worker is not None else "client"
+        settings = LinkSettings(self._url, self.url, f"torchrelay {role} {identity}",
+                                self.heartbeat, self.connect_timeout)
+        return RabbitMQEndpoint(self, settings, identity, serve_worker)
+
+
+class RabbitMQEndpoint(Endpoint):
+    """One participant's connection to RabbitMQ (see the module docstring)."""
+
+    def __init__(
+        self,
+        broker: RabbitMQBroker,
+        settings: LinkSettings,
+        identity: str,
+        serve_worker: str | None,
+    ) -> None:
+        self.identity = identity
+        self.connection_name = settings.connection_name
+        # Named once: the queue outlives a dropped connection (it expires only after
+        # a minute unused), so replies in flight survive a reconnect.
+        self.reply_queue = f"torchrelay.reply.{identity}.{secrets.token_hex(4)}"
+        self._broker = broker
+        self._serve_worker = serve_worker
+        self._consumer = Consumer(broker.max_message_bytes, broker.prefetch)
+        self._publisher = Publisher(identity, broker.chunk_size)
+        self._link = Link(settings, self._on_open, self._on_keepalive)
+
+    # -- set-up, under the link's lock ---------------------------------------------------
+
+    def _on_open(self, channels: Channels, reconnecting: bool) -> None:
+        survived = reconnecting and topology.queue_consumers(
+            channels.connection, self.reply_queue
+        ) is not None
+        consumer = self._consumer
+        consumer.reopened(channels.epoch)
+        commands, replies = channels.commands, channels.replies
+        topology.declare_command_exchange(commands)
+        commands.add_on_return_callback(consumer.on_return)
+        replies.basic_qos(prefetch_count=REPLY_PREFETCH)
+        topology.declare_reply_queue(replies, self.reply_queue)
+        replies.basic_consume(self.reply_queue, consumer.on_reply, exclusive=True)
+        if self._serve_worker is not None:
+            commands.basic_qos(prefetch_count=self._broker.prefetch)
+            try:
+                topology.consume_worker_queue(commands, self._serve_worker, consumer.on_command)
+            except pe.ChannelClosedByBroker as e:
+                raise BrokerError(
+                    f"worker {self._serve_worker!r} is already served by another daemon "
+                    f"on {self._broker.url} ({e.reply_text})"
+                ) from None
+        if reconnecting and not survived:
+            raise ConnectionLost(
+                f"{self.connection_name} reconnected to {self._broker.url}, but its reply queue "
+                "was gone: replies to commands sent before are lost"
+            )
+
+    def _on_keepalive(self, channels: Channels) -> None:
+        channels.connection.process_data_events(time_limit=0)
+        self._consumer.flush_acks(channels.commands, channels.replies, everything=True)
+
+    # -- Endpoint --------------------------------------------------------------------
+
+    def send_command(
+        self,
+        worker_id: str,
+        type: str,
+        frame: Frame,
+        correlation_id: str,
+        *,
+        confirm: bool = False,
+    ) -> None:
+        publisher, reply_to = self._publisher, self.reply_queue
+        try:
+            self._link.run(lambda channels: publisher.publish(
+                channels, COMMAND_EXCHANGE, worker_id, type=type, frame=frame,
+                correlation_id=correlation_id, reply_to=reply_to, confirm=confirm,
+            ))
+        except pe.UnroutableError:
+            raise UnknownWorker(worker_id, f"no queue for it on {self._broker.url}") from None
+        except pe.NackError:
+            raise BrokerError(f"RabbitMQ refused a message for worker {worker_id!r}") from None
+
+    def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
+        publisher = self._publisher
+        self._link.run(lambda channels: publisher.publish(
+            channels, "", reply_to, type=type, frame=frame, correlation_id=correlation_id
+        ))
+
+    def receive(self, timeout: float) -> Delivery | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            delivery = self._link.run(self._next_delivery)
+            if delivery is not None:
+                return delivery
+            if time.monotonic() >= deadline:
+                self._link.run(lambda channels: self._consumer.reassembler.drop_stale())
+                return None
+
+    def _next_delivery(self, channels: Channels) -> Delivery | None:
+        """A delivery waiting in the inbox, or pump I/O until one arrives or the next tick."""
+        consumer = self._consumer
+        delivery = consumer.take()
+        if delivery is None:
+            consumer.flush_acks(channels.commands, channels.replies, everything=False)
+            channels.connection.process_data_events(time_limit=None)
+            consumer.flush_acks(channels.commands, channels.replies, everything=False)
+            delivery = consumer.take()
+        return delivery
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge an executed command, in a batch with the ones before it.
+
+        The acknowledgement goes out with the batch's last command or within
+        `ACK_DELAY` seconds (at close at the latest): one frame for many commands.
+        """
+        consumer = self._consumer
+
+        def ack(channels: Channels) -> None:
+            if delivery.epoch != channels.epoch:
+                return  # from a connection that is gone; the broker has requeued it already
+            if consumer.commands.add(delivery.tag):
+                consumer.commands.flush(channels.commands)
+
+        self._link.run(ack)
+
+    def ensure_worker(self, worker_id: str) -> None:
+        queue = worker_queue(worker_id)
+
+        def consumers(channels: Channels) -> int | None:
+            try:
+                return topology.queue_consumers(channels.connection, queue)
+            except pe.ChannelClosedByBroker as e:
+                raise BrokerError(f"cannot inspect queue {queue}: {e.reply_text}") from None
+
+        count = self._link.run(consumers)
+        if count is None:
+            raise UnknownWorker(
+                worker_id,
+                f"there is no queue {queue} on {self._broker.url}; "
+                f"start it with `torchrelay worker --id {worker_id}`",
+            )
+        if count == 0:
+            raise UnknownWorker(
+                worker_id, f"queue {queue} exists on {self._broker.url} but no daemon consumes it"
+            )
+
+    def take_unreturnable(self) -> list[Delivery]:
+        return self._link.run(lambda channels: self._consumer.take_unreturnable())
+
+    @property
+    def reconnects(self) -> int:
+        return self._link.reconnects
+
+    @property
+    def bytes_sent(self) -> int:
+        """Message bytes this endpoint published, over all its connections."""
+        return self._publisher.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Message bytes this endpoint received, over all its connections."""
+        return self._consumer.bytes_received
+
+    def stats(self) -> dict[str, Any]:
+        return {"broker": self._broker.url, "connection": self.connection_name,
+                "reconnects": self.reconnects}
+
+    def close(self) -> None:
+        consumer = self._consumer
+        # What ran is done: it must not come again.
+        self._link.close(lambda channels: consumer.flush_acks(
+            channels.commands, channels.replies, everything=True
+        ))

@@ -1,0 +1,82 @@
+"""Publishing: the properties every message carries, confirms, and chunking.
+
+Every message carries `type` (the command, or `<command>.reply`), `app_id`,
+`correlation_id`, `reply_to` on commands, and a `sender` header. Commands are
+published `mandatory`, so one that no queue can take comes back at once (as a
+`RETURNED` delivery) instead of vanishing. With `confirm`, a publish returns only
+once the broker has taken responsibility for the message.
+
+Messages over the chunk size travel in chunks (`_chunks.py`), each with a
+`chunk` header `[index, count, total bytes]`. The methods here are called under
+the link's lock, with the `Channels` it hands out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import pika
+
+from .._chunks import split_frame
+from .._codec import Frame
+from .._transport import APP_ID, COMMAND_EXCHANGE
+from ._link import Channels
+
+__all__ = ["Publisher"]
+
+# Transient even for transfers between workers: their safety comes from the
+# destination's confirmation (the source keeps its copy until then), and a
+# persistent 1 GiB message would be written to the broker's disk for nothing.
+_TRANSIENT: Final = 1
+
+
+class Publisher:
+    """Publishes frames as `identity`, in chunks of at most `chunk_size` bytes."""
+
+    def __init__(self, identity: str, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.bytes_sent = 0
+        self._headers: dict[str, Any] = {"sender": identity}
+        # One properties object, refilled for every small message: pika encodes it
+        # during basic_publish, and building one costs as much as the rest.
+        self._properties = pika.BasicProperties(
+            app_id=APP_ID, headers=self._headers, delivery_mode=_TRANSIENT
+        )
+
+    def publish(
+        self,
+        channels: Channels,
+        exchange: str,
+        routing_key: str,
+        *,
+        type: str,
+        frame: Frame,
+        correlation_id: str,
+        reply_to: str | None = None,
+        confirm: bool = False,
+    ) -> None:
+        """Publish one message (raises pika's `UnroutableError` / `NackError` under `confirm`).
+
+        A reconnect in the middle of a chunked message makes the caller run this
+        again: the whole message is sent again, from chunk 0.
+        """
+        mandatory = exchange == COMMAND_EXCHANGE
+        channel = channels.confirming() if confirm else channels.commands
+        if frame.nbytes <= self.chunk_size:
+            props = self._properties
+            props.type, props.correlation_id, props.reply_to = type, correlation_id, reply_to
+            channel.basic_publish(exchange, routing_key, frame.tobytes(), props,
+                                  mandatory=mandatory)
+            self.bytes_sent += frame.nbytes
+            return
+        chunks = list(split_frame(frame, self.chunk_size))
+        for index, chunk in enumerate(chunks):
+            props = pika.BasicProperties(
+                type=type, app_id=APP_ID, correlation_id=correlation_id, reply_to=reply_to,
+                headers={**self._headers, "chunk": [index, len(chunks), frame.nbytes]},
+                delivery_mode=_TRANSIENT,
+            )
+            # pika takes only bytes: one chunk is copied at a time, never the tensor.
+            data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            channel.basic_publish(exchange, routing_key, data, props, mandatory=mandatory)
+            self.bytes_sent += len(data)

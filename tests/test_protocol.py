@@ -1,0 +1,171 @@
+"""The protocol, declared once: every command round-trips, every field is checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import pytest
+import torch
+
+from torchrelay.broker import (
+    COMMANDS,
+    Call,
+    Command,
+    Envelope,
+    Meta,
+    ObjectRef,
+    ProtocolError,
+    Store,
+    Transfer,
+    command,
+    decode_command,
+    encode,
+    session_and_number,
+)
+from torchrelay.broker import _protocol as protocol
+
+# A value for each kind of field a command can declare, unlike any default.
+_SAMPLES: dict[Any, Any] = {
+    protocol.ObjectId: 2**53 - 7,
+    protocol.Hops: 5,
+    protocol.OpName: "Tensor.__add__",
+    protocol.WorkerId: "secure_worker",
+    protocol.Identity: "alice",
+    bool: True,
+    list[Any]: [ObjectRef(3), 2.5, "x"],
+    dict[str, Any]: {"alpha": 3},
+    Any: torch.arange(4.0),
+}
+
+
+def _sample(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is typing.Union:  # `X | None`: an X
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation in _SAMPLES:
+        return _SAMPLES[annotation]
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return [_sample(item), _sample(item)]
+    raise AssertionError(f"no sample for fields annotated {annotation!r}")
+
+
+def _everything_set(cls: type[Command]) -> Command:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    values = {f.name: _sample(hints[f.name]) for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            assert values[f.name] != f.default, f"{cls.name}.{f.name}: sample equals default"
+    return cls(**values)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_round_trips_with_every_field_set(name: str) -> None:
+    original = _everything_set(COMMANDS[name])
+    envelope = Envelope([4, 5], 17)
+
+    decoded, carried = decode_command(name, original.encode(envelope).tobytes())
+
+    assert carried == envelope
+    assert type(decoded) is type(original)
+    for f in dataclasses.fields(original):
+        sent, got = getattr(original, f.name), getattr(decoded, f.name)
+        if isinstance(sent, torch.Tensor):
+            assert torch.equal(sent, got), f.name
+        else:
+            assert got == sent, f.name
+
+
+def test_fields_with_defaults_may_be_left_out_and_unknown_ones_may_not() -> None:
+    body = encode({"op": "torch.add", "args": [], "kwargs": {}, "result_id": None}).tobytes()
+    decoded, envelope = decode_command("call", body)
+    assert decoded == Call("torch.add", [], {}, None, 0)
+    assert envelope == Envelope()
+    body = encode({"id": 1, "path": "/etc/passwd"}).tobytes()
+    with pytest.raises(ProtocolError, match=r"fetch: unknown fields \['path'\]"):
+        decode_command("fetch", body)
+    with pytest.raises(ProtocolError, match=r"missing fields \['op', 'result_id'\]"):
+        decode_command("call", encode({"args": [], "kwargs": {}}).tobytes())
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "message"),
+    [
+        ("call", {"result_id": "7"}, "field 'result_id' must be an integer from 0 to"),
+        ("call", {"result_id": -1}, "field 'result_id' must be an integer from 0 to"),
+        ("call", {"hops": -1}, "field 'hops' must be an integer from 0 to 32, got int -1"),
+        ("call", {"hops": 33}, "field 'hops' must be an integer from 0 to 32"),
+        ("call", {"hops": True}, "field 'hops' must be an integer"),
+        ("call", {"kwargs": {1: 2}}, "field 'kwargs' must be a map with string keys"),
+        ("call", {"op": ""}, "field 'op' must be a non-empty string of at most 255"),
+        ("call", {"op": "x" * 256}, "field 'op' must be a non-empty string of at most 255"),
+        ("meta", {"hops": 2**40}, "field 'hops' must be an integer from 0 to 32"),
+        ("delete", {"ids": [1, -2]}, "field 'ids' must be a list of an integer from 0"),
+        ("delete", {"ids": [2**53]}, "field 'ids' must be a list of an integer from 0"),
+        ("transfer", {"destination": "../bob"}, "field 'destination' must be 1 to 128 letters"),
+        ("store", {"provenance": [""]}, "field 'provenance' must be a list of a non-empty"),
+    ],
+)
+def test_every_field_is_range_checked_naming_it(
+    name: str, values: dict[str, Any], message: str
+) -> None:
+    body = dataclasses.asdict(_everything_set(COMMANDS[name]))
+    body.update(values)
+    with pytest.raises(ProtocolError, match=message.replace("(", r"\(")):
+        decode_command(name, encode(body).tobytes())
+
+
+@pytest.mark.parametrize(
+    ("envelope", "message"),
+    [
+        ({"garbage": [1, "2"]}, "envelope: field 'garbage' must be a list of an integer"),
+        ({"guard": -1}, "envelope: field 'guard' must be an integer from 0"),
+    ],
+)
+def test_the_envelope_is_checked_too(envelope: dict[str, Any], message: str) -> None:
+    body = encode({"id": 1, **envelope}).tobytes()
+    with pytest.raises(ProtocolError, match=message):
+        decode_command("fetch", body)
+
+
+def test_a_command_is_its_declaration() -> None:
+    @command("test-echo")
+    class Echo(Command):
+        value: Any
+        times: int = 1
+
+    try:
+        decoded, _ = decode_command("test-echo", Echo([1, 2], 3).encode().tobytes())
+        assert decoded == Echo([1, 2], 3)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            decoded.times = 4  # type: ignore[misc]
+        with pytest.raises(TypeError, match="declared twice"):
+            command("test-echo")(type("Again", (Command,), {"__annotations__": {}}))
+        with pytest.raises(TypeError, match="envelope's field names"):
+            command("test-clash")(type("Clash", (Command,), {"__annotations__": {"guard": "int"}}))
+    finally:
+        COMMANDS.pop("test-echo")
+        COMMANDS.pop("test-clash", None)
+
+
+def test_store_keeps_its_value_and_transfer_its_destination() -> None:
+    store = Store(5, torch.ones(1), ["alice"])
+    decoded, envelope = decode_command("store", store.encode(Envelope([7, 8])).tobytes())
+    assert isinstance(decoded, Store)
+    assert decoded.provenance == ["alice"]
+    assert envelope.garbage == [7, 8]
+    transfer = Transfer(1, "alice", 2, keep_pointer=True)
+    assert decode_command("transfer", transfer.encode().tobytes())[0] == transfer
+    assert decode_command("meta", Meta(9).encode().tobytes())[0] == Meta(9, 0)
+
+
+@pytest.mark.parametrize(
+    ("correlation_id", "expected"),
+    [("me.1a2b.17", ("me.1a2b", 17)), ("a.b.c.0", ("a.b.c", 0)), ("c-1", None),
+     ("me.x", None), (".5", None), ("me.1" + "0" * 30, None)],
+)
+def test_correlation_ids_split_into_session_and_number(
+    correlation_id: str, expected: tuple[str, int] | None
+) -> None:
+    assert session_and_number(correlation_id) == expected
