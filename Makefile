@@ -31,7 +31,7 @@ test: setup
 	./scripts/ensure-rabbitmq.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
 
 bench: setup
 	./scripts/ensure-rabbitmq.sh

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from ._fleet import Fleet, ObjectDescription, WorkerHandle
 from ._hook import hook
-from ._pointer import PointerTensor, send
+from ._pointer import OPERATORS, PointerTensor, send
 
-__all__ = ["Fleet", "ObjectDescription", "PointerTensor", "WorkerHandle", "hook", "send"]
+__all__ = [
+    "OPERATORS",
+    "Fleet",
+    "ObjectDescription",
+    "PointerTensor",
+    "WorkerHandle",
+    "hook",
+    "send",
+]

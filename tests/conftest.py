@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import torchrelay as tr
-from torchrelay.broker import ManagementAPI
+from torchrelay.broker import Endpoint, Frame, ManagementAPI, decode_command
 from torchrelay.worker import WorkerProcesses
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/")
@@ -129,3 +129,41 @@ def alice(fleet: tr.Fleet) -> tr.WorkerHandle:
 @pytest.fixture
 def carol(fleet: tr.Fleet) -> tr.WorkerHandle:
     return fleet.worker("carol")
+
+
+class Recorder:
+    """Wraps a fleet's endpoint; records what it publishes and receives, in order,
+    and the garbage that rides along with the commands."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.events: list[str] = []
+        self.garbage: list[int] = []
+
+    def send_command(self, worker_id: str, type: str, frame: Frame, correlation_id: str,
+                     **options: Any) -> None:
+        self.events.append(f"send {type} to {worker_id}")
+        self.garbage += decode_command(type, frame.tobytes())[1].garbage
+        self.endpoint.send_command(worker_id, type, frame, correlation_id, **options)
+
+    def receive(self, timeout: float) -> Any:
+        delivery = self.endpoint.receive(timeout)
+        if delivery is not None:
+            self.events.append(f"receive {delivery.type}")
+        return delivery
+
+    def clear(self) -> None:
+        self.events.clear()
+        self.garbage.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.endpoint, name)
+
+
+@pytest.fixture
+def recorder(fleet: tr.Fleet) -> Iterator[Recorder]:
+    """Records the fleet's traffic (see `Recorder`)."""
+    recorder = Recorder(fleet.endpoint)
+    fleet.endpoint = recorder  # type: ignore[assignment]
+    yield recorder
+    fleet.endpoint = recorder.endpoint

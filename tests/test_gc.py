@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import torch
+from conftest import Recorder
 
 import torchrelay as tr
 from torchrelay.worker import WorkerProcesses
@@ -59,14 +60,20 @@ def test_a_pointer_sent_on_hands_over_its_duty(
 
 
 def test_get_removes_the_remote_object_and_the_duty(
-    fleet: tr.Fleet, bob: tr.WorkerHandle
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
 ) -> None:
     pointer = torch.tensor([4]).send(bob)
+    remote_id = pointer.id_at_location
     pointer.get()
     assert pointer.garbage_collect is False
+    recorder.clear()
+
     del pointer
     gc.collect()
-    fleet.sync()  # no stray delete was sent: nothing fails
+    bob._objects  # sends every delete still waiting, alone or riding along
+
+    assert recorder.events == ["send describe to bob", "receive describe.reply"]
+    assert remote_id not in recorder.garbage
 
 
 def test_move_leaves_the_old_pointer_without_a_duty(

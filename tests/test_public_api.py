@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -53,6 +54,13 @@ def test_the_broker_package_imports_neither_client_nor_worker() -> None:
     result = subprocess.run([sys.executable, "-c", _IMPORT_BROKER_ALONE],
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_package_imports_one_way_only() -> None:
+    # Its folders are not importable on their own: one copy of every class.
+    for folder in ("broker", "worker", "client"):
+        assert importlib.util.find_spec(folder) is None, folder
+    assert broker.RemoteError is tr.RemoteError
 
 
 def test_unknown_broker_url_suggests_the_right_scheme() -> None:

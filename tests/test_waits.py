@@ -1,0 +1,130 @@
+"""What a call that waits costs, and what it sees: one round trip, every earlier effect,
+earlier failures first, metadata answered locally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Recorder
+
+import torchrelay as tr
+
+tr.hook(torch)
+
+
+def test_get_behind_an_operation_costs_one_round_trip(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    fleet.sync()
+    recorder.events.clear()
+
+    assert torch.equal((x + x).get(), torch.tensor([2.0, 4.0]))
+
+    assert recorder.events == ["send call to bob", "send fetch to bob",
+                               "receive call.reply", "receive fetch.reply"]
+    x.get()
+
+
+def test_a_wait_behind_a_chain_or_another_worker_collects_first(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    chain = torch.tensor([1.0]).send(bob).send(alice)
+    other = torch.tensor([5.0]).send(bob)
+    fleet.sync()
+    recorder.events.clear()
+
+    doubled = chain * 2  # forwarded by alice to bob: it does not settle in order on alice
+    on_alice = doubled.get()
+    assert recorder.events == ["send call to alice", "receive call.reply", "send fetch to alice",
+                               "receive fetch.reply"]
+    recorder.events.clear()
+
+    other += 1  # to bob; the fetch goes to alice
+    data = chain.get()
+    assert recorder.events == ["send call to bob", "receive call.reply", "send fetch to alice",
+                               "receive fetch.reply"]
+    assert torch.equal(on_alice.get(), torch.tensor([2.0]))
+    assert torch.equal(other.get(), torch.tensor([6.0]))
+    assert torch.equal(data.get(), torch.tensor([1.0]))
+
+
+def test_a_get_behind_a_failure_raises_it_and_destroys_nothing(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    fleet.sync()
+    recorder.events.clear()
+
+    x.view(5, 5)  # fails on bob, nobody waits for it
+    with pytest.raises(tr.RemoteError, match=r"call Tensor\.view failed") as caught:
+        x.get()  # published right behind it: bob refuses to run it
+
+    assert caught.value.operation == "call Tensor.view"
+    assert recorder.events[:2] == ["send call to bob", "send fetch to bob"]
+    assert x.garbage_collect
+    assert bob._objects[x.id_at_location] == "tensor([1., 2.])"
+    assert torch.equal(x.get(), torch.tensor([1.0, 2.0]))
+
+
+def test_a_move_behind_a_failure_moves_nothing(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle
+) -> None:
+    x = torch.tensor([3.0]).send(bob)
+    x.view(3, 3)  # fails: one element is no 3x3 matrix
+    with pytest.raises(tr.RemoteError, match=r"call Tensor\.view"):
+        x.move(alice)
+    assert list(bob._objects) == [x.id_at_location]
+    assert alice._objects == {}
+    assert torch.equal(x.move(alice).get(), torch.tensor([3.0]))
+
+
+def test_a_thousand_failures_name_the_first_and_count_the_rest(
+    fleet: tr.Fleet, bob: tr.WorkerHandle
+) -> None:
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    for size in range(3, 1003):
+        x.view(size)
+    with pytest.raises(tr.RemoteError, match=r"shape '\[3\]' is invalid") as caught:
+        fleet.sync()
+    notes = "\n".join(caught.value.__notes__)
+    assert notes.startswith("999 later operations failed too, the first of them: ")
+    assert "shape '[4]'" in notes
+    assert len(notes) < 1000
+    x.get()
+
+
+def test_metadata_answers_locally_and_is_asked_for_once(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    x = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True).send(bob)
+    fleet.sync()
+    recorder.events.clear()
+
+    assert x.shape == torch.Size([2, 3])
+    assert x.dtype is torch.float64
+    assert (x.ndim, x.dim(), x.size(), x.size(1), x.numel(), len(x)) == (
+        2, 2, torch.Size([2, 3]), 3, 6, 2)
+    assert x.requires_grad is True
+    assert x.device == torch.device("cpu")
+    assert x.element_size() == 8 and x.is_floating_point() and not x.is_complex()
+    assert recorder.events == ["send meta to bob", "receive meta.reply"]
+
+    x.detach_().t_()  # changes requires_grad and shape: asked for again
+    assert (x.shape, x.requires_grad) == (torch.Size([3, 2]), False)
+    assert recorder.events.count("send meta to bob") == 2
+    x.get()
+
+
+def test_metadata_follows_a_chain_and_refuses_what_is_no_tensor(
+    bob: tr.WorkerHandle, alice: tr.WorkerHandle
+) -> None:
+    chain = torch.ones(4, 1, dtype=torch.int8).send(bob).send(alice)
+    assert (chain.shape, chain.dtype) == (torch.Size([4, 1]), torch.int8)
+    pair = tr.client.send((1, 2), bob)
+    with pytest.raises(tr.RemoteError, match="is a tuple, not a tensor"):
+        pair.shape
+    with pytest.raises(TypeError, match="0-d"):
+        len(torch.tensor(1.0).send(bob))
+    assert [row.get().tolist() for row in torch.tensor([[1], [2]]).send(bob)] == [[1], [2]]
+    chain.get().get(), pair.get()
