@@ -252,8 +252,10 @@ class Fleet:
             raise TorchRelayError(f"{self!r} is closed")
         number = next(self._numbers)
         correlation_id = f"{self._prefix}{number}"
-        with self._doomed_lock:
-            garbage = self._doomed.pop(worker_id, ())
+        garbage: list[int] | tuple[()] = ()
+        if self._doomed:  # read without the lock: garbage missed now rides with the next
+            with self._doomed_lock:
+                garbage = self._doomed.pop(worker_id, ())
         self._outstanding[correlation_id] = _Outstanding(worker_id, command, number, keep, settles)
         self._outstanding_to[worker_id] = self._outstanding_to.get(worker_id, 0) + 1
         if not settles:

@@ -318,7 +318,13 @@ def _remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Poin
     Returns a pointer to the result, or for an in-place operation its target.
     """
     finder = _LocationFinder()
-    wire_args = finder.replace(list(args))
+    wire_args = [
+        # The usual arguments (pointers and numbers) without a recursive call each.
+        finder.pointer(arg) if type(arg) is PointerTensor
+        else arg if type(arg) in _PLAIN
+        else finder.replace(arg)
+        for arg in args
+    ]
     wire_kwargs = finder.replace(kwargs) if kwargs else kwargs
     first = finder.first
     if first is None:
@@ -335,6 +341,9 @@ def _remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Poin
     return PointerTensor(location, result_id, chain=finder.chain)
 
 
+_PLAIN: Final = frozenset({int, float, bool, str, type(None)})
+
+
 class _LocationFinder:
     """Turns pointers in call arguments into `ObjectRef`s, checking they share a worker."""
 
@@ -344,17 +353,20 @@ class _LocationFinder:
         self.first: PointerTensor | None = None
         self.chain = False
 
+    def pointer(self, value: PointerTensor) -> ObjectRef:
+        if self.first is None:
+            self.first = value
+        elif value.location is not self.first.location:
+            raise OperationRefused(
+                f"the arguments point to different workers ({self.first.location.id} and "
+                f"{value.location.id}); move them to one worker first"
+            )
+        self.chain = self.chain or value.chain
+        return ObjectRef(value.id_at_location)
+
     def replace(self, value: Any) -> Any:
         if isinstance(value, PointerTensor):
-            if self.first is None:
-                self.first = value
-            elif value.location is not self.first.location:
-                raise OperationRefused(
-                    f"the arguments point to different workers ({self.first.location.id} and "
-                    f"{value.location.id}); move them to one worker first"
-                )
-            self.chain = self.chain or value.chain
-            return ObjectRef(value.id_at_location)
+            return self.pointer(value)
         if isinstance(value, list | tuple):
             replaced = [self.replace(v) for v in value]
             return replaced if isinstance(value, list) else tuple(replaced)

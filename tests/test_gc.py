@@ -96,6 +96,7 @@ def test_closing_a_session_deletes_what_its_pointers_own(session_daemons: Worker
         before = set(bob._objects)
         session = tr.connect(session_daemons.url)
         kept = torch.tensor([1]).send(session.worker("bob"))
+        session.sync()  # stored before the other session looks
         assert kept.id_at_location in set(bob._objects) - before
 
         session.close()
