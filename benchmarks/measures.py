@@ -64,6 +64,31 @@ def _time_kept_loop(fleet: Fleet, x: PointerTensor, count: int) -> list[float]:
     return samples
 
 
+def _time_get_loop(fleet: Fleet, x: PointerTensor, count: int) -> list[float]:
+    """`(x + x).get()`: the line PySyft users write most."""
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        (x + x).get()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _time_small_moves(
+    fleet: Fleet, bob: WorkerHandle, alice: WorkerHandle, count: int
+) -> list[float]:
+    """`p = p.move(w)` of a 4-element tensor, back and forth between bob and alice."""
+    samples = []
+    pointer = _small_pointer(fleet, bob)
+    for i in range(count):
+        destination = alice if i % 2 == 0 else bob
+        start = time.perf_counter()
+        pointer = pointer.move(destination)
+        samples.append(time.perf_counter() - start)
+    pointer.get()
+    return samples
+
+
 def _time_pipelined(fleet: Fleet, x: PointerTensor, count: int) -> float:
     """Seconds for `count` ops issued without waiting, then one `fleet.sync()`."""
     start = time.perf_counter()
@@ -79,24 +104,30 @@ def _time_pipelined(fleet: Fleet, x: PointerTensor, count: int) -> float:
 
 
 def sync_op(session: Session) -> MeasureResult:
-    """Latency of one small op that waits, against one bare pika request/reply.
+    """Latency of small ops that wait, against one bare pika request/reply.
 
     This is the floor the broker sets: anything above it is torchrelay's own cost
     (encoding, the runtime, the client's bookkeeping, extra messages).
     """
-    fleet, bob, _, pika = session.require()
+    fleet, bob, alice, pika = session.require()
     s = session.settings
     x = _small_pointer(fleet, bob)
     _time_literal_loop(fleet, x, s.sync_warmup)
+    _time_get_loop(fleet, x, s.sync_warmup)
+    _time_small_moves(fleet, bob, alice, s.sync_warmup // 4)
     for _ in range(s.sync_warmup):
         pika.call(SMALL_BODY)
     literal: list[float] = []
     kept: list[float] = []
+    got: list[float] = []
+    moves: list[float] = []
     bare: list[float] = []
     block = s.sync_iterations // s.sync_blocks
     for _ in range(s.sync_blocks):
         literal += _time_literal_loop(fleet, x, block)
-        kept += _time_kept_loop(fleet, x, block)
+        got += _time_get_loop(fleet, x, block)
+        kept += _time_kept_loop(fleet, x, block // 2)
+        moves += _time_small_moves(fleet, bob, alice, block // 4)
         for _ in range(block):
             start = time.perf_counter()
             pika.call(SMALL_BODY)
@@ -104,14 +135,20 @@ def sync_op(session: Session) -> MeasureResult:
     del x
     fleet.sync()
 
-    raw: dict[str, Any] = {"torchrelay_s": literal, "torchrelay_kept_s": kept, "pika_s": bare}
+    raw: dict[str, Any] = {"torchrelay_s": literal, "torchrelay_get_s": got,
+                           "torchrelay_kept_s": kept, "torchrelay_move_s": moves,
+                           "pika_s": bare}
     result = MeasureResult(raw=raw)
     pika_median, pika_p99 = median(bare), percentile(bare, 0.99)
     for label, samples, target_median, target_p99, note in (
         ("1 sync x+x", literal, at_most(1.2), at_most(1.5),
          "`y = x + x; fleet.sync()`: the old y rides, as garbage, with the next command"),
+        ("1 get (x+x).get()", got, at_most(1.3), at_most(1.6),
+         "the fetch is published right behind the op: one round trip"),
         ("1 sync x+x, results kept", kept, None, None,
          "every result kept alive (no garbage at all); no target"),
+        ("1 move 4 floats", moves, None, None,
+         "bob->alice: client->bob, bob->alice (confirmed), both replies; no target"),
     ):
         ours_median, ours_p99 = median(samples), percentile(samples, 0.99)
         result.rows += [
@@ -363,7 +400,7 @@ def embedded(session: Session) -> MeasureResult:
     result = MeasureResult(raw={"torchrelay_s": ours, "local_s": plain})
     result.rows.append(
         Row("5 embedded sync x+x: median", micros(median(ours)),
-            f"local x+x {micros(median(plain))}", median(ours) / median(plain), at_most(10),
+            f"local x+x {micros(median(plain))}", median(ours) / median(plain), at_most(15),
             note=f"in-process workers; p99 {micros(percentile(ours, 0.99))}")
     )
     return result
@@ -405,7 +442,7 @@ class Measure:
 
 
 MEASURES: dict[str, Measure] = {
-    "sync": Measure(sync_op, True, "small op + fleet.sync() latency vs bare pika"),
+    "sync": Measure(sync_op, True, "small ops that wait (sync, get, move) vs bare pika"),
     "pipelined": Measure(pipelined, True, "N small ops then one sync, ops/s vs bare pika"),
     "transfer": Measure(transfer, True, "send+get 1 MiB .. 1 GiB, MiB/s and peak RSS"),
     "move": Measure(move, True, "move 64 MiB bob->alice: time and bytes via the client"),

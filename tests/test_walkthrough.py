@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,3 +39,23 @@ def test_walkthrough_notices_a_store_that_differs() -> None:
         with pytest.raises(WalkthroughMismatch, match="bob is not empty"):
             run_walkthrough(fleet, echo=lambda line: None)
         leftover.get()
+
+
+def test_the_demo_on_rabbitmq_prints_the_walkthrough_and_nothing_from_pika(
+    vhost_factory: Any,
+) -> None:
+    url = vhost_factory()  # the demo starts bob and alice itself
+    result = subprocess.run([sys.executable, "-m", "torchrelay", "demo", "--broker", url],
+                            capture_output=True, text=True, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "every store matched the notebook at every step" in output
+    assert "pika" not in output.lower()
+    assert "WARNING" not in output
+    log_dir = re.search(r"\(daemon logs in (\S+)\)", output)
+    assert log_dir is not None
+    logs = [path.read_text() for path in Path(log_dir.group(1)).glob("*.log")]
+    assert len(logs) == 2
+    for log in logs:  # the daemons log at INFO: their own lines, not pika's
+        assert "torchrelay.worker: worker" in log
+        assert " pika." not in log
