@@ -108,8 +108,11 @@ class RemoteError(TorchRelayError):
     """An error raised on a worker, rebuilt at the call site.
 
     `remote_type` is the qualified name of the exception class on the worker,
-    `remote_traceback` the worker's formatted traceback, `worker_id` where it
-    happened and `operation` what the caller had asked for.
+    `remote_traceback` the worker's formatted traceback, `worker_id` the worker
+    the caller asked and `operation` what it asked for. When the error happened
+    further down a chain of pointers, `origin` says where ("call Tensor.view
+    failed on worker 'bob'"); however long the chain, the message names only the
+    worker asked and that origin.
     """
 
     def __init__(
@@ -119,11 +122,16 @@ class RemoteError(TorchRelayError):
         remote_type: str,
         message: str,
         remote_traceback: str = "",
+        origin: str = "",
     ) -> None:
         self.worker_id = worker_id
         self.operation = operation
+        self.origin = origin
         self.remote_type = remote_type
         self.remote_message = message
         self.remote_traceback = remote_traceback
-        super().__init__(f"{operation} failed on worker {worker_id!r}: {remote_type}: {message}")
+        where = f"{origin}: " if origin else ""
+        super().__init__(
+            f"{operation} failed on worker {worker_id!r}: {where}{remote_type}: {message}"
+        )
 

@@ -11,7 +11,8 @@ Adding a command is its declaration plus its handler.
 A command travels as a message whose type is the command's name and whose body
 is the codec's encoding of a map: the command's fields, plus the `Envelope`
 fields that may ride along with any command. A reply carries either
-`{"ok": value}` or `{"error": [type, message, traceback]}`.
+`{"ok": value}` or `{"error": [type, message, traceback]}`, with a fourth item,
+the origin, for an error relayed from further down a chain of pointers.
 """
 
 from __future__ import annotations
@@ -426,27 +427,50 @@ def session_and_number(correlation_id: str) -> tuple[str, int] | None:
 # -- replies --------------------------------------------------------------------------------
 
 
+MAX_ERROR_MESSAGE: Final = 2000
+MAX_ERROR_TRACEBACK: Final = 8000
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """An exception as it crosses the wire: its type name, message and traceback."""
+    """An exception as it crosses the wire: its type name, message and traceback.
+
+    Message and traceback are bounded (`MAX_ERROR_MESSAGE`, `MAX_ERROR_TRACEBACK`
+    characters): an exception that quotes a huge value costs no more than another.
+    """
 
     type: str
     message: str
     traceback: str = ""
+    origin: str = ""
+    """Where down a chain of pointers it happened, if not on the worker that answers."""
 
     @classmethod
     def from_exception(cls, error: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
         if isinstance(error, RemoteError):  # relayed from further down a chain
-            return cls(error.remote_type, str(error), error.remote_traceback)
+            origin = error.origin or f"{error.operation} failed on worker {error.worker_id!r}"
+            return cls(error.remote_type, error.remote_message, error.remote_traceback,
+                       _bounded(origin, MAX_ERROR_MESSAGE))
         kind = type(error)
         name = kind.__qualname__ if kind.__module__ == "builtins" else (
             f"{kind.__module__}.{kind.__qualname__}"
         )
-        text = "".join(traceback.format_exception(error)) if with_traceback else ""
-        return cls(name, str(error), text)
+        try:
+            message = str(error)
+            text = "".join(traceback.format_exception(error)) if with_traceback else ""
+        except Exception as e:  # a message that cannot even be formatted
+            message, text = f"(the error's message could not be shown: {type(e).__name__})", ""
+        if len(text) > MAX_ERROR_TRACEBACK:
+            text = "…" + text[-(MAX_ERROR_TRACEBACK - 1):]  # the innermost frames matter
+        return cls(name, _bounded(message, MAX_ERROR_MESSAGE), text)
 
     def to_exception(self, worker_id: str, operation: str) -> RemoteError:
-        return RemoteError(worker_id, operation, self.type, self.message, self.traceback)
+        return RemoteError(worker_id, operation, self.type, self.message, self.traceback,
+                           self.origin)
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,7 +486,9 @@ class Reply:
                 return _OK_NONE  # the commonest reply, encoded once
             return encode({"ok": self.value})
         e = self.error
-        return encode({"error": [e.type, e.message, e.traceback]})
+        fields = [e.type, e.message, e.traceback, e.origin] if e.origin else [
+            e.type, e.message, e.traceback]
+        return encode({"error": fields})
 
 
 _OK_NONE: Final = encode({"ok": None})
@@ -478,6 +504,8 @@ def decode_reply(body: Body) -> Reply:
         if "ok" in values:
             return Reply(values["ok"])
         error = values.get("error")
-        if type(error) is list and len(error) == 3 and all(type(s) is str for s in error):
+        if type(error) is list and len(error) in (3, 4) and all(type(s) is str for s in error):
             return Reply(error=ErrorInfo(*error))
-    raise ProtocolError("a reply must be {'ok': value} or {'error': [type, message, traceback]}")
+    raise ProtocolError(
+        "a reply must be {'ok': value} or {'error': [type, message, traceback, (origin)]}"
+    )

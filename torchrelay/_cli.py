@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--chunk-size", type=int,
                         help="bytes; larger messages travel in chunks (default 8 MiB)")
     worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    worker.add_argument("--command-timeout", type=float,
+                        help="seconds one command may run before it is stopped (default 60)")
+    worker.add_argument("--max-elements", type=int,
+                        help="elements of any tensor a command may make (default 2**28)")
+    worker.add_argument("--max-bytes", type=int,
+                        help="bytes of tensors the worker may hold (default: half the RAM)")
+    worker.add_argument("--max-list-elements", type=int,
+                        help="elements of a Python list a command may build (default 2**20)")
 
     demo = commands.add_parser("demo", help="run the remote-execution walkthrough")
     demo.add_argument("--broker", help="amqp[s]:// URL; starts and stops bob and alice daemons "
@@ -74,6 +82,10 @@ def _worker(args: argparse.Namespace) -> int:
             reply_timeout=args.reply_timeout,
             chunk_size=args.chunk_size,
             log_level=args.log_level,
+            command_timeout=args.command_timeout,
+            max_elements=args.max_elements,
+            max_bytes=args.max_bytes,
+            max_list_elements=args.max_list_elements,
         )
     except ConfigError as e:
         print(f"torchrelay worker: {e}", file=sys.stderr)

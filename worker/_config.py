@@ -3,13 +3,19 @@
     [worker]
     id = "bob"
     broker = "amqp://guest:guest@localhost:5672/"
-    prefetch = 64          # commands delivered ahead of the one being executed
-    heartbeat = 30         # seconds; the connection stays alive during long commands
-    reply_timeout = 60.0   # seconds to wait for another worker down a chain
-    chunk_size = 8388608   # bytes; larger messages travel as chunks of this size
+    prefetch = 64             # commands delivered ahead of the one being executed
+    heartbeat = 30            # seconds; the connection stays alive during long commands
+    reply_timeout = 60.0      # seconds to wait for another worker down a chain
+    chunk_size = 8388608      # bytes; larger messages travel as chunks of this size
     log_level = "INFO"
+    command_timeout = 60.0    # seconds one command may run before it is stopped
+    max_elements = 268435456  # elements of any tensor a command may make (views too)
+    max_bytes = 8589934592    # bytes of tensors the worker may hold (default: half the RAM)
+    max_list_elements = 1048576  # elements of a Python list a command may build (tolist)
 
-Later sources win: file < `TORCHRELAY_BROKER` < command-line flags.
+Later sources win: file < `TORCHRELAY_BROKER` < command-line flags. Each
+setting's type is its field's annotation here, so the file is checked against
+the same declaration the daemon reads.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import dataclasses
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torchrelay.broker import BROKER_ENV, DEFAULT_CHUNK_SIZE
+
+from ._limits import Limits, default_max_bytes
 
 __all__ = ["ConfigError", "WorkerConfig"]
 
@@ -43,6 +52,10 @@ class WorkerConfig:
     reply_timeout: float = 60.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     log_level: str = "INFO"
+    command_timeout: float = 60.0
+    max_elements: int = 1 << 28
+    max_bytes: int = field(default_factory=default_max_bytes)
+    max_list_elements: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not _WORKER_ID.match(self.id):
@@ -56,12 +69,19 @@ class WorkerConfig:
             raise ConfigError(f"prefetch must be at least 1, not {self.prefetch}")
         if self.heartbeat is not None and self.heartbeat < 0:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
-        if self.reply_timeout <= 0:
-            raise ConfigError(f"reply_timeout must be positive, not {self.reply_timeout}")
+        for positive in ("reply_timeout", "command_timeout", "max_elements", "max_bytes",
+                         "max_list_elements"):
+            if getattr(self, positive) <= 0:
+                raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
         if self.chunk_size < 4096:
             raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.command_timeout, self.max_elements, self.max_bytes,
+                      self.max_list_elements)
 
     @classmethod
     def resolve(cls, config_file: str | Path | None = None, **flags: Any) -> WorkerConfig:
@@ -79,6 +99,13 @@ class WorkerConfig:
         return cls(**settings)
 
 
+def _accepted_types(annotation: Any) -> tuple[type, ...]:
+    """The TOML value types a setting annotated `annotation` accepts."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    accepted = tuple(k for k in kinds if k is not type(None))
+    return (*accepted, int) if float in accepted else accepted  # 60 is a fine float
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
@@ -90,16 +117,13 @@ def _read_file(path: Path) -> dict[str, Any]:
     section = document.get("worker")
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path} has no [worker] table")
-    known = {f.name: f.type for f in dataclasses.fields(WorkerConfig)}
+    hints = typing.get_type_hints(WorkerConfig)
+    known = {f.name: _accepted_types(hints[f.name]) for f in dataclasses.fields(WorkerConfig)}
     unknown = sorted(set(section) - set(known))
     if unknown:
         raise ConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
-    expected: dict[str, tuple[type, ...]] = {
-        "id": (str,), "broker": (str,), "prefetch": (int,), "heartbeat": (int,),
-        "reply_timeout": (int, float), "chunk_size": (int,), "log_level": (str,),
-    }
     for key, value in section.items():
-        if not isinstance(value, expected[key]) or isinstance(value, bool):
-            kinds = " or ".join(t.__name__ for t in expected[key])
+        if not isinstance(value, known[key]) or isinstance(value, bool):
+            kinds = " or ".join(t.__name__ for t in known[key])
             raise ConfigError(f"config file {path}: {key} must be {kinds}")
     return dict(section)

@@ -49,7 +49,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int
     except BrokerError as e:
         log.error("worker %s cannot start: %s", config.id, e)
         return 1
-    runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout)
+    runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout,
+                            limits=config.limits)
     log.info("worker %s serving on %s", config.id, broker.url)
     try:
         _serve(endpoint, runtime, stop)

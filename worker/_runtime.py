@@ -64,6 +64,7 @@ from torchrelay.broker import (
     session_and_number,
 )
 
+from ._limits import Limits, check_arguments, check_result
 from ._store import ObjectStore, StoredObject
 
 __all__ = ["WorkerRuntime"]
@@ -135,10 +136,12 @@ class WorkerRuntime:
         endpoint: Endpoint,
         *,
         reply_timeout: float = 60.0,
+        limits: Limits | None = None,
     ) -> None:
         self.id = worker_id
         self.endpoint = endpoint
-        self.store = ObjectStore(worker_id)
+        self.limits = limits or Limits()
+        self.store = ObjectStore(worker_id, self.limits.max_bytes)
         self.reply_timeout = reply_timeout
         self._waiting: dict[str, _Waiting] = {}
         self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
@@ -342,6 +345,7 @@ class WorkerRuntime:
             value.id_at_location == command.id
         ):
             raise ProtocolError(f"object {command.id} on worker {self.id!r} cannot point at itself")
+        check_result("store", value, self.limits)
         provenance = frozenset(command.provenance) | {sender}
         if not command.replaces_pointer:
             self.store.put(command.id, command.value, provenance)
@@ -403,7 +407,9 @@ class WorkerRuntime:
         args = resolver.resolve(command.args)
         kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
         if resolver.location is None:
+            check_arguments(command.op, args, kwargs, self.limits)
             result = op(*args, **kwargs)
+            check_result(command.op, result, self.limits)
             if command.result_id is not None:
                 self.store.put(command.result_id, result, resolver.provenance)
             return None
@@ -478,7 +484,8 @@ class WorkerRuntime:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self._started, 3),
             "objects": len(self.store),
-            "tensor_bytes": self.store.tensor_bytes(),
+            "tensor_bytes": self.store.bytes,
+            "max_bytes": self.limits.max_bytes,
             "commands_handled": self._handled,
             "commands_failed": self._failed,
             "requests_waiting": len(self._waiting),

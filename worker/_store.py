@@ -1,23 +1,34 @@
-"""A worker's objects: id -> value, each with its provenance.
+"""A worker's objects: id -> value, each with its provenance, within a memory budget.
 
 Values are tensors, pointers to objects on other workers (`PointerRef`), and
 whatever allow-listed operations return (tuples, scalars). Provenance is the set
 of data owners an object derives from: the identity that stored it, unioned
 through every operation that used it. It is what will let a data owner's worker
 refuse to let anything but an aggregate leave.
+
+The store counts the bytes its tensors hold, each storage once however many
+objects view it, and refuses an object that would take it past `max_bytes`.
+`describe` shows every object in a bounded number of characters, whatever it
+holds: one value that cannot be shown does not break the listing.
 """
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import torch
 
 from torchrelay.broker import ObjectNotFound, PointerRef, ProtocolError, format_pointer
 
-__all__ = ["ObjectStore", "StoredObject"]
+from ._limits import BudgetExceeded
+
+__all__ = ["ObjectStore", "StoredObject", "describe_value"]
+
+DESCRIPTION_CHARACTERS: Final = 400
+"""At most this many characters describe one object in `_objects` or an error."""
 
 
 @dataclass(slots=True)
@@ -29,9 +40,13 @@ class StoredObject:
 class ObjectStore:
     """The objects of the worker named `owner`."""
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, max_bytes: int | None = None) -> None:
         self.owner = owner
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        """Bytes held by the tensors of all objects, each storage counted once."""
         self._objects: dict[int, StoredObject] = {}
+        self._storages: dict[int, list[int]] = {}  # data pointer -> [bytes, references]
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -45,9 +60,14 @@ class ObjectStore:
     def put(self, object_id: int, value: Any, provenance: frozenset[str] = frozenset()) -> None:
         if object_id in self._objects:
             raise ProtocolError(f"id {object_id} is already in use on worker {self.owner!r}")
+        self._count_in(object_id, value)
         self._objects[object_id] = StoredObject(value, provenance)
 
     def replace(self, object_id: int, value: Any, provenance: frozenset[str]) -> None:
+        old = self._objects.get(object_id)
+        self._count_in(object_id, value)
+        if old is not None:
+            self._count_out(old.value)
         self._objects[object_id] = StoredObject(value, provenance)
 
     def get(self, object_id: int) -> StoredObject:
@@ -59,32 +79,102 @@ class ObjectStore:
     def pop(self, object_id: int) -> StoredObject:
         entry = self.get(object_id)
         del self._objects[object_id]
+        self._count_out(entry.value)
         return entry
 
     def discard(self, object_id: int) -> StoredObject | None:
-        return self._objects.pop(object_id, None)
+        entry = self._objects.pop(object_id, None)
+        if entry is not None:
+            self._count_out(entry.value)
+        return entry
 
     def discard_if(self, object_id: int, entry: StoredObject) -> bool:
         """Remove `object_id` if it still holds `entry`; whether it did."""
         if self._objects.get(object_id) is not entry:
             return False
         del self._objects[object_id]
+        self._count_out(entry.value)
         return True
 
     def describe(self) -> dict[int, str]:
-        """`{id: short description}`: a tensor's repr, or a pointer's."""
+        """`{id: short description}`: a tensor's repr, or a pointer's; bounded in size."""
         return {object_id: self.describe_one(object_id) for object_id in self._objects}
 
     def describe_one(self, object_id: int) -> str:
         value = self.get(object_id).value
         if type(value) is PointerRef:
             return format_pointer(self.owner, object_id, value.location, value.id_at_location)
-        return repr(value)
+        return describe_value(value)
 
     def tensor_bytes(self) -> int:
-        """Bytes held by stored tensors (aliases counted once per id)."""
-        return sum(
-            entry.value.numel() * entry.value.element_size()
-            for entry in self._objects.values()
-            if isinstance(entry.value, torch.Tensor)
-        )
+        return self.bytes
+
+    # -- memory accounting ------------------------------------------------------------
+
+    def _count_in(self, object_id: int, value: Any) -> None:
+        """Count the storages of `value` in; refuse it (counting nothing) past the budget."""
+        storages = self._storages
+        new: dict[int, int] = {}
+        for tensor in _tensors_in(value):
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer and pointer not in storages:
+                new[pointer] = storage.nbytes()
+        added = sum(new.values())
+        if self.max_bytes is not None and added and self.bytes + added > self.max_bytes:
+            raise BudgetExceeded(
+                f"storing object {object_id} would take {_size(added)} more; worker "
+                f"{self.owner!r} holds {_size(self.bytes)} of its max_bytes "
+                f"{_size(self.max_bytes)}. Delete objects (drop their pointers) first"
+            )
+        for tensor in _tensors_in(value):
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer:
+                if pointer in new:
+                    storages[pointer] = [new.pop(pointer), 0]
+                storages[pointer][1] += 1
+        self.bytes += added
+
+    def _count_out(self, value: Any) -> None:
+        storages = self._storages
+        for tensor in _tensors_in(value):
+            pointer = tensor.untyped_storage().data_ptr()
+            counted = storages.get(pointer)
+            if counted is not None:
+                counted[1] -= 1
+                if not counted[1]:
+                    del storages[pointer]
+                    self.bytes -= counted[0]
+
+
+def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif type(value) in (tuple, list) and depth < 8:
+        for item in value:
+            yield from _tensors_in(item, depth + 1)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 4
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = 8
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
+def describe_value(value: Any) -> str:
+    """A description of `value` in at most `DESCRIPTION_CHARACTERS`, whatever it is."""
+    try:
+        # torch summarises large tensors itself; reprlib bounds everything else.
+        text = repr(value) if isinstance(value, torch.Tensor) else _SHORT_REPR.repr(value)
+    except Exception as e:  # a value whose repr fails must not break a listing
+        return f"<a {type(value).__name__} that cannot be shown: {type(e).__name__}>"
+    if len(text) > DESCRIPTION_CHARACTERS:
+        text = text[: DESCRIPTION_CHARACTERS - 1] + "…"
+    return text

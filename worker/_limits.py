@@ -1,0 +1,116 @@
+"""What one command may cost a worker: checked before an operation runs and after.
+
+A worker serves everyone who can reach its queue, so no single command may take
+more than its share. The bounds, all settable in the worker's config:
+
+- `command_timeout`: seconds a command may run; past it, the supervisor stops it
+  (the executor process running it is replaced; see `_supervisor.py`).
+- `max_elements`: elements of any tensor a command may produce, views included
+  (`x.expand(2**50)` is refused before anything can reduce it). Every stored
+  tensor is within it, so every reduction over one is too.
+- `max_bytes`: bytes of tensor memory the worker's objects may hold, all of them
+  together; a store or a result past it is refused. Defaults to half the
+  machine's memory.
+- `max_list_elements`: elements a value built of Python objects may hold
+  (`tolist` of a tensor costs about nine times its memory, and travels as such).
+
+Argument checks refuse the inputs on which particular allow-listed operations
+crash the process or never return inside torch; each was found by the fuzz
+campaign (`tests/test_fuzz.py`) and is kept there as a regression test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+
+from torchrelay.broker import OperationRefused, TorchRelayError
+
+__all__ = ["BudgetExceeded", "Limits", "check_arguments", "check_result", "default_max_bytes"]
+
+
+def default_max_bytes() -> int:
+    """Half of this machine's physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError):  # not a POSIX system that says
+        return 8 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A worker's bounds on what one command may cost (see the module docstring)."""
+
+    command_timeout: float = 60.0
+    max_elements: int = 1 << 28
+    max_bytes: int = field(default_factory=default_max_bytes)
+    max_list_elements: int = 1 << 20
+
+
+class BudgetExceeded(TorchRelayError, MemoryError):
+    """A command would take more of the worker than its limits allow."""
+
+
+def check_result(op: str, value: Any, limits: Limits) -> None:
+    """Refuse a result holding a tensor of more than `max_elements` elements."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() > limits.max_elements:
+            raise BudgetExceeded(
+                f"{op} would make a tensor of {value.numel():,} elements "
+                f"({_shape(value)}); this worker's max_elements is {limits.max_elements:,}"
+            )
+    elif type(value) in (tuple, list):
+        for item in value:
+            check_result(op, item, limits)
+
+
+def check_arguments(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    """Refuse arguments on which `op` is known to crash, never return, or explode."""
+    check = _CHECKS.get(op)
+    if check is not None:
+        check(op, args, kwargs, limits)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(str(d) for d in tensor.shape) or "a scalar"
+
+
+def _tensors(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    found = [a for a in args if isinstance(a, torch.Tensor)]
+    found += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    return found
+
+
+def _list_size(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if tensor is not None and tensor.numel() > limits.max_list_elements:
+        raise BudgetExceeded(
+            f"{op} of a tensor of {tensor.numel():,} elements would build that many Python "
+            f"objects; this worker's max_list_elements is {limits.max_list_elements:,}. "
+            "Fetch the tensor itself with .get() instead"
+        )
+
+
+def _finite_input(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    for tensor in _tensors(args, kwargs):
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(
+            torch.isfinite(tensor).all()
+        ):
+            raise OperationRefused(
+                f"{op} of a matrix with NaN or infinite entries is refused: LAPACK crashes "
+                "the process on such input (replace them first, e.g. with nan_to_num)"
+            )
+
+
+_Check = Callable[[str, list[Any], dict[str, Any], Limits], None]
+
+_CHECKS: Final[dict[str, _Check]] = {
+    "Tensor.tolist": _list_size,
+    "linalg.eigvals": _finite_input,
+    "linalg.eig": _finite_input,
+}
+"""Per operation: a check of its arguments. Completed from the fuzz campaign's findings."""
