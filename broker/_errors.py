@@ -121,6 +121,7 @@ class RemoteError(TorchRelayError):
         operation: str,
         remote_type: str,
         message: str,
+        *,
         remote_traceback: str = "",
         origin: str = "",
     ) -> None:

@@ -465,8 +465,8 @@ class ErrorInfo:
         return cls(name, _bounded(message, MAX_ERROR_MESSAGE), text)
 
     def to_exception(self, worker_id: str, operation: str) -> RemoteError:
-        return RemoteError(worker_id, operation, self.type, self.message, self.traceback,
-                           self.origin)
+        return RemoteError(worker_id, operation, self.type, self.message,
+                           remote_traceback=self.traceback, origin=self.origin)
 
 
 def _bounded(text: str, limit: int) -> str:
