@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from ._chunks import DEFAULT_CHUNK_SIZE, Reassembler, split_frame
+from ._chunks import DEFAULT_CHUNK_SIZE, Dropped, Reassembler, split_frame
 from ._codec import Body, EncodeError, Frame, decode, encode, tensor_buffer
 from ._embedded import EmbeddedBroker, EmbeddedEndpoint
 from ._errors import (
@@ -89,6 +89,7 @@ __all__ = [
     "Delete",
     "Delivery",
     "Describe",
+    "Dropped",
     "EarlierFailure",
     "EmbeddedBroker",
     "EmbeddedEndpoint",

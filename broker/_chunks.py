@@ -14,13 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ._codec import Frame, tensor_buffer
 from ._errors import ProtocolError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "Reassembler", "split_frame"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "Dropped", "Reassembler", "split_frame"]
 
 DEFAULT_CHUNK_SIZE = 8 << 20
 """Half of RabbitMQ 4's 16 MiB limit: room for properties, and few messages per GiB."""
@@ -50,19 +51,40 @@ class _Assembly:
     buffer: torch.Tensor
     view: memoryview
     count: int
+    chunk_size: int
+    origin: Any
     next_index: int = 0
     filled: int = 0
     touched: float = field(default_factory=time.monotonic)
 
 
-class Reassembler:
-    """Collects chunks, keyed by (sender, correlation id), into whole messages."""
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A message given up half-way: whose, what the caller attached to it, and why."""
 
-    def __init__(self, max_message_bytes: int, stale_after: float = 120.0) -> None:
-        """`max_message_bytes` bounds every message, and all of them still arriving."""
+    key: tuple[str, str]
+    origin: Any
+    reason: str
+
+
+class Reassembler:
+    """Collects chunks, keyed by (sender, correlation id), into whole messages.
+
+    Memory for messages still arriving is bounded by `max_message_bytes` in all,
+    shared fairly between senders: when a new message does not fit, the senders
+    holding more than an equal share lose their messages in progress (newest
+    first) until it does, and a sender asking for more than its share is refused.
+    So one sender announcing a huge message — honestly or not — cannot keep
+    another's transfers out. A message whose chunks stop coming for `stale_after`
+    seconds is dropped. Dropped messages wait in `take_dropped` for the caller to
+    tell their senders.
+    """
+
+    def __init__(self, max_message_bytes: int, stale_after: float = 60.0) -> None:
         self.max_message_bytes = max_message_bytes
         self.stale_after = stale_after
         self._assemblies: dict[tuple[str, str], _Assembly] = {}
+        self._dropped: list[Dropped] = []
 
     def __len__(self) -> int:
         return len(self._assemblies)
@@ -71,33 +93,29 @@ class Reassembler:
     def bytes_in_progress(self) -> int:
         return sum(len(a.view) for a in self._assemblies.values())
 
+    def held_by(self, sender: str) -> int:
+        return sum(len(a.view) for (s, _), a in self._assemblies.items() if s == sender)
+
     def add(
-        self, key: tuple[str, str], index: int, count: int, total: int, body: bytes
+        self, key: tuple[str, str], index: int, count: int, total: int, body: bytes,
+        *, origin: Any = None,
     ) -> torch.Tensor | None:
         """Add one chunk; the whole message (a uint8 tensor) once complete, else None.
 
-        Raises `ProtocolError` (and forgets the message) on chunks that do not fit.
+        `origin` is kept with the message for `take_dropped`. Raises
+        `ProtocolError` (and forgets the message) on chunks that do not fit.
         """
         assembly = self._assemblies.get(key)
         if assembly is None or index == 0:  # index 0 again: the sender started over
             if index != 0:
                 raise ProtocolError(f"chunk {index} of a message whose first chunk never came")
-            if key in self._assemblies:
-                del self._assemblies[key]
-            if not 0 < total <= self.max_message_bytes - self.bytes_in_progress:
-                raise ProtocolError(
-                    f"a message of {total} bytes is over this endpoint's limit of "
-                    f"{self.max_message_bytes} (of which {self.bytes_in_progress} are taken "
-                    "by messages still arriving)"
-                )
-            if count < 1:
-                raise ProtocolError(f"a chunked message cannot have {count} chunks")
-            # torch.empty, not bytearray: no zero-filling of memory about to be written.
-            buffer = torch.empty(total, dtype=torch.uint8)
-            assembly = _Assembly(buffer, tensor_buffer(buffer), count)
-            self._assemblies[key] = assembly
+            self._assemblies.pop(key, None)
+            assembly = self._start(key, count, total, len(body), origin)
         end = assembly.filled + len(body)
-        if index != assembly.next_index or count != assembly.count or end > len(assembly.view):
+        expected_size = assembly.chunk_size if index < count - 1 else len(assembly.view) - (
+            assembly.filled)
+        if (index != assembly.next_index or count != assembly.count
+                or len(body) != expected_size or end > len(assembly.view)):
             del self._assemblies[key]
             raise ProtocolError(
                 f"chunk {index}/{count} of {len(body)} bytes does not continue its message "
@@ -111,14 +129,72 @@ class Reassembler:
         if assembly.next_index < count:
             return None
         del self._assemblies[key]
-        if end != len(assembly.view):
-            raise ProtocolError(f"message ended after {end} of {len(assembly.view)} bytes")
         return assembly.buffer
 
-    def drop_stale(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Forget messages whose sender went quiet half-way; their keys."""
+    def _start(
+        self, key: tuple[str, str], count: int, total: int, chunk_size: int, origin: Any
+    ) -> _Assembly:
+        if not 0 < total <= self.max_message_bytes:
+            raise ProtocolError(
+                f"a message of {total} bytes is over this endpoint's limit of "
+                f"{self.max_message_bytes}"
+            )
+        # Every chunk but the last has the first one's size: the count follows.
+        if chunk_size < 1 or count != -(-total // chunk_size):
+            raise ProtocolError(
+                f"{count} chunks cannot make {total} bytes in chunks of {chunk_size}"
+            )
+        self._make_room(key[0], total)
+        # torch.empty, not bytearray: no zero-filling of memory about to be written.
+        buffer = torch.empty(total, dtype=torch.uint8)
+        assembly = _Assembly(buffer, tensor_buffer(buffer), count, chunk_size, origin)
+        self._assemblies[key] = assembly
+        return assembly
+
+    def _make_room(self, sender: str, size: int) -> None:
+        """Make room for `size` more bytes from `sender`, at other senders' expense only
+        if they hold more than their share; raise `ProtocolError` if it cannot."""
+        free = self.max_message_bytes - self.bytes_in_progress
+        if size <= free:
+            return
+        senders = {s for s, _ in self._assemblies} | {sender}
+        share = self.max_message_bytes // len(senders)
+        if self.held_by(sender) + size > share:
+            raise ProtocolError(
+                f"a message of {size} bytes is over sender {sender!r}'s share of this "
+                f"endpoint's {self.max_message_bytes} bytes for messages still arriving "
+                f"({share} while {len(senders)} senders send)"
+            )
+        for other in sorted(senders - {sender}, key=self.held_by, reverse=True):
+            theirs = sorted((k for k in self._assemblies if k[0] == other),
+                            key=lambda k: self._assemblies[k].touched, reverse=True)
+            for key in theirs:
+                if free >= size or self.held_by(other) <= share:
+                    break
+                assembly = self._assemblies.pop(key)
+                free += len(assembly.view)
+                self._dropped.append(Dropped(
+                    key, assembly.origin,
+                    f"dropped half-way: sender {other!r} held more than its share of the "
+                    "memory for messages still arriving when another sender needed it",
+                ))
+            if free >= size:
+                return
+        raise ProtocolError(f"no room for a message of {size} bytes from {sender!r}")
+
+    def drop_stale(self, now: float | None = None) -> list[Dropped]:
+        """Forget messages whose sender went quiet half-way (also kept for `take_dropped`)."""
         now = time.monotonic() if now is None else now
         stale = [k for k, a in self._assemblies.items() if now - a.touched > self.stale_after]
-        for key in stale:
-            del self._assemblies[key]
-        return stale
+        dropped = [
+            Dropped(key, self._assemblies.pop(key).origin,
+                    f"dropped half-way: no chunk came for {self.stale_after:g} s")
+            for key in stale
+        ]
+        self._dropped += dropped
+        return dropped
+
+    def take_dropped(self) -> list[Dropped]:
+        """The messages dropped since the last call, for their senders to be told."""
+        dropped, self._dropped = self._dropped, []
+        return dropped

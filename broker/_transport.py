@@ -49,7 +49,9 @@ class Delivery:
     (from the worker queue it serves). `chunked` says the message arrived in
     chunks and was reassembled here: its first chunks were acknowledged on
     arrival, so if it is not handled here it cannot come back from the broker.
-    `tag` and `epoch` are the transport's handle for `ack`.
+    `tag` and `epoch` are the transport's handle for `ack`. `refused` is set on a
+    message the transport could not take whole (a chunked one dropped half-way):
+    it says why, and the body is empty; whoever handles it tells the sender.
     """
 
     is_reply: bool
@@ -63,6 +65,7 @@ class Delivery:
     epoch: int = 0
     """Which connection of the endpoint received it; an ack must use the same one."""
     chunked: bool = False
+    refused: str | None = None
 
 
 class Endpoint(ABC):

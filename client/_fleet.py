@@ -35,6 +35,7 @@ from torchrelay.broker import (
     Command,
     ConnectionLost,
     Delete,
+    Delivery,
     Describe,
     Envelope,
     ProtocolError,
@@ -308,17 +309,20 @@ class Fleet:
             entry = self._forget(delivery.correlation_id)
             if entry is None:
                 continue  # a late reply to a request that already timed out
-            self._record(delivery.correlation_id, entry, delivery.type, delivery.body)
+            self._record(delivery.correlation_id, entry, delivery)
         if raise_errors:
             self._raise_errors()
 
-    def _record(self, correlation_id: str, entry: _Outstanding, kind: str, body: Any) -> None:
+    def _record(self, correlation_id: str, entry: _Outstanding, delivery: Delivery) -> None:
         result: Any
-        if kind == RETURNED:
+        if delivery.type == RETURNED:
             result = UnknownWorker(entry.worker_id, "no worker consumes its queue")
+        elif delivery.refused is not None:
+            result = ProtocolError(f"the reply to {entry.command.describe()} from worker "
+                                   f"{entry.worker_id!r} was {delivery.refused}")
         else:
             try:
-                reply = decode_reply(body)
+                reply = decode_reply(delivery.body)
             except ProtocolError as e:
                 result = e
             else:

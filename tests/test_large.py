@@ -105,13 +105,37 @@ def test_the_reassembler_refuses_what_does_not_fit() -> None:
         reassembler.add(("x", "1"), 0, 2, 10**12, b"a" * 10)
     with pytest.raises(ProtocolError, match="first chunk never came"):
         reassembler.add(("x", "2"), 1, 2, 100, b"a" * 10)
+    with pytest.raises(ProtocolError, match="1000000000 chunks cannot make 100 bytes"):
+        reassembler.add(("x", "2"), 0, 10**9, 100, b"a" * 10)
     reassembler.add(("x", "3"), 0, 3, 100, b"a" * 40)
     with pytest.raises(ProtocolError, match="does not continue its message"):
         reassembler.add(("x", "3"), 2, 3, 100, b"a" * 40)
-    reassembler.add(("x", "4"), 0, 2, 100, b"a" * 40)
+    reassembler.add(("x", "4"), 0, 2, 100, b"a" * 50)
     assert reassembler.add(("x", "4"), 0, 2, 100, b"b" * 50) is None  # started over
     whole = reassembler.add(("x", "4"), 1, 2, 100, b"c" * 50)
     assert whole is not None
     assert bytes(whole.tolist()) == b"b" * 50 + b"c" * 50
-    reassembler.add(("x", "5"), 0, 2, 100, b"a" * 40)
-    assert reassembler.drop_stale(now=time.monotonic() + 1e6) == [("x", "5")]
+    reassembler.add(("x", "5"), 0, 3, 100, b"a" * 40, origin="five")
+    (dropped,) = reassembler.drop_stale(now=time.monotonic() + 1e6)
+    assert (dropped.key, dropped.origin) == (("x", "5"), "five")
+    assert "no chunk came" in dropped.reason
+    assert reassembler.take_dropped() == [dropped]
+    assert reassembler.take_dropped() == []
+
+
+def test_one_sender_cannot_keep_another_out_of_the_reassembly_budget() -> None:
+    reassembler = Reassembler(max_message_bytes=1000)
+    # mallory announces the whole budget and sends one chunk of it
+    assert reassembler.add(("mallory", "1"), 0, 10, 1000, b"m" * 100, origin="m1") is None
+    # bob's message does not fit: mallory holds more than half, so hers goes
+    assert reassembler.add(("bob", "1"), 0, 2, 400, b"b" * 200) is None
+    (dropped,) = reassembler.take_dropped()
+    assert dropped.key == ("mallory", "1") and dropped.origin == "m1"
+    assert "more than its share" in dropped.reason
+    # mallory starting over cannot take more than her half back
+    with pytest.raises(ProtocolError, match="over sender 'mallory''s share"):
+        reassembler.add(("mallory", "2"), 0, 10, 1000, b"m" * 100)
+    assert reassembler.add(("mallory", "3"), 0, 5, 500, b"m" * 100) is None
+    whole = reassembler.add(("bob", "1"), 1, 2, 400, b"c" * 200)
+    assert whole is not None and bytes(whole[:2].tolist()) == b"bb"
+    assert reassembler.held_by("mallory") == 500

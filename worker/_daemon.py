@@ -43,7 +43,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int
     if threading.current_thread() is threading.main_thread():
         _stop_on_signals(stop)
     broker = open_broker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
-                         chunk_size=config.chunk_size)
+                         chunk_size=config.chunk_size,
+                         max_message_bytes=min(16 << 30, config.max_bytes))
     try:
         endpoint = broker.connect(config.id, serve_worker=config.id)
     except BrokerError as e:

@@ -101,16 +101,40 @@ def _finite_input(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limi
             torch.isfinite(tensor).all()
         ):
             raise OperationRefused(
-                f"{op} of a matrix with NaN or infinite entries is refused: LAPACK crashes "
-                "the process on such input (replace them first, e.g. with nan_to_num)"
+                f"{op} of a tensor with NaN or infinite entries is refused: torch crashes "
+                "or never returns on such input (replace them first, e.g. with nan_to_num)"
             )
 
 
+def _pooling_sizes(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if tensor is None:
+        return
+    bound = 2 * max(tensor.shape, default=0) + 2
+    sizes = [*args[1:], *kwargs.values()]
+    for size in sizes:
+        for value in size if isinstance(size, tuple | list) else (size,):
+            if type(value) is int and not -bound <= value <= bound:
+                raise OperationRefused(
+                    f"{op} with a kernel, stride, padding or dilation of {value} for an input "
+                    f"of shape {_shape(tensor)} is refused: sizes past the input's make torch "
+                    "loop without end"
+                )
+
+
 _Check = Callable[[str, list[Any], dict[str, Any], Limits], None]
+
+_POOLING: Final = (
+    "F.max_pool1d", "F.max_pool2d", "F.max_pool3d", "F.max_pool1d_with_indices",
+    "F.max_pool2d_with_indices", "F.max_pool3d_with_indices", "F.avg_pool1d", "F.avg_pool2d",
+    "F.avg_pool3d", "F.lp_pool1d", "F.lp_pool2d", "F.lp_pool3d",
+)
 
 _CHECKS: Final[dict[str, _Check]] = {
     "Tensor.tolist": _list_size,
     "linalg.eigvals": _finite_input,
     "linalg.eig": _finite_input,
+    "torch.binomial": _finite_input,
+    **dict.fromkeys(_POOLING, _pooling_sizes),
 }
 """Per operation: a check of its arguments. Completed from the fuzz campaign's findings."""

@@ -172,6 +172,9 @@ class WorkerRuntime:
         if delivery.is_reply:
             self._resume(delivery)
             return
+        if delivery.refused is not None:  # the transport could not take it whole
+            self._refuse(delivery, ProtocolError(delivery.refused))
+            return
         key = (delivery.sender, delivery.correlation_id)
         if delivery.redelivered and key in self._recent:
             # Ran already; its acknowledgement was lost with a connection. Running it
@@ -186,15 +189,9 @@ class WorkerRuntime:
         try:
             command, envelope = decode_command(delivery.type, delivery.body)
         except ProtocolError as e:
-            self._failed += 1
-            log.warning("refused a malformed %r command from %s: %s", delivery.type,
+            log.warning("refused a malformed %r command from %s: %s", delivery.type[:64],
                         delivery.sender, e)
-            if delivery.reply_to:
-                info = ErrorInfo.from_exception(e, with_traceback=False)
-                # Never echo an unknown type: it is the sender's text, of any length.
-                name = delivery.type if delivery.type in COMMANDS else "invalid"
-                self._send_reply(delivery.reply_to, name, delivery.correlation_id,
-                                 Reply(error=info).encode())
+            self._refuse(delivery, e)
             return
         job = _Job(command, delivery.sender, delivery.reply_to, delivery.correlation_id)
         # Garbage first; only its pointers' targets on other workers need waiting for.
@@ -214,6 +211,16 @@ class WorkerRuntime:
             self._advance(_Task(outcome, job), None, None)
         else:
             self._finish(job, outcome, None)
+
+    def _refuse(self, delivery: Delivery, error: TorchRelayError) -> None:
+        """Answer a command that will not run with `error`."""
+        self._failed += 1
+        if delivery.reply_to:
+            info = ErrorInfo.from_exception(error, with_traceback=False)
+            # Never echo an unknown type: it is the sender's text, of any length.
+            name = delivery.type if delivery.type in COMMANDS else "invalid"
+            self._send_reply(delivery.reply_to, name, delivery.correlation_id,
+                             Reply(error=info).encode())
 
     def _check_guard(self, job: _Job, guard: int) -> None:
         """Refuse to run a command behind a failure its sender has not heard of yet."""
@@ -294,6 +301,9 @@ class WorkerRuntime:
         worker_id = waiting.request.worker_id
         if delivery.type == RETURNED:
             self._advance(waiting.task, None, UnknownWorker(worker_id, "no worker consumes it"))
+            return
+        if delivery.refused is not None:
+            self._advance(waiting.task, None, ProtocolError(delivery.refused))
             return
         try:
             reply = decode_reply(delivery.body)

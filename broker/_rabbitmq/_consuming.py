@@ -87,6 +87,8 @@ class Consumer:
         self.commands = AckBatch(max(1, min(ACK_BATCH, prefetch // 4)), ACK_DELAY)
         self.bytes_received = 0
         self.epoch = 0
+        self.cancelled = False
+        """The broker cancelled our consumer of the worker queue (it was deleted)."""
 
     # -- pika callbacks -------------------------------------------------------------
 
@@ -96,6 +98,9 @@ class Consumer:
 
     def on_command(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         self._deliver(False, channel, method, props, body)
+
+    def on_cancel(self, method_frame: Any) -> None:
+        self.cancelled = True
 
     def on_return(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         # A command nobody could receive: answer it ourselves, at once.
@@ -114,7 +119,9 @@ class Consumer:
                 self.epoch,
             ))
             return
-        whole = self._add_chunk(sender, props.correlation_id or "", chunk, body)
+        origin = (is_reply, props.type or "", None if is_reply else props.reply_to)
+        whole = self._add_chunk(sender, props.correlation_id or "", chunk, body, origin)
+        self._report_dropped()
         if whole is None:
             if not is_reply:  # acked now, or the prefetch window would stall the rest
                 channel.basic_ack(method.delivery_tag)
@@ -125,13 +132,36 @@ class Consumer:
             self.epoch, chunked=True,
         ))
 
-    def _add_chunk(self, sender: str, correlation_id: str, chunk: Any, body: bytes) -> Any:
+    def _add_chunk(
+        self, sender: str, correlation_id: str, chunk: Any, body: bytes, origin: Any
+    ) -> Any:
         try:
             index, count, total = (int(n) for n in chunk)
-            return self.reassembler.add((sender, correlation_id), index, count, total, body)
+            return self.reassembler.add((sender, correlation_id), index, count, total, body,
+                                        origin=origin)
         except Exception as e:  # hostile headers, or a size this machine cannot hold
             log.warning("dropped a chunked message %s from %r: %s", correlation_id, sender, e)
+            if chunk and chunk[0] == 0:  # refused at its first chunk: tell the sender
+                self._refuse(sender, correlation_id, origin, f"refused: {e}")
             return None
+
+    def _report_dropped(self) -> None:
+        for dropped in self.reassembler.take_dropped():
+            sender, correlation_id = dropped.key
+            log.warning("dropped a chunked message %s from %r: %s", correlation_id, sender,
+                        dropped.reason)
+            self._refuse(sender, correlation_id, dropped.origin, dropped.reason)
+
+    def _refuse(self, sender: str, correlation_id: str, origin: Any, reason: str) -> None:
+        """Queue a `refused` delivery in place of a message that will never be whole."""
+        is_reply, type, reply_to = origin
+        self.inbox.append(Delivery(is_reply, type, correlation_id, sender, b"", reply_to,
+                                   epoch=self.epoch, chunked=True, refused=reason))
+
+    def drop_stale(self) -> None:
+        """Give up on chunked messages whose sender went quiet; tell their senders."""
+        self.reassembler.drop_stale()
+        self._report_dropped()
 
     # -- the owner's side (under the lock) ---------------------------------------------
 

@@ -8,6 +8,7 @@ vocabulary on top: which queue a command goes to, and how long to wait.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 import urllib.parse
@@ -25,6 +26,8 @@ from ._link import Channels, Link, LinkSettings
 from ._publishing import Publisher
 
 __all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
+
+log = logging.getLogger("torchrelay.broker")
 
 
 def redact_url(url: str) -> str:
@@ -84,6 +87,7 @@ class RabbitMQEndpoint(Endpoint):
         self._broker = broker
         self._serve_worker = serve_worker
         self._consumer = Consumer(broker.max_message_bytes, broker.prefetch)
+        self._next_stale_check = 0.0
         self._publisher = Publisher(identity, broker.chunk_size)
         self._link = Link(settings, self._on_open, self._on_keepalive)
 
@@ -103,18 +107,34 @@ class RabbitMQEndpoint(Endpoint):
         replies.basic_consume(self.reply_queue, consumer.on_reply, exclusive=True)
         if self._serve_worker is not None:
             commands.basic_qos(prefetch_count=self._broker.prefetch)
-            try:
-                topology.consume_worker_queue(commands, self._serve_worker, consumer.on_command)
-            except pe.ChannelClosedByBroker as e:
-                raise BrokerError(
-                    f"worker {self._serve_worker!r} is already served by another daemon "
-                    f"on {self._broker.url} ({e.reply_text})"
-                ) from None
+            commands.add_on_cancel_callback(consumer.on_cancel)
+            self._consume_worker_queue(channels)
         if reconnecting and not survived:
             raise ConnectionLost(
                 f"{self.connection_name} reconnected to {self._broker.url}, but its reply queue "
                 "was gone: replies to commands sent before are lost"
             )
+
+    def _consume_worker_queue(self, channels: Channels) -> None:
+        assert self._serve_worker is not None
+        try:
+            topology.consume_worker_queue(channels.commands, self._serve_worker,
+                                          self._consumer.on_command)
+        except pe.ChannelClosedByBroker as e:
+            raise BrokerError(
+                f"worker {self._serve_worker!r} is already served by another daemon "
+                f"on {self._broker.url} ({e.reply_text})"
+            ) from None
+
+    def _resume_after_cancel(self, channels: Channels) -> None:
+        """The broker cancelled our consumer (someone deleted the queue): declare it
+        again and go on consuming, rather than stay connected and deaf."""
+        self._consumer.cancelled = False
+        queue = worker_queue(self._serve_worker or "")
+        log.warning("%s: the broker cancelled our consumer of %s (the queue was deleted?); "
+                    "declaring it again", self.connection_name, queue)
+        self._consume_worker_queue(channels)
+        log.warning("%s: consuming %s again", self.connection_name, queue)
 
     def _on_keepalive(self, channels: Channels) -> None:
         channels.connection.process_data_events(time_limit=0)
@@ -155,17 +175,22 @@ class RabbitMQEndpoint(Endpoint):
             if delivery is not None:
                 return delivery
             if time.monotonic() >= deadline:
-                self._link.run(lambda channels: self._consumer.reassembler.drop_stale())
                 return None
 
     def _next_delivery(self, channels: Channels) -> Delivery | None:
         """A delivery waiting in the inbox, or pump I/O until one arrives or the next tick."""
         consumer = self._consumer
+        if consumer.cancelled:
+            self._resume_after_cancel(channels)
         delivery = consumer.take()
         if delivery is None:
             consumer.flush_acks(channels.commands, channels.replies, everything=False)
             channels.connection.process_data_events(time_limit=None)
             consumer.flush_acks(channels.commands, channels.replies, everything=False)
+            now = time.monotonic()
+            if now >= self._next_stale_check:
+                consumer.drop_stale()
+                self._next_stale_check = now + 1.0
             delivery = consumer.take()
         return delivery
 
@@ -176,6 +201,9 @@ class RabbitMQEndpoint(Endpoint):
         `ACK_DELAY` seconds (at close at the latest): one frame for many commands.
         """
         consumer = self._consumer
+
+        if not delivery.tag:
+            return  # made up here (a refused chunked message): nothing to acknowledge
 
         def ack(channels: Channels) -> None:
             if delivery.epoch != channels.epoch:
