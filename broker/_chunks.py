@@ -20,11 +20,10 @@ import torch
 
 from ._codec import Frame, tensor_buffer
 from ._errors import ProtocolError
+from ._names import DEFAULT_CHUNK_SIZE
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Dropped", "Reassembler", "split_frame"]
 
-DEFAULT_CHUNK_SIZE = 8 << 20
-"""Half of RabbitMQ 4's 16 MiB limit: room for properties, and few messages per GiB."""
 
 
 def split_frame(frame: Frame, chunk_size: int) -> Iterator[memoryview | bytes]:

@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 from ._codec import Frame
 from ._errors import UnknownWorker
-from ._transport import RETURNED, Broker, Delivery, Endpoint, worker_queue
+from ._names import RETURNED, worker_queue
+from ._transport import Broker, Delivery, Endpoint
 
 __all__ = ["EmbeddedBroker", "EmbeddedEndpoint"]
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from ._codec import Body, Frame
+from ._names import APP_ID, COMMAND_EXCHANGE, RETURNED, worker_queue
 
 __all__ = [
     "APP_ID",
@@ -29,17 +30,6 @@ __all__ = [
     "Endpoint",
     "worker_queue",
 ]
-
-APP_ID: Final = "torchrelay"
-COMMAND_EXCHANGE: Final = "torchrelay.commands"
-RETURNED: Final = "returned"
-"""Type of the synthetic reply for a command no worker could receive."""
-
-
-def worker_queue(worker_id: str) -> str:
-    """The name of the queue a worker consumes its commands from."""
-    return f"torchrelay.worker.{worker_id}"
-
 
 @dataclass(slots=True)
 class Delivery:

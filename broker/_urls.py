@@ -10,13 +10,12 @@ from typing import Any
 
 from ._embedded import EmbeddedBroker, WorkerStarter
 from ._errors import UnknownBrokerURL
+from ._names import BROKER_ENV
 from ._rabbitmq import RabbitMQBroker
 from ._transport import Broker
 
 __all__ = ["BROKER_ENV", "default_url", "open_broker"]
 
-BROKER_ENV = "TORCHRELAY_BROKER"
-"""Environment variable consulted when no URL is given to the command line."""
 
 
 def _embedded(url: str, start_worker: WorkerStarter | None, **options: Any) -> Broker:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from ._fleet import Fleet, ObjectDescription, WorkerHandle
-from ._hook import hook
-from ._pointer import OPERATORS, PointerTensor, send
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "OPERATORS",
-    "Fleet",
-    "ObjectDescription",
-    "PointerTensor",
-    "WorkerHandle",
-    "hook",
-    "send",
-]
+from torchrelay.broker._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._fleet import Fleet, ObjectDescription, WorkerHandle
+    from ._hook import hook
+    from ._pointer import OPERATORS, PointerTensor, send
+
+__all__, __getattr__ = lazy_exports(__name__, __file__)
+

@@ -63,6 +63,15 @@ def test_the_package_imports_one_way_only() -> None:
     assert broker.RemoteError is tr.RemoteError
 
 
+def test_the_package_and_a_workers_config_load_without_torch() -> None:
+    # A worker daemon's supervisor never computes: it must not pay for torch.
+    code = ("import sys, torchrelay, torchrelay.worker._config, torchrelay.broker; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_unknown_broker_url_suggests_the_right_scheme() -> None:
     with pytest.raises(tr.UnknownBrokerURL, match="did you mean amqp://"):
         tr.connect("amqq://localhost")

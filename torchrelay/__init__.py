@@ -13,47 +13,29 @@ only allow-listed operations and exchange nothing but msgpack frames.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torchrelay.broker import (
-    BrokerError,
-    BrokerUnavailable,
-    ConnectionLost,
-    DecodeError,
-    ObjectNotFound,
-    OperationRefused,
-    ProtocolError,
-    RemoteError,
-    ReplyTimeout,
-    TorchRelayError,
-    UnknownBrokerURL,
-    UnknownWorker,
-    open_broker,
-)
-from torchrelay.client import Fleet, ObjectDescription, PointerTensor, WorkerHandle, hook
-from torchrelay.worker import start_embedded_worker
+from torchrelay.broker._lazy import lazy_exports
 
-__all__ = [
-    "BrokerError",
-    "BrokerUnavailable",
-    "ConnectionLost",
-    "DecodeError",
-    "Fleet",
-    "ObjectDescription",
-    "ObjectNotFound",
-    "OperationRefused",
-    "PointerTensor",
-    "ProtocolError",
-    "RemoteError",
-    "ReplyTimeout",
-    "TorchRelayError",
-    "UnknownBrokerURL",
-    "UnknownWorker",
-    "WorkerHandle",
-    "__version__",
-    "connect",
-    "hook",
-]
+if TYPE_CHECKING:
+    from torchrelay.broker import (
+        BrokerError,
+        BrokerUnavailable,
+        ConnectionLost,
+        DecodeError,
+        ObjectNotFound,
+        OperationRefused,
+        ProtocolError,
+        RemoteError,
+        ReplyTimeout,
+        TorchRelayError,
+        UnknownBrokerURL,
+        UnknownWorker,
+    )
+    from torchrelay.client import Fleet, ObjectDescription, PointerTensor, WorkerHandle, hook
+
+_exported, __getattr__ = lazy_exports(__name__, __file__)
+__all__ = [*_exported, "__version__", "connect"]
 
 __version__ = "0.1.0"
 
@@ -76,6 +58,10 @@ def connect(
     false, every operation waits for its worker's answer. `broker_options`
     (`heartbeat`, `prefetch`, `connect_timeout`) tune the RabbitMQ connection.
     """
+    from torchrelay.broker import open_broker
+    from torchrelay.client import Fleet
+    from torchrelay.worker import start_embedded_worker
+
     broker = open_broker(url, start_worker=start_embedded_worker, **broker_options)
     try:
         return Fleet(broker, name=name, timeout=timeout, pipelined=pipelined, owns_broker=True)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from ._config import ConfigError, WorkerConfig
-from ._daemon import run_worker
-from ._embedded import start_embedded_worker
-from ._launcher import WorkerProcesses
-from ._runtime import WorkerRuntime
-from ._store import ObjectStore, StoredObject
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "ConfigError",
-    "ObjectStore",
-    "StoredObject",
-    "WorkerConfig",
-    "WorkerProcesses",
-    "WorkerRuntime",
-    "run_worker",
-    "start_embedded_worker",
-]
+from torchrelay.broker._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ._config import ConfigError, WorkerConfig
+    from ._daemon import run_worker
+    from ._embedded import start_embedded_worker
+    from ._launcher import WorkerProcesses
+    from ._runtime import WorkerRuntime
+    from ._store import ObjectStore, StoredObject
+
+__all__, __getattr__ = lazy_exports(__name__, __file__)
+

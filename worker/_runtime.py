@@ -64,7 +64,8 @@ from torchrelay.broker import (
     session_and_number,
 )
 
-from ._limits import Limits, check_arguments, check_result
+from ._checks import check_arguments, check_result
+from ._limits import Limits
 from ._store import ObjectStore, StoredObject
 
 __all__ = ["WorkerRuntime"]

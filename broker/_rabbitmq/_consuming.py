@@ -21,7 +21,8 @@ from collections import deque
 from typing import Any, Final
 
 from .._chunks import Reassembler
-from .._transport import RETURNED, Delivery
+from .._names import RETURNED
+from .._transport import Delivery
 
 __all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch", "Consumer"]
 

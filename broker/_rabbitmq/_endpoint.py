@@ -16,10 +16,10 @@ from typing import Any
 
 import pika.exceptions as pe
 
-from .._chunks import DEFAULT_CHUNK_SIZE
 from .._codec import Frame
 from .._errors import BrokerError, ConnectionLost, UnknownWorker
-from .._transport import COMMAND_EXCHANGE, Broker, Delivery, Endpoint, worker_queue
+from .._names import COMMAND_EXCHANGE, DEFAULT_CHUNK_SIZE, worker_queue
+from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
 from ._consuming import REPLY_PREFETCH, Consumer
 from ._link import Channels, Link, LinkSettings

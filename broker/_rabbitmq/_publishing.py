@@ -19,7 +19,7 @@ import pika
 
 from .._chunks import split_frame
 from .._codec import Frame
-from .._transport import APP_ID, COMMAND_EXCHANGE
+from .._names import APP_ID, COMMAND_EXCHANGE
 from ._link import Channels
 
 __all__ = ["Publisher"]

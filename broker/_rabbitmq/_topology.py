@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import pika.exceptions as pe
 
-from .._transport import COMMAND_EXCHANGE, worker_queue
+from .._names import COMMAND_EXCHANGE, worker_queue
 
 __all__ = [
     "REPLY_QUEUE_EXPIRES_MS",

@@ -1,0 +1,35 @@
+"""The names torchrelay gives things on a broker, and its fixed settings (no imports:
+the supervisor of a worker daemon reads them without loading torch)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "APP_ID",
+    "BROKER_ENV",
+    "COMMAND_EXCHANGE",
+    "DEFAULT_CHUNK_SIZE",
+    "RETURNED",
+    "worker_queue",
+]
+
+APP_ID: Final = "torchrelay"
+"""Every message's `app_id`, and every connection's product name."""
+
+COMMAND_EXCHANGE: Final = "torchrelay.commands"
+"""The direct exchange commands go through, routed by worker id."""
+
+RETURNED: Final = "returned"
+"""Type of the synthetic reply for a command no worker could receive."""
+
+BROKER_ENV: Final = "TORCHRELAY_BROKER"
+"""Environment variable consulted when no URL is given to the command line."""
+
+DEFAULT_CHUNK_SIZE: Final = 8 << 20
+"""Half of RabbitMQ 4's 16 MiB limit: room for properties, and few messages per GiB."""
+
+
+def worker_queue(worker_id: str) -> str:
+    """The name of the queue a worker consumes its commands from."""
+    return f"torchrelay.worker.{worker_id}"
