@@ -30,6 +30,15 @@ WORKERS = ("bob", "alice", "carol")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+TERMINAL_SUMMARY: list[str] = []
+"""Lines tests want shown at the end of the run (the fuzz campaign's figures)."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in TERMINAL_SUMMARY:
+        terminalreporter.write_line(line)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield

@@ -59,31 +59,146 @@ def _list_size(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits)
         )
 
 
+def _argument(args: list[Any], kwargs: dict[str, Any], position: int, name: str,
+              default: Any = None) -> Any:
+    """An argument given by position or by name."""
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _refuse(op: str, what: str, why: str) -> OperationRefused:
+    return OperationRefused(f"{op} {what} is refused: {why}")
+
+
 def _finite_input(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # linalg.eigvals: oneMKL's SGEBAL is handed NaN, then the process dies (SIGSEGV).
     for tensor in _tensors(args, kwargs):
         if (tensor.is_floating_point() or tensor.is_complex()) and not bool(
             torch.isfinite(tensor).all()
         ):
-            raise OperationRefused(
-                f"{op} of a tensor with NaN or infinite entries is refused: torch crashes "
-                "or never returns on such input (replace them first, e.g. with nan_to_num)"
-            )
+            raise _refuse(op, "of a tensor with NaN or infinite entries",
+                          "torch crashes on such input (replace them first, e.g. with "
+                          "nan_to_num)")
+
+
+def _binomial(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    count = _argument(args, kwargs, 0, "count")
+    if isinstance(count, torch.Tensor) and count.is_floating_point() and bool(
+        count.isnan().any()
+    ):
+        raise _refuse(op, "with a NaN count", "torch's sampler never returns on it")
 
 
 def _pooling_sizes(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # max_pool1d with a kernel of 2**62 never returns; 2**63-1 crashes (SIGSEGV).
     tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if tensor is None:
         return
     bound = 2 * max(tensor.shape, default=0) + 2
-    sizes = [*args[1:], *kwargs.values()]
-    for size in sizes:
+    for size in [*args[1:], *kwargs.values()]:
         for value in size if isinstance(size, tuple | list) else (size,):
             if type(value) is int and not -bound <= value <= bound:
-                raise OperationRefused(
-                    f"{op} with a kernel, stride, padding or dilation of {value} for an input "
-                    f"of shape {_shape(tensor)} is refused: sizes past the input's make torch "
-                    "loop without end"
-                )
+                raise _refuse(
+                    op, f"with a kernel, stride, padding or dilation of {value} for an input "
+                    f"of shape {_shape(tensor)}", "sizes far past the input's make torch loop "
+                    "or crash")
+
+
+def _fold_sizes(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # fold with padding 2**31 crashes (SIGSEGV); 2**32 never returns.
+    for size in [*args[1:], *kwargs.values()]:
+        for value in size if isinstance(size, tuple | list) else (size,):
+            if type(value) is int and not -(1 << 31) < value < (1 << 31):
+                raise _refuse(op, f"with a size of {value}", "sizes of 2**31 or more crash "
+                              "torch's fold")
+
+
+def _embedding_bag(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # mode='max' over zero bags of a non-empty input crashes (SIGSEGV).
+    indices = _argument(args, kwargs, 0, "input")
+    offsets = _argument(args, kwargs, 2, "offsets")
+    include_last = bool(_argument(args, kwargs, 9, "include_last_offset", False))
+    if (isinstance(indices, torch.Tensor) and isinstance(offsets, torch.Tensor)
+            and indices.numel() > 0 and offsets.numel() - include_last < 1):
+        raise _refuse(op, "of a non-empty input into no bags at all",
+                      "torch crashes on it in mode 'max'; give offsets for at least one bag")
+
+
+def _lu_unpack(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # Pivots that do not match the LU matrix (an empty tensor, say) crash (SIGSEGV).
+    lu, pivots = _argument(args, kwargs, 0, "LU_data"), _argument(args, kwargs, 1, "LU_pivots")
+    if isinstance(lu, torch.Tensor) and isinstance(pivots, torch.Tensor) and lu.dim() >= 2:
+        expected = (*lu.shape[:-2], min(lu.shape[-2:]))
+        if tuple(pivots.shape) != expected:
+            raise _refuse(op, f"with pivots of shape {tuple(pivots.shape)} for an LU of shape "
+                          f"{tuple(lu.shape)}", f"they must have shape {expected}, as lu "
+                          "returns them (others crash torch)")
+
+
+def _ldl_pivots(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # Negative pivots not in equal adjacent pairs corrupt the heap (SIGABRT later on).
+    pivots = _argument(args, kwargs, 1, "pivots")
+    if not isinstance(pivots, torch.Tensor) or pivots.dim() < 1 or pivots.dtype not in (
+        torch.int32, torch.int64
+    ):
+        return  # torch refuses those itself
+    n = pivots.shape[-1]
+    for row in pivots.reshape(-1, n).tolist() if n else ():
+        k = 0
+        while k < n:
+            p = row[k]
+            if not 1 <= abs(p) <= n:
+                raise _refuse(op, f"with pivot {p}", f"pivots must be 1 to {n} in size")
+            if p < 0:
+                if k + 1 >= n or row[k + 1] != p:
+                    raise _refuse(op, f"with a lone negative pivot {p}", "negative pivots come "
+                                  "in equal adjacent pairs, as ldl_factor returns them (others "
+                                  "corrupt memory)")
+                k += 1
+            k += 1
+
+
+def _matrix_power(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # n = -2**63 never returns.
+    n = _argument(args, kwargs, 1, "n")
+    if type(n) is int and abs(n) >= 1 << 62:
+        raise _refuse(op, f"with n = {n}", "exponents of 2**62 or more in size never finish")
+
+
+def _truncating_division(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # The smallest int32/int64 divided by -1 with rounding_mode='trunc' raises SIGFPE.
+    if kwargs.get("rounding_mode") != "trunc" or len(args) < 2:
+        return
+    dividend, divisor = args[0], args[1]
+    if not isinstance(dividend, torch.Tensor) or dividend.dtype not in (torch.int32,
+                                                                         torch.int64):
+        return
+    smallest = torch.iinfo(dividend.dtype).min
+    minus_one = bool((divisor == -1).any()) if isinstance(divisor, torch.Tensor) else (
+        divisor == -1)
+    if minus_one and bool((dividend == smallest).any()):
+        raise _refuse(op, f"of {smallest} by -1 with rounding_mode='trunc'",
+                      "the result does not fit the dtype, and the CPU traps (SIGFPE)")
+
+
+def _combinations(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # Work grows like numel**r, whatever the size of the result.
+    tensor = _argument(args, kwargs, 0, "input")
+    r = _argument(args, kwargs, 1, "r", 2)
+    if not (isinstance(tensor, torch.Tensor) and type(r) is int and tensor.numel() > 1):
+        return
+    if r > 64 or tensor.numel() ** max(r, 0) > limits.max_elements:  # r > 64: past 2**64
+        raise BudgetExceeded(
+            f"{op} of {tensor.numel()} elements taken {r} at a time works through "
+            f"{tensor.numel()}**{r} candidates; this worker's max_elements is "
+            f"{limits.max_elements:,}"
+        )
+
+
+def _low_rank_iterations(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    # Time grows linearly with niter: 2**20 iterations on a 3x3 matrix take seconds.
+    niter = _argument(args, kwargs, 2 if op == "torch.svd_lowrank" else 3, "niter", 2)
+    if type(niter) is int and niter > 1000:
+        raise _refuse(op, f"with niter = {niter}", "more than 1000 power iterations")
 
 
 _Check = Callable[[str, list[Any], dict[str, Any], Limits], None]
@@ -98,7 +213,17 @@ _CHECKS: Final[dict[str, _Check]] = {
     "Tensor.tolist": _list_size,
     "linalg.eigvals": _finite_input,
     "linalg.eig": _finite_input,
-    "torch.binomial": _finite_input,
+    "torch.binomial": _binomial,
     **dict.fromkeys(_POOLING, _pooling_sizes),
+    "F.fold": _fold_sizes,
+    "F.embedding_bag": _embedding_bag,
+    "torch.lu_unpack": _lu_unpack,
+    "linalg.ldl_solve": _ldl_pivots,
+    **dict.fromkeys(("linalg.matrix_power", "torch.matrix_power", "Tensor.matrix_power"),
+                    _matrix_power),
+    **dict.fromkeys(("torch.div", "torch.divide", "Tensor.div", "Tensor.div_",
+                     "Tensor.divide", "Tensor.divide_"), _truncating_division),
+    "torch.combinations": _combinations,
+    **dict.fromkeys(("torch.svd_lowrank", "torch.pca_lowrank"), _low_rank_iterations),
 }
 """Per operation: a check of its arguments. Completed from the fuzz campaign's findings."""
