@@ -15,7 +15,7 @@ from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._chunks import Dropped, Reassembler, split_frame
-    from ._codec import Body, EncodeError, Frame, decode, encode, tensor_buffer
+    from ._codec import TENSOR_DTYPES, Body, EncodeError, Frame, decode, encode, tensor_buffer
     from ._embedded import EmbeddedBroker, EmbeddedEndpoint
     from ._errors import (
         BrokerError,

@@ -31,7 +31,7 @@ import torch
 from ._errors import DecodeError, ProtocolError
 from ._refs import ObjectRef, PointerRef
 
-__all__ = ["Body", "EncodeError", "Frame", "decode", "encode", "tensor_buffer"]
+__all__ = ["TENSOR_DTYPES", "Body", "EncodeError", "Frame", "decode", "encode", "tensor_buffer"]
 
 Body = bytes | bytearray | memoryview | torch.Tensor
 """A received message: bytes from the transport, or a uint8 tensor it assembled."""
@@ -77,6 +77,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "complex128": torch.complex128,
 }
 _DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
+TENSOR_DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPES.values())
+"""The dtypes a tensor can travel with, in a fixed order (a dtype's index is a code)."""
 
 
 class EncodeError(ProtocolError, TypeError):

@@ -56,6 +56,8 @@ class Delivery:
     """Which connection of the endpoint received it; an ack must use the same one."""
     chunked: bool = False
     refused: str | None = None
+    settled: bool = False
+    """Rejected already (dead-lettered): it must not be acknowledged as well."""
 
 
 class Endpoint(ABC):
@@ -93,6 +95,10 @@ class Endpoint(ABC):
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a command once it has been executed."""
+
+    def reject(self, delivery: Delivery) -> None:
+        """Refuse a command for good: the broker dead-letters it where it can."""
+        delivery.settled = True
 
     @abstractmethod
     def ensure_worker(self, worker_id: str) -> None:

@@ -48,10 +48,10 @@ def squarings_lasting(matrix: tr.PointerTensor, fleet: tr.Fleet, seconds: float)
             fleet.sync()
             took = max(time.monotonic() - started, 1e-3)
             del result
-            if took >= seconds or squarings >= 62:
+            if took >= seconds or squarings >= 61:
                 _squarings_estimate[0] = squarings
                 return squarings
-            squarings = min(62, max(squarings + 1, math.ceil(squarings * seconds / took * 1.2)))
+            squarings = min(61, max(squarings + 1, math.ceil(squarings * seconds / took * 1.2)))
     finally:
         fleet.timeout = patience
 

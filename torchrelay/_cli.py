@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     worker.add_argument("--command-timeout", type=float,
                         help="seconds one command may run before it is stopped (default 60)")
+    worker.add_argument("--stop-grace", type=float,
+                        help="seconds a stopping daemon lets the command in hand finish "
+                             "(default 30)")
     worker.add_argument("--max-elements", type=int,
                         help="elements of any tensor a command may make (default 2**28)")
     worker.add_argument("--max-bytes", type=int,
@@ -70,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from torchrelay.worker import ConfigError, WorkerConfig, run_worker
+    from torchrelay.worker._config import ConfigError, WorkerConfig
+    from torchrelay.worker._supervisor import supervise
 
     try:
         config = WorkerConfig.resolve(
@@ -83,6 +87,7 @@ def _worker(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             log_level=args.log_level,
             command_timeout=args.command_timeout,
+            stop_grace=args.stop_grace,
             max_elements=args.max_elements,
             max_bytes=args.max_bytes,
             max_list_elements=args.max_list_elements,
@@ -95,7 +100,7 @@ def _worker(args: argparse.Namespace) -> int:
         # pika narrates every connection and channel at INFO: the daemon's own lines
         # are what an operator reads.
         logging.getLogger("pika").setLevel(logging.WARNING)
-    return run_worker(config)
+    return supervise(config)
 
 
 def _demo(url: str | None) -> int:

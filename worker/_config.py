@@ -9,6 +9,7 @@
     chunk_size = 8388608      # bytes; larger messages travel as chunks of this size
     log_level = "INFO"
     command_timeout = 60.0    # seconds one command may run before it is stopped
+    stop_grace = 30.0         # seconds a stopping daemon lets the command in hand finish
     max_elements = 268435456  # elements of any tensor a command may make (views too)
     max_bytes = 8589934592    # bytes of tensors the worker may hold (default: half the RAM)
     max_list_elements = 1048576  # elements of a Python list a command may build (tolist)
@@ -53,6 +54,7 @@ class WorkerConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     log_level: str = "INFO"
     command_timeout: float = 60.0
+    stop_grace: float = 30.0
     max_elements: int = 1 << 28
     max_bytes: int = field(default_factory=default_max_bytes)
     max_list_elements: int = 1 << 20
@@ -69,8 +71,8 @@ class WorkerConfig:
             raise ConfigError(f"prefetch must be at least 1, not {self.prefetch}")
         if self.heartbeat is not None and self.heartbeat < 0:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
-        for positive in ("reply_timeout", "command_timeout", "max_elements", "max_bytes",
-                         "max_list_elements"):
+        for positive in ("reply_timeout", "command_timeout", "stop_grace", "max_elements",
+                         "max_bytes", "max_list_elements"):
             if getattr(self, positive) <= 0:
                 raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
         if self.chunk_size < 4096:

@@ -37,8 +37,22 @@ _SHUTDOWN_GRACE_SECONDS = 10.0
 _BROKER_RETRY_SECONDS = 5.0
 
 
-def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int:
-    """Serve `config.id` until `stop` is set or a signal arrives; the exit status."""
+RuntimeFactory = Callable[[Endpoint], WorkerRuntime]
+
+
+def run_worker(
+    config: WorkerConfig,
+    stop: threading.Event | None = None,
+    *,
+    make_runtime: RuntimeFactory | None = None,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> int:
+    """Serve `config.id` in this process until `stop` is set, a signal arrives or
+    `keep_going()` is false; the exit status.
+
+    `make_runtime` builds the runtime on the endpoint (a supervised executor's
+    keeps a journal and a mirror); by default a plain one.
+    """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         _stop_on_signals(stop)
@@ -50,11 +64,16 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int
     except BrokerError as e:
         log.error("worker %s cannot start: %s", config.id, e)
         return 1
-    runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout,
-                            limits=config.limits)
+    try:
+        runtime = make_runtime(endpoint) if make_runtime is not None else WorkerRuntime(
+            config.id, endpoint, reply_timeout=config.reply_timeout, limits=config.limits
+        )
+    except BaseException:
+        endpoint.close()
+        raise
     log.info("worker %s serving on %s", config.id, broker.url)
     try:
-        _serve(endpoint, runtime, stop)
+        _serve(endpoint, runtime, stop, until=lambda: not keep_going())
         _finish_in_flight(endpoint, runtime)
     except BrokerError as e:
         log.error("worker %s stopped: %s", config.id, e)

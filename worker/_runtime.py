@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from types import CoroutineType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -128,6 +128,19 @@ class _Encoded:
     frame: Frame
 
 
+class Containment(Protocol):
+    """What a supervised executor does around each command (see `_executor.py`)."""
+
+    def begin(self, sender: str, correlation_id: str) -> None:
+        """A command is in hand (written to the journal the supervisor watches)."""
+
+    def commit(self) -> None:
+        """Make what the store's objects became so far outlive a crash."""
+
+    def done(self) -> None:
+        """The command in hand ran to the end and was answered."""
+
+
 class WorkerRuntime:
     """The worker named `worker_id`, answering through `endpoint`."""
 
@@ -138,11 +151,23 @@ class WorkerRuntime:
         *,
         reply_timeout: float = 60.0,
         limits: Limits | None = None,
+        store: ObjectStore | None = None,
+        containment: Containment | None = None,
+        status_facts: dict[str, Any] | None = None,
     ) -> None:
         self.id = worker_id
         self.endpoint = endpoint
         self.limits = limits or Limits()
-        self.store = ObjectStore(worker_id, self.limits.max_bytes)
+        self.store = (
+            store if store is not None else ObjectStore(worker_id, self.limits.max_bytes)
+        )
+        self.containment = containment
+        self._status_facts = status_facts or {}
+        self.poisoned: dict[tuple[str, str], str] = {}
+        """Commands (sender, correlation id) that crashed or overran an executor before,
+        and how: refused and dead-lettered if they come again."""
+        self.lost_graphs: set[int] = set()
+        """Objects restored after a crash whose autograd graph died with the executor."""
         self.reply_timeout = reply_timeout
         self._waiting: dict[str, _Waiting] = {}
         self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
@@ -170,22 +195,53 @@ class WorkerRuntime:
 
     def handle(self, delivery: Delivery) -> None:
         """Handle one delivery; every command is answered, every failure is a reply."""
+        containment = self.containment
         if delivery.is_reply:
             self._resume(delivery)
+            if containment is not None:
+                containment.commit()
             return
         if delivery.refused is not None:  # the transport could not take it whole
             self._refuse(delivery, ProtocolError(delivery.refused))
             return
         key = (delivery.sender, delivery.correlation_id)
+        poisoned = self.poisoned.get(key)
+        if poisoned is not None:
+            log.warning("refused %s %s from %s again: it %s", delivery.type,
+                        delivery.correlation_id, delivery.sender, poisoned)
+            self._refuse(delivery, OperationRefused(
+                f"this command {poisoned}; the worker restarted with its objects and will "
+                "not run it again"
+            ))
+            self.endpoint.reject(delivery)  # to the dead-letter queue, for a person to see
+            return
         if delivery.redelivered and key in self._recent:
-            # Ran already; its acknowledgement was lost with a connection. Running it
-            # again could apply an in-place operation twice.
+            # Ran already; its acknowledgement was lost with a connection (or with an
+            # executor that crashed later). Running it again could apply an in-place
+            # operation twice.
             log.info("skipped %s %s from %s: it already ran", delivery.type,
                      delivery.correlation_id, delivery.sender)
             return
-        self._recent[key] = None
-        if len(self._recent) > _REMEMBERED_COMMANDS:
-            del self._recent[next(iter(self._recent))]
+        self.remember_finished([key])
+        if containment is None:
+            self._handle_command(delivery)
+            return
+        containment.begin(delivery.sender, delivery.correlation_id)
+        try:
+            self._handle_command(delivery)
+        finally:
+            containment.commit()
+            containment.done()
+
+    def remember_finished(self, keys: list[tuple[str, str]]) -> None:
+        """Commands (sender, correlation id) that ran: a redelivered copy is skipped."""
+        recent = self._recent
+        for key in keys:
+            recent[key] = None
+        while len(recent) > _REMEMBERED_COMMANDS:
+            del recent[next(iter(recent))]
+
+    def _handle_command(self, delivery: Delivery) -> None:
         self._handled += 1
         try:
             command, envelope = decode_command(delivery.type, delivery.body)
@@ -339,6 +395,8 @@ class WorkerRuntime:
         self._send_reply(job.reply_to, job.command.name, job.correlation_id, frame)
 
     def _send_reply(self, reply_to: str, name: str, correlation_id: str, frame: Frame) -> None:
+        if self.containment is not None:
+            self.containment.commit()  # what a reply reports outlives a crash after it
         self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
 
     def _next_correlation_id(self) -> str:
@@ -414,6 +472,18 @@ class WorkerRuntime:
 
     def _call(self, command: Call, sender: str) -> Any:
         op = resolve_op(command.op)
+        if "out" in command.kwargs:
+            raise OperationRefused(
+                f"{command.op} with out= is refused: results are new objects here (use the "
+                "in-place method, such as add_, to change a tensor)"
+            )
+        if self.lost_graphs and command.op == "Tensor.backward":
+            lost = {a.id for a in command.args if type(a) is ObjectRef} & self.lost_graphs
+            if lost:
+                raise OperationRefused(
+                    f"the autograd graph of object {min(lost)} was lost when worker "
+                    f"{self.id!r} restarted after a crash; compute it again from its leaves"
+                )
         resolver = _ArgumentResolver(self.store)
         args = resolver.resolve(command.args)
         kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
@@ -502,6 +572,9 @@ class WorkerRuntime:
             "requests_waiting": len(self._waiting),
         }
         status.update(self.endpoint.stats())
+        status.update(self._status_facts)
+        if self.poisoned:
+            status["commands_poisoned"] = len(self.poisoned)
         return status
 
     def _ask(self, worker_id: str, command: Command, *, confirm: bool = False) -> _Request:

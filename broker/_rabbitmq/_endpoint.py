@@ -118,8 +118,8 @@ class RabbitMQEndpoint(Endpoint):
     def _consume_worker_queue(self, channels: Channels) -> None:
         assert self._serve_worker is not None
         try:
-            topology.consume_worker_queue(channels.commands, self._serve_worker,
-                                          self._consumer.on_command)
+            topology.consume_worker_queue(channels.connection, channels.commands,
+                                          self._serve_worker, self._consumer.on_command)
         except pe.ChannelClosedByBroker as e:
             raise BrokerError(
                 f"worker {self._serve_worker!r} is already served by another daemon "
@@ -202,8 +202,8 @@ class RabbitMQEndpoint(Endpoint):
         """
         consumer = self._consumer
 
-        if not delivery.tag:
-            return  # made up here (a refused chunked message): nothing to acknowledge
+        if not delivery.tag or delivery.settled:
+            return  # made up here (a refused chunked message), or rejected already
 
         def ack(channels: Channels) -> None:
             if delivery.epoch != channels.epoch:
@@ -212,6 +212,18 @@ class RabbitMQEndpoint(Endpoint):
                 consumer.commands.flush(channels.commands)
 
         self._link.run(ack)
+
+    def reject(self, delivery: Delivery) -> None:
+        """Dead-letter a command (to `torchrelay.dead`), now: it is never to run."""
+        if not delivery.tag or delivery.settled:
+            return
+        delivery.settled = True
+
+        def reject(channels: Channels) -> None:
+            if delivery.epoch == channels.epoch:
+                channels.commands.basic_reject(delivery.tag, requeue=False)
+
+        self._link.run(reject)
 
     def ensure_worker(self, worker_id: str) -> None:
         queue = worker_queue(worker_id)

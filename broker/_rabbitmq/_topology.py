@@ -5,7 +5,10 @@
   consumed exclusively by its one daemon, with manual acks and a prefetch limit;
 - queue `torchrelay.reply.<identity>.<token>`, one per endpoint, consumed
   exclusively; it outlives a dropped connection by a minute, so a reconnect
-  loses no reply.
+  loses no reply;
+- exchange and queue `torchrelay.dead` (fanout, durable): where a worker queue
+  dead-letters the commands its worker refused for good (one that crashed or
+  wedged a worker before), for a person to inspect in the console.
 
 Every declaration is here, so the arguments a queue is declared with are the
 same wherever it is declared (RabbitMQ refuses a re-declaration that differs).
@@ -13,6 +16,7 @@ same wherever it is declared (RabbitMQ refuses a re-declaration that differs).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
 
 import pika.exceptions as pe
@@ -20,6 +24,7 @@ import pika.exceptions as pe
 from .._names import COMMAND_EXCHANGE, worker_queue
 
 __all__ = [
+    "DEAD_LETTERS",
     "REPLY_QUEUE_EXPIRES_MS",
     "consume_worker_queue",
     "declare_command_exchange",
@@ -28,6 +33,10 @@ __all__ = [
 ]
 
 REPLY_QUEUE_EXPIRES_MS: Final = 60_000
+DEAD_LETTERS: Final = "torchrelay.dead"
+_WORKER_QUEUE_ARGUMENTS: Final = {"x-dead-letter-exchange": DEAD_LETTERS}
+
+log = logging.getLogger("torchrelay.broker")
 
 
 def declare_command_exchange(channel: Any) -> None:
@@ -38,16 +47,39 @@ def declare_reply_queue(channel: Any, name: str) -> None:
     channel.queue_declare(name, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
 
 
-def consume_worker_queue(channel: Any, worker_id: str, on_message: Any) -> None:
+def consume_worker_queue(connection: Any, channel: Any, worker_id: str, on_message: Any) -> None:
     """Declare and bind `worker_id`'s queue and consume it, exclusively.
 
     Raises `pika.exceptions.ChannelClosedByBroker` (RESOURCE_LOCKED) when another
     daemon already consumes it.
     """
     queue = worker_queue(worker_id)
-    channel.queue_declare(queue, durable=True)
+    channel.exchange_declare(DEAD_LETTERS, "fanout", durable=True)
+    channel.queue_declare(DEAD_LETTERS, durable=True)
+    channel.queue_bind(DEAD_LETTERS, DEAD_LETTERS)
+    if _declares(connection, queue, _WORKER_QUEUE_ARGUMENTS):
+        channel.queue_declare(queue, durable=True, arguments=_WORKER_QUEUE_ARGUMENTS)
+    else:
+        log.warning("queue %s exists with other arguments (declared by an older torchrelay?): "
+                    "it is used as it is, without dead-lettering; delete it to have it "
+                    "declared anew", queue)
+        channel.queue_declare(queue, passive=True)
     channel.queue_bind(queue, COMMAND_EXCHANGE, routing_key=worker_id)
     channel.basic_consume(queue, on_message, exclusive=True)
+
+
+def _declares(connection: Any, queue: str, arguments: dict[str, Any]) -> bool:
+    """Whether `queue` can be declared with `arguments` (RabbitMQ refuses to re-declare an
+    existing queue with other ones, by closing the channel: tried on a channel of its own)."""
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue, durable=True, arguments=arguments)
+    except pe.ChannelClosedByBroker as e:
+        if e.reply_code != 406:  # PRECONDITION_FAILED: other arguments
+            raise
+        return False
+    channel.close()
+    return True
 
 
 def queue_consumers(connection: Any, queue: str) -> int | None:

@@ -1,0 +1,126 @@
+"""A command cannot end or freeze the worker: native crashes and overruns are contained
+by the supervisor, the objects survive, and the command that did it never runs again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pika
+import pytest
+import torch
+from test_daemon import big_matrix, squarings_lasting
+
+import torchrelay as tr
+from torchrelay.broker import decode_command
+from torchrelay.worker import WorkerProcesses
+
+tr.hook(torch)
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def contained(vhost_factory: Any) -> Any:
+    """A daemon `cora` of its own, with a short command_timeout and stop_grace."""
+    url = vhost_factory()
+    daemons = WorkerProcesses(url, ["cora"], extra_args=["--command-timeout", "4",
+                                                        "--stop-grace", "2"])
+    with daemons, tr.connect(url, timeout=60) as fleet:
+        yield daemons, fleet, fleet.worker("cora")
+
+
+def executor_of(worker: tr.WorkerHandle) -> int:
+    return int(worker.status()["executor_pid"])
+
+
+def test_a_native_crash_fails_that_command_and_the_objects_survive(contained: Any) -> None:
+    daemons, fleet, cora = contained
+    small = torch.tensor([1.0, 2.0]).send(cora)
+    small += 1  # changed in place: the change survives too
+    big = torch.ones(4 * MIB).send(cora)  # 16 MiB: shared, not copied
+    big *= 3
+    leaf = torch.tensor([3.0], requires_grad=True).send(cora)
+    loss = (leaf * leaf).sum()  # its graph lives in the executor
+    pair = tr.client.send((1, "two"), cora)
+    matrix = big_matrix(cora)
+    squarings = squarings_lasting(matrix, fleet, 2.0)
+    executor = executor_of(cora)
+
+    doomed = torch.linalg.matrix_power(matrix, 2**squarings)
+    time.sleep(0.5)  # it is running now
+    os.kill(executor, signal.SIGSEGV)  # as a crash inside torch would
+
+    with pytest.raises(tr.RemoteError, match=r"crashed the worker's executor \(SIGSEGV\)"):
+        fleet.sync()
+    status = cora.status()
+    assert status["executor_restarts"] == 1
+    assert status["executor_pid"] != executor
+    assert status["pid"] == daemons.processes["cora"].pid  # the daemon itself lives on
+    assert torch.equal(small.get(), torch.tensor([2.0, 3.0]))
+    assert big.sum().get().item() == 12 * MIB
+    assert pair.get() == (1, "two")
+    loss.backward()
+    with pytest.raises(tr.RemoteError, match=r"autograd graph of object \d+ was lost"):
+        fleet.sync()
+    assert leaf.requires_grad
+    assert torch.equal((leaf * 2).get(), torch.tensor([6.0]))  # the leaf is fine
+    doomed.garbage_collect = False  # it was never made
+    big.get(), leaf.get(), matrix.get(), loss.get()
+    assert "crashed the worker's executor (SIGSEGV)" in daemons.log_tail("cora")
+
+
+def test_a_command_past_command_timeout_is_stopped_and_never_runs_again(
+    contained: Any,
+) -> None:
+    daemons, fleet, cora = contained
+    kept = torch.tensor([5.0]).send(cora)
+    matrix = big_matrix(cora)
+    squarings = squarings_lasting(matrix, fleet, 2.0)
+    fleet.timeout = 120
+
+    endless = torch.linalg.matrix_power(matrix, 2 ** min(61, 4 * squarings))  # past 4 s
+    with pytest.raises(tr.RemoteError, match="past the worker's command_timeout of 4 s"):
+        fleet.sync()
+    endless.garbage_collect = False
+
+    assert torch.equal((kept * 2).get(), torch.tensor([10.0]))
+    with pika.BlockingConnection(pika.URLParameters(daemons.url)) as connection:
+        method, properties, body = connection.channel().basic_get("torchrelay.dead",
+                                                                  auto_ack=True)
+    assert method is not None, "the command was not dead-lettered"
+    assert properties.type == "call"
+    command, _ = decode_command("call", body)
+    assert command.describe() == "call linalg.matrix_power"
+    assert properties.headers["x-death"][0]["reason"] == "rejected"
+    kept.get(), matrix.get()
+
+
+def test_commands_that_ran_are_not_run_again_after_a_crash(contained: Any) -> None:
+    _, fleet, cora = contained
+    counter = torch.zeros(1).send(cora)
+    for _ in range(40):
+        counter += 1  # each acknowledged in a batch, a little later
+    fleet.sync()
+    os.kill(executor_of(cora), signal.SIGKILL)  # before the last acknowledgements went out
+
+    assert counter.get().item() == 40  # redelivered ones were recognised and skipped
+
+
+def test_sigterm_stops_a_daemon_whose_command_never_ends(contained: Any) -> None:
+    daemons, fleet, cora = contained
+    matrix = big_matrix(cora)
+    squarings = squarings_lasting(matrix, fleet, 2.0)
+    endless = torch.linalg.matrix_power(matrix, 2 ** min(61, squarings * 8))
+    time.sleep(0.5)
+    process = daemons.processes["cora"]
+
+    process.send_signal(signal.SIGTERM)
+
+    assert process.wait(timeout=60) == 0  # stop_grace is 2 s: it did not wait for the end
+    assert "still busy 2 s after the signal: killing it" in daemons.log_tail("cora")
+    for pointer in (matrix, endless):
+        pointer.garbage_collect = False
+    fleet.timeout = 1  # closing waits for the endless command's answer: not for long

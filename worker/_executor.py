@@ -1,0 +1,407 @@
+"""The executor: the process of a worker daemon that runs the commands.
+
+Started by the supervisor (`_supervisor.py`), never by hand. It is the worker as
+`run_worker` serves it — broker connection, object store, autograd — with three
+additions that let its supervisor contain what a command can do to it:
+
+- the journal (`_journal.py`): which command is in hand and since when, and
+  which ran to the end;
+- the mirror (`_mirror.py`): after each command, what it changed in the store
+  goes to the supervisor's copy (small storages by value through a ring in
+  shared memory, large ones moved into shared memory once and mapped by both);
+  a reply is sent only after what it reports is in the copy;
+- on start, the objects of a predecessor that died are rebuilt from the copy,
+  commands it finished are skipped if they come again, and the command that
+  killed it (or ran past `command_timeout`) is refused and dead-lettered.
+
+What does not survive an executor's death: autograd graphs (a `backward`
+through a tensor whose graph died is refused, naming it; its leaves keep their
+values), gradients accumulated in `.grad`, the random number generator's state,
+and a command parked on another worker (its caller times out). Views keep
+sharing storage; a tensor that reached the store through `.data` may lose an
+in-place change made through that alias alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import mmap
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from torchrelay.broker import TENSOR_DTYPES, Endpoint, decode, encode
+
+from ._config import WorkerConfig
+from ._daemon import run_worker
+from ._journal import Journal, command_key
+from ._mirror import (
+    DELETE,
+    DELETE_RECORD,
+    DIMENSIONS,
+    KEY,
+    PROVENANCE,
+    PROVENANCE_RECORD,
+    SHARED,
+    SHARED_FROM,
+    STORAGE,
+    STORAGE_RECORD,
+    TENSOR,
+    TENSOR_RECORD,
+    VALUE,
+    VALUE_RECORD,
+    Ring,
+)
+from ._runtime import WorkerRuntime
+from ._store import ObjectStore, StoredObject
+
+__all__ = ["EXECUTOR_ENV", "ExecutorSetup", "main"]
+
+log = logging.getLogger("torchrelay.worker")
+
+EXECUTOR_ENV = "TORCHRELAY_EXECUTOR"
+"""How the supervisor tells an executor what it needs (JSON, see `ExecutorSetup`)."""
+
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(TENSOR_DTYPES)}
+_string_at = ctypes.string_at
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSetup:
+    """Everything an executor is handed by its supervisor."""
+
+    config: dict[str, Any]
+    journal: int
+    ring: int
+    ring_capacity: int
+    channel: int
+    snapshot: int
+    snapshot_length: int
+    shared: list[tuple[int, int, int]]  # (descriptor, storage key, bytes)
+    next_key: int
+    poisoned: list[tuple[str, str, str]]  # (sender, correlation id, what it did)
+    restarts: int
+    supervisor: int
+
+    def to_json(self) -> str:
+        return json.dumps({name: getattr(self, name) for name in self.__slots__})
+
+    @classmethod
+    def from_json(cls, text: str) -> ExecutorSetup:
+        fields = json.loads(text)
+        fields["shared"] = [tuple(s) for s in fields["shared"]]
+        fields["poisoned"] = [tuple(p) for p in fields["poisoned"]]
+        return cls(**fields)
+
+
+class Mirror:
+    """Journals each command and sends what it changed to the supervisor's copy.
+
+    Storages are tracked by identity (`StorageImpl`), counting the stored objects
+    that view each; an object is sent again when it is new or its tensor's
+    `_version` moved (views share their base's counter).
+    """
+
+    def __init__(self, journal: Journal, ring: Ring, channel: socket.socket, next_key: int) -> None:
+        self.journal = journal
+        self.ring = ring
+        self.channel = channel
+        self.next_key = next_key
+        self.store: MirroredStore | None = None
+        self.keys: dict[int, int] = {}  # storage identity -> key
+        self.users: dict[int, int] = {}  # storage identity -> stored objects viewing it
+        self.storage_of: dict[int, int] = {}  # object id -> storage identity
+        self.versions: dict[int, int] = {}  # object id -> the _version last sent
+        self.sent_shared: set[int] = set()  # keys whose descriptor the supervisor holds
+        self.provenance_ids: dict[frozenset[str], int] = {}
+        self.changed: dict[int, bool] = {}  # object id -> new (or replaced)
+        self.deleted: list[int] = []
+
+    # -- Containment ------------------------------------------------------------------
+
+    def begin(self, sender: str, correlation_id: str) -> None:
+        self.journal.begin(command_key(sender, correlation_id))
+
+    def done(self) -> None:
+        self.journal.done()
+
+    def commit(self) -> None:
+        if not (self.changed or self.deleted):
+            return
+        assert self.store is not None
+        parts: list[bytes] = []
+        for object_id in self.deleted:
+            parts.append(DELETE_RECORD.pack(DELETE, object_id))
+            self.versions.pop(object_id, None)
+            self._let_go(self.storage_of.pop(object_id, None))
+        objects = self.store.objects
+        for object_id, new in self.changed.items():
+            entry = objects.get(object_id)
+            if entry is not None:
+                self._record(parts, object_id, entry, new)
+        self.changed.clear()
+        self.deleted.clear()
+        if parts:
+            entry_bytes = b"".join(parts)
+            while not self.ring.append(entry_bytes):  # the supervisor is behind: wait
+                time.sleep(0.001)
+
+    # -- what a command changed ----------------------------------------------------------
+
+    def _record(self, parts: list[bytes], object_id: int, entry: StoredObject, new: bool) -> None:
+        value = entry.value
+        if not (isinstance(value, torch.Tensor) and value.layout == torch.strided):
+            if new:  # anything else is immutable to operations: sent once
+                frame = encode(value).tobytes()
+                parts += [VALUE_RECORD.pack(VALUE, object_id, self._provenance(parts, entry),
+                                            len(frame)), frame]
+            return
+        version = value._version
+        if not new and self.versions.get(object_id) == version:
+            return
+        storage = value.untyped_storage()
+        identity = storage._cdata
+        key = self._storage(parts, storage, identity, changed=True)
+        if new and self.storage_of.get(object_id) != identity:
+            self._let_go(self.storage_of.get(object_id))
+            self.storage_of[object_id] = identity
+            self.users[identity] = self.users.get(identity, 0) + 1
+        self.versions[object_id] = version
+        flags = value.requires_grad | ((value.grad_fn is not None) << 1)
+        dimensions = value.dim()
+        parts += [
+            TENSOR_RECORD.pack(TENSOR, object_id, key, self._provenance(parts, entry),
+                               _DTYPE_CODES[value.dtype], dimensions, flags,
+                               value.storage_offset()),
+            DIMENSIONS[dimensions].pack(*value.shape, *value.stride()),
+        ]
+
+    def _storage(self, parts: list[bytes], storage: Any, identity: int, changed: bool) -> int:
+        key = self.keys.get(identity)
+        if key is None:
+            key = self.keys[identity] = self.next_key
+            self.next_key += 1
+        if storage.is_shared():
+            if key not in self.sent_shared:  # both map its pages: sent once
+                fd, size = storage._share_fd_cpu_()
+                socket.send_fds(self.channel, [KEY.pack(key)], [fd])
+                parts.append(STORAGE_RECORD.pack(SHARED, key, size))
+                self.sent_shared.add(key)
+        elif changed:
+            size = storage.nbytes()
+            parts += [STORAGE_RECORD.pack(STORAGE, key, size),
+                      _string_at(storage.data_ptr(), size) if size else b""]
+        return key
+
+    def _provenance(self, parts: list[bytes], entry: StoredObject) -> int:
+        provenance_id = self.provenance_ids.get(entry.provenance)
+        if provenance_id is None:
+            provenance_id = len(self.provenance_ids) + 1
+            self.provenance_ids[entry.provenance] = provenance_id
+            body = msgpack.packb(sorted(entry.provenance))
+            parts += [PROVENANCE_RECORD.pack(PROVENANCE, provenance_id, len(body)), body]
+        return provenance_id
+
+    def _let_go(self, identity: int | None) -> None:
+        if identity is None:
+            return
+        left = self.users[identity] - 1
+        if left:
+            self.users[identity] = left
+        else:  # no stored object views it: its identity may be reused by another storage
+            del self.users[identity]
+            key = self.keys.pop(identity, None)
+            if key is not None:
+                self.sent_shared.discard(key)
+
+
+class MirroredStore(ObjectStore):
+    """An `ObjectStore` that tells the mirror what changes, and shares large storages."""
+
+    def __init__(self, owner: str, max_bytes: int | None, mirror: Mirror) -> None:
+        super().__init__(owner, max_bytes)
+        self.mirror = mirror
+        mirror.store = self
+
+    @property
+    def objects(self) -> dict[int, StoredObject]:
+        return self._objects
+
+    def put(self, object_id: int, value: Any, provenance: frozenset[str] = frozenset()) -> None:
+        _share_large(value)  # before it is counted: sharing moves the storage
+        super().put(object_id, value, provenance)
+        self.mirror.changed[object_id] = True
+
+    def replace(self, object_id: int, value: Any, provenance: frozenset[str]) -> None:
+        _share_large(value)
+        super().replace(object_id, value, provenance)
+        self.mirror.changed[object_id] = True
+
+    def get(self, object_id: int) -> StoredObject:
+        entry = super().get(object_id)
+        self.mirror.changed.setdefault(object_id, False)  # it may be changed in place
+        return entry
+
+    def pop(self, object_id: int) -> StoredObject:
+        entry = super().pop(object_id)
+        self._gone(object_id)
+        return entry
+
+    def discard(self, object_id: int) -> StoredObject | None:
+        entry = super().discard(object_id)
+        if entry is not None:
+            self._gone(object_id)
+        return entry
+
+    def discard_if(self, object_id: int, entry: StoredObject) -> bool:
+        gone = super().discard_if(object_id, entry)
+        if gone:
+            self._gone(object_id)
+        return gone
+
+    def _gone(self, object_id: int) -> None:
+        self.mirror.changed.pop(object_id, None)
+        self.mirror.deleted.append(object_id)
+
+
+def _share_large(value: Any, depth: int = 0) -> None:
+    """Move the storages of large tensors into shared memory, in place (autograd and
+    views keep working): the supervisor maps them instead of copying them."""
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.nbytes() > SHARED_FROM and not storage.is_shared():
+            try:
+                storage.share_memory_()
+            except RuntimeError as e:  # /dev/shm full (64 MiB in a default container)
+                log.warning("a %d-byte storage stays unshared (it would not survive a crash "
+                            "of the executor): %s", storage.nbytes(), e)
+    elif type(value) in (tuple, list) and depth < 8:
+        for item in value:
+            _share_large(item, depth + 1)
+
+
+def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
+    """Rebuild a dead predecessor's objects from the supervisor's copy; the ids of the
+    tensors whose autograd graph died with it."""
+    mirror = store.mirror
+    storages: dict[int, Any] = {}
+    for fd, key, size in setup.shared:
+        # Maps a copy of fd. (torch's private API for this, as torch.multiprocessing uses.)
+        storages[key] = torch.UntypedStorage._new_shared_fd_cpu(fd, size)  # type: ignore[attr-defined]
+        mirror.sent_shared.add(key)
+        os.close(fd)
+    lost: set[int] = set()
+    if not setup.snapshot_length:
+        return lost
+    with mmap.mmap(setup.snapshot, setup.snapshot_length, mmap.MAP_PRIVATE) as page:
+        view = memoryview(page)
+        provenances: dict[int, frozenset[str]] = {}
+        objects: list[tuple[int, int, Any]] = []
+        position = 0
+        while position < len(view):
+            kind = view[position]
+            if kind == STORAGE:
+                _, key, size = STORAGE_RECORD.unpack_from(view, position)
+                position += STORAGE_RECORD.size
+                storage = torch.UntypedStorage(size)  # type: ignore[no-untyped-call]
+                if size:
+                    ctypes.memmove(storage.data_ptr(), bytes(view[position : position + size]),
+                                   size)
+                storages[key] = storage
+                position += size
+            elif kind == PROVENANCE:
+                _, provenance_id, length = PROVENANCE_RECORD.unpack_from(view, position)
+                position += PROVENANCE_RECORD.size
+                provenances[provenance_id] = frozenset(
+                    msgpack.unpackb(view[position : position + length])
+                )
+                mirror.provenance_ids[provenances[provenance_id]] = provenance_id
+                position += length
+            elif kind == TENSOR:
+                _, object_id, key, provenance_id, dtype, dimensions, flags, offset = (
+                    TENSOR_RECORD.unpack_from(view, position))
+                position += TENSOR_RECORD.size
+                sizes = DIMENSIONS[dimensions].unpack_from(view, position)
+                position += DIMENSIONS[dimensions].size
+                objects.append((object_id, provenance_id,
+                                (key, dtype, offset, sizes[:dimensions], sizes[dimensions:],
+                                 flags)))
+            elif kind == VALUE:
+                _, object_id, provenance_id, length = VALUE_RECORD.unpack_from(view, position)
+                position += VALUE_RECORD.size
+                objects.append((object_id, provenance_id,
+                                bytes(view[position : position + length])))
+                position += length
+            else:
+                raise ValueError(f"snapshot record of unknown kind {kind}")
+        del view
+    for object_id, provenance_id, fields in objects:
+        if type(fields) is bytes:
+            value = decode(bytearray(fields))
+        else:
+            key, dtype, offset, shape, stride, flags = fields
+            storage = storages[key]
+            value = torch.empty(0, dtype=TENSOR_DTYPES[dtype]).set_(storage, offset, shape,
+                                                                    stride)
+            if flags & 2:
+                lost.add(object_id)  # made by operations whose graph died with the process
+            elif flags & 1:
+                value.requires_grad_(True)  # a leaf comes back a leaf (its .grad does not)
+            identity = storage._cdata
+            mirror.keys[identity] = key
+            mirror.storage_of[object_id] = identity
+            mirror.users[identity] = mirror.users.get(identity, 0) + 1
+            mirror.versions[object_id] = value._version
+        ObjectStore.put(store, object_id, value, provenances[provenance_id])
+    return lost
+
+
+def main() -> int:
+    setup = ExecutorSetup.from_json(os.environ[EXECUTOR_ENV])
+    config = WorkerConfig(**setup.config)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s [executor {os.getpid()}]: "
+                               "%(message)s")
+    if config.log_level.upper() != "DEBUG":
+        logging.getLogger("pika").setLevel(logging.WARNING)
+    journal = Journal(setup.journal)
+    finished = journal.finished()
+    mirror = Mirror(journal, Ring(setup.ring, setup.ring_capacity),
+                    socket.socket(fileno=setup.channel), setup.next_key)
+
+    def make_runtime(endpoint: Endpoint) -> WorkerRuntime:
+        store = MirroredStore(config.id, config.max_bytes, mirror)
+        runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout,
+                                limits=config.limits, store=store, containment=mirror,
+                                status_facts={"pid": setup.supervisor,
+                                              "executor_pid": os.getpid(),
+                                              "executor_restarts": setup.restarts})
+        started = time.monotonic()
+        runtime.lost_graphs = restore(store, setup)
+        runtime.remember_finished([
+            tuple(key.decode(errors="replace").split("\0", 1))  # type: ignore[misc]
+            for key in finished if b"\0" in key
+        ])
+        runtime.poisoned = {(sender, cid): what for sender, cid, what in setup.poisoned}
+        if setup.restarts:
+            log.warning("executor restarted (restart %d): %d objects back in %.1f ms, %d of "
+                        "them without their autograd graph; %d finished commands remembered",
+                        setup.restarts, len(store), (time.monotonic() - started) * 1e3,
+                        len(runtime.lost_graphs), len(finished))
+        return runtime
+
+    supervisor = setup.supervisor
+    return run_worker(config, make_runtime=make_runtime,
+                      keep_going=lambda: os.getppid() == supervisor)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
