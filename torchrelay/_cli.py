@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--chunk-size", type=int,
                         help="bytes; larger messages travel in chunks (default 8 MiB)")
     worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    worker.add_argument("--unsupervised", action="store_true",
+                        help="serve in this one process, without the supervisor: a crash "
+                             "inside torch then takes the worker down (for measuring and "
+                             "debugging)")
     worker.add_argument("--command-timeout", type=float,
                         help="seconds one command may run before it is stopped (default 60)")
     worker.add_argument("--stop-grace", type=float,
@@ -74,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from torchrelay.worker._config import ConfigError, WorkerConfig
-    from torchrelay.worker._supervisor import supervise
 
     try:
         config = WorkerConfig.resolve(
@@ -100,6 +103,12 @@ def _worker(args: argparse.Namespace) -> int:
         # pika narrates every connection and channel at INFO: the daemon's own lines
         # are what an operator reads.
         logging.getLogger("pika").setLevel(logging.WARNING)
+    if args.unsupervised:
+        from torchrelay.worker._daemon import run_worker
+
+        return run_worker(config)
+    from torchrelay.worker._supervisor import supervise
+
     return supervise(config)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import torch
 
-from torchrelay.broker import OperationRefused
+from torchrelay.broker import OperationRefused, resolve_op
 
 from ._limits import BudgetExceeded, Limits
 
@@ -37,6 +37,54 @@ def check_arguments(op: str, args: list[Any], kwargs: dict[str, Any], limits: Li
     check = _CHECKS.get(op)
     if check is not None:
         check(op, args, kwargs, limits)
+    if _has_large_number(args) or _has_large_number(kwargs.values()):
+        _estimate_result(op, args, kwargs, limits)
+
+
+_LARGE: Final = 1 << 16
+"""Numbers past this among the arguments (alone, or multiplied as sizes are) may make a
+large result: it is estimated first."""
+
+
+def _has_large_number(values: Any, depth: int = 0) -> bool:
+    product = 1
+    for value in values:
+        kind = type(value)
+        if kind is int or kind is float:
+            if abs(value) > _LARGE:
+                return True
+            if kind is int and value:
+                product *= abs(value)
+        elif (kind is tuple or kind is list) and depth < 2 and _has_large_number(value,
+                                                                                  depth + 1):
+            return True
+    return product > _LARGE
+
+
+def _estimate_result(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    """Run `op` on meta tensors (shapes, no data, no work): refuse before running it for
+    real if it would make a tensor of more than `max_elements` elements. An operation
+    that cannot run on meta tensors is left to the check of its result."""
+    meta_args = [_on_meta(a) for a in args]
+    meta_kwargs = {k: _on_meta(v) for k, v in kwargs.items()}
+    if not any(isinstance(a, torch.Tensor) for a in (*meta_args, *meta_kwargs.values())):
+        if not op.startswith("torch."):
+            return
+        meta_kwargs["device"] = "meta"  # a tensor made from sizes alone
+    try:
+        result = resolve_op(op)(*meta_args, **meta_kwargs)
+    except Exception:
+        return
+    check_result(op, result, limits)
+
+
+def _on_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                   device="meta")
+    if type(value) in (tuple, list):
+        return type(value)(_on_meta(v) for v in value)
+    return value
 
 
 def _shape(tensor: torch.Tensor) -> str:
