@@ -406,6 +406,41 @@ def embedded(session: Session) -> MeasureResult:
     return result
 
 
+# -- 5b. what containment costs ----------------------------------------------------------
+
+
+def containment(session: Session) -> MeasureResult:
+    """A small op on a supervised daemon (bob) against one serving unsupervised.
+
+    The difference is what the journal and the mirror cost a command (see README,
+    "A worker no command can take down").
+    """
+    fleet, bob, _, _ = session.require()
+    s = session.settings
+    _, (bare_id,) = session.workers(["unsupervised"], ("--unsupervised",))
+    bare = fleet.worker(bare_id)
+    x, y = _small_pointer(fleet, bob), _small_pointer(fleet, bare)
+    _time_literal_loop(fleet, x, s.sync_warmup)
+    _time_literal_loop(fleet, y, s.sync_warmup)
+    supervised: list[float] = []
+    unsupervised: list[float] = []
+    block = s.sync_iterations // s.sync_blocks
+    for _ in range(s.sync_blocks):
+        supervised += _time_literal_loop(fleet, x, block)
+        unsupervised += _time_literal_loop(fleet, y, block)
+    del x, y
+    fleet.sync()
+    result = MeasureResult(raw={"supervised_s": supervised, "unsupervised_s": unsupervised})
+    for label, pick in (("median", median), ("p99", lambda v: percentile(v, 0.99))):
+        ours, base = pick(supervised), pick(unsupervised)
+        result.rows.append(
+            Row(f"5b sync x+x, contained: {label}", micros(ours),
+                f"unsupervised {micros(base)}", ours / base,
+                note="journal + mirror per command; no target" if label == "median" else "")
+        )
+    return result
+
+
 # -- 6. idle worker memory -----------------------------------------------------------
 
 
@@ -415,13 +450,15 @@ def idle(session: Session) -> MeasureResult:
     roles = [f"idle{i}" for i in range(s.idle_workers)]
     processes, ids = session.workers(roles)
     with tr.connect(session.url, name=session.name("idle-client")) as fleet:
-        pids = [int(fleet.worker(i).status()["pid"]) for i in ids]
+        statuses = [fleet.worker(i).status() for i in ids]
+    pids = [(int(st["pid"]), int(st["executor_pid"])) for st in statuses]
     expected = {p.pid for p in processes.processes.values()}
-    if not set(pids) <= expected:
+    if not {supervisor for supervisor, _ in pids} <= expected:
         raise RuntimeError(f"status() named pids {pids}, the daemons are {sorted(expected)}")
     with bare_torch_processes(s.idle_workers) as bare_pids:
         time.sleep(s.idle_settle_s)
-        workers = [rss_bytes(pid) for pid in pids]
+        # A daemon is two processes: its supervisor (no torch) and its executor.
+        workers = [rss_bytes(supervisor) + rss_bytes(executor) for supervisor, executor in pids]
         bare = [rss_bytes(pid) for pid in bare_pids]
     for worker_id in ids:
         processes.stop(worker_id)
@@ -429,7 +466,8 @@ def idle(session: Session) -> MeasureResult:
     result.rows.append(
         Row("6 idle worker daemon RSS", mib(median(workers)),
             f"python+torch {mib(median(bare))}", median(workers) / median(bare), at_most(1.2),
-            note=f"after one status(); median of {len(workers)} daemons")
+            note=f"supervisor + executor, after one status(); median of {len(workers)} "
+                 "daemons")
     )
     return result
 
@@ -447,5 +485,6 @@ MEASURES: dict[str, Measure] = {
     "transfer": Measure(transfer, True, "send+get 1 MiB .. 1 GiB, MiB/s and peak RSS"),
     "move": Measure(move, True, "move 64 MiB bob->alice: time and bytes via the client"),
     "embedded": Measure(embedded, False, "small sync op on the embedded broker vs local"),
+    "containment": Measure(containment, True, "small sync op, supervised vs unsupervised"),
     "idle": Measure(idle, False, "idle worker daemon RSS vs python + import torch"),
 }

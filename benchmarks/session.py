@@ -109,11 +109,14 @@ class Session:
     def log_dir(self) -> str:
         return self.stack.enter_context(tempfile.TemporaryDirectory(prefix="torchrelay-bench-"))
 
-    def workers(self, roles: list[str]) -> tuple[WorkerProcesses, list[str]]:
+    def workers(
+        self, roles: list[str], extra_args: tuple[str, ...] = ()
+    ) -> tuple[WorkerProcesses, list[str]]:
         """Start daemons named after `roles`; stopped when the session closes."""
         ids = [self.name(role) for role in roles]
         self.known_queues.update(f"torchrelay.worker.{i}" for i in ids)
-        processes = WorkerProcesses(self.url, ids, log_dir=self.log_dir())
+        processes = WorkerProcesses(self.url, ids, extra_args=extra_args,
+                                    log_dir=self.log_dir())
         return self.stack.enter_context(processes), ids
 
     def open(self) -> None:
