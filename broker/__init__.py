@@ -43,8 +43,11 @@ if TYPE_CHECKING:
     from ._ops import is_inplace, wire_name
     from ._ops import resolve as resolve_op
     from ._protocol import (
+        BATCH,
         COMMANDS,
+        MAX_BATCH,
         MAX_HOPS,
+        Batched,
         Call,
         Command,
         Delete,
@@ -59,8 +62,12 @@ if TYPE_CHECKING:
         Store,
         Transfer,
         command,
+        decode_batch,
         decode_command,
         decode_reply,
+        decode_reply_batch,
+        encode_batch,
+        encode_reply_batch,
         session_and_number,
     )
     from ._rabbitmq import (

@@ -32,6 +32,8 @@ WorkerStarter = Callable[["EmbeddedBroker", str], object]
 class EmbeddedEndpoint(Endpoint):
     """An endpoint on the embedded broker: pulls with `receive`, or pushes to a handler."""
 
+    in_process = True
+
     def __init__(self, broker: EmbeddedBroker, identity: str, reply_queue: str) -> None:
         self.identity = identity
         self.reply_queue = reply_queue
@@ -78,6 +80,11 @@ class EmbeddedEndpoint(Endpoint):
     def ensure_worker(self, worker_id: str) -> None:
         self._broker.ensure_worker(worker_id)
 
+    def dead_letter(
+        self, type: str, frame: Frame, correlation_id: str, sender: str, reason: str
+    ) -> None:
+        self._broker.dead_letters.append((type, frame.tobytes(), correlation_id, sender, reason))
+
     @property
     def quiescent(self) -> bool:
         return not self._inbox and self._broker.idle
@@ -107,6 +114,8 @@ class EmbeddedBroker(Broker):
         self._runnable: deque[tuple[DeliveryHandler, Delivery]] = deque()
         self._running = False
         self._reply_numbers = itertools.count(1)
+        self.dead_letters: list[tuple[str, bytes, str, str, str]] = []
+        """Commands refused for good: (type, body, correlation id, sender, why)."""
         # One thread at a time drives the loop; a second client thread waits its turn.
         self._lock = threading.RLock()
 

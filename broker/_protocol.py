@@ -21,7 +21,7 @@ import dataclasses
 import re
 import traceback
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Final, TypeVar, dataclass_transform
 
@@ -29,8 +29,11 @@ from ._codec import Body, Frame, decode, encode
 from ._errors import DecodeError, ProtocolError, RemoteError
 
 __all__ = [
+    "BATCH",
     "COMMANDS",
+    "MAX_BATCH",
     "MAX_HOPS",
+    "Batched",
     "Call",
     "Command",
     "Delete",
@@ -47,8 +50,12 @@ __all__ = [
     "Transfer",
     "WorkerId",
     "command",
+    "decode_batch",
     "decode_command",
     "decode_reply",
+    "decode_reply_batch",
+    "encode_batch",
+    "encode_reply_batch",
     "session_and_number",
 ]
 
@@ -80,7 +87,7 @@ MAX_HOPS: Final = 32
 
 ObjectId = Annotated[int, Range(0, MAX_OBJECT_ID)]
 Hops = Annotated[int, Range(0, MAX_HOPS)]
-Sequence = Annotated[int, Range(0, (1 << 63) - 1)]
+SequenceNumber = Annotated[int, Range(0, (1 << 63) - 1)]
 OpName = Annotated[str, Text(255)]
 WorkerId = Annotated[
     str,
@@ -238,13 +245,17 @@ class Command:
 
     def encode(self, envelope: Envelope | None = None) -> Frame:
         """The message body, with `envelope` riding along."""
+        return encode(self.fields(envelope))
+
+    def fields(self, envelope: Envelope | None = None) -> dict[str, Any]:
+        """The map a message body encodes: the fields, and those of `envelope`."""
         values = {key: getattr(self, key) for key in self._names}
         if envelope is not None:
             if envelope.garbage:
                 values["garbage"] = envelope.garbage
             if envelope.guard is not None:
                 values["guard"] = envelope.guard
-        return encode(values)
+        return values
 
     def describe(self) -> str:
         """A short human-readable description, for error messages."""
@@ -293,7 +304,7 @@ class Envelope:
     """
 
     garbage: list[ObjectId] = field(default_factory=list)
-    guard: Sequence | None = None
+    guard: SequenceNumber | None = None
 
 
 _ENVELOPE: Final = _Schema.of("envelope", Envelope)
@@ -396,7 +407,11 @@ def decode_command(name: str, body: Body) -> tuple[Command, Envelope]:
     cls = COMMANDS.get(name)
     if cls is None:
         raise ProtocolError(f"unknown command {name!r}; known commands: {', '.join(COMMANDS)}")
-    values = decode(body)
+    return _command(cls, decode(body))
+
+
+def _command(cls: type[Command], values: Any) -> tuple[Command, Envelope]:
+    name = cls.name
     if type(values) is not dict:
         raise DecodeError(f"{name}: the body must be a map of fields, not {type(values).__name__}")
     envelope = _NO_ENVELOPE
@@ -410,6 +425,75 @@ def decode_command(name: str, body: Body) -> tuple[Command, Envelope]:
         envelope = Envelope(**carried)
     cls._schema.validate(values)
     return cls(**values), envelope
+
+
+BATCH: Final = "batch"
+"""The type of a message carrying several commands to one worker, run in their order."""
+
+MAX_BATCH: Final = 1024
+"""Commands one batch may carry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batched:
+    """One command of a batch: its correlation id, and the command or why it is invalid."""
+
+    name: str
+    correlation_id: str
+    command: Command | None
+    envelope: Envelope
+    error: ProtocolError | None = None
+
+
+def encode_batch(items: Sequence[tuple[Command, str, Envelope | None]]) -> Frame:
+    """One message body for `(command, correlation id, envelope)`s, in order."""
+    return encode({"commands": [[command.name, correlation_id, command.fields(envelope)]
+                                for command, correlation_id, envelope in items]})
+
+
+def decode_batch(body: Body) -> list[Batched]:
+    """The commands of a batch, each decoded and validated on its own: one that is
+    invalid comes with its error, and the others are not lost with it.
+
+    Raises `ProtocolError` if the batch itself is malformed.
+    """
+    values = decode(body)
+    items = values.get("commands") if type(values) is dict and len(values) == 1 else None
+    if type(items) is not list or not 0 < len(items) <= MAX_BATCH:
+        raise ProtocolError(f"a batch must be {{'commands': [1 to {MAX_BATCH} commands]}}")
+    batch = []
+    for item in items:
+        if not (type(item) is list and len(item) == 3 and type(item[0]) is str
+                and type(item[1]) is str and 0 < len(item[1]) <= 255):
+            raise ProtocolError("a batched command must be [name, correlation id, fields]")
+        name, correlation_id, fields = item
+        cls = COMMANDS.get(name)
+        try:
+            if cls is None:
+                raise ProtocolError(f"unknown command {name[:64]!r}")
+            command, envelope = _command(cls, fields)
+        except ProtocolError as e:
+            batch.append(Batched(name if cls else "invalid", correlation_id, None,
+                                 _NO_ENVELOPE, e))
+        else:
+            batch.append(Batched(name, correlation_id, command, envelope))
+    return batch
+
+
+def encode_reply_batch(replies: Sequence[tuple[str, str, Frame]]) -> Frame:
+    """One message body for several replies: `(correlation id, command name, reply frame)`."""
+    return encode({"replies": [[cid, name, frame.tobytes()] for cid, name, frame in replies]})
+
+
+def decode_reply_batch(body: Body) -> list[tuple[str, str, bytes]]:
+    values = decode(body)
+    items = values.get("replies") if type(values) is dict and len(values) == 1 else None
+    if type(items) is not list or not all(
+        type(i) is list and len(i) == 3 and type(i[0]) is str and type(i[1]) is str
+        and type(i[2]) is bytes for i in items
+    ):
+        raise ProtocolError("a batch of replies must be {'replies': [[id, name, reply]...]}")
+    return [(cid, name, frame) for cid, name, frame in items]
 
 
 def session_and_number(correlation_id: str) -> tuple[str, int] | None:

@@ -56,8 +56,6 @@ class Delivery:
     """Which connection of the endpoint received it; an ack must use the same one."""
     chunked: bool = False
     refused: str | None = None
-    settled: bool = False
-    """Rejected already (dead-lettered): it must not be acknowledged as well."""
 
 
 class Endpoint(ABC):
@@ -96,13 +94,18 @@ class Endpoint(ABC):
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a command once it has been executed."""
 
-    def reject(self, delivery: Delivery) -> None:
-        """Refuse a command for good: the broker dead-letters it where it can."""
-        delivery.settled = True
+    def dead_letter(
+        self, type: str, frame: Frame, correlation_id: str, sender: str, reason: str
+    ) -> None:
+        """Set aside a command refused for good, where a person can look at it."""
 
     @abstractmethod
     def ensure_worker(self, worker_id: str) -> None:
         """Raise `UnknownWorker` unless a worker consumes `worker_id`'s queue."""
+
+    in_process = False
+    """Whether the workers this endpoint reaches run in this process, and only while
+    it waits (the embedded broker): then nothing is gained by publishing early."""
 
     @property
     def quiescent(self) -> bool:

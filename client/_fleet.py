@@ -8,13 +8,21 @@ first error among them, naming the operation that failed. A worker replies only
 once a command's effects have happened down the whole chain, so "all replies
 in" means "every worker is up to date".
 
+Commands to one worker travel together: posted commands wait in the client
+until it waits for something, addresses another worker, has `MAX_QUEUED` of
+them, or `QUEUE_DELAY` has passed (a background thread sees to that, so work
+still starts on the worker while the script computes locally), and then go as
+one message, a batch, which the worker runs in order and answers with one
+message. A training step of a dozen operations and the loss it fetches is one
+message each way.
+
 A wait costs one broker round trip. When every command still in flight went to
 the same worker and settles there in order (no pointer chain to forward it down),
-the awaited command is published right behind them: the worker runs its queue in
-order, so it sees their effects. It carries a guard (`Envelope.guard`): should
-one of them fail, the worker refuses it instead of running it behind a failure
-the client has not heard of, so a `get` never destroys what it fetched. In every
-other case the client first collects what is in flight, then publishes.
+the awaited command goes right behind them, in the same batch: the worker runs
+them in order, so it sees their effects. It carries a guard (`Envelope.guard`):
+should one of them fail, the worker refuses it instead of running it behind a
+failure the client has not heard of, so a `get` never destroys what it fetched.
+In every other case the client first collects what is in flight, then sends.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import logging
 import random
 import secrets
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torchrelay.broker import (
+    BATCH,
     RETURNED,
     Broker,
     Command,
@@ -44,7 +54,10 @@ from torchrelay.broker import (
     TorchRelayError,
     UnknownWorker,
     decode_reply,
+    decode_reply_batch,
+    encode_batch,
     new_object_id,
+    session_and_number,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +66,13 @@ if TYPE_CHECKING:
 __all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
 
 log = logging.getLogger("torchrelay.client")
+
+MAX_QUEUED = 256
+"""Posted commands to one worker that wait for a ride at most; then they go."""
+
+QUEUE_DELAY = 0.002
+"""Seconds posted commands wait for more to join them, if the script does not wait first
+(the background publisher looks this often)."""
 
 class ObjectDescription(str):
     """A stored object's description; its repr is the text itself, as in a notebook."""
@@ -121,6 +141,12 @@ class Fleet:
         self._outstanding: dict[str, _Outstanding] = {}  # in the order sent
         self._unsettled = 0  # outstanding commands that do not settle in order
         self._outstanding_to: dict[str, int] = {}  # worker id -> outstanding commands to it
+        # Commands not yet published, all to one worker, in order. The lock keeps them
+        # in order against the background publisher.
+        self._queued: list[tuple[Command, str, Envelope | None]] = []
+        self._queued_to: str | None = None
+        self._queue_lock = threading.Lock()
+        self._queued_since = 0.0
         self._results: dict[str, Any] = {}
         self._errors: list[TorchRelayError] = []
         self._doomed: dict[str, list[int]] = {}
@@ -137,6 +163,9 @@ class Fleet:
         of it are valid for one epoch."""
         self.closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
+        if not self.endpoint.in_process:  # in-process workers only run while we wait anyway
+            threading.Thread(target=_publish_late, args=(weakref.ref(self),), daemon=True,
+                             name=f"torchrelay-publisher {name}").start()
 
     # -- public ----------------------------------------------------------------
 
@@ -170,7 +199,7 @@ class Fleet:
         except TorchRelayError as e:
             log.warning("while closing: %s", e)
         finally:
-            self.closed = True
+            self.closed = True  # the background publisher sees it and ends
             self.endpoint.close()
             if self._owns_broker:
                 self.broker.close()
@@ -261,19 +290,72 @@ class Fleet:
         self._outstanding_to[worker_id] = self._outstanding_to.get(worker_id, 0) + 1
         if not settles:
             self._unsettled += 1
-        try:
-            envelope = _PLAIN if not garbage and guard is None else Envelope(list(garbage), guard)
-            frame = command.encode(envelope)
-            self.endpoint.send_command(worker_id, command.name, frame, correlation_id)
-        except BaseException as e:
-            self._forget(correlation_id)
-            if garbage:  # not sent: it waits for the next ride
-                with self._doomed_lock:
-                    self._doomed.setdefault(worker_id, []).extend(garbage)
-            if isinstance(e, ConnectionLost):  # raised now, for every reply it took
-                self._fail_outstanding(e, report_later=False)
-            raise
+        envelope = None if not garbage and guard is None else Envelope(list(garbage), guard)
+        with self._queue_lock:
+            if self._queued_to != worker_id:
+                self._publish_queued()  # in order: what went to another worker goes first
+                self._queued_to = worker_id
+            self._queued.append((command, correlation_id, envelope))
+            if len(self._queued) >= MAX_QUEUED:
+                self._publish_queued()
+            elif len(self._queued) == 1:
+                self._queued_since = time.monotonic()
         return correlation_id
+
+    def _publish(self) -> None:
+        with self._queue_lock:
+            self._publish_queued()
+
+    def _publish_if_late(self) -> None:
+        if self._queued and time.monotonic() - self._queued_since >= QUEUE_DELAY:
+            with self._queue_lock:
+                if self._queued:
+                    self._publish_queued(background=True)
+
+    def _publish_queued(self, *, background: bool = False) -> None:
+        """Publish the queued commands (under the queue lock): one alone, several as one
+        batch. From the background publisher, a failure leaves them queued for the
+        script's thread to publish again and report."""
+        queued, worker_id = self._queued, self._queued_to
+        if not queued or worker_id is None:
+            return
+        self._queued = []
+        if background:
+            try:
+                self._send_queued(worker_id, queued)
+            except TorchRelayError:
+                self._queued = queued + self._queued
+            return
+        try:
+            self._send_queued(worker_id, queued)
+        except TorchRelayError as e:
+            if isinstance(e, ConnectionLost):
+                self._fail_outstanding(e, report_later=False)
+                raise
+            for _, correlation_id, _ in queued:  # none of them was sent
+                entry = self._forget(correlation_id)
+                if entry is not None:
+                    self._record(correlation_id, entry, e)
+            self._restore_garbage(worker_id, queued)
+
+    def _send_queued(self, worker_id: str,
+                     queued: list[tuple[Command, str, Envelope | None]]) -> None:
+        if len(queued) == 1:
+            command, correlation_id, envelope = queued[0]
+            self.endpoint.send_command(worker_id, command.name, command.encode(envelope),
+                                       correlation_id)
+        else:
+            self.endpoint.send_command(worker_id, BATCH, encode_batch(queued),
+                                       f"{queued[0][1]}+{len(queued)}")
+
+    def _restore_garbage(self, worker_id: str,
+                         queued: list[tuple[Command, str, Envelope | None]]) -> None:
+        """Garbage that rode with commands never sent waits for the next ride."""
+        garbage = [i for _, _, envelope in queued if envelope is not None
+                   for i in envelope.garbage]
+        if garbage:
+            with self._doomed_lock:
+                self._doomed.setdefault(worker_id, []).extend(garbage)
 
     def _forget(self, correlation_id: str) -> _Outstanding | None:
         entry = self._outstanding.pop(correlation_id, None)
@@ -291,7 +373,8 @@ class Fleet:
             self._send(worker_id, Delete(ids), keep=False, settles=False)
 
     def _collect(self, *, raise_errors: bool = True) -> None:
-        """Receive replies until none is outstanding."""
+        """Publish what is queued, then receive replies until none is outstanding."""
+        self._publish()
         outstanding = self._outstanding
         endpoint = self.endpoint
         timeout = self.timeout
@@ -306,30 +389,53 @@ class Fleet:
                 break
             if not delivery.is_reply:
                 continue
+            if delivery.type == _BATCH_REPLY:
+                self._record_batch(delivery)
+                continue
+            if delivery.type == RETURNED and "+" in delivery.correlation_id:
+                for member in _members(delivery.correlation_id):  # a batch nobody took
+                    entry = self._forget(member)
+                    if entry is not None:
+                        self._record(member, entry, self._result(entry, delivery))
+                continue
             entry = self._forget(delivery.correlation_id)
             if entry is None:
                 continue  # a late reply to a request that already timed out
-            self._record(delivery.correlation_id, entry, delivery)
+            self._record(delivery.correlation_id, entry, self._result(entry, delivery))
         if raise_errors:
             self._raise_errors()
 
-    def _record(self, correlation_id: str, entry: _Outstanding, delivery: Delivery) -> None:
-        result: Any
+    def _record_batch(self, delivery: Delivery) -> None:
+        try:
+            replies = decode_reply_batch(delivery.body)
+        except ProtocolError as e:
+            self._errors.append(e)
+            return
+        for correlation_id, name, body in replies:
+            entry = self._forget(correlation_id)
+            if entry is not None:
+                result = self._decoded(entry, body)
+                self._record(correlation_id, entry, result)
+
+    def _result(self, entry: _Outstanding, delivery: Delivery) -> Any:
+        """What a reply delivery says: the value, or the error to raise."""
         if delivery.type == RETURNED:
-            result = UnknownWorker(entry.worker_id, "no worker consumes its queue")
-        elif delivery.refused is not None:
-            result = ProtocolError(f"the reply to {entry.command.describe()} from worker "
-                                   f"{entry.worker_id!r} was {delivery.refused}")
-        else:
-            try:
-                reply = decode_reply(delivery.body)
-            except ProtocolError as e:
-                result = e
-            else:
-                if reply.error is None:
-                    result = reply.value
-                else:
-                    result = reply.error.to_exception(entry.worker_id, entry.command.describe())
+            return UnknownWorker(entry.worker_id, "no worker consumes its queue")
+        if delivery.refused is not None:
+            return ProtocolError(f"the reply to {entry.command.describe()} from worker "
+                                 f"{entry.worker_id!r} was {delivery.refused}")
+        return self._decoded(entry, delivery.body)
+
+    def _decoded(self, entry: _Outstanding, body: Any) -> Any:
+        try:
+            reply = decode_reply(body)
+        except ProtocolError as e:
+            return e
+        if reply.error is None:
+            return reply.value
+        return reply.error.to_exception(entry.worker_id, entry.command.describe())
+
+    def _record(self, correlation_id: str, entry: _Outstanding, result: Any) -> None:
         if entry.keep:
             self._results[correlation_id] = result
         elif isinstance(result, TorchRelayError):
@@ -350,6 +456,10 @@ class Fleet:
         self._outstanding.clear()
         self._outstanding_to.clear()
         self._unsettled = 0
+        with self._queue_lock:
+            if self._queued_to is not None:
+                self._restore_garbage(self._queued_to, self._queued)
+            self._queued.clear()
 
     def _raise_errors(self) -> None:
         if not self._errors:
@@ -364,7 +474,32 @@ class Fleet:
         raise first
 
 
-_PLAIN = Envelope()
+_BATCH_REPLY = f"{BATCH}.reply"
+
+
+def _members(batch_id: str) -> list[str]:
+    """The correlation ids of a batch's commands, from the batch's own: `<first>+<count>`
+    (a batch's commands are numbered one after the other)."""
+    first, _, count = batch_id.rpartition("+")
+    numbered = session_and_number(first)
+    if numbered is None or not count.isdecimal():
+        return []
+    session, number = numbered
+    return [f"{session}.{n}" for n in range(number, number + min(int(count), 4096))]
+
+
+def _publish_late(ref: weakref.ref[Fleet]) -> None:
+    """The background publisher: what waited `QUEUE_DELAY` unpublished goes now.
+
+    It looks on its own clock rather than being woken for every command, so the
+    script's thread pays nothing for it; it holds its fleet only while looking."""
+    while True:
+        time.sleep(QUEUE_DELAY)
+        fleet = ref()
+        if fleet is None or fleet.closed:
+            return
+        fleet._publish_if_late()
+        del fleet
 
 
 def _close_at_exit(ref: weakref.ref[Fleet]) -> None:

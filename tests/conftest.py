@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 import torchrelay as tr
-from torchrelay.broker import Endpoint, Frame, ManagementAPI, decode_command
+from torchrelay.broker import (
+    BATCH,
+    Endpoint,
+    Frame,
+    ManagementAPI,
+    decode_batch,
+    decode_command,
+    decode_reply_batch,
+)
 from torchrelay.worker import WorkerProcesses
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@localhost:5672/")
@@ -141,28 +149,44 @@ def carol(fleet: tr.Fleet) -> tr.WorkerHandle:
 
 
 class Recorder:
-    """Wraps a fleet's endpoint; records what it publishes and receives, in order,
-    and the garbage that rides along with the commands."""
+    """Wraps a fleet's endpoint; records what it publishes and receives, in order.
+
+    `events` has one line per command or reply (the commands of a batch each have
+    theirs), `messages` one per message, and `garbage` what rode along."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.events: list[str] = []
+        self.messages: list[str] = []
         self.garbage: list[int] = []
 
     def send_command(self, worker_id: str, type: str, frame: Frame, correlation_id: str,
                      **options: Any) -> None:
-        self.events.append(f"send {type} to {worker_id}")
-        self.garbage += decode_command(type, frame.tobytes())[1].garbage
+        if type == BATCH:
+            items = decode_batch(frame.tobytes())
+            names = [item.name for item in items]
+            self.garbage += [i for item in items for i in item.envelope.garbage]
+        else:
+            names = [type]
+            self.garbage += decode_command(type, frame.tobytes())[1].garbage
+        self.events += [f"send {name} to {worker_id}" for name in names]
+        self.messages.append(f"send {' + '.join(names)} to {worker_id}")
         self.endpoint.send_command(worker_id, type, frame, correlation_id, **options)
 
     def receive(self, timeout: float) -> Any:
         delivery = self.endpoint.receive(timeout)
         if delivery is not None:
-            self.events.append(f"receive {delivery.type}")
+            if delivery.type == f"{BATCH}.reply":
+                names = [f"{name}.reply" for _, name, _ in decode_reply_batch(delivery.body)]
+            else:
+                names = [delivery.type]
+            self.events += [f"receive {name}" for name in names]
+            self.messages.append(f"receive {' + '.join(names)}")
         return delivery
 
     def clear(self) -> None:
         self.events.clear()
+        self.messages.clear()
         self.garbage.clear()
 
     def __getattr__(self, name: str) -> Any:

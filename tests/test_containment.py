@@ -94,7 +94,8 @@ def test_a_command_past_command_timeout_is_stopped_and_never_runs_again(
     assert properties.type == "call"
     command, _ = decode_command("call", body)
     assert command.describe() == "call linalg.matrix_power"
-    assert properties.headers["x-death"][0]["reason"] == "rejected"
+    assert properties.headers["x-torchrelay-sender"] == "me"
+    assert "past the worker's command_timeout" in properties.headers["x-torchrelay-reason"]
     kept.get(), matrix.get()
 
 

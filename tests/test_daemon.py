@@ -73,6 +73,7 @@ def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
         big = big_matrix(erin)
         squarings = squarings_lasting(big, fleet, 2.0)
         power = torch.linalg.matrix_power(big, 2**squarings)  # starts now, runs for seconds
+        time.sleep(0.5)
         waiting = big.sum()  # delivered, not started: must go back to the queue
         time.sleep(0.5)
 

@@ -13,15 +13,22 @@ from torchrelay.broker import (
     COMMANDS,
     Call,
     Command,
+    Describe,
     Envelope,
     Meta,
     ObjectRef,
     ProtocolError,
+    Reply,
     Store,
     Transfer,
     command,
+    decode_batch,
     decode_command,
+    decode_reply,
+    decode_reply_batch,
     encode,
+    encode_batch,
+    encode_reply_batch,
     session_and_number,
 )
 from torchrelay.broker import _protocol as protocol
@@ -169,3 +176,33 @@ def test_correlation_ids_split_into_session_and_number(
     correlation_id: str, expected: tuple[str, int] | None
 ) -> None:
     assert session_and_number(correlation_id) == expected
+
+
+def test_a_batch_carries_commands_in_order_and_a_bad_one_does_not_sink_the_others() -> None:
+    good = Call("Tensor.__add__", [ObjectRef(1), 2], {}, 7)
+    body = encode_batch([(good, "me.s.1", None), (Meta(7), "me.s.2", Envelope([9], 1))])
+    first, second = decode_batch(body.tobytes())
+    assert (first.name, first.correlation_id, first.command) == ("call", "me.s.1", good)
+    assert (second.command, second.envelope) == (Meta(7), Envelope([9], 1))
+
+    mixed = encode({"commands": [
+        ["fetch", "me.s.3", {"id": -1}],
+        ["eval", "me.s.4", {"source": "1"}],
+        ["describe", "me.s.5", {}],
+    ]})
+    bad_field, unknown, fine = decode_batch(mixed.tobytes())
+    assert bad_field.command is None and "field 'id' must be" in str(bad_field.error)
+    assert unknown.name == "invalid" and "unknown command 'eval'" in str(unknown.error)
+    assert fine.command == Describe()
+    for malformed in ({"commands": []}, {"commands": [["call", 5, {}]]}, {"other": 1}):
+        with pytest.raises(ProtocolError, match="batch"):
+            decode_batch(encode(malformed).tobytes())
+
+
+def test_replies_travel_in_batches_too() -> None:
+    replies = [("me.s.1", "call", Reply(None).encode()), ("me.s.2", "fetch", Reply(3).encode())]
+    decoded = decode_reply_batch(encode_reply_batch(replies).tobytes())
+    assert [(cid, name) for cid, name, _ in decoded] == [("me.s.1", "call"), ("me.s.2", "fetch")]
+    assert decode_reply(decoded[1][2]).value == 3
+    with pytest.raises(ProtocolError):
+        decode_reply_batch(encode({"replies": [["x", "call", "not bytes"]]}).tobytes())

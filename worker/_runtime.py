@@ -30,9 +30,11 @@ from typing import Any, Protocol
 import torch
 
 from torchrelay.broker import (
+    BATCH,
     COMMANDS,
     MAX_HOPS,
     RETURNED,
+    Batched,
     Call,
     Command,
     Delete,
@@ -41,6 +43,7 @@ from torchrelay.broker import (
     EarlierFailure,
     EncodeError,
     Endpoint,
+    Envelope,
     ErrorInfo,
     Fetch,
     Frame,
@@ -57,8 +60,10 @@ from torchrelay.broker import (
     TorchRelayError,
     Transfer,
     UnknownWorker,
+    decode_batch,
     decode_command,
     decode_reply,
+    encode_reply_batch,
     new_object_id,
     resolve_op,
     session_and_number,
@@ -77,6 +82,9 @@ _Handler = Callable[[Any, str], Any]  # a value, or a coroutine that awaits requ
 _REMEMBERED_COMMANDS = 4096
 """Commands remembered by (sender, correlation id), so one redelivered after a
 reconnect is not run twice; more than the prefetch window can hold unacknowledged."""
+
+_BATCHED_REPLY_BYTES = 64 << 10
+"""Replies to a batch's commands up to this size go back together; larger ones alone."""
 
 _REMEMBERED_SESSIONS = 4096
 """Sessions whose last failure is remembered, for guarded commands (`Envelope.guard`)."""
@@ -98,12 +106,17 @@ class _Request:
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    """A command to answer: what, from whom, and where the answer goes."""
+    """A command to answer: what (None if it could not be decoded), from whom, and
+    where the answer goes."""
 
-    command: Command
+    name: str
+    command: Command | None
     sender: str
     reply_to: str | None
     correlation_id: str
+
+    def describe(self) -> str:
+        return self.command.describe() if self.command is not None else self.name
 
 
 @dataclass(slots=True)
@@ -169,6 +182,7 @@ class WorkerRuntime:
         self.lost_graphs: set[int] = set()
         """Objects restored after a crash whose autograd graph died with the executor."""
         self.reply_timeout = reply_timeout
+        self._replies: list[tuple[str, str, Frame]] | None = None  # answering a batch
         self._waiting: dict[str, _Waiting] = {}
         self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
         # (sender, session) -> number and description of its last failed command.
@@ -204,31 +218,71 @@ class WorkerRuntime:
         if delivery.refused is not None:  # the transport could not take it whole
             self._refuse(delivery, ProtocolError(delivery.refused))
             return
-        key = (delivery.sender, delivery.correlation_id)
+        if delivery.type != BATCH:
+            self._handle_one(delivery, self._single(delivery))
+            return
+        try:
+            items = decode_batch(delivery.body)
+        except ProtocolError as e:
+            log.warning("refused a malformed batch from %s: %s", delivery.sender, e)
+            self._refuse(delivery, e)
+            return
+        # Replies to the commands of a batch go back together, as one message.
+        self._replies = []
+        try:
+            for item in items:
+                self._handle_one(delivery, item)
+        finally:
+            replies, self._replies = self._replies, None
+            if replies and delivery.reply_to:
+                self._send_replies(delivery.reply_to, delivery.correlation_id, replies)
+
+    def _single(self, delivery: Delivery) -> Batched:
+        try:
+            command, envelope = decode_command(delivery.type, delivery.body)
+        except ProtocolError as e:
+            # Never echo an unknown type: it is the sender's text, of any length.
+            name = delivery.type if delivery.type in COMMANDS else "invalid"
+            return Batched(name, delivery.correlation_id, None, _PLAIN, e)
+        return Batched(delivery.type, delivery.correlation_id, command, envelope)
+
+    def _handle_one(self, delivery: Delivery, item: Batched) -> None:
+        key = (delivery.sender, item.correlation_id)
+        job = _Job(item.name, item.command, delivery.sender, delivery.reply_to,
+                   item.correlation_id)
         poisoned = self.poisoned.get(key)
         if poisoned is not None:
-            log.warning("refused %s %s from %s again: it %s", delivery.type,
-                        delivery.correlation_id, delivery.sender, poisoned)
-            self._refuse(delivery, OperationRefused(
+            log.warning("refused %s %s from %s again: it %s", item.name, item.correlation_id,
+                        delivery.sender, poisoned)
+            self._finish(job, None, OperationRefused(
                 f"this command {poisoned}; the worker restarted with its objects and will "
                 "not run it again"
             ))
-            self.endpoint.reject(delivery)  # to the dead-letter queue, for a person to see
+            if item.command is not None:  # to the dead-letter queue, for a person to see
+                self.endpoint.dead_letter(item.name, item.command.encode(item.envelope),
+                                          item.correlation_id, delivery.sender, poisoned)
             return
         if delivery.redelivered and key in self._recent:
             # Ran already; its acknowledgement was lost with a connection (or with an
             # executor that crashed later). Running it again could apply an in-place
             # operation twice.
-            log.info("skipped %s %s from %s: it already ran", delivery.type,
-                     delivery.correlation_id, delivery.sender)
+            log.info("skipped %s %s from %s: it already ran", item.name, item.correlation_id,
+                     delivery.sender)
             return
         self.remember_finished([key])
-        if containment is None:
-            self._handle_command(delivery)
+        self._handled += 1
+        if item.command is None:
+            log.warning("refused a malformed %r command from %s: %s", item.name[:64],
+                        delivery.sender, item.error)
+            self._finish(job, None, item.error)
             return
-        containment.begin(delivery.sender, delivery.correlation_id)
+        containment = self.containment
+        if containment is None:
+            self._run(job, item.envelope)
+            return
+        containment.begin(delivery.sender, item.correlation_id)
         try:
-            self._handle_command(delivery)
+            self._run(job, item.envelope)
         finally:
             containment.commit()
             containment.done()
@@ -241,16 +295,9 @@ class WorkerRuntime:
         while len(recent) > _REMEMBERED_COMMANDS:
             del recent[next(iter(recent))]
 
-    def _handle_command(self, delivery: Delivery) -> None:
-        self._handled += 1
-        try:
-            command, envelope = decode_command(delivery.type, delivery.body)
-        except ProtocolError as e:
-            log.warning("refused a malformed %r command from %s: %s", delivery.type[:64],
-                        delivery.sender, e)
-            self._refuse(delivery, e)
-            return
-        job = _Job(command, delivery.sender, delivery.reply_to, delivery.correlation_id)
+    def _run(self, job: _Job, envelope: Envelope) -> None:
+        command = job.command
+        assert command is not None
         # Garbage first; only its pointers' targets on other workers need waiting for.
         targets = self._discard(envelope.garbage) if envelope.garbage else None
         try:
@@ -297,7 +344,7 @@ class WorkerRuntime:
             return
         key = (job.sender, numbered[0])
         self._failures.pop(key, None)  # re-inserted last: the oldest go first
-        self._failures[key] = (numbered[1], job.command.describe())
+        self._failures[key] = (numbered[1], job.describe())
         if len(self._failures) > _REMEMBERED_SESSIONS:
             del self._failures[next(iter(self._failures))]
 
@@ -378,8 +425,7 @@ class WorkerRuntime:
             self._failed += 1
             self._remember_failure(job)
             if not isinstance(error, TorchRelayError | TypeError | ValueError | RuntimeError):
-                log.exception("command %s failed unexpectedly", job.command.describe(),
-                              exc_info=error)
+                log.exception("command %s failed unexpectedly", job.describe(), exc_info=error)
         if job.reply_to is None:
             return
         if error is None:
@@ -391,13 +437,36 @@ class WorkerRuntime:
                 except EncodeError as e:
                     error = e
         if error is not None:
-            frame = Reply(error=ErrorInfo.from_exception(error)).encode()
-        self._send_reply(job.reply_to, job.command.name, job.correlation_id, frame)
+            # Our own refusals say all there is to say; torch's errors come with where.
+            info = ErrorInfo.from_exception(
+                error, with_traceback=not isinstance(error, TorchRelayError)
+            )
+            frame = Reply(error=info).encode()
+        self._send_reply(job.reply_to, job.name, job.correlation_id, frame)
 
     def _send_reply(self, reply_to: str, name: str, correlation_id: str, frame: Frame) -> None:
+        replies = self._replies
+        if replies is not None:  # answering a batch: the replies go back together
+            if frame.nbytes <= _BATCHED_REPLY_BYTES:
+                replies.append((correlation_id, name, frame))
+                return
+            if replies:  # a large one goes alone, after those before it
+                self._send_replies(reply_to, "", replies)
+                replies.clear()
         if self.containment is not None:
             self.containment.commit()  # what a reply reports outlives a crash after it
         self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
+
+    def _send_replies(self, reply_to: str, batch_id: str,
+                      replies: list[tuple[str, str, Frame]]) -> None:
+        if self.containment is not None:
+            self.containment.commit()
+        if len(replies) == 1:
+            correlation_id, name, frame = replies[0]
+            self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
+        else:
+            self.endpoint.send_reply(reply_to, f"{BATCH}.reply", encode_reply_batch(replies),
+                                     batch_id or replies[0][0])
 
     def _next_correlation_id(self) -> str:
         self._request_numbers += 1
@@ -595,6 +664,9 @@ def _check_hops(hops: int, what: str) -> None:
             f"{what} has been forwarded {hops} times: a pointer chain that long is a "
             "cycle of pointers with no data at its end"
         )
+
+
+_PLAIN = Envelope()
 
 
 class _ArgumentResolver:

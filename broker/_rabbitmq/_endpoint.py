@@ -202,8 +202,8 @@ class RabbitMQEndpoint(Endpoint):
         """
         consumer = self._consumer
 
-        if not delivery.tag or delivery.settled:
-            return  # made up here (a refused chunked message), or rejected already
+        if not delivery.tag:
+            return  # made up here (a refused chunked message): nothing to acknowledge
 
         def ack(channels: Channels) -> None:
             if delivery.epoch != channels.epoch:
@@ -213,17 +213,16 @@ class RabbitMQEndpoint(Endpoint):
 
         self._link.run(ack)
 
-    def reject(self, delivery: Delivery) -> None:
-        """Dead-letter a command (to `torchrelay.dead`), now: it is never to run."""
-        if not delivery.tag or delivery.settled:
-            return
-        delivery.settled = True
-
-        def reject(channels: Channels) -> None:
-            if delivery.epoch == channels.epoch:
-                channels.commands.basic_reject(delivery.tag, requeue=False)
-
-        self._link.run(reject)
+    def dead_letter(
+        self, type: str, frame: Frame, correlation_id: str, sender: str, reason: str
+    ) -> None:
+        """Publish a command refused for good to `torchrelay.dead`, saying whose and why."""
+        publisher = self._publisher
+        headers = {"x-torchrelay-sender": sender, "x-torchrelay-reason": reason[:1000]}
+        self._link.run(lambda channels: publisher.publish(
+            channels, topology.DEAD_LETTERS, "", type=type, frame=frame,
+            correlation_id=correlation_id, headers=headers,
+        ))
 
     def ensure_worker(self, worker_id: str) -> None:
         queue = worker_queue(worker_id)

@@ -28,6 +28,8 @@ __all__ = ["Publisher"]
 # destination's confirmation (the source keeps its copy until then), and a
 # persistent 1 GiB message would be written to the broker's disk for nothing.
 _TRANSIENT: Final = 1
+_SET_APART_BYTES: Final = 1 << 20
+"""A dead-lettered message keeps its body up to this size (its size is always said)."""
 
 
 class Publisher:
@@ -54,6 +56,7 @@ class Publisher:
         correlation_id: str,
         reply_to: str | None = None,
         confirm: bool = False,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         """Publish one message (raises pika's `UnroutableError` / `NackError` under `confirm`).
 
@@ -62,6 +65,16 @@ class Publisher:
         """
         mandatory = exchange == COMMAND_EXCHANGE
         channel = channels.confirming() if confirm else channels.commands
+        if headers is not None:  # a message set apart: its own properties, once
+            kept = frame.nbytes <= _SET_APART_BYTES
+            channel.basic_publish(
+                exchange, routing_key, frame.tobytes() if kept else b"",
+                pika.BasicProperties(
+                    type=type, app_id=APP_ID, correlation_id=correlation_id, delivery_mode=2,
+                    headers={**self._headers, **headers, "x-torchrelay-bytes": frame.nbytes},
+                ),
+            )
+            return
         if frame.nbytes <= self.chunk_size:
             props = self._properties
             props.type, props.correlation_id, props.reply_to = type, correlation_id, reply_to
