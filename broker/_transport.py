@@ -94,6 +94,7 @@ class Endpoint(ABC):
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a command once it has been executed."""
 
+    @abstractmethod
     def dead_letter(
         self, type: str, frame: Frame, correlation_id: str, sender: str, reason: str
     ) -> None:
