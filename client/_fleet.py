@@ -411,7 +411,7 @@ class Fleet:
         except ProtocolError as e:
             self._errors.append(e)
             return
-        for correlation_id, name, body in replies:
+        for correlation_id, _, body in replies:
             entry = self._forget(correlation_id)
             if entry is not None:
                 result = self._decoded(entry, body)
