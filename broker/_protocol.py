@@ -179,8 +179,10 @@ class _Schema:
     owner: str
     fields: tuple[_Field, ...]
     names: frozenset[str]
-    checks: tuple[tuple[str, Callable[[Any], bool]], ...]
-    """(name, check) of every field, for the hot path of `validate`."""
+    checks: dict[str, Callable[[Any], bool]]
+    """name -> check of every field, for the hot path of `validate`."""
+    required: int
+    """How many fields must be given."""
 
     @classmethod
     def of(cls, owner: str, declared: type) -> _Schema:
@@ -193,21 +195,20 @@ class _Schema:
             )
             for f in dataclasses.fields(declared)
         )
-        checks = tuple((f.name, f.validator.check) for f in fields)
-        return cls(owner, fields, frozenset(f.name for f in fields), checks)
+        checks = {f.name: f.validator.check for f in fields}
+        return cls(owner, fields, frozenset(checks), checks, sum(f.required for f in fields))
 
     def validate(self, values: dict[Any, Any]) -> None:
         """Raise `ProtocolError` unless `values` holds exactly valid fields of this schema."""
-        if len(values) == len(self.checks):  # the usual case: every field sent
-            try:
-                for name, check in self.checks:
-                    if not check(values[name]):
-                        break
-                else:
-                    return
-            except KeyError:
-                pass
-        self._explain(values)
+        checks = self.checks
+        for key, value in values.items():
+            check = checks.get(key)
+            if check is None or not check(value):
+                self._explain(values)
+        if len(values) < len(checks) and len(values) - sum(
+            1 for f in self.fields if not f.required and f.name in values
+        ) < self.required:
+            self._explain(values)
 
     def _explain(self, values: dict[Any, Any]) -> None:
         """Raise the `ProtocolError` that says what is wrong with `values`, if anything."""
@@ -418,11 +419,14 @@ def _command(cls: type[Command], values: Any) -> tuple[Command, Envelope]:
     garbage = values.pop("garbage", None)
     guard = values.pop("guard", None)
     if garbage is not None or guard is not None:
-        carried = {"garbage": garbage} if garbage is not None else {}
-        if guard is not None:
-            carried["guard"] = guard
-        _ENVELOPE.validate(carried)
-        envelope = Envelope(**carried)
+        if not ((garbage is None or (type(garbage) is list and all(
+            type(i) is int and 0 <= i <= MAX_OBJECT_ID for i in garbage
+        ))) and (guard is None or (type(guard) is int and 0 <= guard < 1 << 63))):
+            carried = {"garbage": garbage} if garbage is not None else {}
+            if guard is not None:
+                carried["guard"] = guard
+            _ENVELOPE.validate(carried)  # raises, naming what is wrong
+        envelope = Envelope(garbage if garbage is not None else [], guard)
     cls._schema.validate(values)
     return cls(**values), envelope
 

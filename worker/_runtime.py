@@ -269,7 +269,10 @@ class WorkerRuntime:
             log.info("skipped %s %s from %s: it already ran", item.name, item.correlation_id,
                      delivery.sender)
             return
-        self.remember_finished([key])
+        recent = self._recent
+        recent[key] = None
+        if len(recent) > _REMEMBERED_COMMANDS:
+            del recent[next(iter(recent))]
         self._handled += 1
         if item.command is None:
             log.warning("refused a malformed %r command from %s: %s", item.name[:64],
@@ -554,7 +557,7 @@ class WorkerRuntime:
                     f"{self.id!r} restarted after a crash; compute it again from its leaves"
                 )
         resolver = _ArgumentResolver(self.store)
-        args = resolver.resolve(command.args)
+        args = resolver.arguments(command.args)
         kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
         if resolver.location is None:
             check_arguments(command.op, args, kwargs, self.limits)
@@ -685,6 +688,19 @@ class _ArgumentResolver:
         self.provenance: frozenset[str] = frozenset()
         self._local = False
         self._pointers = False
+
+    def arguments(self, args: list[Any]) -> list[Any]:
+        """`resolve` of a call's argument list: the usual flat one without recursion."""
+        resolved = []
+        for value in args:
+            kind = type(value)
+            if kind is ObjectRef:
+                resolved.append(self._reference(self.store.get(value.id)))
+            elif kind is list or kind is tuple or kind is dict:
+                resolved.append(self.resolve(value))
+            else:
+                resolved.append(value)
+        return resolved
 
     def resolve(self, value: Any) -> Any:
         kind = type(value)

@@ -114,6 +114,19 @@ class ObjectStore:
     def _count_in(self, object_id: int, value: Any) -> None:
         """Count the storages of `value` in; refuse it (counting nothing) past the budget."""
         storages = self._storages
+        if type(value) is torch.Tensor:  # the usual object: one tensor
+            storage = value.untyped_storage()
+            pointer = storage.data_ptr()
+            counted = storages.get(pointer)
+            if counted is not None:
+                counted[1] += 1
+            elif pointer:
+                size = storage.nbytes()
+                if self.max_bytes is not None and self.bytes + size > self.max_bytes:
+                    self._refuse(object_id, size)
+                storages[pointer] = [size, 1]
+                self.bytes += size
+            return
         new: dict[int, int] = {}
         for tensor in _tensors_in(value):
             storage = tensor.untyped_storage()
@@ -122,11 +135,7 @@ class ObjectStore:
                 new[pointer] = storage.nbytes()
         added = sum(new.values())
         if self.max_bytes is not None and added and self.bytes + added > self.max_bytes:
-            raise BudgetExceeded(
-                f"storing object {object_id} would take {_size(added)} more; worker "
-                f"{self.owner!r} holds {_size(self.bytes)} of its max_bytes "
-                f"{_size(self.max_bytes)}. Delete objects (drop their pointers) first"
-            )
+            self._refuse(object_id, added)
         for tensor in _tensors_in(value):
             pointer = tensor.untyped_storage().data_ptr()
             if pointer:
@@ -135,8 +144,24 @@ class ObjectStore:
                 storages[pointer][1] += 1
         self.bytes += added
 
+    def _refuse(self, object_id: int, size: int) -> None:
+        raise BudgetExceeded(
+            f"storing object {object_id} would take {_size(size)} more; worker "
+            f"{self.owner!r} holds {_size(self.bytes)} of its max_bytes "
+            f"{_size(self.max_bytes or 0)}. Delete objects (drop their pointers) first"
+        )
+
     def _count_out(self, value: Any) -> None:
         storages = self._storages
+        if type(value) is torch.Tensor:
+            pointer = value.untyped_storage().data_ptr()
+            counted = storages.get(pointer)
+            if counted is not None:
+                counted[1] -= 1
+                if not counted[1]:
+                    del storages[pointer]
+                    self.bytes -= counted[0]
+            return
         for tensor in _tensors_in(value):
             pointer = tensor.untyped_storage().data_ptr()
             counted = storages.get(pointer)
