@@ -12,7 +12,7 @@ half-way is dropped after a while, never seen half-written.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,11 @@ def split_frame(frame: Frame, chunk_size: int) -> Iterator[memoryview | bytes]:
                 pending, pending_bytes = [], 0
     if pending:
         yield pending[0] if len(pending) == 1 else b"".join(pending)
+
+
+def _uninitialised(size: int) -> torch.Tensor:
+    # torch.empty, not bytearray: no zero-filling of memory about to be written.
+    return torch.empty(size, dtype=torch.uint8)
 
 
 @dataclass(slots=True)
@@ -79,9 +84,16 @@ class Reassembler:
     tell their senders.
     """
 
-    def __init__(self, max_message_bytes: int, stale_after: float = 60.0) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        stale_after: float = 60.0,
+        allocate: Callable[[int], torch.Tensor] | None = None,
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self.stale_after = stale_after
+        self.allocate = allocate or _uninitialised
+        """Where messages are assembled: a uint8 tensor of the given size."""
         self._assemblies: dict[tuple[str, str], _Assembly] = {}
         self._dropped: list[Dropped] = []
 
@@ -144,8 +156,7 @@ class Reassembler:
                 f"{count} chunks cannot make {total} bytes in chunks of {chunk_size}"
             )
         self._make_room(key[0], total)
-        # torch.empty, not bytearray: no zero-filling of memory about to be written.
-        buffer = torch.empty(total, dtype=torch.uint8)
+        buffer = self.allocate(total)
         assembly = _Assembly(buffer, tensor_buffer(buffer), count, chunk_size, origin)
         self._assemblies[key] = assembly
         return assembly

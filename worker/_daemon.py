@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from torchrelay.broker import (
     BrokerError,
@@ -46,6 +47,7 @@ def run_worker(
     *,
     make_runtime: RuntimeFactory | None = None,
     keep_going: Callable[[], bool] = lambda: True,
+    broker_options: dict[str, Any] | None = None,
 ) -> int:
     """Serve `config.id` in this process until `stop` is set, a signal arrives or
     `keep_going()` is false; the exit status.
@@ -58,7 +60,8 @@ def run_worker(
         _stop_on_signals(stop)
     broker = open_broker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
                          chunk_size=config.chunk_size,
-                         max_message_bytes=min(16 << 30, config.max_bytes))
+                         max_message_bytes=min(16 << 30, config.max_bytes),
+                         **(broker_options or {}))
     try:
         endpoint = broker.connect(config.id, serve_worker=config.id)
     except BrokerError as e:

@@ -400,7 +400,15 @@ def main() -> int:
 
     supervisor = setup.supervisor
     return run_worker(config, make_runtime=make_runtime,
-                      keep_going=lambda: os.getppid() == supervisor)
+                      keep_going=lambda: os.getppid() == supervisor,
+                      broker_options={"allocate": _shared_buffer})
+
+
+def _shared_buffer(size: int) -> torch.Tensor:
+    """Where large messages are received: shared memory, so that what is stored from
+    them is already where the supervisor can map it (no second copy)."""
+    storage = torch.UntypedStorage._new_shared(size)  # type: ignore[no-untyped-call]
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 if __name__ == "__main__":

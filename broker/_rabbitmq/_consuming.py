@@ -18,15 +18,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 from .._chunks import Reassembler
+from .._codec import tensor_buffer
 from .._names import RETURNED
 from .._transport import Delivery
 
 __all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch", "Consumer"]
 
 log = logging.getLogger("torchrelay.broker")
+
+Allocate = Callable[[int], Any]
+"""Makes a uint8 tensor of the given size (where received messages are put)."""
+
+_COPIED_FROM: Final = 64 << 10
 
 REPLY_PREFETCH: Final = 1024
 REPLY_ACK_BATCH: Final = 128
@@ -80,9 +87,12 @@ class AckBatch:
 class Consumer:
     """Turns pika deliveries into `Delivery`s in an inbox (see the module docstring)."""
 
-    def __init__(self, max_message_bytes: int, prefetch: int) -> None:
+    def __init__(
+        self, max_message_bytes: int, prefetch: int, allocate: Allocate | None = None
+    ) -> None:
         self.inbox: deque[Delivery] = deque()
-        self.reassembler = Reassembler(max_message_bytes)
+        self.reassembler = Reassembler(max_message_bytes, allocate=allocate)
+        self.allocate = allocate
         self.replies = AckBatch(REPLY_ACK_BATCH)
         # Never hold back more of the prefetch window than a quarter.
         self.commands = AckBatch(max(1, min(ACK_BATCH, prefetch // 4)), ACK_DELAY)
@@ -114,8 +124,14 @@ class Consumer:
         sender = str(headers.get("sender", ""))
         chunk = headers.get("chunk")
         if chunk is None:
+            whole: Any = body
+            if self.allocate is not None and len(body) > _COPIED_FROM:
+                # Decoding copies a body out of pika's bytes anyway: copied into memory of
+                # the endpoint's choosing instead, its tensors need no other copy.
+                whole = self.allocate(len(body))
+                tensor_buffer(whole)[:] = body
             self.inbox.append(Delivery(
-                is_reply, props.type or "", props.correlation_id or "", sender, body,
+                is_reply, props.type or "", props.correlation_id or "", sender, whole,
                 None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
                 self.epoch,
             ))

@@ -21,7 +21,7 @@ from .._errors import BrokerError, ConnectionLost, UnknownWorker
 from .._names import COMMAND_EXCHANGE, DEFAULT_CHUNK_SIZE, worker_queue
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
-from ._consuming import REPLY_PREFETCH, Consumer
+from ._consuming import REPLY_PREFETCH, Allocate, Consumer
 from ._link import Channels, Link, LinkSettings
 from ._publishing import Publisher
 
@@ -51,6 +51,7 @@ class RabbitMQBroker(Broker):
         connect_timeout: float = 15.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_message_bytes: int = 16 << 30,
+        allocate: Allocate | None = None,
     ) -> None:
         if chunk_size < 4096:
             raise ValueError(f"chunk_size must be at least 4096 bytes, not {chunk_size}")
@@ -61,6 +62,8 @@ class RabbitMQBroker(Broker):
         self.connect_timeout = connect_timeout
         self.chunk_size = chunk_size
         self.max_message_bytes = max_message_bytes
+        self.allocate = allocate
+        """Where large received messages are put (a worker's executor: shared memory)."""
 
     def connect(self, identity: str, *, serve_worker: str | None = None) -> RabbitMQEndpoint:
         role = "worker" if serve_worker is not None else "client"
@@ -86,7 +89,7 @@ class RabbitMQEndpoint(Endpoint):
         self.reply_queue = f"torchrelay.reply.{identity}.{secrets.token_hex(4)}"
         self._broker = broker
         self._serve_worker = serve_worker
-        self._consumer = Consumer(broker.max_message_bytes, broker.prefetch)
+        self._consumer = Consumer(broker.max_message_bytes, broker.prefetch, broker.allocate)
         self._next_stale_check = 0.0
         self._publisher = Publisher(identity, broker.chunk_size)
         self._link = Link(settings, self._on_open, self._on_keepalive)
