@@ -407,7 +407,12 @@ def main() -> int:
 def _shared_buffer(size: int) -> torch.Tensor:
     """Where large messages are received: shared memory, so that what is stored from
     them is already where the supervisor can map it (no second copy)."""
-    storage = torch.UntypedStorage._new_shared(size)  # type: ignore[no-untyped-call]
+    fd = os.memfd_create("torchrelay-message", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)  # pages come as they are written: no zero-filling first
+        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)  # the storage holds a copy of it
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
