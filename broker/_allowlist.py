@@ -13,7 +13,15 @@ listing a dangerous one costs the worker.
 
 from __future__ import annotations
 
-__all__ = ["FUNCTIONAL", "LINALG", "TENSOR_ATTRIBUTES", "TENSOR_METHODS", "TORCH_FUNCTIONS"]
+__all__ = [
+    "FUNCTIONAL",
+    "LINALG",
+    "OPTIMIZERS",
+    "OPTIMIZER_METHODS",
+    "TENSOR_ATTRIBUTES",
+    "TENSOR_METHODS",
+    "TORCH_FUNCTIONS",
+]
 
 # One topic per block, names sorted alphabetically within each block. The layout is
 # hand-kept for review, so the formatter leaves it alone.
@@ -308,4 +316,13 @@ LINALG: frozenset[str] = frozenset({
     # Products and matrix functions.
     "cross", "diagonal", "matmul", "matrix_exp", "matrix_power", "multi_dot", "vander", "vecdot",
 })
+# Optimizers a worker builds over its own tensors (`optim.<name>`), with only the
+# hyperparameters listed, each a number or a flag: their state stays on the worker.
+OPTIMIZERS: dict[str, frozenset[str]] = {
+    "SGD": frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"}),
+    "Adam": frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"}),
+}
+
+# Called as `optimizer.<name>(**kwargs)` on a worker's optimizer (`Optimizer.<name>`).
+OPTIMIZER_METHODS: frozenset[str] = frozenset({"step", "zero_grad"})
 # fmt: on

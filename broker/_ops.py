@@ -7,6 +7,8 @@ A wire name says where the operation comes from:
     F.<name>          a function in torch.nn.functional         F.relu
     Tensor.<name>     a tensor method, called with self first   Tensor.__add__
     Tensor@<name>     a tensor attribute read (no call)         Tensor@grad
+    optim.<name>      an optimizer over tensors on the worker   optim.SGD
+    Optimizer.<name>  a method of such an optimizer             Optimizer.step
     getitem/setitem   indexing, also of tuple results           getitem
 
 Workers resolve names through `resolve`, which refuses anything that is not on
@@ -18,6 +20,7 @@ reach a pointer through `__torch_function__`.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -57,7 +60,48 @@ def _build_table() -> dict[str, Op]:
                 table[prefix + name] = function
     for name in _allowlist.TENSOR_ATTRIBUTES:
         table[f"Tensor@{name}"] = _attribute_reader(name)
+    for name, options in _allowlist.OPTIMIZERS.items():
+        table[f"optim.{name}"] = _optimizer_factory(getattr(torch.optim, name), options)
+    for name in _allowlist.OPTIMIZER_METHODS:
+        table[f"Optimizer.{name}"] = _optimizer_method(name)
     return table
+
+
+def _optimizer_factory(kind: type[torch.optim.Optimizer], options: frozenset[str]) -> Op:
+    """`kind(parameters, **hyperparameters)`, with every argument checked first: the
+    parameters are leaf tensors that require gradients, the hyperparameters numbers."""
+
+    def make(parameters: Any, **hyperparameters: Any) -> torch.optim.Optimizer:
+        if not (isinstance(parameters, list | tuple) and parameters and all(
+            isinstance(p, torch.Tensor) and p.is_leaf and p.requires_grad for p in parameters
+        )):
+            raise TypeError(f"optim.{kind.__name__} takes a list of leaf tensors that require "
+                            "gradients (a model's parameters)")
+        unknown = sorted(set(hyperparameters) - options)
+        if unknown:
+            raise TypeError(f"optim.{kind.__name__} does not take {unknown}; it takes "
+                            f"{sorted(options)}")
+        for name, value in hyperparameters.items():
+            numbers = value if isinstance(value, tuple | list) else (value,)
+            if not all(type(n) in (int, float, bool) and math.isfinite(n) for n in numbers):
+                raise TypeError(f"optim.{kind.__name__}: {name} must be a finite number")
+        return kind(list(parameters), **hyperparameters)
+
+    make.__name__ = kind.__name__
+    return make
+
+
+def _optimizer_method(name: str) -> Op:
+    def call(optimizer: Any, **kwargs: Any) -> Any:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Optimizer.{name} needs an optimizer, not {type(optimizer).__name__}")
+        if name == "zero_grad" and set(kwargs) - {"set_to_none"}:
+            raise TypeError("Optimizer.zero_grad takes only set_to_none")
+        if name == "step" and kwargs:
+            raise TypeError("Optimizer.step takes no arguments (no closure)")
+        return getattr(optimizer, name)(**kwargs)
+
+    return call
 
 
 _TABLE: dict[str, Op] = _build_table()
@@ -82,6 +126,9 @@ def wire_name(function: Any) -> str | None:
         return None
 
 
+_INPLACE_OPERATIONS = frozenset({"Optimizer.step", "Optimizer.zero_grad"})
+"""Operations that change objects and make nothing: no result to store."""
+
 _INPLACE_OPERATORS = frozenset(
     f"__i{op}__"
     for op in (
@@ -94,6 +141,8 @@ _INPLACE_OPERATORS = frozenset(
 @functools.cache
 def is_inplace(name: str) -> bool:
     """Whether the operation modifies its first argument and returns it (or nothing)."""
+    if name in _INPLACE_OPERATIONS:
+        return True
     short = name.rpartition(".")[2]
     if short == "setitem" or short in _INPLACE_OPERATORS:
         return True

@@ -251,6 +251,26 @@ class Fleet:
             raise result
         return result
 
+    def request_many(self, requests: list[tuple[str, Command]]) -> list[Any]:
+        """`request` for several commands at once: sent together (one batch per worker
+        when they follow one another), waited for together; their replies in order.
+        Raises the first error, once all are in."""
+        if self._outstanding and not (
+            len({worker_id for worker_id, _ in requests}) == 1
+            and self._may_overtake(requests[0][0])
+        ):
+            self._collect()
+        guard = next(iter(self._outstanding.values())).number if self._outstanding else None
+        correlation_ids = [self._send(worker_id, command, keep=True, settles=True, guard=guard)
+                           for worker_id, command in requests]
+        self._collect(raise_errors=False)
+        results = [self._results.pop(correlation_id) for correlation_id in correlation_ids]
+        self._raise_errors()
+        for result in results:
+            if isinstance(result, TorchRelayError):
+                raise result
+        return results
+
     def _may_overtake(self, worker_id: str) -> bool:
         """Whether a command to `worker_id` may be published behind those in flight."""
         return not self._unsettled and (

@@ -43,7 +43,7 @@ from torchrelay.broker._allowlist import TENSOR_METHODS
 
 from ._fleet import Fleet, WorkerHandle
 
-__all__ = ["OPERATORS", "PointerTensor", "send"]
+__all__ = ["OPERATORS", "PointerTensor", "remote_call", "send"]
 
 OPERATORS: Final = tuple(sorted(
     name for name in TENSOR_METHODS
@@ -66,7 +66,11 @@ def send(value: Any, worker: WorkerHandle) -> PointerTensor:
     fleet = worker.fleet
     id_at_location = fleet.new_id()
     fleet.post(worker.id, Store(id_at_location, value))
-    return PointerTensor(worker, id_at_location)
+    pointer = PointerTensor(worker, id_at_location)
+    if isinstance(value, torch.Tensor):  # what it is, known without asking
+        pointer._meta = (value.dtype, value.shape, value.requires_grad)
+        pointer._meta_epoch = fleet.meta_epoch
+    return pointer
 
 
 class PointerTensor:
@@ -228,14 +232,14 @@ class PointerTensor:
         name = wire_name(func)
         if name is None:
             raise OperationRefused(f"{getattr(func, '__name__', func)!r} cannot run on pointers")
-        return _remote_call(name, args, kwargs or {})
+        return remote_call(name, args, kwargs or {})
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
         attribute = f"Tensor@{name}"
         if _allowed(attribute):
-            return _remote_call(attribute, (self,), {})
+            return remote_call(attribute, (self,), {})
         method = f"Tensor.{name}"
         if _allowed(method):
             return _BoundRemoteMethod(method, self)
@@ -244,10 +248,10 @@ class PointerTensor:
         )
 
     def __getitem__(self, key: Any) -> PointerTensor:
-        return _remote_call("getitem", (self, key), {})
+        return remote_call("getitem", (self, key), {})
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        _remote_call("setitem", (self, key, value), {})
+        remote_call("setitem", (self, key, value), {})
 
     def __bool__(self) -> bool:
         raise TypeError("a PointerTensor has no truth value here; .get() it first")
@@ -276,7 +280,7 @@ def _operator(name: str) -> Callable[..., PointerTensor]:
     wire = f"Tensor.{name}"
 
     def operator(self: PointerTensor, *args: Any) -> PointerTensor:
-        return _remote_call(wire, (self, *args), {})
+        return remote_call(wire, (self, *args), {})
 
     operator.__name__ = name
     operator.__qualname__ = f"PointerTensor.{name}"
@@ -298,7 +302,7 @@ class _BoundRemoteMethod:
         self.pointer = pointer
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _remote_call(self.name, (self.pointer, *args), kwargs)
+        return remote_call(self.name, (self.pointer, *args), kwargs)
 
     def __repr__(self) -> str:
         return f"<remote method {self.name} of {self.pointer!r}>"
@@ -312,8 +316,8 @@ def _allowed(name: str) -> bool:
     return True
 
 
-def _remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PointerTensor:
-    """Publish `op(*args, **kwargs)` to the worker the pointer arguments live on.
+def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PointerTensor:
+    """Post `op(*args, **kwargs)` to the worker the pointer arguments live on.
 
     Returns a pointer to the result, or for an in-place operation its target.
     """

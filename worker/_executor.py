@@ -38,7 +38,7 @@ from typing import Any
 import msgpack
 import torch
 
-from torchrelay.broker import TENSOR_DTYPES, Endpoint, decode, encode
+from torchrelay.broker import TENSOR_DTYPES, EncodeError, Endpoint, decode, encode
 
 from ._config import WorkerConfig
 from ._daemon import run_worker
@@ -160,7 +160,10 @@ class Mirror:
         value = entry.value
         if not (isinstance(value, torch.Tensor) and value.layout == torch.strided):
             if new:  # anything else is immutable to operations: sent once
-                frame = encode(value).tobytes()
+                try:
+                    frame = encode(value).tobytes()
+                except EncodeError:  # an optimizer, a dataset: not kept across a crash
+                    return
                 parts += [VALUE_RECORD.pack(VALUE, object_id, self._provenance(parts, entry),
                                             len(frame)), frame]
             return
