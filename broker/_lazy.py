@@ -42,7 +42,10 @@ def lazy_exports(package: str, init_file: str) -> tuple[list[str], Callable[[str
         if source is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         module, original = source
-        value = getattr(importlib.import_module(module, package), original)
+        if module == ".":  # `from . import submodule`: the submodule itself
+            value = importlib.import_module(f"{package}.{original}")
+        else:
+            value = getattr(importlib.import_module(module, package), original)
         setattr(sys.modules[package], name, value)  # looked up once
         return value
 

@@ -134,13 +134,15 @@ class ModulePointer:
             return copy.deepcopy(self._module)
         fleet = pointers[0].fleet
         values = fleet.request_many([(p.location.id, Fetch(p.id_at_location)) for p in pointers])
-        fetched = {}
+        fetched: dict[int, Any] = {}
         for pointer, value in zip(pointers, values, strict=True):
             pointer.garbage_collect = False
-            if type(value) is PointerRef:  # a pointer to pointers: one hop nearer the data
-                value = PointerTensor(fleet.worker(value.location), value.id_at_location,
-                                      id=pointer.id_at_location, chain=True)
             fetched[id(pointer)] = value
+            if type(value) is PointerRef:  # a pointer to pointers: one hop nearer the data
+                fetched[id(pointer)] = PointerTensor(
+                    fleet.worker(value.location), value.id_at_location,
+                    id=pointer.id_at_location, chain=True,
+                )
         module = copy.deepcopy(self._module, memo={id(p): p for p in pointers})
         for is_parameter, table, name, pointer in _tensors(module):
             value = fetched[id(pointer)]

@@ -51,9 +51,10 @@ class RemoteOptimizer:
 class SGD(RemoteOptimizer):
     kind = "SGD"
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.001, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False) -> None:
+    def __init__(  # noqa: PLR0917 - torch.optim.SGD's own signature
+        self, params: Iterable[Any], lr: float = 0.001, momentum: float = 0.0,
+        dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+    ) -> None:
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
 
@@ -61,9 +62,11 @@ class SGD(RemoteOptimizer):
 class Adam(RemoteOptimizer):
     kind = "Adam"
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.001,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False) -> None:
+    def __init__(  # noqa: PLR0917 - torch.optim.Adam's own signature
+        self, params: Iterable[Any], lr: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 0.0, amsgrad: bool = False,
+    ) -> None:
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad)
 

@@ -32,7 +32,16 @@ if TYPE_CHECKING:
         UnknownBrokerURL,
         UnknownWorker,
     )
-    from torchrelay.client import Fleet, ObjectDescription, PointerTensor, WorkerHandle, hook
+    from torchrelay.client import (
+        Fleet,
+        ModulePointer,
+        ObjectDescription,
+        PointerTensor,
+        WorkerHandle,
+        hook,
+    )
+
+    from . import optim
 
 _exported, __getattr__ = lazy_exports(__name__, __file__)
 __all__ = [*_exported, "__version__", "connect"]

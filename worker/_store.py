@@ -196,8 +196,17 @@ _SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
 def describe_value(value: Any) -> str:
     """A description of `value` in at most `DESCRIPTION_CHARACTERS`, whatever it is."""
     try:
-        # torch summarises large tensors itself; reprlib bounds everything else.
-        text = repr(value) if isinstance(value, torch.Tensor) else _SHORT_REPR.repr(value)
+        if isinstance(value, torch.Tensor):
+            text = repr(value)  # torch summarises large tensors itself
+        elif isinstance(value, torch.optim.Optimizer):
+            group = value.param_groups[0]
+            settings = ", ".join(f"{k}={v}" for k, v in sorted(group.items())
+                                 if k in ("lr", "momentum", "betas", "eps", "weight_decay",
+                                          "nesterov", "amsgrad"))
+            tensors = sum(len(g["params"]) for g in value.param_groups)
+            text = f"<{type(value).__name__} over {tensors} tensors: {settings}>"
+        else:
+            text = _SHORT_REPR.repr(value)  # bounded in depth, items and length
     except Exception as e:  # a value whose repr fails must not break a listing
         return f"<a {type(value).__name__} that cannot be shown: {type(e).__name__}>"
     if len(text) > DESCRIPTION_CHARACTERS:
