@@ -324,5 +324,7 @@ OPTIMIZERS: dict[str, frozenset[str]] = {
 }
 
 # Called as `optimizer.<name>(**kwargs)` on a worker's optimizer (`Optimizer.<name>`).
-OPTIMIZER_METHODS: frozenset[str] = frozenset({"step", "zero_grad"})
+# `reset` is ours: it forgets the optimizer's state (momentum buffers, Adam's moments and
+# step counts), as a new optimizer over the same parameters would start.
+OPTIMIZER_METHODS: frozenset[str] = frozenset({"reset", "step", "zero_grad"})
 # fmt: on

@@ -97,8 +97,11 @@ def _optimizer_method(name: str) -> Op:
             raise TypeError(f"Optimizer.{name} needs an optimizer, not {type(optimizer).__name__}")
         if name == "zero_grad" and set(kwargs) - {"set_to_none"}:
             raise TypeError("Optimizer.zero_grad takes only set_to_none")
-        if name == "step" and kwargs:
-            raise TypeError("Optimizer.step takes no arguments (no closure)")
+        if name != "zero_grad" and kwargs:
+            raise TypeError(f"Optimizer.{name} takes no arguments")
+        if name == "reset":
+            optimizer.state.clear()
+            return None
         return getattr(optimizer, name)(**kwargs)
 
     return call
@@ -126,7 +129,7 @@ def wire_name(function: Any) -> str | None:
         return None
 
 
-_INPLACE_OPERATIONS = frozenset({"Optimizer.step", "Optimizer.zero_grad"})
+_INPLACE_OPERATIONS = frozenset({"Optimizer.reset", "Optimizer.step", "Optimizer.zero_grad"})
 """Operations that change objects and make nothing: no result to store."""
 
 _INPLACE_OPERATORS = frozenset(

@@ -33,9 +33,11 @@ __all__ = [
     "COMMANDS",
     "MAX_BATCH",
     "MAX_HOPS",
+    "MAX_PLAN_CALLS",
     "Batched",
     "Call",
     "Command",
+    "DefinePlan",
     "Delete",
     "Describe",
     "Envelope",
@@ -45,6 +47,8 @@ __all__ = [
     "ObjectId",
     "Pull",
     "Reply",
+    "RunPlan",
+    "Search",
     "Status",
     "Store",
     "Transfer",
@@ -94,6 +98,7 @@ WorkerId = Annotated[
     Text(128, r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '.' or '-'"),
 ]
 Identity = Annotated[str, Text(255)]
+Tag = Annotated[str, Text(64)]
 
 
 # -- validators derived from annotations --------------------------------------------------
@@ -355,6 +360,56 @@ class Call(Command):
         return f"call {self.op}"
 
 
+MAX_PLAN_CALLS: Final = 4096
+"""The most operations one plan may hold."""
+
+
+@command("define_plan")
+class DefinePlan(Command):
+    """Keep under `id` a plan: `calls` (each the fields of a `call`) to run in order
+    each time `run_plan` binds values to its `parameters`, the ids its calls take as
+    inputs. The calls' results are the plan's own, not stored; of them, `returns`
+    are kept by each run. A plan holds allow-listed operations only, and each runs
+    with the same checks as a `call` of its own."""
+
+    id: ObjectId
+    parameters: list[ObjectId]
+    calls: list[dict[str, Any]]
+    returns: list[ObjectId]
+
+    def describe(self) -> str:
+        return f"define a plan of {len(self.calls)} operations"
+
+    def call_commands(self) -> list[Call]:
+        """The plan's calls, each validated as a `call` is; `ProtocolError` names a bad one."""
+        if len(self.calls) > MAX_PLAN_CALLS:
+            raise ProtocolError(f"define_plan: {len(self.calls)} calls, more than the "
+                                f"{MAX_PLAN_CALLS} a plan may hold")
+        calls = []
+        for number, fields in enumerate(self.calls):
+            if fields.keys() & _ENVELOPE.names:
+                raise ProtocolError(f"define_plan: call {number} carries envelope fields")
+            try:
+                call, _ = _command(Call, dict(fields))
+            except ProtocolError as e:
+                raise ProtocolError(f"define_plan: call {number}: {e}") from None
+            calls.append(typing.cast(Call, call))
+        return calls
+
+
+@command("run_plan")
+class RunPlan(Command):
+    """Run the plan under `plan` with `arguments` (values, or `ObjectRef`s to objects
+    here) bound to its parameters, and store what it returns under `result_ids`."""
+
+    plan: ObjectId
+    arguments: list[Any]
+    result_ids: list[ObjectId]
+
+    def describe(self) -> str:
+        return "run a plan"
+
+
 @command("transfer")
 class Transfer(Command):
     """Send the object under `id` to `destination` (stored there as `destination_id`).
@@ -388,6 +443,14 @@ class Meta(Command):
 
     id: ObjectId
     hops: Hops = 0
+
+
+@command("search")
+class Search(Command):
+    """Return what the worker's datasets holding every one of `tags` are: for each, its
+    id, name, tags, description, and its tensors' dtypes and shapes (no values)."""
+
+    tags: list[Tag]
 
 
 @command("describe")

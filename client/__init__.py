@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 from torchrelay.broker._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from ._data import DatasetPointer, FederatedDataLoader
+    from ._fedavg import FedAvg, RoundResult
     from ._fleet import Fleet, ObjectDescription, WorkerHandle
     from ._hook import hook
     from ._module import ModulePointer
     from ._optim import SGD, Adam, RemoteOptimizer
+    from ._plan import Plan, plan
     from ._pointer import OPERATORS, PointerTensor, send
 
 __all__, __getattr__ = lazy_exports(__name__, __file__)

@@ -52,6 +52,7 @@ from torchrelay.broker import (
     ReplyTimeout,
     Status,
     TorchRelayError,
+    Transfer,
     UnknownWorker,
     decode_reply,
     decode_reply_batch,
@@ -61,6 +62,7 @@ from torchrelay.broker import (
 )
 
 if TYPE_CHECKING:
+    from ._plan import Capture
     from ._pointer import PointerTensor
 
 __all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
@@ -97,6 +99,12 @@ class WorkerHandle:
         """A snapshot of the worker's store: `{id: short description}`."""
         described = self.fleet.request(self.id, Describe(), show_garbage=True)
         return {int(k): ObjectDescription(v) for k, v in described.items()}
+
+    def search(self, *tags: str) -> list[Any]:
+        """The datasets this worker offers holding all of `tags` (`DatasetPointer`s)."""
+        from ._data import search  # noqa: PLC0415 - one module per idea, no import cycle
+
+        return search([self], tags)
 
     def status(self) -> dict[str, Any]:
         """The worker's health and counters."""
@@ -140,6 +148,9 @@ class Fleet:
         self._workers: dict[str, WorkerHandle] = {}
         self._outstanding: dict[str, _Outstanding] = {}  # in the order sent
         self._unsettled = 0  # outstanding commands that do not settle in order
+        self._arriving: dict[str, int] = {}  # worker -> transfers in flight towards it
+        self.capture: Capture | None = None
+        """The recording of a plan under way (`_plan.py`), which sees every command."""
         self._outstanding_to: dict[str, int] = {}  # worker id -> outstanding commands to it
         # Commands not yet published, all to one worker, in order. The lock keeps them
         # in order against the background publisher.
@@ -224,6 +235,8 @@ class Fleet:
         `settles`: its outcome is known on `worker_id` before the worker starts its
         next command (false for a call forwarded down a chain of pointers).
         """
+        if self._arriving.get(worker_id):
+            self._collect()  # what it may use is still on its way there
         self._send(worker_id, command, keep=False, settles=settles)
         if not self.pipelined:
             self._collect()
@@ -300,6 +313,8 @@ class Fleet:
     ) -> str:
         if self.closed:
             raise TorchRelayError(f"{self!r} is closed")
+        if self.capture is not None:
+            self.capture.saw(worker_id, command, settles)
         number = next(self._numbers)
         correlation_id = f"{self._prefix}{number}"
         garbage: list[int] | tuple[()] = ()
@@ -310,6 +325,8 @@ class Fleet:
         self._outstanding_to[worker_id] = self._outstanding_to.get(worker_id, 0) + 1
         if not settles:
             self._unsettled += 1
+        if type(command) is Transfer:
+            self._arriving[command.destination] = self._arriving.get(command.destination, 0) + 1
         envelope = None if not garbage and guard is None else Envelope(list(garbage), guard)
         with self._queue_lock:
             if self._queued_to != worker_id:
@@ -383,6 +400,8 @@ class Fleet:
             self._outstanding_to[entry.worker_id] -= 1
             if not entry.settles:
                 self._unsettled -= 1
+            if type(entry.command) is Transfer:
+                self._arriving[entry.command.destination] -= 1
         return entry
 
     def _flush_deletes(self) -> None:
@@ -395,35 +414,62 @@ class Fleet:
     def _collect(self, *, raise_errors: bool = True) -> None:
         """Publish what is queued, then receive replies until none is outstanding."""
         self._publish()
-        outstanding = self._outstanding
-        endpoint = self.endpoint
-        timeout = self.timeout
-        while outstanding:
+        while self._outstanding:
             try:
-                delivery = endpoint.receive(timeout)
+                if not self._receive(self.timeout):  # nothing at all arrived for that long
+                    self._time_out()
             except ConnectionLost as e:
                 self._fail_outstanding(e)
-                break
-            if delivery is None:  # nothing at all arrived for `timeout` seconds
-                self._time_out()
-                break
-            if not delivery.is_reply:
-                continue
-            if delivery.type == _BATCH_REPLY:
-                self._record_batch(delivery)
-                continue
-            if delivery.type == RETURNED and "+" in delivery.correlation_id:
-                for member in _members(delivery.correlation_id):  # a batch nobody took
-                    entry = self._forget(member)
-                    if entry is not None:
-                        self._record(member, entry, self._result(entry, delivery))
-                continue
-            entry = self._forget(delivery.correlation_id)
-            if entry is None:
-                continue  # a late reply to a request that already timed out
-            self._record(delivery.correlation_id, entry, self._result(entry, delivery))
         if raise_errors:
             self._raise_errors()
+
+    def _receive(self, timeout: float) -> bool:
+        """Take one delivery, if one comes within `timeout`; whether one came."""
+        delivery = self.endpoint.receive(timeout)
+        if delivery is None:
+            return False
+        if not delivery.is_reply:
+            return True
+        if delivery.type == _BATCH_REPLY:
+            self._record_batch(delivery)
+        elif delivery.type == RETURNED and "+" in delivery.correlation_id:
+            for member in _members(delivery.correlation_id):  # a batch nobody took
+                entry = self._forget(member)
+                if entry is not None:
+                    self._record(member, entry, self._result(entry, delivery))
+        else:
+            entry = self._forget(delivery.correlation_id)
+            if entry is not None:  # else: a late reply to a request that timed out
+                self._record(delivery.correlation_id, entry, self._result(entry, delivery))
+        return True
+
+    def settle(self, timeout: float) -> dict[str, TorchRelayError]:
+        """Wait at most `timeout` seconds for everything in flight, and raise nothing:
+        say, for each worker that failed, what went wrong (its first error, or a
+        `ReplyTimeout` for what it had not answered in time: that is given up, and
+        its late replies are dropped). For rounds that go on without a slow worker."""
+        self._publish()
+        deadline = time.monotonic() + timeout
+        while self._outstanding and (left := deadline - time.monotonic()) > 0:
+            try:
+                self._receive(min(left, self.timeout))
+            except ConnectionLost as e:
+                self._fail_outstanding(e)
+        failures: dict[str, TorchRelayError] = {}
+        for error in self._errors:
+            failures.setdefault(getattr(error, "worker_id", ""), error)
+        self._errors.clear()
+        for correlation_id, entry in list(self._outstanding.items()):
+            failures.setdefault(entry.worker_id, ReplyTimeout(
+                entry.worker_id, entry.command.describe(), timeout))
+            self._forget(correlation_id)
+        return failures
+
+    def search(self, *tags: str) -> list[Any]:
+        """The datasets, on every worker this session knows, holding all of `tags`."""
+        from ._data import search  # noqa: PLC0415 - one module per idea, no import cycle
+
+        return search(list(self._workers.values()), tags)
 
     def _record_batch(self, delivery: Delivery) -> None:
         try:
@@ -476,6 +522,7 @@ class Fleet:
         self._outstanding.clear()
         self._outstanding_to.clear()
         self._unsettled = 0
+        self._arriving.clear()
         with self._queue_lock:
             if self._queued_to is not None:
                 self._restore_garbage(self._queued_to, self._queued)

@@ -41,6 +41,10 @@ class RemoteOptimizer:
     def step(self) -> None:
         remote_call("Optimizer.step", (self.pointer,), {})
 
+    def reset(self) -> None:
+        """Forget the state (momentum, Adam's moments), as a new optimizer would start."""
+        remote_call("Optimizer.reset", (self.pointer,), {})
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         remote_call("Optimizer.zero_grad", (self.pointer,), {"set_to_none": set_to_none})
 

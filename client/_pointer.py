@@ -136,10 +136,22 @@ class PointerTensor:
 
     def move(self, worker: WorkerHandle) -> PointerTensor:
         """Move the target straight from its worker to `worker`; return the new pointer."""
+        return self._move(worker, wait=True)
+
+    def move_later(self, worker: WorkerHandle) -> PointerTensor:
+        """`move` without waiting: the transfer is published with the next wait, and
+        anything sent to `worker` afterwards waits until it has landed there."""
+        return self._move(worker, wait=False)
+
+    def _move(self, worker: WorkerHandle, *, wait: bool) -> PointerTensor:
         if worker.id == self.location.id:
             return self
         new_id = self.fleet.new_id()
-        self.fleet.request(self.location.id, Transfer(self.id_at_location, worker.id, new_id))
+        transfer = Transfer(self.id_at_location, worker.id, new_id)
+        if wait:
+            self.fleet.request(self.location.id, transfer)
+        else:
+            self.fleet.post(self.location.id, transfer)
         self.garbage_collect = False
         return PointerTensor(worker, new_id, chain=self.chain)
 
@@ -160,6 +172,8 @@ class PointerTensor:
 
     def _metadata(self) -> tuple[torch.dtype, torch.Size, bool]:
         fleet = self.fleet
+        if fleet.capture is not None:  # what is computed from it is fixed in the plan
+            fleet.capture.looked_at_shapes = True
         if self._meta is None or self._meta_epoch != fleet.meta_epoch:
             dtype, shape, requires_grad = fleet.request(self.location.id,
                                                         Meta(self.id_at_location))

@@ -22,6 +22,7 @@ CALLABLE_SETS: dict[str, tuple[frozenset[str], Any]] = {
 ALL_SETS: dict[str, frozenset[str]] = {
     **{label: names for label, (names, _) in CALLABLE_SETS.items()},
     "TENSOR_ATTRIBUTES": _allowlist.TENSOR_ATTRIBUTES,
+    "OPTIMIZER_METHODS": _allowlist.OPTIMIZER_METHODS,
 }
 
 # fmt: off
@@ -136,14 +137,18 @@ def _probe_tensor() -> torch.Tensor:
     return torch.ones(2, 3, dtype=torch.complex64, requires_grad=True)
 
 
-def test_public_names_are_exactly_the_five_frozensets_of_str() -> None:
-    assert sorted(_allowlist.__all__) == sorted(ALL_SETS)
+def test_public_names_are_exactly_the_frozensets_of_str_and_the_optimizers() -> None:
+    assert sorted(_allowlist.__all__) == sorted([*ALL_SETS, "OPTIMIZERS"])
     public = {name for name in vars(_allowlist) if not name.startswith("_")}
-    assert public - {"annotations"} == set(ALL_SETS)
+    assert public - {"annotations"} == {*ALL_SETS, "OPTIMIZERS"}
     for label, names in ALL_SETS.items():
         assert type(getattr(_allowlist, label)) is frozenset, label
         assert names, label
         assert all(type(name) is str and name.isidentifier() for name in names), label
+    # Optimizers: torch.optim classes, each with the hyperparameters it may be given.
+    for name, options in _allowlist.OPTIMIZERS.items():
+        assert issubclass(getattr(torch.optim, name), torch.optim.Optimizer), name
+        assert type(options) is frozenset and "lr" in options, name
 
 
 @pytest.mark.parametrize("label", sorted(CALLABLE_SETS))

@@ -40,8 +40,11 @@ _SAMPLES: dict[Any, Any] = {
     protocol.OpName: "Tensor.__add__",
     protocol.WorkerId: "secure_worker",
     protocol.Identity: "alice",
+    protocol.Tag: "#digits",
     bool: True,
     list[Any]: [ObjectRef(3), 2.5, "x"],
+    list[dict[str, Any]]: [{"op": "Tensor.__add__", "args": [ObjectRef(3), 1], "kwargs": {},
+                            "result_id": 4, "hops": 0}],
     dict[str, Any]: {"alpha": 3},
     Any: torch.arange(4.0),
 }

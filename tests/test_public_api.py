@@ -14,10 +14,11 @@ from torchrelay import broker, client, worker
 
 def test_top_level_api_is_exactly_this() -> None:
     assert sorted(tr.__all__) == sorted([
-        "BrokerError", "BrokerUnavailable", "ConnectionLost", "DecodeError", "Fleet",
-        "ObjectDescription", "ObjectNotFound", "OperationRefused", "PointerTensor",
-        "ProtocolError", "RemoteError", "ReplyTimeout", "TorchRelayError", "UnknownBrokerURL",
-        "UnknownWorker", "WorkerHandle", "__version__", "connect", "hook",
+        "BrokerError", "BrokerUnavailable", "ConnectionLost", "DatasetPointer", "DecodeError",
+        "FedAvg", "FederatedDataLoader", "Fleet", "ModulePointer", "ObjectDescription",
+        "ObjectNotFound", "OperationRefused", "Plan", "PointerTensor", "ProtocolError",
+        "RemoteError", "ReplyTimeout", "RoundResult", "TorchRelayError", "UnknownBrokerURL",
+        "UnknownWorker", "WorkerHandle", "__version__", "connect", "hook", "optim", "plan",
     ])
     for name in tr.__all__:
         assert hasattr(tr, name), name

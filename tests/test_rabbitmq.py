@@ -91,7 +91,6 @@ def test_a_handle_to_a_worker_nobody_serves_fails_fast_naming_it(
 
 def test_a_second_daemon_with_the_same_id_is_refused(session_daemons: WorkerProcesses) -> None:
     twin = WorkerProcesses(session_daemons.url, [], log_dir=session_daemons.log_dir / "twin")
-    twin.log_dir.mkdir()
     process = twin.spawn("bob")
     assert process.wait(timeout=60) == 1
     assert "already served by another daemon" in twin.log_tail("bob")

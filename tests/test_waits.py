@@ -97,10 +97,15 @@ def test_a_thousand_failures_name_the_first_and_count_the_rest(
 def test_metadata_answers_locally_and_is_asked_for_once(
     fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
 ) -> None:
-    x = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True).send(bob)
+    sent = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True).send(bob)
     fleet.sync()
     recorder.clear()
+    assert (sent.shape, sent.dtype) == (torch.Size([2, 3]), torch.float64)
+    assert recorder.events == []  # what was sent is known without asking
 
+    x = sent * 1  # a result: asked for once
+    fleet.sync()
+    recorder.clear()
     assert x.shape == torch.Size([2, 3])
     assert x.dtype is torch.float64
     assert (x.ndim, x.dim(), x.size(), x.size(1), x.numel(), len(x)) == (
@@ -113,7 +118,7 @@ def test_metadata_answers_locally_and_is_asked_for_once(
     x.detach_().t_()  # changes requires_grad and shape: asked for again
     assert (x.shape, x.requires_grad) == (torch.Size([3, 2]), False)
     assert recorder.events.count("send meta to bob") == 2
-    x.get()
+    x.get(), sent.get()
 
 
 def test_metadata_follows_a_chain_and_refuses_what_is_no_tensor(

@@ -33,12 +33,18 @@ if TYPE_CHECKING:
         UnknownWorker,
     )
     from torchrelay.client import (
+        DatasetPointer,
+        FedAvg,
+        FederatedDataLoader,
         Fleet,
         ModulePointer,
         ObjectDescription,
+        Plan,
         PointerTensor,
+        RoundResult,
         WorkerHandle,
         hook,
+        plan,
     )
 
     from . import optim
@@ -55,6 +61,7 @@ def connect(
     name: str = "me",
     timeout: float = 30.0,
     pipelined: bool = True,
+    datasets: dict[str, list[str]] | None = None,
     **broker_options: Any,
 ) -> Fleet:
     """Open a client session.
@@ -64,14 +71,21 @@ def connect(
     RabbitMQ and the worker daemons consuming from it.
 
     `timeout` bounds how long to wait with no reply at all; with `pipelined`
-    false, every operation waits for its worker's answer. `broker_options`
-    (`heartbeat`, `prefetch`, `connect_timeout`) tune the RabbitMQ connection.
+    false, every operation waits for its worker's answer. `datasets` gives the
+    in-process workers data of their own (`{"bob": ["bob.safetensors:#digits"]}`,
+    as a daemon's `--dataset`). `broker_options` (`heartbeat`, `prefetch`,
+    `connect_timeout`) tune the RabbitMQ connection.
     """
     from torchrelay.broker import open_broker
     from torchrelay.client import Fleet
     from torchrelay.worker import start_embedded_worker
 
-    broker = open_broker(url, start_worker=start_embedded_worker, **broker_options)
+    offered = datasets or {}
+
+    def start_worker(broker: Any, worker_id: str) -> object:
+        return start_embedded_worker(broker, worker_id, offered.get(worker_id, []))
+
+    broker = open_broker(url, start_worker=start_worker, **broker_options)
     try:
         return Fleet(broker, name=name, timeout=timeout, pipelined=pipelined, owns_broker=True)
     except BaseException:

@@ -3,6 +3,7 @@
     torchrelay worker --id bob --broker amqp://guest:guest@localhost:5672/
     torchrelay worker --config configs/bob.toml
     torchrelay demo [--broker URL]
+    torchrelay demo federated [--broker URL] [--rounds N] [--plot FILE.png]
     torchrelay status bob alice --broker URL
 """
 
@@ -41,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--chunk-size", type=int,
                         help="bytes; larger messages travel in chunks (default 8 MiB)")
     worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    worker.add_argument("--dataset", action="append", metavar="PATH:TAG[,TAG]",
+                        help="a dataset file the worker loads and offers (repeatable)")
+    worker.add_argument("--torch-threads", type=int,
+                        help="threads torch may use for one operation (default: one per "
+                             "core; 1 when several workers share the cores)")
     worker.add_argument("--unsupervised", action="store_true",
                         help="serve in this one process, without the supervisor: a crash "
                              "inside torch then takes the worker down (for measuring and "
@@ -57,9 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-list-elements", type=int,
                         help="elements of a Python list a command may build (default 2**20)")
 
-    demo = commands.add_parser("demo", help="run the remote-execution walkthrough")
-    demo.add_argument("--broker", help="amqp[s]:// URL; starts and stops bob and alice daemons "
-                                       "(default: in-process workers)")
+    demo = commands.add_parser("demo", help="run the remote-execution walkthrough, or the "
+                                            "federated digits demo")
+    demo.add_argument("which", nargs="?", choices=["walkthrough", "federated"],
+                      default="walkthrough")
+    demo.add_argument("--broker", help="amqp[s]:// URL; starts and stops the worker daemons "
+                                       "itself (default: in-process workers)")
+    demo.add_argument("--rounds", type=int, default=20, help="federated: FedAvg rounds (20)")
+    demo.add_argument("--plot", metavar="FILE.png",
+                      help="federated: save the loss and accuracy curves there")
+    demo.add_argument("--workdir", help="federated: where the workers' data files and "
+                                        "configs are written (default: a new temporary folder)")
 
     status = commands.add_parser("status", help="print workers' status as JSON")
     status.add_argument("workers", nargs="+", help="worker ids")
@@ -72,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         return _worker(args)
     if args.command == "demo":
+        if args.which == "federated":
+            return _federated_demo(args)
         return _demo(args.broker)
     return _status(args.workers, args.broker or os.environ.get("TORCHRELAY_BROKER"))
 
@@ -82,6 +98,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         config = WorkerConfig.resolve(
             args.config,
+            dataset_flags=args.dataset,
             id=args.id,
             broker=args.broker,
             prefetch=args.prefetch,
@@ -94,6 +111,7 @@ def _worker(args: argparse.Namespace) -> int:
             max_elements=args.max_elements,
             max_bytes=args.max_bytes,
             max_list_elements=args.max_list_elements,
+            torch_threads=args.torch_threads,
         )
     except ConfigError as e:
         print(f"torchrelay worker: {e}", file=sys.stderr)
@@ -128,6 +146,51 @@ def _demo(url: str | None) -> int:
             print(f"(daemon logs in {daemons.log_dir})")
             run_walkthrough(fleet)
     print("\nThe walkthrough ran; every store matched the notebook at every step.")
+    return 0
+
+
+def _federated_demo(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    import torchrelay as tr
+    from torchrelay._federated import (
+        AGGREGATOR,
+        DIGIT_OWNERS,
+        run_federated,
+        write_configs,
+        write_shares,
+    )
+    from torchrelay.worker import WorkerProcesses
+
+    if args.rounds < 1:
+        print("torchrelay demo federated: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT)
+    tr.hook(torch)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="torchrelay-federated-"))
+    files = write_shares(workdir)
+    plot = Path(args.plot) if args.plot else None
+    print(f"The digits' training part, split in three: {', '.join(DIGIT_OWNERS)} each get a "
+          f"dataset file of their own in {workdir}.")
+    if args.broker is None:
+        print(f"Workers {', '.join(DIGIT_OWNERS)} and {AGGREGATOR} run in this process "
+              "(embedded broker), each loading its own file.\n")
+        offered = {owner: [f"{path}:#digits,#train"] for owner, path in files.items()}
+        with tr.connect(datasets=offered) as fleet:
+            run_federated(fleet, args.rounds, plot=plot)
+        return 0
+    configs = write_configs(workdir, files, args.broker)
+    print(f"Starting worker daemons {', '.join(DIGIT_OWNERS)} and {AGGREGATOR} on "
+          f"{tr.broker.redact_url(args.broker)}, each with its config in {workdir} ...")
+    worker_args = {worker: ["--config", str(path)] for worker, path in configs.items()}
+    with WorkerProcesses(args.broker, list(configs), worker_args=worker_args,
+                         log_dir=workdir / "logs") as daemons, \
+            tr.connect(args.broker) as fleet:
+        print(f"(daemon logs in {daemons.log_dir})\n")
+        run_federated(fleet, args.rounds, plot=plot)
     return 0
 
 

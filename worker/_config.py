@@ -13,6 +13,13 @@
     max_elements = 268435456  # elements of any tensor a command may make (views too)
     max_bytes = 8589934592    # bytes of tensors the worker may hold (default: half the RAM)
     max_list_elements = 1048576  # elements of a Python list a command may build (tolist)
+    torch_threads = 1         # torch's threads for one operation (default: torch's, one per
+                              # core; 1 when several workers share a machine's cores)
+
+    [[worker.datasets]]          # data the worker loads at start-up and offers (any number)
+    path = "data/bob-digits.safetensors"   # relative to this file
+    tags = ["#digits", "#train"]
+    description = "8x8 digits, bob's share"
 
 Later sources win: file < `TORCHRELAY_BROKER` < command-line flags. Each
 setting's type is its field's annotation here, so the file is checked against
@@ -32,6 +39,7 @@ from typing import Any
 
 from torchrelay.broker import BROKER_ENV, DEFAULT_CHUNK_SIZE
 
+from ._datasets import DatasetError, DatasetSpec
 from ._limits import Limits, default_max_bytes
 
 __all__ = ["ConfigError", "WorkerConfig"]
@@ -58,8 +66,15 @@ class WorkerConfig:
     max_elements: int = 1 << 28
     max_bytes: int = field(default_factory=default_max_bytes)
     max_list_elements: int = 1 << 20
+    torch_threads: int | None = None
+    datasets: tuple[DatasetSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        # From JSON (a supervisor handing its config to an executor) they come as maps.
+        specs = tuple(d if isinstance(d, DatasetSpec) else DatasetSpec(
+            d["path"], tuple(d.get("tags", ())), d.get("description", "")
+        ) for d in self.datasets)
+        object.__setattr__(self, "datasets", specs)
         if not _WORKER_ID.match(self.id):
             raise ConfigError(
                 f"worker id {self.id!r} must be 1-128 letters, digits, '_', '.' or '-', "
@@ -75,6 +90,8 @@ class WorkerConfig:
                          "max_bytes", "max_list_elements"):
             if getattr(self, positive) <= 0:
                 raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"torch_threads must be at least 1, not {self.torch_threads}")
         if self.chunk_size < 4096:
             raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
         if self.log_level.upper() not in _LOG_LEVELS:
@@ -86,11 +103,21 @@ class WorkerConfig:
                       self.max_list_elements)
 
     @classmethod
-    def resolve(cls, config_file: str | Path | None = None, **flags: Any) -> WorkerConfig:
-        """Merge the file, the environment and the flags that were given (not None)."""
+    def resolve(
+        cls, config_file: str | Path | None = None, *, dataset_flags: list[str] | None = None,
+        **flags: Any,
+    ) -> WorkerConfig:
+        """Merge the file, the environment and the flags that were given (not None);
+        `dataset_flags` (`PATH:TAG[,TAG]`) add to the file's datasets."""
         settings: dict[str, Any] = {}
         if config_file is not None:
             settings.update(_read_file(Path(config_file)))
+        try:
+            extra = tuple(DatasetSpec.parse(text, Path.cwd()) for text in dataset_flags or ())
+        except DatasetError as e:
+            raise ConfigError(f"--dataset: {e}") from None
+        if extra:
+            settings["datasets"] = (*settings.get("datasets", ()), *extra)
         if os.environ.get(BROKER_ENV):
             settings["broker"] = os.environ[BROKER_ENV]
         settings.update({k: v for k, v in flags.items() if v is not None})
@@ -119,8 +146,17 @@ def _read_file(path: Path) -> dict[str, Any]:
     section = document.get("worker")
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path} has no [worker] table")
+    section = dict(section)
+    tables = section.pop("datasets", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"config file {path}: datasets are [[worker.datasets]] tables")
+    try:
+        datasets = tuple(DatasetSpec.of(table, path.parent) for table in tables)
+    except DatasetError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
     hints = typing.get_type_hints(WorkerConfig)
-    known = {f.name: _accepted_types(hints[f.name]) for f in dataclasses.fields(WorkerConfig)}
+    known = {f.name: _accepted_types(hints[f.name]) for f in dataclasses.fields(WorkerConfig)
+             if f.name != "datasets"}
     unknown = sorted(set(section) - set(known))
     if unknown:
         raise ConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
@@ -128,4 +164,4 @@ def _read_file(path: Path) -> dict[str, Any]:
         if not isinstance(value, known[key]) or isinstance(value, bool):
             kinds = " or ".join(t.__name__ for t in known[key])
             raise ConfigError(f"config file {path}: {key} must be {kinds}")
-    return dict(section)
+    return {**section, "datasets": datasets} if datasets else section

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+import torch
+
 from torchrelay.broker import (
     BrokerError,
     ConnectionLost,
@@ -27,6 +29,7 @@ from torchrelay.broker import (
 )
 
 from ._config import WorkerConfig
+from ._datasets import DatasetError, load_dataset
 from ._runtime import WorkerRuntime
 
 __all__ = ["run_worker"]
@@ -56,6 +59,8 @@ def run_worker(
     keeps a journal and a mirror); by default a plain one.
     """
     stop = stop or threading.Event()
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
     if threading.current_thread() is threading.main_thread():
         _stop_on_signals(stop)
     broker = open_broker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
@@ -71,6 +76,12 @@ def run_worker(
         runtime = make_runtime(endpoint) if make_runtime is not None else WorkerRuntime(
             config.id, endpoint, reply_timeout=config.reply_timeout, limits=config.limits
         )
+        for spec in config.datasets:  # (an executor's own after a restart too: not mirrored)
+            runtime.add_dataset(load_dataset(spec), spec.path)
+    except DatasetError as e:
+        log.error("worker %s cannot start: %s", config.id, e)
+        endpoint.close()
+        return 2
     except BaseException:
         endpoint.close()
         raise

@@ -42,6 +42,7 @@ from torchrelay.broker import TENSOR_DTYPES, EncodeError, Endpoint, decode, enco
 
 from ._config import WorkerConfig
 from ._daemon import run_worker
+from ._datasets import Dataset
 from ._journal import Journal, command_key
 from ._mirror import (
     DELETE,
@@ -289,6 +290,9 @@ def _share_large(value: Any, depth: int = 0) -> None:
     elif type(value) in (tuple, list) and depth < 8:
         for item in value:
             _share_large(item, depth + 1)
+    elif type(value) is Dataset:  # what clients take of it is then shared already
+        for tensor in value.tensors.values():
+            _share_large(tensor, depth + 1)
 
 
 def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -24,7 +24,9 @@ __all__ = ["WorkerProcesses"]
 
 
 class WorkerProcesses:
-    """Daemons for `worker_ids` on the RabbitMQ at `url`; a context manager."""
+    """Daemons for `worker_ids` on the RabbitMQ at `url`; a context manager.
+
+    `extra_args` go to every daemon's command line, `worker_args[id]` to one's."""
 
     def __init__(
         self,
@@ -32,13 +34,16 @@ class WorkerProcesses:
         worker_ids: Sequence[str],
         *,
         extra_args: Sequence[str] = (),
+        worker_args: Mapping[str, Sequence[str]] | None = None,
         log_dir: str | Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.url = url
         self.worker_ids = list(worker_ids)
         self.extra_args = list(extra_args)
+        self.worker_args = {w: list(a) for w, a in (worker_args or {}).items()}
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="torchrelay-workers-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = env
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -50,7 +55,8 @@ class WorkerProcesses:
     def spawn(self, worker_id: str, *extra_args: str) -> subprocess.Popen[bytes]:
         """Start one daemon without waiting for it."""
         argv = [sys.executable, "-m", "torchrelay", "worker", "--id", worker_id,
-                "--broker", self.url, *self.extra_args, *extra_args]
+                "--broker", self.url, *self.extra_args,
+                *self.worker_args.get(worker_id, ()), *extra_args]
         env = dict(os.environ if self.env is None else self.env)
         env.pop("TORCHRELAY_BROKER", None)
         log = (self.log_dir / f"{worker_id}.log").open("ab")

@@ -37,6 +37,7 @@ from torchrelay.broker import (
     Batched,
     Call,
     Command,
+    DefinePlan,
     Delete,
     Delivery,
     Describe,
@@ -55,6 +56,8 @@ from torchrelay.broker import (
     Pull,
     Reply,
     ReplyTimeout,
+    RunPlan,
+    Search,
     Status,
     Store,
     TorchRelayError,
@@ -64,13 +67,16 @@ from torchrelay.broker import (
     decode_command,
     decode_reply,
     encode_reply_batch,
+    is_inplace,
     new_object_id,
     resolve_op,
     session_and_number,
 )
 
 from ._checks import check_arguments, check_result
-from ._limits import Limits
+from ._datasets import Dataset, dataset_id
+from ._limits import BudgetExceeded, Limits
+from ._plans import RecordedPlan, check_plan
 from ._store import ObjectStore, StoredObject
 
 __all__ = ["WorkerRuntime"]
@@ -203,6 +209,9 @@ class WorkerRuntime:
             Meta: self._meta,
             Describe: self._describe,
             Status: self._status,
+            Search: self._search,
+            DefinePlan: self._define_plan,
+            RunPlan: self._run_plan,
         }
 
     # -- driving ---------------------------------------------------------------
@@ -501,6 +510,7 @@ class WorkerRuntime:
         self.store.replace(command.id, command.value, provenance)
 
     def _fetch(self, command: Fetch, sender: str) -> _Encoded:
+        self._not_owned(command.id, "fetched")
         entry = self.store.get(command.id)
         frame = Reply(entry.value).encode()  # before removing: nothing is lost if it cannot travel
         # A pointer leaves with its duty to delete the target: no delete down the chain.
@@ -519,7 +529,10 @@ class WorkerRuntime:
 
         Deleting twice is harmless: ids not found go to `missing`."""
         targets: dict[str, list[int]] = {}
+        owned = self.store.owned
         for object_id in ids:
+            if object_id in owned:  # the worker's own: no client's garbage collection
+                continue
             entry = self.store.discard(object_id)
             if entry is None:
                 if missing is not None:
@@ -549,24 +562,75 @@ class WorkerRuntime:
                 f"{command.op} with out= is refused: results are new objects here (use the "
                 "in-place method, such as add_, to change a tensor)"
             )
-        if self.lost_graphs and command.op == "Tensor.backward":
-            lost = {a.id for a in command.args if type(a) is ObjectRef} & self.lost_graphs
+        resolver = _ArgumentResolver(self.store)
+        args = resolver.arguments(command.args)
+        kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
+        if resolver.location is None:
+            result = self._execute(command, op, args, kwargs)
+            if command.result_id is not None:
+                self.store.put(command.result_id, result, resolver.provenance)
+            return None
+        return self._forward_call(command, resolver.location, args, kwargs)
+
+    def _execute(self, call: Call, op: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run one allow-listed operation on resolved arguments, with every check."""
+        if self.lost_graphs and call.op == "Tensor.backward":
+            lost = {a.id for a in call.args if type(a) is ObjectRef} & self.lost_graphs
             if lost:
                 raise OperationRefused(
                     f"the autograd graph of object {min(lost)} was lost when worker "
                     f"{self.id!r} restarted after a crash; compute it again from its leaves"
                 )
+        if (self.store.read_only and is_inplace(call.op) and args
+                and isinstance(args[0], torch.Tensor)
+                and args[0].untyped_storage()._cdata in self.store.read_only):
+            raise OperationRefused(
+                f"{call.op} would change a dataset of worker {self.id!r} in place: "
+                "datasets are read-only (work on a copy, such as .clone())"
+            )
+        check_arguments(call.op, args, kwargs, self.limits)
+        result = op(*args, **kwargs)
+        check_result(call.op, result, self.limits)
+        return result
+
+    def _define_plan(self, command: DefinePlan, sender: str) -> None:
+        self.store.put(command.id, check_plan(command))
+
+    def _run_plan(self, command: RunPlan, sender: str) -> None:
+        plan = self.store.get(command.plan).value
+        if type(plan) is not RecordedPlan:
+            raise OperationRefused(f"object {command.plan} is not a plan")
+        if len(command.arguments) != len(plan.parameters):
+            raise TypeError(f"the plan takes {len(plan.parameters)} arguments, not "
+                            f"{len(command.arguments)}")
+        if len(command.result_ids) != len(plan.returns):
+            raise TypeError(f"the plan returns {len(plan.returns)} results, not "
+                            f"{len(command.result_ids)}")
         resolver = _ArgumentResolver(self.store)
-        args = resolver.arguments(command.args)
-        kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
-        if resolver.location is None:
-            check_arguments(command.op, args, kwargs, self.limits)
-            result = op(*args, **kwargs)
-            check_result(command.op, result, self.limits)
-            if command.result_id is not None:
-                self.store.put(command.result_id, result, resolver.provenance)
-            return None
-        return self._forward_call(command, resolver.location, args, kwargs)
+        scope = dict(zip(plan.parameters, resolver.arguments(command.arguments), strict=True))
+        resolver.scope = scope
+        budget = self.store.max_bytes
+        held = self.store.bytes
+        for number, call in enumerate(plan.calls):
+            op = resolve_op(call.op)
+            args = resolver.arguments(call.args)
+            kwargs = resolver.resolve(call.kwargs) if call.kwargs else {}
+            if resolver.location is not None:
+                raise OperationRefused(
+                    f"plan call {number} ({call.op}) uses a pointer to worker "
+                    f"{resolver.location!r}: a plan runs where all its data is"
+                )
+            result = self._execute(call, op, args, kwargs)
+            if call.result_id is not None:
+                scope[call.result_id] = result
+                if budget is not None and type(result) is torch.Tensor:
+                    held += result.untyped_storage().nbytes()  # intermediates count too
+                    if held > budget:
+                        raise BudgetExceeded(
+                            f"the plan's results would take worker {self.id!r} past its "
+                            f"max_bytes ({budget} bytes) at call {number} ({call.op})")
+        for result_id, value in zip(command.result_ids, plan.returns, strict=True):
+            self.store.put(result_id, scope[value], resolver.provenance)
 
     async def _forward_call(
         self, command: Call, location: str, args: list[Any], kwargs: dict[str, Any]
@@ -591,6 +655,7 @@ class WorkerRuntime:
             raise
 
     async def _transfer(self, command: Transfer, sender: str) -> None:
+        self._not_owned(command.id, "moved")
         entry = self.store.get(command.id)
         store = Store(command.destination_id, entry.value, sorted(entry.provenance),
                       command.replaces_pointer)
@@ -627,6 +692,33 @@ class WorkerRuntime:
     async def _forward_meta(self, pointer: PointerRef, hops: int) -> Any:
         _check_hops(hops, "meta")
         return await self._ask(pointer.location, Meta(pointer.id_at_location, hops + 1))
+
+    def _search(self, command: Search, sender: str) -> list[dict[str, Any]]:
+        wanted = set(command.tags)
+        return [
+            {"id": object_id, **dataset.summary()}
+            for object_id in sorted(self.store.owned)
+            if type(dataset := self.store.get(object_id).value) is Dataset
+            and wanted <= set(dataset.tags)
+        ]
+
+    def add_dataset(self, dataset: Dataset, key: str) -> int:
+        """Offer `dataset` (found by `search`, used through pointers, never given away);
+        its id derives from `key` (its file), so it is the same after a restart."""
+        object_id = dataset_id(self.id, key)
+        self.store.put(object_id, dataset, frozenset({self.id}))
+        self.store.owned.add(object_id)
+        self.store.read_only.update(t.untyped_storage()._cdata for t in dataset.tensors.values())
+        log.info("worker %s offers dataset %s as %d: %s", self.id, dataset.name, object_id,
+                 dataset.summary()["tensors"])
+        return object_id
+
+    def _not_owned(self, object_id: int, what: str) -> None:
+        if object_id in self.store.owned:
+            raise OperationRefused(
+                f"object {object_id} is a dataset of worker {self.id!r}: it is not {what}; use "
+                "it where it is, through pointers"
+            )
 
     def _describe(self, command: Describe, sender: str) -> dict[int, str]:
         return self.store.describe()
@@ -680,10 +772,12 @@ class _ArgumentResolver:
     to that worker's ids, ready to forward).
     """
 
-    __slots__ = ("_local", "_pointers", "location", "provenance", "store")
+    __slots__ = ("_local", "_pointers", "location", "provenance", "scope", "store")
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, scope: dict[int, Any] | None = None) -> None:
         self.store = store
+        self.scope = scope
+        """A plan run's own values by id, looked up before the store's."""
         self.location: str | None = None
         self.provenance: frozenset[str] = frozenset()
         self._local = False
@@ -695,7 +789,7 @@ class _ArgumentResolver:
         for value in args:
             kind = type(value)
             if kind is ObjectRef:
-                resolved.append(self._reference(self.store.get(value.id)))
+                resolved.append(self._object(value.id))
             elif kind is list or kind is tuple or kind is dict:
                 resolved.append(self.resolve(value))
             else:
@@ -705,7 +799,7 @@ class _ArgumentResolver:
     def resolve(self, value: Any) -> Any:
         kind = type(value)
         if kind is ObjectRef:
-            return self._reference(self.store.get(value.id))
+            return self._object(value.id)
         if kind is list:
             return [self.resolve(v) for v in value]
         if kind is tuple:
@@ -713,6 +807,12 @@ class _ArgumentResolver:
         if kind is dict:
             return {k: self.resolve(v) for k, v in value.items()}
         return value
+
+    def _object(self, object_id: int) -> Any:
+        scope = self.scope
+        if scope is not None and object_id in scope:
+            return scope[object_id]
+        return self._reference(self.store.get(object_id))
 
     def _reference(self, entry: StoredObject) -> Any:
         value = entry.value

@@ -23,6 +23,7 @@ import torch
 
 from torchrelay.broker import ObjectNotFound, PointerRef, ProtocolError, format_pointer
 
+from ._datasets import Dataset
 from ._limits import BudgetExceeded
 
 __all__ = ["ObjectStore", "StoredObject", "describe_value"]
@@ -46,7 +47,12 @@ class ObjectStore:
         self.bytes = 0
         """Bytes held by the tensors of all objects, each storage counted once."""
         self._objects: dict[int, StoredObject] = {}
-        self._storages: dict[int, list[int]] = {}  # data pointer -> [bytes, references]
+        self._storages: dict[int, list[int]] = {}  # storage identity -> [bytes, references]
+        self.owned: set[int] = set()
+        """Objects the worker owns itself (its datasets): no client fetches, moves or
+        deletes them."""
+        self.read_only: set[int] = set()
+        """Storages (by identity) no operation may change in place: its datasets'."""
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -116,7 +122,7 @@ class ObjectStore:
         storages = self._storages
         if type(value) is torch.Tensor:  # the usual object: one tensor
             storage = value.untyped_storage()
-            pointer = storage.data_ptr()
+            pointer = storage._cdata  # its identity: sharing its memory does not change it
             counted = storages.get(pointer)
             if counted is not None:
                 counted[1] += 1
@@ -130,14 +136,14 @@ class ObjectStore:
         new: dict[int, int] = {}
         for tensor in _tensors_in(value):
             storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
+            pointer = storage._cdata
             if pointer and pointer not in storages:
                 new[pointer] = storage.nbytes()
         added = sum(new.values())
         if self.max_bytes is not None and added and self.bytes + added > self.max_bytes:
             self._refuse(object_id, added)
         for tensor in _tensors_in(value):
-            pointer = tensor.untyped_storage().data_ptr()
+            pointer = tensor.untyped_storage()._cdata
             if pointer:
                 if pointer in new:
                     storages[pointer] = [new.pop(pointer), 0]
@@ -154,7 +160,7 @@ class ObjectStore:
     def _count_out(self, value: Any) -> None:
         storages = self._storages
         if type(value) is torch.Tensor:
-            pointer = value.untyped_storage().data_ptr()
+            pointer = value.untyped_storage()._cdata
             counted = storages.get(pointer)
             if counted is not None:
                 counted[1] -= 1
@@ -163,7 +169,7 @@ class ObjectStore:
                     self.bytes -= counted[0]
             return
         for tensor in _tensors_in(value):
-            pointer = tensor.untyped_storage().data_ptr()
+            pointer = tensor.untyped_storage()._cdata
             counted = storages.get(pointer)
             if counted is not None:
                 counted[1] -= 1
@@ -178,6 +184,8 @@ def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     elif type(value) in (tuple, list) and depth < 8:
         for item in value:
             yield from _tensors_in(item, depth + 1)
+    elif type(value) is Dataset:
+        yield from value.tensors.values()
 
 
 def _size(nbytes: int) -> str:
@@ -198,6 +206,8 @@ def describe_value(value: Any) -> str:
     try:
         if isinstance(value, torch.Tensor):
             text = repr(value)  # torch summarises large tensors itself
+        elif type(value) is Dataset:
+            text = repr(value)
         elif isinstance(value, torch.optim.Optimizer):
             group = value.param_groups[0]
             settings = ", ".join(f"{k}={v}" for k, v in sorted(group.items())

@@ -140,8 +140,9 @@ class _Supervisor:
                 log.warning("the executor ended with status %d while stopping", status)
             log.info("worker %s stopped", self.config.id)
             return 0
-        if status in (0, 1) and stopped_for_overrun is None and not self.journal.poison():
-            # It chose to exit (its broker is gone for good, say): so does the daemon.
+        if status in (0, 1, 2) and stopped_for_overrun is None and not self.journal.poison():
+            # It chose to exit (its broker is gone for good, a dataset file is broken):
+            # so does the daemon.
             return status
         self._bury(executor, status, stopped_for_overrun)
         return None

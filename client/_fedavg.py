@@ -1,0 +1,269 @@
+"""FedAvg through a trusted aggregator: models go to the data, only their average comes back.
+
+Each round, every worker with data loads the global model's weights into its
+copy of the model and trains it on its own dataset for `local_epochs` (batches
+cut on the worker, a remote optimizer, its state reset as a new optimizer's);
+then its weights (parameters and buffers, flattened into one tensor, with the
+mean training loss at the end) go straight to the aggregator worker, which
+averages them weighted by sample count. Only that average is fetched, and
+becomes the next global model. No weights of any one worker pass through the
+client.
+
+A worker's local round is a `Plan`: the first round runs it operation by
+operation and records it, later rounds send it as one command (the global
+weights and the batch orders its only arguments), so a round costs each worker
+two messages (the run, and the move of its result) whatever the number of
+batches.
+
+A round waits for its workers at most `round_timeout` seconds: one that has not
+answered by then (or failed) is left out of that round's average and takes part
+again in the next. A round with fewer than `min_workers` leaves the model as it
+was. `fit` returns one `RoundResult` per round; a progress bar (tqdm, when it is
+installed and `progress` is set) shows the rounds go by.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._data import DatasetPointer, FederatedDataLoader
+from ._fleet import WorkerHandle
+from ._module import ModulePointer, send_module
+from ._optim import SGD, RemoteOptimizer
+from ._plan import Plan
+from ._pointer import PointerTensor
+
+__all__ = ["FedAvg", "RoundResult"]
+
+Loss = Callable[[Any, Any], Any]
+MakeOptimizer = Callable[[list[PointerTensor]], RemoteOptimizer]
+SampleOrder = Callable[[int, int, int], torch.Tensor]
+
+
+@dataclass
+class RoundResult:
+    """What one round did."""
+
+    round: int
+    participants: list[str]
+    samples: int
+    loss: float
+    """Training loss over the round's participants, weighted by sample count."""
+    seconds: float
+    left_out: dict[str, str] = field(default_factory=dict)
+    """Workers whose update did not count this round, and why."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """What `evaluate` said of the model after the round."""
+
+    @property
+    def updated(self) -> bool:
+        return bool(self.participants)
+
+
+class FedAvg:
+    """Federated averaging of `model` (see the module docstring).
+
+    `loss(output, target)` is computed on the workers (an `F.*` loss, or any
+    function of allow-listed operations); `optimizer(parameters)` makes each
+    worker's optimizer (default: SGD with lr 0.1). Batches are drawn in an order
+    shuffled from `seed`, or, to repeat another system's run exactly, in the
+    order `order(round, position, samples)` gives (a permutation of the sample
+    indices of the `position`-th dataset in round `round`, both from 1 and 0).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Loss,
+        *,
+        aggregator: WorkerHandle,
+        optimizer: MakeOptimizer | None = None,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        min_workers: int = 1,
+        round_timeout: float = 60.0,
+        progress: bool = True,
+        order: SampleOrder | None = None,
+    ) -> None:
+        if local_epochs < 1 or batch_size < 1 or min_workers < 1 or round_timeout <= 0:
+            raise ValueError("local_epochs, batch_size, min_workers and round_timeout must "
+                             "be positive")
+        self.model = model
+        self.loss = loss
+        self.aggregator = aggregator
+        self.optimizer = optimizer or (lambda parameters: SGD(parameters, lr=0.1))
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.min_workers = min_workers
+        self.round_timeout = round_timeout
+        self.progress = progress
+        self.order = order
+        self.history: list[RoundResult] = []
+        self._workers: dict[str, _LocalTraining] = {}
+
+    def fit(
+        self,
+        datasets: Sequence[DatasetPointer],
+        rounds: int,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    ) -> list[RoundResult]:
+        """Train for `rounds` rounds over `datasets` (one per worker); the history."""
+        loader = FederatedDataLoader(datasets, self.batch_size, shuffle=self.shuffle,
+                                     seed=self.seed)
+        bar = _progress(rounds, self.progress)
+        try:
+            for _ in range(rounds):
+                result = self._round(loader, datasets)
+                if evaluate is not None:
+                    result.metrics = evaluate(self.model)
+                self.history.append(result)
+                if bar is not None:
+                    bar.set_postfix({"loss": f"{result.loss:.4f}", **{
+                        k: f"{v:.4f}" for k, v in result.metrics.items()}})
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def _round(self, loader: FederatedDataLoader,
+               datasets: Sequence[DatasetPointer]) -> RoundResult:
+        started = time.monotonic()
+        fleet = self.aggregator.fleet
+        number = len(self.history) + 1
+        weights = torch.cat([t.detach().float().flatten() for t in _state(self.model)])
+        sent: dict[str, tuple[PointerTensor, int]] = {}
+        for position, dataset in enumerate(datasets):
+            local = self._local_state(dataset, loader)
+            orders = self._orders(loader, dataset, number, position)
+            update = local.train(local.data, local.target, weights, *orders)
+            sent[dataset.location.id] = (update.move_later(self.aggregator), len(dataset))
+        # All of it goes now, and is waited for together: what a worker has not done
+        # in time does not hold the round up.
+        failures = fleet.settle(self.round_timeout)
+        left_out = {w: str(failures[w]) for w in sent if w in failures}
+        for worker_id in left_out:  # it starts afresh next time: its state may be lost
+            self._workers.pop(worker_id, None)
+        arrived = {w: update for w, update in sent.items() if w not in failures}
+        if len(arrived) < self.min_workers:
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               left_out | {"round": f"{len(arrived)} of the min_workers "
+                                                    f"{self.min_workers} took part"})
+        samples = sum(n for _, n in arrived.values())
+        total = None
+        for update, n in arrived.values():  # on the aggregator
+            weighted = update * (n / samples)
+            total = weighted if total is None else total + weighted
+        assert total is not None
+        average = total.get()
+        self._load(average[:-1])
+        return RoundResult(number, sorted(arrived), samples, float(average[-1]),
+                           time.monotonic() - started, left_out)
+
+    def _orders(self, loader: FederatedDataLoader, dataset: DatasetPointer, number: int,
+                position: int) -> list[torch.Tensor]:
+        """The sample indices of each batch of the round, epoch after epoch."""
+        samples = len(dataset)
+        batches: list[torch.Tensor] = []
+        for _ in range(self.local_epochs):
+            if self.order is not None:
+                order = torch.as_tensor(self.order(number, position, samples))
+            else:
+                order = loader.order(samples)
+            batches += [order[i : i + self.batch_size] for i in range(0, samples,
+                                                                      self.batch_size)]
+        return batches
+
+    def _local_state(self, dataset: DatasetPointer,
+                     loader: FederatedDataLoader) -> _LocalTraining:
+        worker = dataset.location
+        local = self._workers.get(worker.id)
+        if local is None:
+            remote: ModulePointer = send_module(self.model, worker)
+            optimizer = self.optimizer(list(remote.parameters()))
+            data, target = loader.tensors(dataset)
+            local = self._workers[worker.id] = _LocalTraining(
+                remote, optimizer, data, target, self.loss, _layout(self.model))
+        return local
+
+    def _load(self, flat: torch.Tensor) -> None:
+        """Put the averaged weights into the global model."""
+        offset = 0
+        with torch.no_grad():
+            for tensor in _state(self.model):
+                size = tensor.numel()
+                tensor.copy_(flat[offset : offset + size].view_as(tensor).to(tensor.dtype))
+                offset += size
+
+
+@dataclass
+class _LocalTraining:
+    """A worker's copy of the model, its optimizer, and its local round as a plan."""
+
+    model: ModulePointer
+    optimizer: RemoteOptimizer
+    data: PointerTensor
+    target: PointerTensor
+    loss: Loss
+    layout: list[tuple[int, int, torch.Size]]
+    """Where each of the model's tensors is in the flat weights: (start, stop, shape)."""
+
+    def __post_init__(self) -> None:
+        self.train = Plan(self.local_round)
+
+    def local_round(self, data: Any, target: Any, weights: Any, *batches: Any) -> Any:
+        """Load `weights`, train on `batches` (index tensors), return the new weights and
+        the mean loss, flattened into one tensor."""
+        state = _state(self.model)
+        for tensor, (start, stop, shape) in zip(state, self.layout, strict=True):
+            tensor.data.copy_(weights[start:stop].view(shape))
+        self.optimizer.reset()
+        self.model.train()
+        total: Any = None
+        samples = 0
+        for index in batches:
+            self.optimizer.zero_grad()
+            loss = self.loss(self.model(data[index]), target[index])
+            loss.backward()
+            self.optimizer.step()
+            size = len(index)
+            weighted = loss.detach() * size
+            total = weighted if total is None else total + weighted
+            samples += size
+        return torch.cat([t.detach().float().flatten() for t in state]
+                         + [(total / samples).reshape(1)])
+
+
+def _layout(model: nn.Module) -> list[tuple[int, int, torch.Size]]:
+    """Where each of the model's tensors is in the flat weights: (start, stop, shape)."""
+    layout, offset = [], 0
+    for tensor in _state(model):
+        layout.append((offset, offset + tensor.numel(), tensor.shape))
+        offset += tensor.numel()
+    return layout
+
+
+def _state(module: Any) -> list[Any]:
+    """Parameters, then buffers, in a fixed order (the order they are averaged in)."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _progress(rounds: int, wanted: bool) -> Any:
+    if not wanted:
+        return None
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415 - an extra: torchrelay[demo]
+    except ImportError:
+        return None
+    return tqdm(total=rounds, desc="FedAvg", unit="round")

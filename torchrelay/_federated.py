@@ -1,0 +1,230 @@
+"""The federated demo: handwritten digits learnt where they are, only the average leaving.
+
+Three hospitals' worth of data, in miniature: scikit-learn's 8x8 digits, the
+training part split in three shares written to files of bob, alice and carol
+(`write_shares`), each a worker that loads its own file and offers it under the
+tag `#digits`. The client never sees a training sample: it finds the datasets
+with `search`, and `FedAvg` trains a copy of its model on each worker and has
+the trusted `aggregator` worker average them. The client keeps the held-out
+test set, to say how good each round's model is, and compares the result with
+the same model trained centrally on all the data (what pooling it would give).
+
+The workload is the one of the Flower anchor (`../shared/anchors/flower`):
+digits / 16, a stratified 20 % test split, three shares of 479, an MLP
+64-32-10 from `torch.manual_seed(0)`, one local epoch of batches of 32, SGD
+with lr 0.1, 20 rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchrelay.client import FedAvg, Fleet, RoundResult
+
+__all__ = [
+    "AGGREGATOR",
+    "DIGIT_OWNERS",
+    "FederatedRun",
+    "make_model",
+    "run_federated",
+    "write_configs",
+    "write_shares",
+]
+
+DIGIT_OWNERS = ("bob", "alice", "carol")
+AGGREGATOR = "secure_worker"
+TAG = "#digits"
+BATCH_SIZE = 32
+LEARNING_RATE = 0.1
+
+
+@dataclass
+class Digits:
+    train_data: torch.Tensor
+    train_target: torch.Tensor
+    test_data: torch.Tensor
+    test_target: torch.Tensor
+
+
+def load_digits() -> Digits:
+    """The digits, scaled to [0, 1], with the anchor's stratified 20 % test split."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415
+        from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    except ImportError:
+        raise SystemExit("the federated demo needs scikit-learn: "
+                         "pip install 'torchrelay[demo]'") from None
+    digits = sklearn_digits()
+    data = (digits.data / 16.0).astype("float32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        data, digits.target.astype("int64"), test_size=0.2, stratify=digits.target,
+        random_state=0)
+    return Digits(torch.from_numpy(x_train), torch.from_numpy(y_train),
+                  torch.from_numpy(x_test), torch.from_numpy(y_test))
+
+
+def write_shares(directory: Path, owners: Sequence[str] = DIGIT_OWNERS) -> dict[str, Path]:
+    """Split the training digits among `owners`, one safetensors file each (the
+    anchor's split); `{owner: file}`."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    digits = load_digits()
+    directory.mkdir(parents=True, exist_ok=True)
+    order = _permutation(len(digits.train_data), seed=0)
+    files = {}
+    for owner, indices in zip(owners, torch.tensor_split(order, len(owners)), strict=True):
+        path = directory / f"{owner}-digits.safetensors"
+        save_file({"data": digits.train_data[indices].contiguous(),
+                   "target": digits.train_target[indices].contiguous()}, str(path))
+        files[owner] = path
+    return files
+
+
+def write_configs(directory: Path, files: dict[str, Path], url: str) -> dict[str, Path]:
+    """A worker config for each data owner (its dataset listed) and for the
+    aggregator, next to the data files; `{worker: config file}`."""
+    configs = {}
+    for worker in [*files, AGGREGATOR]:
+        quote = json.dumps  # a JSON string is a TOML basic string
+        lines = ["[worker]", f"id = {quote(worker)}", f"broker = {quote(url)}",
+                 'log_level = "INFO"',
+                 "torch_threads = 1  # four workers share this machine's cores"]
+        if worker in files:
+            lines += ["", "[[worker.datasets]]", f"path = {quote(files[worker].name)}",
+                      'tags = ["#digits", "#train"]',
+                      f"description = {quote(f'8x8 digits, {worker} share')}"]
+        path = directory / f"{worker}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        configs[worker] = path
+    return configs
+
+
+def _permutation(samples: int, seed: int) -> torch.Tensor:
+    """numpy's `default_rng(seed).permutation(samples)`: the anchor's orders exactly."""
+    import numpy as np  # noqa: PLC0415 - scikit-learn brings it
+
+    return torch.from_numpy(np.random.default_rng(seed).permutation(samples))
+
+
+def anchor_order(round_number: int, position: int, samples: int) -> torch.Tensor:
+    """The anchor's batch order for the `position`-th share in round `round_number`."""
+    return _permutation(samples, seed=1000 * round_number + position)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: torch.Tensor, target: torch.Tensor) -> float:
+    model.eval()
+    return float((model(data).argmax(1) == target).float().mean())
+
+
+def train_centrally(digits: Digits, epochs: int) -> float:
+    """What pooling all the data would give: the same model, `epochs` epochs over all
+    the training samples; its test accuracy."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = _permutation(len(digits.train_data), seed=epoch)
+        for start in range(0, len(order), BATCH_SIZE):
+            batch = order[start : start + BATCH_SIZE]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(digits.train_data[batch]),
+                                               digits.train_target[batch])
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+    return accuracy(model, digits.test_data, digits.test_target)
+
+
+@dataclass
+class FederatedRun:
+    history: list[RoundResult]
+    central_accuracy: float
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.history[-1].metrics["accuracy"]
+
+
+def run_federated(
+    fleet: Fleet,
+    rounds: int = 20,
+    *,
+    plot: Path | None = None,
+    echo: Callable[[str], None] = print,
+    progress: bool = False,
+) -> FederatedRun:
+    """FedAvg over the `#digits` datasets `fleet`'s workers offer, through the worker
+    `secure_worker`; prints each round, and the comparison with central training."""
+    torch.set_num_threads(1)  # a tiny model: threads cost more than they give
+    digits = load_digits()
+    owners = [fleet.worker(owner) for owner in DIGIT_OWNERS]
+    datasets = [d for owner in owners for d in owner.search(TAG)]
+    echo(f"Found {len(datasets)} datasets tagged {TAG}; the client has seen none of them:")
+    for dataset in datasets:
+        echo(f"  {dataset!r}")
+    model = make_model()
+    fedavg = FedAvg(model, nn.functional.cross_entropy, aggregator=fleet.worker(AGGREGATOR),
+                    batch_size=BATCH_SIZE, order=anchor_order, progress=progress)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
+
+    echo(f"\nFedAvg, {rounds} rounds; only the aggregator's average reaches the client.")
+    echo(" round  workers  samples  train loss  test accuracy  seconds")
+    started = time.monotonic()
+    for _ in range(rounds):
+        result = fedavg.fit(datasets, 1, evaluate)[-1]
+        echo(f"{result.round:6d}  {len(result.participants):7d}  {result.samples:7d}  "
+             f"{result.loss:10.4f}  {result.metrics['accuracy']:13.4f}  {result.seconds:7.3f}")
+        for worker, reason in result.left_out.items():
+            echo(f"        left out: {worker}: {reason}")
+    seconds = time.monotonic() - started
+    central = train_centrally(digits, rounds)
+    run = FederatedRun(fedavg.history, central, seconds)
+    echo(f"\nFederated: test accuracy {run.accuracy:.4f} after {rounds} rounds "
+         f"({seconds:.1f} s). Central training on all the data, {rounds} epochs: "
+         f"{central:.4f} ({run.accuracy / central:.1%} of it).")
+    if plot is not None:
+        _plot(run, plot)
+        echo(f"Plot written to {plot}")
+    return run
+
+
+def _plot(run: FederatedRun, path: Path) -> None:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")  # a file, no display
+        from matplotlib import pyplot  # noqa: PLC0415
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'torchrelay[demo]'") from None
+    rounds = [r.round for r in run.history]
+    figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot(rounds, [r.loss for r in run.history], marker="o")
+    loss_axes.set(xlabel="round", ylabel="mean training loss on the workers",
+                  title="Training loss (reported by the workers)")
+    accuracy_axes.plot(rounds, [r.metrics["accuracy"] for r in run.history], marker="o",
+                       label="FedAvg (bob, alice, carol)")
+    accuracy_axes.axhline(run.central_accuracy, color="grey", linestyle="--",
+                          label="central training, same epochs")
+    accuracy_axes.set(xlabel="round", ylabel="test accuracy", title="Held-out digits")
+    accuracy_axes.legend(loc="lower right")
+    for axes in (loss_axes, accuracy_axes):
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
