@@ -17,10 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The seed walkthrough; in-process workers, or `make demo BROKER=amqp://...` for
-# RabbitMQ with bob and alice as daemons the demo starts and stops itself.
+# The seed walkthrough, then federated learning on the digits (its plot written to
+# federated-digits.png); in-process workers, or `make demo BROKER=amqp://...` for
+# RabbitMQ with worker daemons the demos start and stop themselves.
 demo: setup
 	$(BIN)/torchrelay demo $(if $(BROKER),--broker $(BROKER))
+	$(BIN)/torchrelay demo federated --plot federated-digits.png $(if $(BROKER),--broker $(BROKER))
 
 lint: setup
 	$(BIN)/ruff check .

@@ -86,10 +86,12 @@ def daemons_factory(vhost_factory: Any, tmp_path_factory: pytest.TempPathFactory
     """Starts worker daemons in a fresh virtual host; stops them at the end of the session."""
     started: list[WorkerProcesses] = []
 
-    def make(worker_ids: tuple[str, ...] = WORKERS, *extra_args: str) -> WorkerProcesses:
+    def make(worker_ids: tuple[str, ...] = WORKERS, *extra_args: str,
+             worker_args: dict[str, list[str]] | None = None) -> WorkerProcesses:
         url = vhost_factory()
         log_dir = tmp_path_factory.mktemp("daemons")
-        daemons = WorkerProcesses(url, worker_ids, extra_args=extra_args, log_dir=log_dir)
+        daemons = WorkerProcesses(url, worker_ids, extra_args=extra_args,
+                                  worker_args=worker_args, log_dir=log_dir)
         started.append(daemons)
         daemons.start()
         return daemons

@@ -33,6 +33,7 @@ __all__ = [
     "DIGIT_OWNERS",
     "FederatedRun",
     "make_model",
+    "permutation",
     "run_federated",
     "write_configs",
     "write_shares",
@@ -77,7 +78,7 @@ def write_shares(directory: Path, owners: Sequence[str] = DIGIT_OWNERS) -> dict[
 
     digits = load_digits()
     directory.mkdir(parents=True, exist_ok=True)
-    order = _permutation(len(digits.train_data), seed=0)
+    order = permutation(len(digits.train_data), seed=0)
     files = {}
     for owner, indices in zip(owners, torch.tensor_split(order, len(owners)), strict=True):
         path = directory / f"{owner}-digits.safetensors"
@@ -106,7 +107,7 @@ def write_configs(directory: Path, files: dict[str, Path], url: str) -> dict[str
     return configs
 
 
-def _permutation(samples: int, seed: int) -> torch.Tensor:
+def permutation(samples: int, seed: int) -> torch.Tensor:
     """numpy's `default_rng(seed).permutation(samples)`: the anchor's orders exactly."""
     import numpy as np  # noqa: PLC0415 - scikit-learn brings it
 
@@ -115,7 +116,7 @@ def _permutation(samples: int, seed: int) -> torch.Tensor:
 
 def anchor_order(round_number: int, position: int, samples: int) -> torch.Tensor:
     """The anchor's batch order for the `position`-th share in round `round_number`."""
-    return _permutation(samples, seed=1000 * round_number + position)
+    return permutation(samples, seed=1000 * round_number + position)
 
 
 def make_model() -> nn.Module:
@@ -136,7 +137,7 @@ def train_centrally(digits: Digits, epochs: int) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     model.train()
     for epoch in range(1, epochs + 1):
-        order = _permutation(len(digits.train_data), seed=epoch)
+        order = permutation(len(digits.train_data), seed=epoch)
         for start in range(0, len(order), BATCH_SIZE):
             batch = order[start : start + BATCH_SIZE]
             optimizer.zero_grad()

@@ -535,6 +535,7 @@ class WorkerRuntime:
                 continue
             entry = self.store.discard(object_id)
             if entry is None:
+                self.store.delete_early(object_id)
                 if missing is not None:
                     missing.append(object_id)
             elif type(entry.value) is PointerRef:

@@ -26,7 +26,11 @@ from torchrelay.broker import ObjectNotFound, PointerRef, ProtocolError, format_
 from ._datasets import Dataset
 from ._limits import BudgetExceeded
 
-__all__ = ["ObjectStore", "StoredObject", "describe_value"]
+__all__ = ["MAX_DELETED_EARLY", "ObjectStore", "StoredObject", "describe_value"]
+
+MAX_DELETED_EARLY = 1 << 16
+"""How many ids deleted before they existed a worker remembers (8 bytes and a dict
+slot each): far more than can be in flight towards it at once."""
 
 DESCRIPTION_CHARACTERS: Final = 400
 """At most this many characters describe one object in `_objects` or an error."""
@@ -51,6 +55,10 @@ class ObjectStore:
         self.owned: set[int] = set()
         """Objects the worker owns itself (its datasets): no client fetches, moves or
         deletes them."""
+        self.deleted_early: dict[int, bool] = {}
+        """Ids deleted before anything was stored under them (a delete that overtook a
+        late transfer, a given-up command): what arrives for them later is dropped.
+        The most recent `MAX_DELETED_EARLY`, oldest first."""
         self.read_only: set[int] = set()
         """Storages (by identity) no operation may change in place: its datasets'."""
 
@@ -64,10 +72,19 @@ class ObjectStore:
         return iter(self._objects)
 
     def put(self, object_id: int, value: Any, provenance: frozenset[str] = frozenset()) -> None:
+        if self.deleted_early and self.deleted_early.pop(object_id, False):
+            return  # its owner let go of it before it arrived: it is garbage already
         if object_id in self._objects:
             raise ProtocolError(f"id {object_id} is already in use on worker {self.owner!r}")
         self._count_in(object_id, value)
         self._objects[object_id] = StoredObject(value, provenance)
+
+    def delete_early(self, object_id: int) -> None:
+        """Remember that `object_id` was deleted before it existed (see `deleted_early`)."""
+        early = self.deleted_early
+        early[object_id] = True
+        if len(early) > MAX_DELETED_EARLY:
+            del early[next(iter(early))]
 
     def replace(self, object_id: int, value: Any, provenance: frozenset[str]) -> None:
         old = self._objects.get(object_id)
