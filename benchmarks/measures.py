@@ -18,6 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
+from .federated import fedavg, train_step
 from .processes import ChildFailed, bare_torch_processes, rss_bytes, run_module
 from .report import MeasureResult, Row, at_least, at_most, failed, not_measured
 from .session import MIB, Session, TransferPlan, send
@@ -487,4 +488,7 @@ MEASURES: dict[str, Measure] = {
     "embedded": Measure(embedded, False, "small sync op on the embedded broker vs local"),
     "containment": Measure(containment, True, "small sync op, supervised vs unsupervised"),
     "idle": Measure(idle, False, "idle worker daemon RSS vs python + import torch"),
+    "train_step": Measure(train_step, True, "one remote training step (op by op, plan) vs "
+                                            "local + pika"),
+    "fedavg": Measure(fedavg, True, "FedAvg on the Flower anchor's digits workload vs Flower"),
 }

@@ -62,6 +62,9 @@ class Settings:
     embedded_blocks: int = 5
     idle_workers: int = 3
     idle_settle_s: float = 2.0
+    train_steps: int = 600
+    train_blocks: int = 6
+    fedavg_rounds: int = 20
 
     @classmethod
     def quick(cls) -> Settings:
@@ -82,6 +85,9 @@ class Settings:
             embedded_blocks=1,
             idle_workers=1,
             idle_settle_s=1.0,
+            train_steps=100,
+            train_blocks=2,
+            fedavg_rounds=5,
         )
 
 
@@ -110,13 +116,16 @@ class Session:
         return self.stack.enter_context(tempfile.TemporaryDirectory(prefix="torchrelay-bench-"))
 
     def workers(
-        self, roles: list[str], extra_args: tuple[str, ...] = ()
+        self, roles: list[str], extra_args: tuple[str, ...] = (),
+        role_args: dict[str, list[str]] | None = None,
     ) -> tuple[WorkerProcesses, list[str]]:
-        """Start daemons named after `roles`; stopped when the session closes."""
+        """Start daemons named after `roles` (`role_args[role]` added to one's command
+        line); stopped when the session closes."""
         ids = [self.name(role) for role in roles]
         self.known_queues.update(f"torchrelay.worker.{i}" for i in ids)
+        worker_args = {self.name(role): args for role, args in (role_args or {}).items()}
         processes = WorkerProcesses(self.url, ids, extra_args=extra_args,
-                                    log_dir=self.log_dir())
+                                    worker_args=worker_args, log_dir=self.log_dir())
         return self.stack.enter_context(processes), ids
 
     def open(self) -> None:
