@@ -170,3 +170,40 @@ def test_what_a_model_cannot_do_is_said_clearly(
     tr.optim.Adam(a.parameters(), betas=(float("nan"), 0.9))
     with pytest.raises(tr.RemoteError, match="betas must be a finite number"):
         fleet.sync()
+
+
+@pytest.mark.parametrize(
+    ("module", "example"),
+    [
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                       nn.Linear(2 * 3 * 3, 3), nn.LogSoftmax(dim=1)),
+         lambda: torch.randn(4, 1, 8, 8)),
+        (nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.0)),
+         lambda: torch.randn(4, 5)),
+        (nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)), lambda: torch.randn(2, 2, 4, 4)),
+        (nn.Sequential(nn.Embedding(10, 4), nn.Flatten()), lambda: torch.tensor([[1, 2], [9, 0]])),
+    ],
+    ids=["conv-pool-flatten-logsoftmax", "batchnorm1d-dropout", "batchnorm2d", "embedding"],
+)
+def test_the_usual_built_in_modules_train_remotely_as_locally(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, module: nn.Module, example: object
+) -> None:
+    torch.manual_seed(0)
+    inputs = example()  # type: ignore[operator]
+    local = module
+    remote = module.copy().send(bob)
+    optimizer = torch.optim.SGD(remote.parameters(), lr=0.1)
+    local_optimizer = torch.optim.SGD(local.parameters(), lr=0.1)
+    for model, opt, x in ((remote, optimizer, inputs.send(bob)), (local, local_optimizer, inputs)):
+        model.train()
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(x)
+            F.mse_loss(out, out.detach() * 0 + 1).backward()
+            opt.step()
+    trained = remote.get()
+    for (name, ours), theirs in zip(trained.state_dict().items(), local.state_dict().values(),
+                                    strict=True):
+        torch.testing.assert_close(ours, theirs, msg=name)  # running stats included
+    trained.eval(), local.eval()
+    torch.testing.assert_close(trained(inputs), local(inputs))
