@@ -252,14 +252,16 @@ def _fedavg(session: Session, rounds: int) -> MeasureResult:
     loop_s, loop_accuracy = _local_loop(rounds)
     progress("fedavg: embedded")
     with tr.connect(name=session.name("fedavg-embedded"), datasets={
-            owner: [f"{path}:#digits"] for owner, path in shares.items()}) as fleet:
+            owner: [{"path": str(path), "tags": ["#digits"], "private": False}]
+            for owner, path in shares.items()}) as fleet:
         embedded_s, embedded_accuracy = _fedavg_run(fleet, list(DIGIT_OWNERS), AGGREGATOR,
                                                     rounds)
     progress("fedavg: RabbitMQ, four daemons")
     started = time.perf_counter()
     roles = [f"fed-{role}" for role in (*DIGIT_OWNERS, AGGREGATOR)]  # not the session's bob
     _, ids = session.workers(roles, ("--torch-threads", "1"), {
-        f"fed-{owner}": ["--dataset", f"{path}:#digits"] for owner, path in shares.items()})
+        f"fed-{owner}": ["--public-dataset", f"{path}:#digits"]  # the anchor has no DP
+        for owner, path in shares.items()})
     with tr.connect(session.url, name=session.name("fedavg-client")) as fleet:
         rabbit_s, rabbit_accuracy = _fedavg_run(fleet, ids[:3], ids[3], rounds)
     rabbit_total = time.perf_counter() - started

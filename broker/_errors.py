@@ -29,8 +29,10 @@ __all__ = [
     "EarlierFailure",
     "ObjectNotFound",
     "OperationRefused",
+    "PrivateDataError",
     "ProtocolError",
     "RemoteError",
+    "RemotePrivateDataError",
     "ReplyTimeout",
     "TorchRelayError",
     "UnknownBrokerURL",
@@ -89,6 +91,12 @@ class OperationRefused(TorchRelayError, PermissionError):
     """The operation is not on the worker's allow-list."""
 
 
+class PrivateDataError(OperationRefused):
+    """What was asked would let private data leave its owner's rules (see the README,
+    "Privacy"): fetched, moved to an untrusted worker, released without aggregation,
+    or past its owner's privacy budget. The data stays where it is."""
+
+
 class EarlierFailure(TorchRelayError):
     """A command refused because an earlier one of the same session failed first.
 
@@ -136,3 +144,8 @@ class RemoteError(TorchRelayError):
             f"{operation} failed on worker {worker_id!r}: {where}{remote_type}: {message}"
         )
 
+
+
+class RemotePrivateDataError(RemoteError, PrivateDataError):
+    """A `PrivateDataError` a worker raised, rebuilt at the call site: catch it as
+    either."""

@@ -18,6 +18,7 @@ the origin, for an error relayed from further down a chain of pointers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import traceback
 import typing
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Final, TypeVar, dataclass_transform
 
 from ._codec import Body, Frame, decode, encode
-from ._errors import DecodeError, ProtocolError, RemoteError
+from ._errors import DecodeError, ProtocolError, RemoteError, RemotePrivateDataError
 
 __all__ = [
     "BATCH",
@@ -34,8 +35,10 @@ __all__ = [
     "MAX_BATCH",
     "MAX_HOPS",
     "MAX_PLAN_CALLS",
+    "Aggregate",
     "Batched",
     "Call",
+    "ChargePrivacy",
     "Command",
     "DefinePlan",
     "Delete",
@@ -124,6 +127,9 @@ def _validator(annotation: Any) -> _Validator:
         return _constrained(str, (Text(255),))
     if annotation is bool:
         return _Validator(lambda v: type(v) is bool, "a boolean")
+    if annotation is float:
+        return _Validator(lambda v: type(v) in (int, float) and math.isfinite(v),
+                          "a finite number")
     if origin is list:
         (item,) = args
         if item is Any:
@@ -410,6 +416,37 @@ class RunPlan(Command):
         return "run a plan"
 
 
+@command("aggregate")
+class Aggregate(Command):
+    """Release the weighted average of `contributions` (each a list of tensor ids, all
+    of the same shapes: a tensor, or a model's tensors) under `result_id`. If any
+    derives from private data, each must derive from one data owner's, no two from
+    the same, and the release is differentially private: each clipped to its owner's
+    bound, Gaussian noise added, each owner's budget charged (`charge_privacy`).
+    The contributions are spent. Returns what each owner's budget now shows."""
+
+    contributions: list[list[ObjectId]]
+    weights: list[float]
+    result_id: ObjectId
+
+    def describe(self) -> str:
+        return f"aggregate {len(self.contributions)} contributions"
+
+
+@command("charge_privacy")
+class ChargePrivacy(Command):
+    """From a worker about to release an aggregate holding one contribution of the
+    receiver's private data among `contributors`: charge that release to the
+    receiver's privacy budget (refused if it is not trusted, if `contributors` is
+    fewer than the receiver's `k`, or if the budget would be exceeded), and answer
+    the receiver's privacy policy and the epsilon spent."""
+
+    contributors: Annotated[int, Range(1, 1 << 20)]
+
+    def describe(self) -> str:
+        return "charge a release to the privacy budget"
+
+
 @command("transfer")
 class Transfer(Command):
     """Send the object under `id` to `destination` (stored there as `destination_id`).
@@ -616,8 +653,10 @@ class ErrorInfo:
         return cls(name, _bounded(message, MAX_ERROR_MESSAGE), text)
 
     def to_exception(self, worker_id: str, operation: str) -> RemoteError:
-        return RemoteError(worker_id, operation, self.type, self.message,
-                           remote_traceback=self.traceback, origin=self.origin)
+        kind = (RemotePrivateDataError if self.type.endswith(".PrivateDataError")
+                else RemoteError)
+        return kind(worker_id, operation, self.type, self.message,
+                    remote_traceback=self.traceback, origin=self.origin)
 
 
 def _bounded(text: str, limit: int) -> str:

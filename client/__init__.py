@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from torchrelay.broker._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from ._aggregate import Release, aggregate
     from ._data import DatasetPointer, FederatedDataLoader
     from ._fedavg import FedAvg, RoundResult
     from ._fleet import Fleet, ObjectDescription, WorkerHandle

@@ -30,12 +30,15 @@ __all__ = ["DatasetPointer", "FederatedDataLoader", "search"]
 class DatasetPointer:
     """Points at a dataset its worker offers (see the module docstring)."""
 
-    __slots__ = ("_pointer", "description", "name", "tags", "tensors")
+    __slots__ = ("_pointer", "description", "name", "privacy", "tags", "tensors")
 
     def __init__(self, location: WorkerHandle, summary: dict[str, Any]) -> None:
         self.name: str = summary["name"]
         self.tags: tuple[str, ...] = tuple(summary["tags"])
         self.description: str = summary["description"]
+        self.privacy: dict[str, Any] | None = summary.get("privacy")
+        """Its owner's privacy policy (`k`, `clip`, `noise_multiplier`, `epsilon`,
+        `delta`, `trusted`...) if it is private, else None."""
         self.tensors: dict[str, tuple[torch.dtype, torch.Size]] = {
             key: (dtype, torch.Size(shape)) for key, (dtype, shape) in summary["tensors"].items()
         }
@@ -45,6 +48,12 @@ class DatasetPointer:
     @property
     def location(self) -> WorkerHandle:
         return self._pointer.location
+
+    @property
+    def private(self) -> bool:
+        """Whether its worker keeps it private (nothing derived from it leaves but an
+        aggregate with noise; see `tr.aggregate`)."""
+        return self.privacy is not None
 
     @property
     def id_at_location(self) -> int:
@@ -80,8 +89,9 @@ class DatasetPointer:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{key} {'x'.join(map(str, shape))} {str(dtype)[6:]}"
                            for key, (dtype, shape) in self.tensors.items())
+        private = ", private" if self.private else ""
         return (f"[DatasetPointer | {self.location.id}:{self.id_at_location} "
-                f"{' '.join(self.tags)}: {shapes} — {self.description or self.name}]")
+                f"{' '.join(self.tags)}: {shapes}{private} — {self.description or self.name}]")
 
 
 def search(workers: Sequence[WorkerHandle], tags: Sequence[str]) -> list[DatasetPointer]:

@@ -15,6 +15,14 @@ weights and the batch orders its only arguments), so a round costs each worker
 two messages (the run, and the move of its result) whatever the number of
 batches.
 
+When the datasets are private (their workers say so), what moves to the
+aggregator is each worker's update (its new weights minus the global ones) and
+only `tr.aggregate` brings their average back: each update clipped to its
+owner's bound, Gaussian noise added, each owner's (ε, δ) budget charged by the
+owner's worker (DP-FedAvg, with central DP at the trusted aggregator). The
+training loss is private then, and not reported; each round reports the ε
+every owner has spent.
+
 A round waits for its workers at most `round_timeout` seconds: one that has not
 answered by then (or failed) is left out of that round's average and takes part
 again in the next. A round with fewer than `min_workers` leaves the model as it
@@ -33,6 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchrelay.broker import PrivateDataError
+
+from ._aggregate import aggregate
 from ._data import DatasetPointer, FederatedDataLoader
 from ._fleet import WorkerHandle
 from ._module import ModulePointer, send_module
@@ -61,6 +72,9 @@ class RoundResult:
     """Workers whose update did not count this round, and why."""
     metrics: dict[str, float] = field(default_factory=dict)
     """What `evaluate` said of the model after the round."""
+    epsilon: dict[str, float] = field(default_factory=dict)
+    """With private datasets: each owner's ε spent so far, this round's release included."""
+    delta: dict[str, float] = field(default_factory=dict)
 
     @property
     def updated(self) -> bool:
@@ -143,9 +157,10 @@ class FedAvg:
         fleet = self.aggregator.fleet
         number = len(self.history) + 1
         weights = torch.cat([t.detach().float().flatten() for t in _state(self.model)])
+        private = any(d.private for d in datasets)
         sent: dict[str, tuple[PointerTensor, int]] = {}
         for position, dataset in enumerate(datasets):
-            local = self._local_state(dataset, loader)
+            local = self._local_state(dataset, loader, private)
             orders = self._orders(loader, dataset, number, position)
             update = local.train(local.data, local.target, weights, *orders)
             sent[dataset.location.id] = (update.move_later(self.aggregator), len(dataset))
@@ -161,6 +176,8 @@ class FedAvg:
                                left_out | {"round": f"{len(arrived)} of the min_workers "
                                                     f"{self.min_workers} took part"})
         samples = sum(n for _, n in arrived.values())
+        if private:
+            return self._private_round(number, started, weights, arrived, left_out)
         total = None
         for update, n in arrived.values():  # on the aggregator
             weighted = update * (n / samples)
@@ -170,6 +187,21 @@ class FedAvg:
         self._load(average[:-1])
         return RoundResult(number, sorted(arrived), samples, float(average[-1]),
                            time.monotonic() - started, left_out)
+
+    def _private_round(self, number: int, started: float, weights: torch.Tensor,
+                       arrived: dict[str, tuple[PointerTensor, int]],
+                       left_out: dict[str, str]) -> RoundResult:
+        """Average the updates with differential privacy; the only thing fetched."""
+        try:
+            release = aggregate([update for update, _ in arrived.values()],
+                                [n for _, n in arrived.values()])
+        except PrivateDataError as e:  # an owner refused: k, its budget, trust
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               left_out | {"round": str(e)})
+        self._load(weights + release.get())
+        return RoundResult(number, sorted(arrived), sum(n for _, n in arrived.values()),
+                           math.nan, time.monotonic() - started, left_out,
+                           epsilon=release.epsilon, delta=release.delta)
 
     def _orders(self, loader: FederatedDataLoader, dataset: DatasetPointer, number: int,
                 position: int) -> list[torch.Tensor]:
@@ -185,8 +217,8 @@ class FedAvg:
                                                                       self.batch_size)]
         return batches
 
-    def _local_state(self, dataset: DatasetPointer,
-                     loader: FederatedDataLoader) -> _LocalTraining:
+    def _local_state(self, dataset: DatasetPointer, loader: FederatedDataLoader,
+                     private: bool) -> _LocalTraining:
         worker = dataset.location
         local = self._workers.get(worker.id)
         if local is None:
@@ -194,7 +226,7 @@ class FedAvg:
             optimizer = self.optimizer(list(remote.parameters()))
             data, target = loader.tensors(dataset)
             local = self._workers[worker.id] = _LocalTraining(
-                remote, optimizer, data, target, self.loss, _layout(self.model))
+                remote, optimizer, data, target, self.loss, _layout(self.model), private)
         return local
 
     def _load(self, flat: torch.Tensor) -> None:
@@ -218,13 +250,16 @@ class _LocalTraining:
     loss: Loss
     layout: list[tuple[int, int, torch.Size]]
     """Where each of the model's tensors is in the flat weights: (start, stop, shape)."""
+    private: bool
+    """Its data is private: the round gives the update (no loss), not the weights."""
 
     def __post_init__(self) -> None:
         self.train = Plan(self.local_round)
 
     def local_round(self, data: Any, target: Any, weights: Any, *batches: Any) -> Any:
         """Load `weights`, train on `batches` (index tensors), return the new weights and
-        the mean loss, flattened into one tensor."""
+        the mean loss, flattened into one tensor (private data: the new weights minus
+        `weights`, and no loss)."""
         state = _state(self.model)
         for tensor, (start, stop, shape) in zip(state, self.layout, strict=True):
             tensor.data.copy_(weights[start:stop].view(shape))
@@ -241,8 +276,10 @@ class _LocalTraining:
             weighted = loss.detach() * size
             total = weighted if total is None else total + weighted
             samples += size
-        return torch.cat([t.detach().float().flatten() for t in state]
-                         + [(total / samples).reshape(1)])
+        trained = [t.detach().float().flatten() for t in state]
+        if self.private:
+            return torch.cat(trained) - weights
+        return torch.cat([*trained, (total / samples).reshape(1)])
 
 
 def _layout(model: nn.Module) -> list[tuple[int, int, torch.Size]]:

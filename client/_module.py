@@ -166,7 +166,8 @@ class ModulePointer:
         moved = {}
         for pointer, new_id in zip(pointers, new_ids, strict=True):
             pointer.garbage_collect = False
-            moved[id(pointer)] = PointerTensor(worker, new_id, chain=pointer.chain)
+            there = moved[id(pointer)] = PointerTensor(worker, new_id, chain=pointer.chain)
+            there._meta, there._meta_epoch = pointer._meta, pointer._meta_epoch
         for _, table, name, pointer in _tensors(self._module):
             if id(pointer) in moved:
                 table[name] = moved[id(pointer)]

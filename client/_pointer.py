@@ -153,7 +153,9 @@ class PointerTensor:
         else:
             self.fleet.post(self.location.id, transfer)
         self.garbage_collect = False
-        return PointerTensor(worker, new_id, chain=self.chain)
+        moved = PointerTensor(worker, new_id, chain=self.chain)
+        moved._meta, moved._meta_epoch = self._meta, self._meta_epoch  # the same tensor
+        return moved
 
     def remote_get(self) -> PointerTensor:
         """Have the worker this points at pull the data its own pointer points at."""

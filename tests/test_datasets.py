@@ -1,9 +1,10 @@
 """Data that lives on a worker: loaded at start-up, found with search, used where it is.
 
-On RabbitMQ the three owners are daemons: bob gets his file with `--dataset`,
-alice a CSV with `--dataset`, carol a weights-only `.pt` through a config file's
-`[[worker.datasets]]` table. In-process workers get the same files through
-`tr.connect(datasets=...)`.
+On RabbitMQ the three owners are daemons: bob gets his file with `--public-dataset`,
+alice a CSV with `--public-dataset`, carol a weights-only `.pt` through a config
+file's `[[worker.datasets]]` table. In-process workers get the same files through
+`tr.connect(datasets=...)`. The datasets here are public, so values may be
+fetched to check them; what private ones allow is `test_privacy.py`'s.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (folder / "carol.toml").write_text(
         '[worker]\nid = "carol"\nbroker = "amqp://unused/"\n\n'
         '[[worker.datasets]]\npath = "carol.pt"\ntags = ["#toy", "#regression"]\n'
-        'description = "carol\'s rows"\n'
+        'description = "carol\'s rows"\nprivate = false\n'
     )
     return {"bob": folder / "bob.safetensors", "alice": folder / "alice.csv",
             "carol": folder / "carol.pt", "carol.toml": folder / "carol.toml"}
@@ -52,8 +53,8 @@ def data_url(request: pytest.FixtureRequest, files: dict[str, Path]) -> str | No
         return None
     daemons = request.getfixturevalue("daemons_factory")(
         ("bob", "alice", "carol"),
-        worker_args={"bob": ["--dataset", f"{files['bob']}:#toy,#train"],
-                     "alice": ["--dataset", f"{files['alice']}:#toy"],
+        worker_args={"bob": ["--public-dataset", f"{files['bob']}:#toy,#train"],
+                     "alice": ["--public-dataset", f"{files['alice']}:#toy"],
                      "carol": ["--config", str(files["carol.toml"])]})
     url: str = daemons.url
     return url
@@ -61,8 +62,12 @@ def data_url(request: pytest.FixtureRequest, files: dict[str, Path]) -> str | No
 
 @pytest.fixture
 def fleet(data_url: str | None, files: dict[str, Path]) -> Iterator[tr.Fleet]:
-    datasets = {"bob": [f"{files['bob']}:#toy,#train"], "alice": [f"{files['alice']}:#toy"],
-                "carol": [f"{files['carol']}:#toy,#regression"]}
+    def public(path: Path, *tags: str) -> dict[str, Any]:
+        return {"path": str(path), "tags": list(tags), "private": False}
+
+    datasets = {"bob": [public(files["bob"], "#toy", "#train")],
+                "alice": [public(files["alice"], "#toy")],
+                "carol": [public(files["carol"], "#toy", "#regression")]}
     with tr.connect(data_url, datasets=datasets) as session:
         workers = [session.worker(w) for w in ("bob", "alice", "carol")]
         before = {w.id: set(w._objects) for w in workers}
@@ -217,7 +222,8 @@ def test_missing_files_and_unknown_formats_are_refused_before_start(tmp_path: Pa
     config = tmp_path / "w.toml"
     config.write_text('[worker]\nid = "bob"\nbroker = "amqp://x/"\n\n'
                       '[[worker.datasets]]\npath = "gone.safetensors"\nshape = 3\n')
-    with pytest.raises(ConfigError, match=r"takes path, tags and description, not \['shape'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"takes path, tags, description and private, not \[.shape.\]"):
         WorkerConfig.resolve(config)
 
 
@@ -225,7 +231,7 @@ def test_config_paths_are_relative_to_the_config_file(files: dict[str, Path]) ->
     config = WorkerConfig.resolve(files["carol.toml"])
     (spec,) = config.datasets
     assert spec == DatasetSpec(str(files["carol"].resolve()), ("#toy", "#regression"),
-                               "carol's rows")
+                               "carol's rows", private=False)
 
 
 def test_a_daemon_given_a_pickled_dataset_does_not_start_and_names_it(

@@ -42,7 +42,8 @@ def shares(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _dataset_args(shares: dict[str, Path]) -> dict[str, list[str]]:
-    return {owner: ["--dataset", f"{path}:#digits"] for owner, path in shares.items()}
+    """The anchor's workload has no privacy: the shares are public (DP: test_privacy.py)."""
+    return {owner: ["--public-dataset", f"{path}:#digits"] for owner, path in shares.items()}
 
 
 @pytest.fixture(scope="module", params=["embedded", "rabbitmq"])
@@ -53,7 +54,8 @@ def digits_fleet(request: pytest.FixtureRequest, shares: dict[str, Path]) -> Ite
             (*DIGIT_OWNERS, AGGREGATOR), "--torch-threads", "1",
             worker_args=_dataset_args(shares))
         url = daemons.url
-    with tr.connect(url, datasets={o: [f"{p}:#digits"] for o, p in shares.items()}) as fleet:
+    with tr.connect(url, datasets={o: [{"path": str(p), "tags": ["#digits"], "private": False}]
+                                   for o, p in shares.items()}) as fleet:
         yield fleet
 
 
@@ -189,8 +191,8 @@ def test_a_worker_that_hangs_is_left_out_of_the_round_and_rejoins_later(
 def test_the_federated_demo_prints_the_rounds_and_writes_its_plot(tmp_path: Path) -> None:
     plot = tmp_path / "digits.png"
     result = subprocess.run(
-        [sys.executable, "-m", "torchrelay", "demo", "federated", "--rounds", "3", "--plot",
-         str(plot), "--workdir", str(tmp_path / "work")],
+        [sys.executable, "-m", "torchrelay", "demo", "federated", "--public", "--rounds", "3",
+         "--plot", str(plot), "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Found 3 datasets tagged #digits" in result.stdout

@@ -42,6 +42,7 @@ _SAMPLES: dict[Any, Any] = {
     protocol.Identity: "alice",
     protocol.Tag: "#digits",
     bool: True,
+    float: 0.25,
     list[Any]: [ObjectRef(3), 2.5, "x"],
     list[dict[str, Any]]: [{"op": "Tensor.__add__", "args": [ObjectRef(3), 1], "kwargs": {},
                             "result_id": 4, "hops": 0}],
@@ -55,6 +56,8 @@ def _sample(annotation: Any) -> Any:
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     if annotation in _SAMPLES:
         return _SAMPLES[annotation]
+    if typing.get_origin(annotation) is typing.Annotated:  # a constrained count
+        return 7
     if typing.get_origin(annotation) is list:
         (item,) = typing.get_args(annotation)
         return [_sample(item), _sample(item)]

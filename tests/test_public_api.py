@@ -16,9 +16,10 @@ def test_top_level_api_is_exactly_this() -> None:
     assert sorted(tr.__all__) == sorted([
         "BrokerError", "BrokerUnavailable", "ConnectionLost", "DatasetPointer", "DecodeError",
         "FedAvg", "FederatedDataLoader", "Fleet", "ModulePointer", "ObjectDescription",
-        "ObjectNotFound", "OperationRefused", "Plan", "PointerTensor", "ProtocolError",
-        "RemoteError", "ReplyTimeout", "RoundResult", "TorchRelayError", "UnknownBrokerURL",
-        "UnknownWorker", "WorkerHandle", "__version__", "connect", "hook", "optim", "plan",
+        "ObjectNotFound", "OperationRefused", "Plan", "PointerTensor", "PrivateDataError",
+        "ProtocolError", "Release", "RemoteError", "ReplyTimeout", "RoundResult",
+        "TorchRelayError", "UnknownBrokerURL", "UnknownWorker", "WorkerHandle", "__version__",
+        "aggregate", "connect", "hook", "optim", "plan",
     ])
     for name in tr.__all__:
         assert hasattr(tr, name), name

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         DecodeError,
         ObjectNotFound,
         OperationRefused,
+        PrivateDataError,
         ProtocolError,
         RemoteError,
         ReplyTimeout,
@@ -41,8 +42,10 @@ if TYPE_CHECKING:
         ObjectDescription,
         Plan,
         PointerTensor,
+        Release,
         RoundResult,
         WorkerHandle,
+        aggregate,
         hook,
         plan,
     )
@@ -61,7 +64,8 @@ def connect(
     name: str = "me",
     timeout: float = 30.0,
     pipelined: bool = True,
-    datasets: dict[str, list[str]] | None = None,
+    datasets: dict[str, list[Any]] | None = None,
+    privacy: dict[str, dict[str, Any]] | None = None,
     **broker_options: Any,
 ) -> Fleet:
     """Open a client session.
@@ -73,17 +77,21 @@ def connect(
     `timeout` bounds how long to wait with no reply at all; with `pipelined`
     false, every operation waits for its worker's answer. `datasets` gives the
     in-process workers data of their own (`{"bob": ["bob.safetensors:#digits"]}`,
-    as a daemon's `--dataset`). `broker_options` (`heartbeat`, `prefetch`,
-    `connect_timeout`) tune the RabbitMQ connection.
+    as a daemon's `--dataset`, or `[[worker.datasets]]` tables as dicts), private
+    unless a table says `"private": False`; `privacy` their owners' rules
+    (`{"bob": {"trusted": ["secure_worker"], ...}}`, a `[worker.privacy]` table).
+    `broker_options` (`heartbeat`, `prefetch`, `connect_timeout`) tune the RabbitMQ
+    connection.
     """
     from torchrelay.broker import open_broker
     from torchrelay.client import Fleet
     from torchrelay.worker import start_embedded_worker
 
-    offered = datasets or {}
+    offered, rules = datasets or {}, privacy or {}
 
     def start_worker(broker: Any, worker_id: str) -> object:
-        return start_embedded_worker(broker, worker_id, offered.get(worker_id, []))
+        return start_embedded_worker(broker, worker_id, offered.get(worker_id, []),
+                                     rules.get(worker_id))
 
     broker = open_broker(url, start_worker=start_worker, **broker_options)
     try:

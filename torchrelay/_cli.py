@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="bytes; larger messages travel in chunks (default 8 MiB)")
     worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     worker.add_argument("--dataset", action="append", metavar="PATH:TAG[,TAG]",
-                        help="a dataset file the worker loads and offers (repeatable)")
+                        help="a dataset file the worker loads and offers, private to it "
+                             "(repeatable)")
+    worker.add_argument("--public-dataset", action="append", metavar="PATH:TAG[,TAG]",
+                        help="a dataset file the worker offers as public data (repeatable)")
     worker.add_argument("--torch-threads", type=int,
                         help="threads torch may use for one operation (default: one per "
                              "core; 1 when several workers share the cores)")
@@ -74,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="federated: save the loss and accuracy curves there")
     demo.add_argument("--workdir", help="federated: where the workers' data files and "
                                         "configs are written (default: a new temporary folder)")
+    demo.add_argument("--public", action="store_true",
+                      help="federated: the shares are public (no differential privacy; "
+                           "the Flower comparison's setting)")
+    demo.add_argument("--noise-multiplier", type=float,
+                      help="federated: the owners' noise multiplier (default 0.3)")
 
     status = commands.add_parser("status", help="print workers' status as JSON")
     status.add_argument("workers", nargs="+", help="worker ids")
@@ -99,6 +107,7 @@ def _worker(args: argparse.Namespace) -> int:
         config = WorkerConfig.resolve(
             args.config,
             dataset_flags=args.dataset,
+            public_dataset_flags=args.public_dataset,
             id=args.id,
             broker=args.broker,
             prefetch=args.prefetch,
@@ -158,6 +167,7 @@ def _federated_demo(args: argparse.Namespace) -> int:
     import torchrelay as tr
     from torchrelay._federated import (
         AGGREGATOR,
+        DEMO_PRIVACY,
         DIGIT_OWNERS,
         run_federated,
         write_configs,
@@ -172,17 +182,22 @@ def _federated_demo(args: argparse.Namespace) -> int:
     tr.hook(torch)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="torchrelay-federated-"))
     files = write_shares(workdir)
+    privacy = None if args.public else dict(DEMO_PRIVACY)
+    if privacy is not None and args.noise_multiplier is not None:
+        privacy["noise_multiplier"] = args.noise_multiplier
     plot = Path(args.plot) if args.plot else None
     print(f"The digits' training part, split in three: {', '.join(DIGIT_OWNERS)} each get a "
           f"dataset file of their own in {workdir}.")
     if args.broker is None:
         print(f"Workers {', '.join(DIGIT_OWNERS)} and {AGGREGATOR} run in this process "
               "(embedded broker), each loading its own file.\n")
-        offered = {owner: [f"{path}:#digits,#train"] for owner, path in files.items()}
-        with tr.connect(datasets=offered) as fleet:
+        offered = {owner: [{"path": str(path), "tags": ["#digits", "#train"],
+                            "private": privacy is not None}] for owner, path in files.items()}
+        rules = dict.fromkeys(files, privacy) if privacy else None
+        with tr.connect(datasets=offered, privacy=rules) as fleet:
             run_federated(fleet, args.rounds, plot=plot)
         return 0
-    configs = write_configs(workdir, files, args.broker)
+    configs = write_configs(workdir, files, args.broker, privacy=privacy)
     print(f"Starting worker daemons {', '.join(DIGIT_OWNERS)} and {AGGREGATOR} on "
           f"{tr.broker.redact_url(args.broker)}, each with its config in {workdir} ...")
     worker_args = {worker: ["--config", str(path)] for worker, path in configs.items()}

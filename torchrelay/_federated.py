@@ -9,6 +9,12 @@ the trusted `aggregator` worker average them. The client keeps the held-out
 test set, to say how good each round's model is, and compares the result with
 the same model trained centrally on all the data (what pooling it would give).
 
+By default the shares are private, as a data owner's worker keeps its data:
+nothing derived from them leaves but `tr.aggregate`'s differentially private
+average, through secure_worker, which every owner trusts (`DEMO_PRIVACY`); each
+round prints the ε its owners have spent. With `private=False` they are public
+and FedAvg averages the weights exactly, as Flower does.
+
 The workload is the one of the Flower anchor (`../shared/anchors/flower`):
 digits / 16, a stratified 20 % test split, three shares of 479, an MLP
 64-32-10 from `torch.manual_seed(0)`, one local epoch of batches of 32, SGD
@@ -18,10 +24,12 @@ with lr 0.1, 20 rounds.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +38,7 @@ from torchrelay.client import FedAvg, Fleet, RoundResult
 
 __all__ = [
     "AGGREGATOR",
+    "DEMO_PRIVACY",
     "DIGIT_OWNERS",
     "FederatedRun",
     "make_model",
@@ -41,6 +50,12 @@ __all__ = [
 
 DIGIT_OWNERS = ("bob", "alice", "carol")
 AGGREGATOR = "secure_worker"
+DEMO_PRIVACY: dict[str, Any] = {
+    "k": 2, "clip": 0.5, "noise_multiplier": 0.3, "epsilon": 250.0, "delta": 1e-5,
+    "trusted": [AGGREGATOR],
+}
+"""The owners' rules in the demo. Three owners are few for differential privacy: at a
+noise that keeps accuracy within a few points, epsilon is large (README, "Privacy")."""
 TAG = "#digits"
 BATCH_SIZE = 32
 LEARNING_RATE = 0.1
@@ -88,19 +103,28 @@ def write_shares(directory: Path, owners: Sequence[str] = DIGIT_OWNERS) -> dict[
     return files
 
 
-def write_configs(directory: Path, files: dict[str, Path], url: str) -> dict[str, Path]:
-    """A worker config for each data owner (its dataset listed) and for the
-    aggregator, next to the data files; `{worker: config file}`."""
+def write_configs(directory: Path, files: dict[str, Path], url: str, *,
+                  privacy: dict[str, Any] | None = DEMO_PRIVACY) -> dict[str, Path]:
+    """A worker config for each data owner (its dataset listed, private under
+    `privacy`, or public without) and for the aggregator, next to the data files;
+    `{worker: config file}`. A new demo run starts new budgets: old ledgers go."""
     configs = {}
+    quote = json.dumps  # a JSON string is a TOML basic string
     for worker in [*files, AGGREGATOR]:
-        quote = json.dumps  # a JSON string is a TOML basic string
         lines = ["[worker]", f"id = {quote(worker)}", f"broker = {quote(url)}",
                  'log_level = "INFO"',
                  "torch_threads = 1  # four workers share this machine's cores"]
         if worker in files:
             lines += ["", "[[worker.datasets]]", f"path = {quote(files[worker].name)}",
                       'tags = ["#digits", "#train"]',
-                      f"description = {quote(f'8x8 digits, {worker} share')}"]
+                      f"description = {quote(f'8x8 digits, {worker} share')}",
+                      f"private = {'true' if privacy else 'false'}"]
+            if privacy:
+                ledger = directory / f"{worker}.privacy.json"
+                ledger.unlink(missing_ok=True)
+                lines += ["", "[worker.privacy]",
+                          *(f"{key} = {quote(value)}" for key, value in privacy.items()),
+                          f"ledger = {quote(ledger.name)}"]
         path = directory / f"{worker}.toml"
         path.write_text("\n".join(lines) + "\n")
         configs[worker] = path
@@ -183,13 +207,24 @@ def run_federated(
     def evaluate(model: nn.Module) -> dict[str, float]:
         return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
 
-    echo(f"\nFedAvg, {rounds} rounds; only the aggregator's average reaches the client.")
-    echo(" round  workers  samples  train loss  test accuracy  seconds")
+    private = any(d.private for d in datasets)
+    if private:
+        policy = datasets[0].privacy or {}
+        echo(f"\nThe shares are private: FedAvg with differential privacy, {rounds} rounds. "
+             f"Only {AGGREGATOR}'s noisy average of the clipped updates reaches the client "
+             f"(clip {policy.get('clip')}, noise multiplier {policy.get('noise_multiplier')},"
+             f" budget epsilon {policy.get('epsilon')} at delta {policy.get('delta')}).")
+        echo(" round  workers  samples  epsilon spent  test accuracy  seconds")
+    else:
+        echo(f"\nFedAvg, {rounds} rounds; only the aggregator's average reaches the client.")
+        echo(" round  workers  samples  train loss  test accuracy  seconds")
     started = time.monotonic()
     for _ in range(rounds):
         result = fedavg.fit(datasets, 1, evaluate)[-1]
+        shown = (max(result.epsilon.values(), default=math.nan) if private else result.loss)
         echo(f"{result.round:6d}  {len(result.participants):7d}  {result.samples:7d}  "
-             f"{result.loss:10.4f}  {result.metrics['accuracy']:13.4f}  {result.seconds:7.3f}")
+             f"{shown:{13 if private else 10}.4f}  {result.metrics['accuracy']:13.4f}  "
+             f"{result.seconds:7.3f}")
         for worker, reason in result.left_out.items():
             echo(f"        left out: {worker}: {reason}")
     seconds = time.monotonic() - started
@@ -198,6 +233,12 @@ def run_federated(
     echo(f"\nFederated: test accuracy {run.accuracy:.4f} after {rounds} rounds "
          f"({seconds:.1f} s). Central training on all the data, {rounds} epochs: "
          f"{central:.4f} ({run.accuracy / central:.1%} of it).")
+    if private:
+        spent = {o: e for r in run.history for o, e in r.epsilon.items()}
+        delta = next((d for r in run.history for d in r.delta.values()), math.nan)
+        echo("Privacy spent, at delta " + f"{delta:g}: " + ", ".join(
+            f"{owner} epsilon {epsilon:.1f}" for owner, epsilon in sorted(spent.items()))
+            + ". Three owners are few: the noise that keeps accuracy costs a large epsilon.")
     if plot is not None:
         _plot(run, plot)
         echo(f"Plot written to {plot}")
@@ -214,9 +255,15 @@ def _plot(run: FederatedRun, path: Path) -> None:
         raise SystemExit("--plot needs matplotlib: pip install 'torchrelay[demo]'") from None
     rounds = [r.round for r in run.history]
     figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
-    loss_axes.plot(rounds, [r.loss for r in run.history], marker="o")
-    loss_axes.set(xlabel="round", ylabel="mean training loss on the workers",
-                  title="Training loss (reported by the workers)")
+    if any(r.epsilon for r in run.history):
+        loss_axes.plot(rounds, [max(r.epsilon.values(), default=math.nan)
+                                for r in run.history], marker="o", color="tab:red")
+        loss_axes.set(xlabel="round", ylabel="epsilon spent (each owner)",
+                      title="Privacy spent (delta 1e-05, RDP accountant)")
+    else:
+        loss_axes.plot(rounds, [r.loss for r in run.history], marker="o")
+        loss_axes.set(xlabel="round", ylabel="mean training loss on the workers",
+                      title="Training loss (reported by the workers)")
     accuracy_axes.plot(rounds, [r.metrics["accuracy"] for r in run.history], marker="o",
                        label="FedAvg (bob, alice, carol)")
     accuracy_axes.axhline(run.central_accuracy, color="grey", linestyle="--",

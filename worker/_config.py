@@ -20,6 +20,16 @@
     path = "data/bob-digits.safetensors"   # relative to this file
     tags = ["#digits", "#train"]
     description = "8x8 digits, bob's share"
+    private = true               # the default: nothing derived from it leaves but an
+                                 # aggregate (see [worker.privacy], worker/_privacy.py)
+
+    [worker.privacy]             # the owner's rules for its private data
+    k = 2
+    clip = 1.0
+    noise_multiplier = 1.0
+    epsilon = 10.0
+    delta = 1e-5
+    trusted = ["secure_worker"]
 
 Later sources win: file < `TORCHRELAY_BROKER` < command-line flags. Each
 setting's type is its field's annotation here, so the file is checked against
@@ -41,6 +51,7 @@ from torchrelay.broker import BROKER_ENV, DEFAULT_CHUNK_SIZE
 
 from ._datasets import DatasetError, DatasetSpec
 from ._limits import Limits, default_max_bytes
+from ._privacy import PrivacyError, PrivacyPolicy, default_ledger
 
 __all__ = ["ConfigError", "WorkerConfig"]
 
@@ -68,13 +79,21 @@ class WorkerConfig:
     max_list_elements: int = 1 << 20
     torch_threads: int | None = None
     datasets: tuple[DatasetSpec, ...] = ()
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def __post_init__(self) -> None:
         # From JSON (a supervisor handing its config to an executor) they come as maps.
         specs = tuple(d if isinstance(d, DatasetSpec) else DatasetSpec(
-            d["path"], tuple(d.get("tags", ())), d.get("description", "")
+            d["path"], tuple(d.get("tags", ())), d.get("description", ""),
+            d.get("private", True),
         ) for d in self.datasets)
         object.__setattr__(self, "datasets", specs)
+        privacy: Any = self.privacy
+        if isinstance(privacy, dict):
+            try:
+                object.__setattr__(self, "privacy", PrivacyPolicy.of(privacy))
+            except PrivacyError as e:
+                raise ConfigError(str(e)) from None
         if not _WORKER_ID.match(self.id):
             raise ConfigError(
                 f"worker id {self.id!r} must be 1-128 letters, digits, '_', '.' or '-', "
@@ -98,6 +117,13 @@ class WorkerConfig:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
 
     @property
+    def ledger(self) -> Path:
+        """Where this worker records its privacy releases (see `_privacy.py`)."""
+        if self.privacy.ledger is not None:
+            return Path(self.privacy.ledger)
+        return default_ledger(self.id, self.broker)
+
+    @property
     def limits(self) -> Limits:
         return Limits(self.command_timeout, self.max_elements, self.max_bytes,
                       self.max_list_elements)
@@ -105,15 +131,18 @@ class WorkerConfig:
     @classmethod
     def resolve(
         cls, config_file: str | Path | None = None, *, dataset_flags: list[str] | None = None,
-        **flags: Any,
+        public_dataset_flags: list[str] | None = None, **flags: Any,
     ) -> WorkerConfig:
         """Merge the file, the environment and the flags that were given (not None);
-        `dataset_flags` (`PATH:TAG[,TAG]`) add to the file's datasets."""
+        `dataset_flags` and `public_dataset_flags` (`PATH:TAG[,TAG]`) add private and
+        public datasets to the file's."""
         settings: dict[str, Any] = {}
         if config_file is not None:
             settings.update(_read_file(Path(config_file)))
         try:
-            extra = tuple(DatasetSpec.parse(text, Path.cwd()) for text in dataset_flags or ())
+            extra = (*(DatasetSpec.parse(text, Path.cwd()) for text in dataset_flags or ()),
+                     *(dataclasses.replace(DatasetSpec.parse(text, Path.cwd()), private=False)
+                       for text in public_dataset_flags or ()))
         except DatasetError as e:
             raise ConfigError(f"--dataset: {e}") from None
         if extra:
@@ -147,6 +176,17 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path} has no [worker] table")
     section = dict(section)
+    privacy = section.pop("privacy", None)
+    if privacy is not None:
+        if not isinstance(privacy, dict):
+            raise ConfigError(f"config file {path}: privacy is a [worker.privacy] table")
+        try:
+            policy = PrivacyPolicy.of(privacy)
+        except (PrivacyError, TypeError) as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        if policy.ledger is not None and not Path(policy.ledger).is_absolute():
+            policy = dataclasses.replace(policy, ledger=str(path.parent / policy.ledger))
+        section["privacy"] = policy
     tables = section.pop("datasets", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"config file {path}: datasets are [[worker.datasets]] tables")
@@ -156,7 +196,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {e}") from None
     hints = typing.get_type_hints(WorkerConfig)
     known = {f.name: _accepted_types(hints[f.name]) for f in dataclasses.fields(WorkerConfig)
-             if f.name != "datasets"}
+             if f.name not in ("datasets", "privacy")}
+    policy_given = section.pop("privacy", None)
     unknown = sorted(set(section) - set(known))
     if unknown:
         raise ConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
@@ -164,4 +205,6 @@ def _read_file(path: Path) -> dict[str, Any]:
         if not isinstance(value, known[key]) or isinstance(value, bool):
             kinds = " or ".join(t.__name__ for t in known[key])
             raise ConfigError(f"config file {path}: {key} must be {kinds}")
+    if policy_given is not None:
+        section["privacy"] = policy_given
     return {**section, "datasets": datasets} if datasets else section

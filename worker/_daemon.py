@@ -30,6 +30,7 @@ from torchrelay.broker import (
 
 from ._config import WorkerConfig
 from ._datasets import DatasetError, load_dataset
+from ._privacy import PrivacyError
 from ._runtime import WorkerRuntime
 
 __all__ = ["run_worker"]
@@ -74,11 +75,12 @@ def run_worker(
         return 1
     try:
         runtime = make_runtime(endpoint) if make_runtime is not None else WorkerRuntime(
-            config.id, endpoint, reply_timeout=config.reply_timeout, limits=config.limits
+            config.id, endpoint, reply_timeout=config.reply_timeout, limits=config.limits,
+            privacy=config.privacy, ledger=config.ledger,
         )
         for spec in config.datasets:  # (an executor's own after a restart too: not mirrored)
             runtime.add_dataset(load_dataset(spec), spec.path)
-    except DatasetError as e:
+    except (DatasetError, PrivacyError) as e:
         log.error("worker %s cannot start: %s", config.id, e)
         endpoint.close()
         return 2

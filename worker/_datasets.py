@@ -49,6 +49,9 @@ class DatasetSpec:
     path: str
     tags: tuple[str, ...] = ()
     description: str = ""
+    private: bool = True
+    """Private to its worker (see `_privacy.py`): nothing derived from it leaves but an
+    aggregate. `private = false` in the config (or `--public-dataset`) makes it public."""
 
     @classmethod
     def parse(cls, text: str, base: Path | None = None) -> DatasetSpec:
@@ -59,11 +62,14 @@ class DatasetSpec:
     @classmethod
     def of(cls, table: dict[str, Any], base: Path | None = None) -> DatasetSpec:
         """From a config's `[[worker.datasets]]` table (or its JSON form)."""
-        unknown = sorted(set(table) - {"path", "tags", "description"})
+        unknown = sorted(set(table) - {"path", "tags", "description", "private"})
         if unknown:
-            raise DatasetError(f"a dataset takes path, tags and description, not {unknown}")
+            raise DatasetError(f"a dataset takes path, tags, description and private, not "
+                               f"{unknown}")
         path, tags = table.get("path"), table.get("tags", [])
-        description = table.get("description", "")
+        description, private = table.get("description", ""), table.get("private", True)
+        if type(private) is not bool:
+            raise DatasetError(f"dataset {path}: private must be true or false")
         if not isinstance(path, str) or not path:
             raise DatasetError("a dataset needs a path")
         if not (isinstance(tags, list | tuple) and all(isinstance(t, str) and t for t in tags)):
@@ -78,7 +84,7 @@ class DatasetSpec:
                                f"{', '.join(FORMATS)}")
         if not resolved.is_file():
             raise DatasetError(f"dataset file {resolved} does not exist")
-        return cls(str(resolved.resolve()), tuple(tags), description)
+        return cls(str(resolved.resolve()), tuple(tags), description, private)
 
 
 @dataclass(slots=True)
@@ -89,6 +95,7 @@ class Dataset:
     tags: tuple[str, ...]
     description: str
     name: str = field(default="")
+    private: bool = True
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.tensors:
@@ -147,7 +154,7 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
     if tensors["data"].shape[:1] != tensors["target"].shape[:1]:
         raise DatasetError(f"dataset file {path}: data and target have different lengths")
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    return Dataset(tensors, spec.tags, spec.description, path.name)
+    return Dataset(tensors, spec.tags, spec.description, path.name, spec.private)
 
 
 def _read_csv(path: Path) -> dict[str, torch.Tensor]:

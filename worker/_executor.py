@@ -206,11 +206,15 @@ class Mirror:
         return key
 
     def _provenance(self, parts: list[bytes], entry: StoredObject) -> int:
-        provenance_id = self.provenance_ids.get(entry.provenance)
+        # What it derives from as of now, the memory it shares included: after a crash
+        # its tensors come back in memory of their own, carrying this.
+        assert self.store is not None
+        owners = self.store.owners(entry)
+        provenance_id = self.provenance_ids.get(owners)
         if provenance_id is None:
             provenance_id = len(self.provenance_ids) + 1
-            self.provenance_ids[entry.provenance] = provenance_id
-            body = msgpack.packb(sorted(entry.provenance))
+            self.provenance_ids[owners] = provenance_id
+            body = msgpack.packb(sorted(owners))
             parts += [PROVENANCE_RECORD.pack(PROVENANCE, provenance_id, len(body)), body]
         return provenance_id
 
@@ -388,6 +392,7 @@ def main() -> int:
         store = MirroredStore(config.id, config.max_bytes, mirror)
         runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout,
                                 limits=config.limits, store=store, containment=mirror,
+                                privacy=config.privacy, ledger=config.ledger,
                                 status_facts={"pid": setup.supervisor,
                                               "executor_pid": os.getpid(),
                                               "executor_restarts": setup.restarts})

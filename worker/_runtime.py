@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
+from pathlib import Path
 from types import CoroutineType
 from typing import Any, Protocol
 
@@ -34,8 +35,10 @@ from torchrelay.broker import (
     COMMANDS,
     MAX_HOPS,
     RETURNED,
+    Aggregate,
     Batched,
     Call,
+    ChargePrivacy,
     Command,
     DefinePlan,
     Delete,
@@ -52,6 +55,7 @@ from torchrelay.broker import (
     ObjectRef,
     OperationRefused,
     PointerRef,
+    PrivateDataError,
     ProtocolError,
     Pull,
     Reply,
@@ -73,10 +77,12 @@ from torchrelay.broker import (
     session_and_number,
 )
 
+from ._aggregation import AggregationPlan
 from ._checks import check_arguments, check_result
 from ._datasets import Dataset, dataset_id
 from ._limits import BudgetExceeded, Limits
 from ._plans import RecordedPlan, check_plan
+from ._privacy import BudgetSpent, PrivacyBudget, PrivacyPolicy
 from ._store import ObjectStore, StoredObject
 
 __all__ = ["WorkerRuntime"]
@@ -173,6 +179,8 @@ class WorkerRuntime:
         store: ObjectStore | None = None,
         containment: Containment | None = None,
         status_facts: dict[str, Any] | None = None,
+        privacy: PrivacyPolicy | None = None,
+        ledger: Path | None = None,
     ) -> None:
         self.id = worker_id
         self.endpoint = endpoint
@@ -181,6 +189,9 @@ class WorkerRuntime:
             store if store is not None else ObjectStore(worker_id, self.limits.max_bytes)
         )
         self.containment = containment
+        self.privacy = privacy or PrivacyPolicy()
+        """This worker's rules for its private data (see `_privacy.py`)."""
+        self.budget = PrivacyBudget(self.privacy, ledger)
         self._status_facts = status_facts or {}
         self.poisoned: dict[tuple[str, str], str] = {}
         """Commands (sender, correlation id) that crashed or overran an executor before,
@@ -210,6 +221,8 @@ class WorkerRuntime:
             Describe: self._describe,
             Status: self._status,
             Search: self._search,
+            ChargePrivacy: self._charge_privacy,
+            Aggregate: self._aggregate,
             DefinePlan: self._define_plan,
             RunPlan: self._run_plan,
         }
@@ -496,7 +509,9 @@ class WorkerRuntime:
         ):
             raise ProtocolError(f"object {command.id} on worker {self.id!r} cannot point at itself")
         check_result("store", value, self.limits)
-        provenance = frozenset(command.provenance) | {sender}
+        # The owners a sending worker names are added to, never taken from: what a
+        # client sends is its own, and carries no one's private data.
+        provenance = frozenset(command.provenance)
         if not command.replaces_pointer:
             self.store.put(command.id, command.value, provenance)
             return
@@ -512,6 +527,14 @@ class WorkerRuntime:
     def _fetch(self, command: Fetch, sender: str) -> _Encoded:
         self._not_owned(command.id, "fetched")
         entry = self.store.get(command.id)
+        owners = self.store.owners(entry)
+        if owners and not self._releasable(entry.value, owners):
+            raise PrivateDataError(
+                f"object {command.id} on worker {self.id!r} derives from private data of "
+                f"{', '.join(sorted(owners))}: it cannot be fetched. Private data leaves "
+                "only as an aggregate of several owners' contributions, with noise: "
+                "tr.aggregate(...) on a worker they trust"
+            )
         frame = Reply(entry.value).encode()  # before removing: nothing is lost if it cannot travel
         # A pointer leaves with its duty to delete the target: no delete down the chain.
         self.store.discard(command.id)
@@ -567,14 +590,20 @@ class WorkerRuntime:
         args = resolver.arguments(command.args)
         kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
         if resolver.location is None:
-            result = self._execute(command, op, args, kwargs)
+            owners = resolver.provenance
+            result = self._execute(command, op, args, kwargs, owners)
             if command.result_id is not None:
-                self.store.put(command.result_id, result, resolver.provenance)
+                self.store.put(command.result_id, result, owners)
+            elif owners and command.args and type(command.args[0]) is ObjectRef:
+                self.store.add_owners(command.args[0].id, owners)  # changed in place
             return None
         return self._forward_call(command, resolver.location, args, kwargs)
 
-    def _execute(self, call: Call, op: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        """Run one allow-listed operation on resolved arguments, with every check."""
+    def _execute(self, call: Call, op: Any, args: list[Any], kwargs: dict[str, Any],
+                 owners: frozenset[str] = frozenset()) -> Any:
+        """Run one allow-listed operation on resolved arguments, with every check; with
+        `owners` (its inputs derive from their private data), what it changes in place
+        derives from them too, and its errors do not say what it saw."""
         if self.lost_graphs and call.op == "Tensor.backward":
             lost = {a.id for a in call.args if type(a) is ObjectRef} & self.lost_graphs
             if lost:
@@ -589,9 +618,28 @@ class WorkerRuntime:
                 f"{call.op} would change a dataset of worker {self.id!r} in place: "
                 "datasets are read-only (work on a copy, such as .clone())"
             )
-        check_arguments(call.op, args, kwargs, self.limits)
-        result = op(*args, **kwargs)
-        check_result(call.op, result, self.limits)
+        if not owners:
+            check_arguments(call.op, args, kwargs, self.limits)
+            result = op(*args, **kwargs)
+            check_result(call.op, result, self.limits)
+            return result
+        touched = _changeable(call.op, args, kwargs)
+        versions = [t._version for t in touched]
+        try:
+            check_arguments(call.op, args, kwargs, self.limits)
+            result = op(*args, **kwargs)
+            check_result(call.op, result, self.limits)
+        except Exception as e:
+            raise PrivateDataError(
+                f"{call.op} failed on data derived from private data of "
+                f"{', '.join(sorted(owners))} ({type(e).__name__}); what it said is "
+                "withheld: it may describe the data"
+            ) from None
+        finally:  # what it changed, even if it failed half-way
+            self.store.spread([t for t, v in zip(touched, versions, strict=True)
+                               if t._version != v], owners)
+        if call.op == "Tensor.backward" and args and isinstance(args[0], torch.Tensor):
+            self.store.spread(_graph_leaves(args[0]), owners)  # their gradients now
         return result
 
     def _define_plan(self, command: DefinePlan, sender: str) -> None:
@@ -621,7 +669,7 @@ class WorkerRuntime:
                     f"plan call {number} ({call.op}) uses a pointer to worker "
                     f"{resolver.location!r}: a plan runs where all its data is"
                 )
-            result = self._execute(call, op, args, kwargs)
+            result = self._execute(call, op, args, kwargs, resolver.provenance)
             if call.result_id is not None:
                 scope[call.result_id] = result
                 if budget is not None and type(result) is torch.Tensor:
@@ -658,7 +706,10 @@ class WorkerRuntime:
     async def _transfer(self, command: Transfer, sender: str) -> None:
         self._not_owned(command.id, "moved")
         entry = self.store.get(command.id)
-        store = Store(command.destination_id, entry.value, sorted(entry.provenance),
+        owners = self.store.owners(entry)
+        if owners:
+            self._may_move(command.id, owners, command.destination)
+        store = Store(command.destination_id, entry.value, sorted(owners),
                       command.replaces_pointer)
         await self._ask(command.destination, store, confirm=True)
         # The destination holds it now. Drop ours, unless a command replaced it meanwhile.
@@ -697,7 +748,8 @@ class WorkerRuntime:
     def _search(self, command: Search, sender: str) -> list[dict[str, Any]]:
         wanted = set(command.tags)
         return [
-            {"id": object_id, **dataset.summary()}
+            {"id": object_id, **dataset.summary(),
+             "privacy": self.privacy.public() if dataset.private else None}
             for object_id in sorted(self.store.owned)
             if type(dataset := self.store.get(object_id).value) is Dataset
             and wanted <= set(dataset.tags)
@@ -707,12 +759,79 @@ class WorkerRuntime:
         """Offer `dataset` (found by `search`, used through pointers, never given away);
         its id derives from `key` (its file), so it is the same after a restart."""
         object_id = dataset_id(self.id, key)
-        self.store.put(object_id, dataset, frozenset({self.id}))
+        owners = frozenset({self.id}) if dataset.private else frozenset()
+        self.store.put(object_id, dataset, owners)
+        if owners:
+            self.store.spread(list(dataset.tensors.values()), owners)
         self.store.owned.add(object_id)
         self.store.read_only.update(t.untyped_storage()._cdata for t in dataset.tensors.values())
         log.info("worker %s offers dataset %s as %d: %s", self.id, dataset.name, object_id,
                  dataset.summary()["tensors"])
         return object_id
+
+    def _releasable(self, value: Any, owners: frozenset[str]) -> bool:
+        """Whether a value derived from private data may leave as it is: a scalar, of
+        this worker's data only, whose owner opted in (`release_scalars`)."""
+        scalar = (isinstance(value, torch.Tensor) and value.numel() <= 1) or type(value) in (
+            int, float, bool)
+        return scalar and owners == {self.id} and self.privacy.release_scalars
+
+    def _may_move(self, object_id: int, owners: frozenset[str], destination: str) -> None:
+        """Refuse to send private-derived data anywhere its owners do not trust."""
+        if owners == {self.id}:
+            if destination not in self.privacy.trusted:
+                trusted = ", ".join(self.privacy.trusted) or "no worker"
+                raise PrivateDataError(
+                    f"object {object_id} on worker {self.id!r} derives from its private "
+                    f"data: it may move only to workers {self.id!r} trusts ({trusted}), "
+                    f"not to {destination!r}"
+                )
+            try:
+                self.budget.check(self.id)  # no contribution it could not afford to release
+            except BudgetSpent as e:
+                raise PrivateDataError(f"{e}: it contributes no more") from None
+        elif owners != {destination}:
+            raise PrivateDataError(
+                f"object {object_id} on worker {self.id!r} derives from private data of "
+                f"{', '.join(sorted(owners))}: it may go back to its owner, or leave as an "
+                f"aggregate, but not to {destination!r}"
+            )
+
+    def _charge_privacy(self, command: ChargePrivacy, sender: str) -> dict[str, Any]:
+        if sender != self.id and sender not in self.privacy.trusted:
+            raise PrivateDataError(
+                f"worker {sender!r} is not trusted by {self.id!r}: it cannot release "
+                f"{self.id!r}'s data"
+            )
+        if command.contributors < self.privacy.k:
+            raise PrivateDataError(
+                f"{self.id!r}'s data is released only in aggregates of at least "
+                f"{self.privacy.k} data owners; this one has {command.contributors}"
+            )
+        try:
+            spent = self.budget.charge(self.id)
+        except BudgetSpent as e:
+            raise PrivateDataError(str(e)) from None
+        return {**self.privacy.public(), "epsilon_spent": spent}
+
+    async def _aggregate(self, command: Aggregate, sender: str) -> dict[str, Any]:
+        contributions = [[self.store.get(i) for i in ids] for ids in command.contributions]
+        owners = [frozenset().union(*(self.store.owners(e) for e in entries))
+                  for entries in contributions]
+        plan = AggregationPlan.check(
+            [[e.value for e in entries] for entries in contributions], owners,
+            command.weights)
+        policies: dict[str, dict[str, Any]] = {}
+        for owner in plan.owners:  # each owner charges its own budget, or refuses
+            charge = ChargePrivacy(len(contributions))
+            policies[owner] = (self._charge_privacy(charge, self.id) if owner == self.id
+                               else await self._ask(owner, charge))
+        result, report = plan.release(policies)
+        self.store.put(command.result_id, result)  # an aggregate: no one's private data
+        for ids in command.contributions if plan.owners else ():
+            for object_id in ids:  # spent: the same contribution is not released twice
+                self.store.discard(object_id)
+        return report
 
     def _not_owned(self, object_id: int, what: str) -> None:
         if object_id in self.store.owned:
@@ -826,7 +945,9 @@ class _ArgumentResolver:
         if self._pointers:
             self._refuse_mix(None)
         self._local = True
-        self.provenance |= entry.provenance
+        owners = self.store.owners(entry)
+        if owners:
+            self.provenance |= owners
         return value
 
     def _refuse_mix(self, location: str | None) -> None:
@@ -835,3 +956,37 @@ class _ArgumentResolver:
             f"the arguments live on different workers ({' and '.join(where)}) on worker "
             f"{self.store.owner!r}; move them to one worker first"
         )
+
+
+def _changeable(op: str, args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an operation could change in place: its tensor arguments (an
+    optimizer's parameters and state for its methods), to compare versions after."""
+    if op.startswith("Optimizer.") and args and isinstance(args[0], torch.optim.Optimizer):
+        optimizer = args[0]
+        state = [t for s in optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor)]
+        return [p for g in optimizer.param_groups for p in g["params"]] + state
+    found: list[torch.Tensor] = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif type(value) in (list, tuple):
+            found += [v for v in value if isinstance(v, torch.Tensor)]
+    return found
+
+
+def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors `tensor`'s autograd graph accumulates gradients into."""
+    leaves: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [tensor.grad_fn] if tensor.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        stack += [child for child, _ in node.next_functions if child is not None]
+    return leaves

@@ -15,6 +15,7 @@ holds: one value that cannot be shown does not break the listing.
 from __future__ import annotations
 
 import reprlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,7 +27,8 @@ from torchrelay.broker import ObjectNotFound, PointerRef, ProtocolError, format_
 from ._datasets import Dataset
 from ._limits import BudgetExceeded
 
-__all__ = ["MAX_DELETED_EARLY", "ObjectStore", "StoredObject", "describe_value"]
+__all__ = ["MAX_DELETED_EARLY", "ObjectStore", "StoredObject", "describe_private",
+           "describe_value"]
 
 MAX_DELETED_EARLY = 1 << 16
 """How many ids deleted before they existed a worker remembers (8 bytes and a dict
@@ -55,6 +57,10 @@ class ObjectStore:
         self.owned: set[int] = set()
         """Objects the worker owns itself (its datasets): no client fetches, moves or
         deletes them."""
+        self.taint: dict[int, frozenset[str]] = {}
+        """Data owners (see `_privacy.py`) by storage identity: what a tensor sharing that
+        memory derives from, whichever object it is reached through. Forgotten when the
+        storage is freed."""
         self.deleted_early: dict[int, bool] = {}
         """Ids deleted before anything was stored under them (a delete that overtook a
         late transfer, a given-up command): what arrives for them later is dropped.
@@ -78,6 +84,41 @@ class ObjectStore:
             raise ProtocolError(f"id {object_id} is already in use on worker {self.owner!r}")
         self._count_in(object_id, value)
         self._objects[object_id] = StoredObject(value, provenance)
+
+    # -- provenance: the private data owners an object derives from --------------------
+
+    def owners(self, entry: StoredObject) -> frozenset[str]:
+        """The data owners `entry`'s value derives from: its own record, and those of
+        the memory its tensors share."""
+        owners = entry.provenance
+        taint = self.taint
+        if not taint:
+            return owners
+        for tensor in _tensors_of(entry.value):
+            found = taint.get(tensor.untyped_storage()._cdata)
+            if found is not None and not found <= owners:
+                owners = owners | found
+        return owners
+
+    def spread(self, tensors: Iterator[torch.Tensor] | list[torch.Tensor],
+               owners: frozenset[str]) -> None:
+        """Record that the memory of `tensors` now derives from `owners` too."""
+        taint = self.taint
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            known = taint.get(key)
+            if known is None:
+                taint[key] = owners
+                weakref.finalize(storage, taint.pop, key, None)  # freed: forgotten
+            elif not owners <= known:
+                taint[key] = known | owners
+
+    def add_owners(self, object_id: int, owners: frozenset[str]) -> None:
+        """`object_id` changed in place with data of `owners`."""
+        entry = self._objects.get(object_id)
+        if entry is not None and not owners <= entry.provenance:
+            self._objects[object_id] = StoredObject(entry.value, entry.provenance | owners)
 
     def delete_early(self, object_id: int) -> None:
         """Remember that `object_id` was deleted before it existed (see `deleted_early`)."""
@@ -124,9 +165,13 @@ class ObjectStore:
         return {object_id: self.describe_one(object_id) for object_id in self._objects}
 
     def describe_one(self, object_id: int) -> str:
-        value = self.get(object_id).value
+        entry = self.get(object_id)
+        value = entry.value
         if type(value) is PointerRef:
             return format_pointer(self.owner, object_id, value.location, value.id_at_location)
+        owners = self.owners(entry)
+        if owners:  # what it is, never what it holds
+            return describe_private(value, owners)
         return describe_value(value)
 
     def tensor_bytes(self) -> int:
@@ -195,6 +240,18 @@ class ObjectStore:
                     self.bytes -= counted[0]
 
 
+def _tensors_of(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor `value` holds or changes: `_tensors_in`, and an optimizer's
+    parameters and state (its momentum, its moments)."""
+    if isinstance(value, torch.optim.Optimizer):
+        for group in value.param_groups:
+            yield from group["params"]
+        for state in value.state.values():
+            yield from (t for t in state.values() if isinstance(t, torch.Tensor))
+        return
+    yield from _tensors_in(value)
+
+
 def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -216,6 +273,16 @@ _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxlevel = 4
 _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = 8
 _SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+
+
+def describe_private(value: Any, owners: frozenset[str]) -> str:
+    """What an object derived from private data shows: its kind, shape and dtype."""
+    private = f"private to {', '.join(sorted(owners))}"
+    if isinstance(value, torch.Tensor):
+        return f"tensor {str(value.dtype)[6:]} {list(value.shape)}, {private}"
+    if type(value) is Dataset:
+        return f"{value!r}, {private}"
+    return f"{type(value).__name__}, {private}"
 
 
 def describe_value(value: Any) -> str:

@@ -1,0 +1,121 @@
+"""`tr.aggregate`: the one way data derived from private data leaves its owners.
+
+    release = tr.aggregate([bobs_model, alices_model], aggregator=secure_worker)
+    model = release.get()          # the average, as a module
+    release.epsilon                # {"bob": 0.84, "alice": 0.84}: each budget, now
+
+Contributions (pointers to tensors, or model pointers of one structure) are
+averaged on one worker, the aggregator: those elsewhere are moved there first
+when `aggregator` is given. If they derive from data owners' private data, the
+aggregator must be trusted by every owner, each contribution must come from one
+owner, at least `k` owners must take part, and the average is differentially
+private (each contribution clipped, Gaussian noise added, every owner's (ε, δ)
+budget charged by the owner's own worker; see the README, "Privacy"). The
+contributions are spent: each is averaged once. On data nobody owns (what the
+client sent itself), it is a plain weighted average.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchrelay.broker import Aggregate
+
+from ._fleet import WorkerHandle
+from ._module import ModulePointer, _tensors
+from ._pointer import PointerTensor
+
+__all__ = ["Release", "aggregate"]
+
+Contribution = PointerTensor | ModulePointer
+
+
+@dataclass
+class Release:
+    """What `aggregate` released: the average (on the aggregator) and what it cost."""
+
+    value: PointerTensor
+    """The average, on the aggregator: a tensor, or a tuple of a model's tensors."""
+    epsilon: dict[str, float] = field(default_factory=dict)
+    """Each contributing owner's ε spent so far (this release included)."""
+    delta: dict[str, float] = field(default_factory=dict)
+    noise_std: float = 0.0
+    """The std of the Gaussian noise added to the weighted sum."""
+    clipped: list[str] = field(default_factory=list)
+    """Owners whose contribution was longer than their bound, and was scaled down."""
+    template: nn.Module | None = field(default=None, repr=False)
+
+    def get(self) -> Any:
+        """The average: a tensor, or for models a module of the contributions' structure
+        (parameters and floating-point buffers averaged; other buffers zero)."""
+        value = self.value.get()
+        if self.template is None:
+            return value
+        module = copy.deepcopy(self.template, memo={
+            id(p): p for _, _, _, p in _tensors(self.template)})
+        averaged = iter(value if isinstance(value, tuple) else (value,))
+        done: dict[int, Any] = {}
+        for is_parameter, table, name, pointer in _tensors(module):
+            if id(pointer) not in done:
+                if _floating(pointer):
+                    tensor = next(averaged)
+                    done[id(pointer)] = (nn.Parameter(tensor, requires_grad=True)
+                                         if is_parameter else tensor)
+                else:
+                    dtype, shape, _ = pointer._metadata()
+                    done[id(pointer)] = torch.zeros(shape, dtype=dtype)
+            table[name] = done[id(pointer)]
+        return module
+
+
+def aggregate(
+    contributions: Sequence[Contribution],
+    weights: Sequence[float] | None = None,
+    *,
+    aggregator: WorkerHandle | None = None,
+) -> Release:
+    """Average `contributions` on `aggregator` (default: where they are); see the module
+    docstring. `weights` (positive; default equal) weigh them."""
+    if not contributions:
+        raise ValueError("aggregate needs at least one contribution")
+    if weights is not None and len(weights) != len(contributions):
+        raise ValueError(f"{len(weights)} weights for {len(contributions)} contributions")
+    template = None
+    parts: list[list[PointerTensor]] = []
+    for contribution in contributions:
+        if isinstance(contribution, ModulePointer):
+            if aggregator is not None:
+                contribution.move(aggregator)
+            template = template or contribution._module
+            parts.append([p for p in contribution.pointers() if _floating(p)])
+        elif isinstance(contribution, PointerTensor):
+            moved = contribution if aggregator is None else contribution.move(aggregator)
+            parts.append([moved])
+        else:
+            raise TypeError("aggregate takes pointers to tensors or models, not "
+                            f"{type(contribution).__name__}")
+    where = {p.location.id for tensors in parts for p in tensors}
+    if len(where) != 1:
+        raise ValueError(f"the contributions are on {', '.join(sorted(where))}: give "
+                         "aggregator= to have them moved to one worker")
+    location = parts[0][0].location
+    fleet = location.fleet
+    result = fleet.new_id()
+    report = fleet.request(location.id, Aggregate(
+        [[p.id_at_location for p in tensors] for tensors in parts],
+        [float(w) for w in (weights or [1.0] * len(parts))], result))
+    for tensors in parts:  # spent there when they were private; deleted with ours if not
+        for pointer in tensors:
+            pointer.garbage_collect = bool(not report["epsilon"])
+    return Release(PointerTensor(location, result), report["epsilon"], report["delta"],
+                   report["noise_std"], report["clipped"], template)
+
+
+def _floating(pointer: PointerTensor) -> bool:
+    return pointer._metadata()[0].is_floating_point

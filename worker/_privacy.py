@@ -1,0 +1,191 @@
+"""What a data owner's worker lets leave: nothing private, except an aggregate with DP.
+
+A worker's datasets are private to it unless its config says otherwise. Every
+object records the set of data owners whose private data it derives from — its
+*owners* — assigned by the worker, never taken from a client: the union over an
+operation's inputs, and, for operations that change their inputs (in-place
+operations, `backward` writing gradients, an optimizer's step), written into
+what they changed. Owners are kept per tensor storage as well as per object, so
+a view, a `.data` alias or a parameter updated in place carries them too.
+
+An object with owners may be used by allow-listed operations (their results
+have owners too), may move only to a worker every one of its owners trusts, and
+never leaves otherwise: no `get`, no values in `_objects`, no values in error
+messages. The one way out is `aggregate` on a trusted worker: contributions from
+at least `k` distinct owners, each clipped to its owner's L2 bound, summed with
+Gaussian noise calibrated to the largest of the owners' `clip x noise_multiplier`
+(weighted), each release charged to every contributing owner's (ε, δ) budget,
+which the owner's own worker keeps and accounts with Google's `dp-accounting`
+RDP accountant. An owner whose budget would be exceeded refuses.
+
+    [worker.privacy]
+    k = 2                      # distinct data owners an aggregate needs, at least
+    clip = 1.0                 # L2 bound of one contribution
+    noise_multiplier = 1.0     # Gaussian noise std / clip
+    epsilon = 10.0             # the (epsilon, delta) budget all releases share
+    delta = 1e-5
+    trusted = ["secure_worker"]  # workers private data may move to (to be aggregated)
+    release_scalars = false    # let scalars (a loss) leave as they are: a channel that
+                               # leaks data, off unless the owner opts in
+    ledger = "bob.privacy.json"  # where releases are recorded, so a restart does not
+                               # reset the budget (default: under $XDG_STATE_HOME)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BudgetSpent", "PrivacyBudget", "PrivacyError", "PrivacyPolicy", "default_ledger"]
+
+
+class PrivacyError(ValueError):
+    """A `[worker.privacy]` table that is wrong; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyPolicy:
+    """A data owner's rules (see the module docstring)."""
+
+    k: int = 2
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    trusted: tuple[str, ...] = ()
+    release_scalars: bool = False
+    ledger: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (type(self.k) is int and self.k >= 1):
+            raise PrivacyError(f"privacy k must be a whole number from 1, not {self.k!r}")
+        for name in ("clip", "epsilon"):
+            value = getattr(self, name)
+            if not (_number(value) and value > 0 and math.isfinite(value)):
+                raise PrivacyError(f"privacy {name} must be a positive number, not {value!r}")
+        if not (_number(self.noise_multiplier) and self.noise_multiplier >= 0
+                and math.isfinite(self.noise_multiplier)):
+            raise PrivacyError("privacy noise_multiplier must be a number from 0, not "
+                               f"{self.noise_multiplier!r}")
+        if not (_number(self.delta) and 0 < self.delta < 1):
+            raise PrivacyError(f"privacy delta must be between 0 and 1, not {self.delta!r}")
+        if not all(isinstance(t, str) and t for t in self.trusted):
+            raise PrivacyError("privacy trusted must be a list of worker ids")
+        if type(self.release_scalars) is not bool:
+            raise PrivacyError("privacy release_scalars must be true or false")
+        if self.ledger is not None and not (isinstance(self.ledger, str) and self.ledger):
+            raise PrivacyError("privacy ledger must be a file path")
+
+    @classmethod
+    def of(cls, table: dict[str, Any]) -> PrivacyPolicy:
+        """From a config's `[worker.privacy]` table (or its JSON form)."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise PrivacyError(f"[worker.privacy] takes {sorted(known)}, not {unknown}")
+        values = dict(table)
+        if "trusted" in values:
+            trusted = values["trusted"]
+            if not isinstance(trusted, list | tuple):
+                raise PrivacyError("privacy trusted must be a list of worker ids")
+            values["trusted"] = tuple(trusted)
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """What others may know of it (all of it: nothing here is secret)."""
+        return {"k": self.k, "clip": self.clip, "noise_multiplier": self.noise_multiplier,
+                "epsilon": self.epsilon, "delta": self.delta, "trusted": list(self.trusted),
+                "release_scalars": self.release_scalars}
+
+
+def _number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+class BudgetSpent(PermissionError):
+    """One more release would take an owner past its (ε, δ) budget."""
+
+
+@dataclass(slots=True)
+class PrivacyBudget:
+    """An owner's releases so far, accounted as compositions of Gaussian mechanisms
+    (each release: one Gaussian mechanism on a sum in which the owner's contribution
+    is clipped to `clip`, with noise std at least `noise_multiplier x clip`).
+
+    With a `ledger` file, every release is written there before it is answered, and
+    read back at start: restarting the worker does not give the budget back."""
+
+    policy: PrivacyPolicy
+    ledger: Path | None = None
+    releases: dict[float, int] = field(default_factory=dict)
+    """noise multiplier -> how many releases used it."""
+
+    def __post_init__(self) -> None:
+        if self.ledger is not None and self.ledger.exists():
+            try:
+                recorded = json.loads(self.ledger.read_text())["releases"]
+                self.releases = {float(z): int(n) for z, n in recorded.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise PrivacyError(f"privacy ledger {self.ledger} cannot be read: {e}; "
+                                   "restore it (or move it away to start from nothing "
+                                   "spent)") from None
+
+    def spent(self) -> float:
+        """ε spent so far, at the policy's δ."""
+        return self._epsilon(self.releases)
+
+    def check(self, owner: str) -> float:
+        """ε after one more release; raises `BudgetSpent` if that is over the budget."""
+        after = dict(self.releases)
+        z = self.policy.noise_multiplier
+        after[z] = after.get(z, 0) + 1
+        epsilon = self._epsilon(after)
+        if epsilon > self.policy.epsilon:
+            raise BudgetSpent(
+                f"the privacy budget of {owner!r} is spent: epsilon {self.spent():.4g} of "
+                f"{self.policy.epsilon:g} at delta {self.policy.delta:g}; one more release "
+                f"would make it {epsilon:.4g}"
+            )
+        return epsilon
+
+    def charge(self, owner: str) -> float:
+        """Record one release (if the budget allows it); ε spent after it."""
+        epsilon = self.check(owner)
+        z = self.policy.noise_multiplier
+        self.releases[z] = self.releases.get(z, 0) + 1
+        if self.ledger is not None:  # written before the release is answered
+            self.ledger.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.ledger.with_name(self.ledger.name + ".tmp")
+            temporary.write_text(json.dumps({"releases": {str(z): n for z, n in
+                                                          self.releases.items()}}))
+            os.replace(temporary, self.ledger)
+        return epsilon
+
+    def _epsilon(self, releases: dict[float, int]) -> float:
+        if not releases:
+            return 0.0
+        if any(z == 0 for z in releases):
+            return math.inf  # a release without noise: no guarantee at all
+        try:
+            import dp_accounting  # noqa: PLC0415 - only workers with private data need it
+            from dp_accounting import rdp  # noqa: PLC0415
+        except ImportError:
+            raise RuntimeError("accounting privacy needs dp-accounting: pip install "
+                               "'torchrelay[privacy]'") from None
+        accountant = rdp.RdpAccountant()
+        for z, count in releases.items():
+            accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier=z), count)
+        return float(accountant.get_epsilon(self.policy.delta))
+
+
+def default_ledger(worker_id: str, broker_url: str) -> Path:
+    """Where a daemon records its releases when its config names no ledger: one file
+    per worker and broker, under `$XDG_STATE_HOME` (or `~/.local/state`)."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    where = hashlib.blake2b(broker_url.encode(), digest_size=6).hexdigest()
+    return base / "torchrelay" / f"{worker_id}-{where}.privacy.json"
