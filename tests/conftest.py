@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,10 @@ MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://localhost:156
 
 WORKERS = ("bob", "alice", "carol")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Privacy ledgers of workers that name none (see worker/_privacy.py) go to a folder of
+# this run, not the user's ~/.local/state.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="torchrelay-test-state-")
 
 
 TERMINAL_SUMMARY: list[str] = []

@@ -164,6 +164,14 @@ def test_flags_and_environment_override_the_config_file(
         ('[worker]\nid = "bob"\nbroker = "redis://x/"\n', "amqp:// or amqps://"),
         ("[worker\n", "not valid TOML"),
         ('[daemon]\nid = "bob"\n', "no [worker] table"),
+        ('[worker]\nid = "bob"\nbroker = "amqp://x/"\n[worker.privacy]\nk = 0\n',
+         "privacy k must be a whole number from 1"),
+        ('[worker]\nid = "bob"\nbroker = "amqp://x/"\n[worker.privacy]\nnoise_multiplier = -1\n',
+         "noise_multiplier must be a number from 0"),
+        ('[worker]\nid = "bob"\nbroker = "amqp://x/"\n[worker.privacy]\neps = 3\n',
+         "[worker.privacy] takes"),
+        ('[worker]\nid = "bob"\nbroker = "amqp://x/"\n[worker.privacy]\ntrusted = "w"\n',
+         "trusted must be a list of worker ids"),
     ],
 )
 def test_bad_config_files_are_refused_naming_the_problem(

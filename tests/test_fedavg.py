@@ -4,7 +4,9 @@ on RabbitMQ; a worker that does not answer is left out of a round and rejoins.""
 from __future__ import annotations
 
 import gc
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,12 +23,14 @@ from torch import nn
 import torchrelay as tr
 from torchrelay._federated import (
     AGGREGATOR,
+    DEMO_PRIVACY,
     DIGIT_OWNERS,
     accuracy,
     anchor_order,
     load_digits,
     make_model,
     permutation,
+    run_federated,
     train_centrally,
     write_shares,
 )
@@ -202,15 +206,38 @@ def test_the_federated_demo_prints_the_rounds_and_writes_its_plot(tmp_path: Path
         "alice-digits.safetensors", "bob-digits.safetensors", "carol-digits.safetensors"]
 
 
-def test_the_federated_demo_on_rabbitmq_starts_its_daemons_from_configs(
+NON_PRIVATE_ACCURACY = 0.9278  # every round of the public run: see the first test
+
+
+def test_fedavg_with_differential_privacy_stays_within_ten_points(
+    shares: dict[str, Path],
+) -> None:
+    datasets = {o: [f"{p}:#digits"] for o, p in shares.items()}  # private: the default
+    with tr.connect(datasets=datasets, privacy=dict.fromkeys(DIGIT_OWNERS, DEMO_PRIVACY)) \
+            as fleet:
+        run = run_federated(fleet, ROUNDS, echo=lambda line: None)
+    assert run.accuracy >= NON_PRIVATE_ACCURACY - 0.10
+    spent = [r.epsilon for r in run.history]
+    assert all(set(e) == set(DIGIT_OWNERS) for e in spent)
+    assert [e["bob"] for e in spent] == sorted(e["bob"] for e in spent)  # it only grows
+    assert 0 < spent[-1]["bob"] <= DEMO_PRIVACY["epsilon"]
+    assert all(r.delta["alice"] == DEMO_PRIVACY["delta"] for r in run.history)
+    assert all(math.isnan(r.loss) for r in run.history)  # the loss is private too
+
+
+def test_the_federated_demo_on_rabbitmq_is_private_and_says_what_it_spent(
     vhost_factory: Any, tmp_path: Path
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "torchrelay", "demo", "federated", "--broker", vhost_factory(),
-         "--rounds", "2", "--workdir", str(tmp_path)],
+         "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Federated: test accuracy" in result.stdout
+    assert "The shares are private: FedAvg with differential privacy" in result.stdout
+    found = re.search(r"Federated: test accuracy (\S+) after 20 rounds", result.stdout)
+    assert found is not None and float(found.group(1)) >= NON_PRIVATE_ACCURACY - 0.10
+    assert re.search(r"Privacy spent, at delta 1e-05: alice epsilon \d", result.stdout)
     assert "WARNING" not in result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.glob("*.toml")) == [
         "alice.toml", "bob.toml", "carol.toml", "secure_worker.toml"]
+    assert (tmp_path / "bob.privacy.json").exists()  # the ledger each owner keeps

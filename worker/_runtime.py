@@ -449,7 +449,8 @@ class WorkerRuntime:
         if error is not None:
             self._failed += 1
             self._remember_failure(job)
-            if not isinstance(error, TorchRelayError | TypeError | ValueError | RuntimeError):
+            if not isinstance(error, TorchRelayError | TypeError | ValueError | RuntimeError
+                              | LookupError):
                 log.exception("command %s failed unexpectedly", job.describe(), exc_info=error)
         if job.reply_to is None:
             return
@@ -637,7 +638,8 @@ class WorkerRuntime:
             ) from None
         finally:  # what it changed, even if it failed half-way
             self.store.spread([t for t, v in zip(touched, versions, strict=True)
-                               if t._version != v], owners)
+                               if t._version != v or call.op in _UPDATES_ITS_ARGUMENTS],
+                              owners)
         if call.op == "Tensor.backward" and args and isinstance(args[0], torch.Tensor):
             self.store.spread(_graph_leaves(args[0]), owners)  # their gradients now
         return result
@@ -956,6 +958,11 @@ class _ArgumentResolver:
             f"the arguments live on different workers ({' and '.join(where)}) on worker "
             f"{self.store.owner!r}; move them to one worker first"
         )
+
+
+_UPDATES_ITS_ARGUMENTS = frozenset({"F.batch_norm", "F.instance_norm"})
+"""Operations that write into arguments without bumping their version (running statistics
+updated inside the kernel): all their tensor arguments count as changed."""
 
 
 def _changeable(op: str, args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
