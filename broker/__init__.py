@@ -39,6 +39,8 @@ if TYPE_CHECKING:
         COMMAND_EXCHANGE,
         DEFAULT_CHUNK_SIZE,
         RETURNED,
+        SHARED_ACCOUNTS,
+        TLS_ENV,
         worker_queue,
     )
     from ._ops import is_inplace, wire_name

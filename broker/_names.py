@@ -11,6 +11,8 @@ __all__ = [
     "COMMAND_EXCHANGE",
     "DEFAULT_CHUNK_SIZE",
     "RETURNED",
+    "SHARED_ACCOUNTS",
+    "TLS_ENV",
     "worker_queue",
 ]
 
@@ -23,11 +25,21 @@ COMMAND_EXCHANGE: Final = "torchrelay.commands"
 RETURNED: Final = "returned"
 """Type of the synthetic reply for a command no worker could receive."""
 
+SHARED_ACCOUNTS: Final = ("guest",)
+"""Broker accounts that several participants may share (by default RabbitMQ's own,
+for trying things out): on them a message's sender is the one it claims. On any
+other account, it is the account's user, as RabbitMQ validates it."""
+
 BROKER_ENV: Final = "TORCHRELAY_BROKER"
 """Environment variable consulted when no URL is given to the command line."""
 
 DEFAULT_CHUNK_SIZE: Final = 8 << 20
 """Half of RabbitMQ 4's 16 MiB limit: room for properties, and few messages per GiB."""
+
+
+TLS_ENV: Final = ("TORCHRELAY_TLS_CA_FILE", "TORCHRELAY_TLS_CERT_FILE", "TORCHRELAY_TLS_KEY_FILE")
+"""Environment variables giving an `amqps://` connection's CA file, client certificate
+and key, where the settings give none."""
 
 
 def worker_queue(worker_id: str) -> str:

@@ -138,6 +138,10 @@ class Broker(ABC):
 
     url: str
     """The URL, without credentials, for messages and logs."""
+    verified_identity: str | None = None
+    """The one identity its endpoints may have, which the broker vouches for in every
+    message they send (a RabbitMQ user of one participant); None when endpoints name
+    themselves (in-process, or an account several participants share)."""
 
     @abstractmethod
     def connect(self, identity: str, *, serve_worker: str | None = None) -> Endpoint:

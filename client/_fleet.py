@@ -173,12 +173,19 @@ class Fleet:
         """Bumped by operations that may change a tensor's metadata: pointers' caches
         of it are valid for one epoch."""
         self.closed = False
+        self._forged_replies = 0
         atexit.register(_close_at_exit, weakref.ref(self))
         if not self.endpoint.in_process:  # in-process workers only run while we wait anyway
             threading.Thread(target=_publish_late, args=(weakref.ref(self),), daemon=True,
                              name=f"torchrelay-publisher {name}").start()
 
     # -- public ----------------------------------------------------------------
+
+    @property
+    def forged(self) -> int:
+        """Messages dropped as forged: ones claiming a sender their broker user is not,
+        and replies that did not come from the worker asked."""
+        return int(self.endpoint.stats().get("forged", 0)) + self._forged_replies
 
     def worker(self, worker_id: str) -> WorkerHandle:
         """A handle to `worker_id`; raises `UnknownWorker` if nothing serves it."""
@@ -438,10 +445,24 @@ class Fleet:
                 if entry is not None:
                     self._record(member, entry, self._result(entry, delivery))
         else:
-            entry = self._forget(delivery.correlation_id)
-            if entry is not None:  # else: a late reply to a request that timed out
+            entry = self._outstanding.get(delivery.correlation_id)
+            if entry is not None and self._from_addressee(delivery, entry.worker_id):
+                self._forget(delivery.correlation_id)
                 self._record(delivery.correlation_id, entry, self._result(entry, delivery))
+            # else: a late reply to a request that timed out, or a forgery
         return True
+
+    def _from_addressee(self, delivery: Delivery, worker_id: str) -> bool:
+        """Whether a reply comes from the worker its command went to: anyone who can
+        publish can put a message in our reply queue, but not under another's name
+        (the broker vouches for the sender, see `Broker.verified_identity`)."""
+        if delivery.sender == worker_id:
+            return True
+        self._forged_replies += 1
+        if self._forged_replies == 1:
+            log.warning("dropped a reply to a command for %r that came from %r (further "
+                        "ones are only counted)", worker_id, delivery.sender[:100])
+        return False
 
     def settle(self, timeout: float) -> dict[str, TorchRelayError]:
         """Wait at most `timeout` seconds for everything in flight, and raise nothing:
@@ -478,8 +499,9 @@ class Fleet:
             self._errors.append(e)
             return
         for correlation_id, _, body in replies:
-            entry = self._forget(correlation_id)
-            if entry is not None:
+            entry = self._outstanding.get(correlation_id)
+            if entry is not None and self._from_addressee(delivery, entry.worker_id):
+                self._forget(correlation_id)
                 result = self._decoded(entry, body)
                 self._record(correlation_id, entry, result)
 

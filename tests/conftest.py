@@ -1,8 +1,10 @@
 """Fixtures: one contract suite, run against the embedded broker and a real RabbitMQ.
 
-`fleet` is parametrized over both brokers. On RabbitMQ, the workers bob, alice
-and carol are real daemon processes (`python -m torchrelay worker`), started
-once per session in a virtual host of their own, which is deleted afterwards.
+`fleet` is parametrized over both brokers, RabbitMQ twice: over plain AMQP and
+over TLS (`amqps://`, verified against a throwaway CA, see `tls.py`). On
+RabbitMQ, the workers bob, alice and carol are real daemon processes (`python -m
+torchrelay worker`), started once per session in a virtual host of their own,
+which is deleted afterwards.
 
 RabbitMQ tests skip when no broker is reachable, except under `CI=true`, where
 that is a failure. After every test the workers' stores must hold nothing the
@@ -19,10 +21,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from tls import TLSListener, make_certificates
 
 import torchrelay as tr
 from torchrelay.broker import (
     BATCH,
+    TLS_ENV,
     Endpoint,
     Frame,
     ManagementAPI,
@@ -113,11 +117,41 @@ def session_daemons(daemons_factory: Any) -> WorkerProcesses:
     return daemons
 
 
-@pytest.fixture(params=["embedded", "rabbitmq"])
+@pytest.fixture(scope="session")
+def tls_listener(rabbitmq: ManagementAPI) -> Iterator[TLSListener]:
+    """A TLS listener on the local RabbitMQ; its CA is what `amqps://` connections of this
+    process and the daemons it starts verify against (`$TORCHRELAY_TLS_CA_FILE`)."""
+    if not TLSListener.available():
+        message = "no rabbitmqctl here to start a TLS listener with"
+        if IN_CI:
+            pytest.fail(message + "; under CI=true the TLS tests must run")
+        pytest.skip(message)
+    listener = TLSListener(make_certificates())
+    listener.start()
+    os.environ[TLS_ENV[0]] = str(listener.certificates.ca)
+    yield listener
+    os.environ.pop(TLS_ENV[0], None)
+    listener.stop()
+
+
+@pytest.fixture(scope="session")
+def session_daemons_tls(
+    vhost_factory: Any, tls_listener: TLSListener, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerProcesses]:
+    """bob, alice and carol again, connected over TLS."""
+    daemons = WorkerProcesses(tls_listener.url(vhost_factory()), WORKERS,
+                              log_dir=tmp_path_factory.mktemp("daemons-tls"))
+    daemons.start()
+    yield daemons
+    daemons.stop_all()
+
+
+@pytest.fixture(params=["embedded", "rabbitmq", "rabbitmq-tls"])
 def broker_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "embedded":
         return None
-    daemons: WorkerProcesses = request.getfixturevalue("session_daemons")
+    name = "session_daemons" if request.param == "rabbitmq" else "session_daemons_tls"
+    daemons: WorkerProcesses = request.getfixturevalue(name)
     return daemons.url
 
 

@@ -9,6 +9,7 @@ import msgpack
 import pika
 import pytest
 import torch
+from tls import pika_parameters
 
 import torchrelay as tr
 from torchrelay.broker import (
@@ -219,7 +220,7 @@ def test_a_worker_that_never_answers_times_out_naming_it(broker_url: str | None)
         if broker_url is None:  # a queue that is consumed by nobody who answers
             fleet.broker.connect(ghost, serve_worker=ghost)
         else:
-            with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
+            with pika.BlockingConnection(pika_parameters(broker_url)) as connection:
                 channel = connection.channel()
                 channel.queue_declare(worker_queue(ghost), auto_delete=False)
                 channel.queue_bind(worker_queue(ghost), COMMAND_EXCHANGE, routing_key=ghost)
@@ -229,7 +230,7 @@ def test_a_worker_that_never_answers_times_out_naming_it(broker_url: str | None)
             handle._objects
         assert time.monotonic() - started < 10
         if broker_url is not None:
-            with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
+            with pika.BlockingConnection(pika_parameters(broker_url)) as connection:
                 connection.channel().queue_delete(worker_queue(ghost))
 
 

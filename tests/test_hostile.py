@@ -158,6 +158,7 @@ def forge_first_chunk(url: str, worker_id: str, total: int) -> tuple[Any, Any, s
     chunk = 8 * MIB
     forged = pika.BasicProperties(
         type="store", correlation_id=f"mallory.{secrets.token_hex(2)}.1", reply_to=replies,
+        user_id="guest",
         headers={"sender": "mallory", "chunk": [0, -(-total // chunk), total]},
     )
     channel.basic_publish(COMMAND_EXCHANGE, worker_id, b"\0" * chunk, forged)

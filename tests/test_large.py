@@ -65,7 +65,7 @@ def test_a_transfer_cut_short_is_never_seen(session_daemons: WorkerProcesses) ->
                 headers = {"sender": "crasher", "chunk": [index, len(chunks), frame.nbytes]}
                 channel.basic_publish(COMMAND_EXCHANGE, "bob", bytes(chunks[index]),
                                       pika.BasicProperties(type="store", correlation_id="cut",
-                                                           headers=headers))
+                                                           user_id="guest", headers=headers))
 
     with tr.connect(session_daemons.url) as fleet:
         bob = fleet.worker("bob")

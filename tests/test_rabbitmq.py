@@ -162,7 +162,8 @@ def test_hostile_envelopes_do_not_take_a_daemon_down(session_daemons: WorkerProc
         for kind, headers in hostile:
             channel.basic_publish(COMMAND_EXCHANGE, "bob", b"TRL\x01\x00\x00\x00\x00",
                                   pika.BasicProperties(type=kind, correlation_id="evil",
-                                                       reply_to=reply_queue, headers=headers))
+                                                       user_id="guest", reply_to=reply_queue,
+                                                       headers=headers))
         method, props, _ = None, None, None
         deadline = time.monotonic() + 10
         while method is None and time.monotonic() < deadline:

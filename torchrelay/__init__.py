@@ -61,7 +61,7 @@ __version__ = "0.1.0"
 def connect(
     url: str | None = None,
     *,
-    name: str = "me",
+    name: str | None = None,
     timeout: float = 30.0,
     pipelined: bool = True,
     datasets: dict[str, list[Any]] | None = None,
@@ -80,8 +80,10 @@ def connect(
     as a daemon's `--dataset`, or `[[worker.datasets]]` tables as dicts), private
     unless a table says `"private": False`; `privacy` their owners' rules
     (`{"bob": {"trusted": ["secure_worker"], ...}}`, a `[worker.privacy]` table).
-    `broker_options` (`heartbeat`, `prefetch`, `connect_timeout`) tune the RabbitMQ
-    connection.
+    `name` is who the session is: with a RabbitMQ user of its own, that user
+    (and a different `name` is refused); on a shared account such as `guest`,
+    `name` (default "me"). `broker_options` (`heartbeat`, `prefetch`,
+    `connect_timeout`, `shared_accounts`) tune the RabbitMQ connection.
     """
     from torchrelay.broker import open_broker
     from torchrelay.client import Fleet
@@ -95,6 +97,7 @@ def connect(
 
     broker = open_broker(url, start_worker=start_worker, **broker_options)
     try:
+        name = name or broker.verified_identity or "me"
         return Fleet(broker, name=name, timeout=timeout, pipelined=pipelined, owns_broker=True)
     except BaseException:
         broker.close()

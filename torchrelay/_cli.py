@@ -5,6 +5,8 @@
     torchrelay demo [--broker URL]
     torchrelay demo federated [--broker URL] [--rounds N] [--plot FILE.png]
     torchrelay status bob alice --broker URL
+    torchrelay users add bob --role worker [--password P] [--broker ADMIN_URL]
+    torchrelay users remove bob | torchrelay users list
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="elements of any tensor a command may make (default 2**28)")
     worker.add_argument("--max-bytes", type=int,
                         help="bytes of tensors the worker may hold (default: half the RAM)")
+    worker.add_argument("--tls-ca-file", help="amqps://: the CA that signed the broker's "
+                                              "certificate (default: the system's)")
+    worker.add_argument("--tls-cert-file", help="amqps://: a client certificate to present")
+    worker.add_argument("--tls-key-file", help="amqps://: the client certificate's key")
     worker.add_argument("--max-list-elements", type=int,
                         help="elements of a Python list a command may build (default 2**20)")
 
@@ -86,6 +92,21 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print workers' status as JSON")
     status.add_argument("workers", nargs="+", help="worker ids")
     status.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER)")
+
+    users = commands.add_parser(
+        "users", help="one RabbitMQ user per participant, with only its own permissions "
+                      "(through the management API, as an administrator)")
+    users.add_argument("action", choices=["add", "remove", "list"])
+    users.add_argument("name", nargs="?", help="the participant (a worker's id, a client's "
+                                               "name)")
+    users.add_argument("--role", choices=["worker", "client"], help="add: what it is")
+    users.add_argument("--password", help="add: its password (default: a new random one, "
+                                          "printed)")
+    users.add_argument("--broker", help="an administrator's amqp[s]:// URL naming the virtual "
+                                        "host (default: $TORCHRELAY_BROKER, else guest on "
+                                        "localhost)")
+    users.add_argument("--management-url",
+                       help="the management API (default: port 15672 of the broker's host)")
     return parser
 
 
@@ -97,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.which == "federated":
             return _federated_demo(args)
         return _demo(args.broker)
+    if args.command == "users":
+        return _users(args)
     return _status(args.workers, args.broker or os.environ.get("TORCHRELAY_BROKER"))
 
 
@@ -121,6 +144,9 @@ def _worker(args: argparse.Namespace) -> int:
             max_bytes=args.max_bytes,
             max_list_elements=args.max_list_elements,
             torch_threads=args.torch_threads,
+            tls_ca_file=args.tls_ca_file,
+            tls_cert_file=args.tls_cert_file,
+            tls_key_file=args.tls_key_file,
         )
     except ConfigError as e:
         print(f"torchrelay worker: {e}", file=sys.stderr)
@@ -224,6 +250,36 @@ def _status(worker_ids: Sequence[str], url: str | None) -> int:
                 report, failed = {"id": worker_id, "error": str(e)}, failed + 1
             print(json.dumps(report, sort_keys=True))
     return 1 if failed else 0
+
+
+def _users(args: argparse.Namespace) -> int:
+    from torchrelay.broker import ManagementAPI, ManagementError
+    from torchrelay.broker._rabbitmq import _users as users
+
+    url = args.broker or os.environ.get("TORCHRELAY_BROKER") or "amqp://guest:guest@localhost/"
+    api = ManagementAPI(url, args.management_url)
+    if args.action != "list" and not args.name:
+        print(f"torchrelay users {args.action}: name whom", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "add":
+            if args.role is None:
+                print("torchrelay users add: pass --role worker or --role client",
+                      file=sys.stderr)
+                return 2
+            password = users.add_user(api, args.name, args.role, args.password)
+            print(f"{args.role} {args.name} may connect to virtual host {api.vhost!r} as "
+                  f"{args.name}" + ("" if args.password else f" with password {password}"))
+        elif args.action == "remove":
+            users.remove_user(api, args.name)
+            print(f"removed {args.name}")
+        else:
+            for user in users.list_users(api):
+                print(f"{user.name}\t{user.role}")
+    except (ManagementError, ValueError) as e:
+        print(f"torchrelay users {args.action}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def run_walkthrough(fleet: Fleet, echo: Callable[[str], None] = print) -> None:
     hook(torch)
     bob = fleet.worker("bob")
     alice = fleet.worker("alice")
+    me = fleet.name  # who the pointers say holds them: "me" unless the user says otherwise
     cell = _Cells(echo)
 
     cell.heading("Section 3.1 - Pointers to Pointers")
@@ -38,7 +39,7 @@ def run_walkthrough(fleet: Fleet, echo: Callable[[str], None] = print) -> None:
 
     x_ptr: PointerTensor = x.send(bob)  # type: ignore[attr-defined]
     cell.show("x_ptr = x.send(bob)\nx_ptr", x_ptr)
-    _expect(repr(x_ptr) == f"[PointerTensor | me:{x_ptr.id} -> bob:{x_ptr.id_at_location}]",
+    _expect(repr(x_ptr) == f"[PointerTensor | {me}:{x_ptr.id} -> bob:{x_ptr.id_at_location}]",
             f"x_ptr is {x_ptr!r}")
 
     pointer_to_x_ptr = x_ptr.send(alice)
@@ -54,7 +55,7 @@ def run_walkthrough(fleet: Fleet, echo: Callable[[str], None] = print) -> None:
     bob_id = x_ptr.id_at_location
     x_ptr = pointer_to_x_ptr.get()
     cell.show("x_ptr = pointer_to_x_ptr.get()\nx_ptr", x_ptr)
-    expected = f"[PointerTensor | me:{pointer_to_x_ptr.id_at_location} -> bob:{bob_id}]"
+    expected = f"[PointerTensor | {me}:{pointer_to_x_ptr.id_at_location} -> bob:{bob_id}]"
     _expect(repr(x_ptr) == expected, f"x_ptr is {x_ptr!r}")
 
     x = x_ptr.get()
@@ -101,7 +102,7 @@ def run_walkthrough(fleet: Fleet, echo: Callable[[str], None] = print) -> None:
     _check_store(cell, "bob", bob, {})
     _check_store(cell, "alice", alice, {x_ptr.id_at_location: "tensor([1, 2, 3, 4, 5])"})
     cell.show("x", x_ptr)
-    _expect(repr(x_ptr) == f"[PointerTensor | me:{x_ptr.id} -> alice:{x_ptr.id_at_location}]",
+    _expect(repr(x_ptr) == f"[PointerTensor | {me}:{x_ptr.id} -> alice:{x_ptr.id_at_location}]",
             f"x is {x_ptr!r}")
 
     del x_ptr  # its last pointer gone, alice's copy is garbage collected

@@ -15,6 +15,14 @@
     max_list_elements = 1048576  # elements of a Python list a command may build (tolist)
     torch_threads = 1         # torch's threads for one operation (default: torch's, one per
                               # core; 1 when several workers share a machine's cores)
+    shared_accounts = ["guest"]  # broker users several participants share: a message from
+                              # one is trusted to name its sender. [] on a shared broker,
+                              # where every participant has a user (`torchrelay users add`)
+                              # and the worker's id is its user's name
+    # tls_ca_file = "ca.pem"      amqps://: the CA that signed the broker's certificate
+    #                             (default: the system's); paths relative to this file
+    # tls_cert_file = "bob.pem"   amqps://: a client certificate to present, and its key
+    # tls_key_file = "bob.key"
 
     [[worker.datasets]]          # data the worker loads at start-up and offers (any number)
     path = "data/bob-digits.safetensors"   # relative to this file
@@ -43,11 +51,12 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchrelay.broker import BROKER_ENV, DEFAULT_CHUNK_SIZE
+from torchrelay.broker import BROKER_ENV, DEFAULT_CHUNK_SIZE, SHARED_ACCOUNTS
 
 from ._datasets import DatasetError, DatasetSpec
 from ._limits import Limits, default_max_bytes
@@ -78,6 +87,10 @@ class WorkerConfig:
     max_bytes: int = field(default_factory=default_max_bytes)
     max_list_elements: int = 1 << 20
     torch_threads: int | None = None
+    shared_accounts: tuple[str, ...] = SHARED_ACCOUNTS
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     datasets: tuple[DatasetSpec, ...] = ()
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
@@ -115,6 +128,23 @@ class WorkerConfig:
             raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        accounts: Any = self.shared_accounts
+        if not isinstance(accounts, list | tuple) or not all(isinstance(a, str) for a in accounts):
+            raise ConfigError(f"shared_accounts must be a list of user names, not {accounts!r}")
+        object.__setattr__(self, "shared_accounts", tuple(accounts))
+        tls_files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if tls_files != (None, None, None) and not self.broker.startswith("amqps://"):
+            raise ConfigError("tls_ca_file, tls_cert_file and tls_key_file need an amqps:// "
+                              "broker URL")
+        for name, file in zip(("tls_ca_file", "tls_cert_file", "tls_key_file"), tls_files,
+                              strict=True):
+            if file is not None and not Path(file).is_file():
+                raise ConfigError(f"{name}: there is no file {file}")
+        user = urllib.parse.unquote(urllib.parse.urlsplit(self.broker).username or "guest")
+        if user not in self.shared_accounts and user != self.id:
+            raise ConfigError(
+                f"worker {self.id!r} connects as RabbitMQ user {user!r}: with a user of its "
+                f"own, a worker's id is its user's name (or list {user!r} in shared_accounts)")
 
     @property
     def ledger(self) -> Path:
@@ -187,6 +217,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         if policy.ledger is not None and not Path(policy.ledger).is_absolute():
             policy = dataclasses.replace(policy, ledger=str(path.parent / policy.ledger))
         section["privacy"] = policy
+    for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        if isinstance(section.get(name), str):
+            section[name] = str(path.parent / section[name])  # relative to the file
     tables = section.pop("datasets", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"config file {path}: datasets are [[worker.datasets]] tables")
@@ -196,7 +229,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {e}") from None
     hints = typing.get_type_hints(WorkerConfig)
     known = {f.name: _accepted_types(hints[f.name]) for f in dataclasses.fields(WorkerConfig)
-             if f.name not in ("datasets", "privacy")}
+             if f.name not in ("datasets", "privacy", "shared_accounts")}
+    known["shared_accounts"] = (list,)
     policy_given = section.pop("privacy", None)
     unknown = sorted(set(section) - set(known))
     if unknown:

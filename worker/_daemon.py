@@ -67,6 +67,8 @@ def run_worker(
     broker = open_broker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
                          chunk_size=config.chunk_size,
                          max_message_bytes=min(16 << 30, config.max_bytes),
+                         shared_accounts=config.shared_accounts, tls_ca_file=config.tls_ca_file,
+                         tls_cert_file=config.tls_cert_file, tls_key_file=config.tls_key_file,
                          **(broker_options or {}))
     try:
         endpoint = broker.connect(config.id, serve_worker=config.id)

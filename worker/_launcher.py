@@ -73,7 +73,8 @@ class WorkerProcesses:
         a little later), where a passive declaration would make the broker close
         a channel and pika log a warning each time.
         """
-        endpoint = open_broker(self.url).connect(f"launcher-{secrets.token_hex(2)}")
+        broker = open_broker(self.url)
+        endpoint = broker.connect(broker.verified_identity or f"launcher-{secrets.token_hex(2)}")
         try:
             deadline = time.monotonic() + timeout
             asked: dict[str, str] = {}  # correlation id -> worker id

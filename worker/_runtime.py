@@ -207,6 +207,7 @@ class WorkerRuntime:
         self._started = time.time()
         self._handled = 0
         self._failed = 0
+        self._forged_replies = 0
         self._request_numbers = 0
         self._prefix = f"{worker_id}.{secrets.token_hex(4)}."  # unique per run, as a client's
         self._random = random.Random()
@@ -423,11 +424,18 @@ class WorkerRuntime:
             return
 
     def _resume(self, delivery: Delivery) -> None:
-        waiting = self._waiting.pop(delivery.correlation_id, None)
+        waiting = self._waiting.get(delivery.correlation_id)
         if waiting is None:
             log.debug("dropped a late reply %s", delivery.correlation_id)
             return
         worker_id = waiting.request.worker_id
+        if delivery.sender != worker_id:  # anyone may write to our reply queue
+            self._forged_replies += 1
+            if self._forged_replies == 1:
+                log.warning("dropped a reply for %r that came from %r (further ones are only "
+                            "counted)", worker_id, delivery.sender[:100])
+            return
+        del self._waiting[delivery.correlation_id]
         if delivery.type == RETURNED:
             self._advance(waiting.task, None, UnknownWorker(worker_id, "no worker consumes it"))
             return
@@ -858,6 +866,8 @@ class WorkerRuntime:
             "requests_waiting": len(self._waiting),
         }
         status.update(self.endpoint.stats())
+        # Forged messages: dropped by the transport, or replies not from the worker asked.
+        status["forged"] = int(status.get("forged", 0)) + self._forged_replies
         status.update(self._status_facts)
         if self.poisoned:
             status["commands_poisoned"] = len(self.poisoned)

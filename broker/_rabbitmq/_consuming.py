@@ -5,6 +5,13 @@
 touches pika, they run under the link's lock, and so does every other method
 here: the owner thread reaches them only through `Link.run`.
 
+Who sent a message is its `user_id`, which RabbitMQ checks against the
+publishing connection's user. On an account several participants share
+(`shared_accounts`, by default `guest`: for trying things out), the `sender`
+header names the participant and is taken on trust; on any other account the
+header must name the user itself. A message that claims someone else, or carries
+no `user_id`, is dropped unseen, counted (`forged`) and logged once per user.
+
 Acknowledgements go out in batches, with one policy per kind (`AckBatch`):
 replies are acknowledged once queued here, every `REPLY_ACK_BATCH` of them (one
 lost with a dropped connection is delivered again, and a duplicate is ignored
@@ -88,8 +95,13 @@ class Consumer:
     """Turns pika deliveries into `Delivery`s in an inbox (see the module docstring)."""
 
     def __init__(
-        self, max_message_bytes: int, prefetch: int, allocate: Allocate | None = None
+        self, max_message_bytes: int, prefetch: int, allocate: Allocate | None = None,
+        shared_accounts: frozenset[str] = frozenset(),
     ) -> None:
+        self.shared_accounts = shared_accounts
+        self.forged = 0
+        """Messages dropped because they claimed a sender their user is not."""
+        self._warned: set[str] = set()
         self.inbox: deque[Delivery] = deque()
         self.reassembler = Reassembler(max_message_bytes, allocate=allocate)
         self.allocate = allocate
@@ -121,7 +133,11 @@ class Consumer:
     def _deliver(self, is_reply: bool, channel: Any, method: Any, props: Any, body: bytes) -> None:
         self.bytes_received += len(body)
         headers = props.headers or {}
-        sender = str(headers.get("sender", ""))
+        sender = self._sender(props.user_id, headers.get("sender"))
+        if sender is None:
+            if not is_reply:  # never handled, never coming back: settled now
+                channel.basic_ack(method.delivery_tag)
+            return
         chunk = headers.get("chunk")
         if chunk is None:
             whole: Any = body
@@ -148,6 +164,24 @@ class Consumer:
             None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
             self.epoch, chunked=True,
         ))
+
+    def _sender(self, user: str | None, claimed: Any) -> str | None:
+        """Who sent a message (see the module docstring); None for a forgery."""
+        if isinstance(claimed, bytes):
+            claimed = claimed.decode(errors="replace")
+        claimed = "" if claimed is None else str(claimed)
+        if user is not None:
+            if user in self.shared_accounts:
+                return claimed or user
+            if claimed in ("", user):
+                return user
+        self.forged += 1
+        who = "" if user is None else user
+        if who not in self._warned and len(self._warned) < 1000:
+            self._warned.add(who)
+            log.warning("dropped a message from user %r claiming to be %r (further ones from "
+                        "this user are only counted)", user, claimed[:100])
+        return None
 
     def _add_chunk(
         self, sender: str, correlation_id: str, chunk: Any, body: bytes, origin: Any

@@ -9,20 +9,22 @@ vocabulary on top: which queue a command goes to, and how long to wait.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 import urllib.parse
+from collections.abc import Collection
 from typing import Any
 
 import pika.exceptions as pe
 
 from .._codec import Frame
 from .._errors import BrokerError, ConnectionLost, UnknownWorker
-from .._names import COMMAND_EXCHANGE, DEFAULT_CHUNK_SIZE, worker_queue
+from .._names import COMMAND_EXCHANGE, DEFAULT_CHUNK_SIZE, SHARED_ACCOUNTS, TLS_ENV, worker_queue
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer
-from ._link import Channels, Link, LinkSettings
+from ._link import Channels, Link, LinkSettings, tls_context
 from ._publishing import Publisher
 
 __all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
@@ -52,7 +54,14 @@ class RabbitMQBroker(Broker):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_message_bytes: int = 16 << 30,
         allocate: Allocate | None = None,
+        shared_accounts: Collection[str] = SHARED_ACCOUNTS,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
     ) -> None:
+        """`tls_*` (for `amqps://`): the CA that signed the broker's certificate
+        (default: `$TORCHRELAY_TLS_CA_FILE`, else the system's CAs), and a client
+        certificate and key to present (`$TORCHRELAY_TLS_CERT_FILE`, `..._KEY_FILE`)."""
         if chunk_size < 4096:
             raise ValueError(f"chunk_size must be at least 4096 bytes, not {chunk_size}")
         self._url = url
@@ -64,11 +73,30 @@ class RabbitMQBroker(Broker):
         self.max_message_bytes = max_message_bytes
         self.allocate = allocate
         """Where large received messages are put (a worker's executor: shared memory)."""
+        self.user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "guest")
+        self.shared_accounts = frozenset(shared_accounts)
+        self.tls = None
+        tls_files = (tls_ca_file, tls_cert_file, tls_key_file)
+        secure = urllib.parse.urlsplit(url).scheme == "amqps"
+        if tls_files != (None, None, None) and not secure:
+            raise ValueError(f"TLS settings need an amqps:// URL, not {self.url}")
+        if secure:  # the environment's settings, where none are given
+            ca, cert, key = (given or os.environ.get(variable) or None
+                             for given, variable in zip(tls_files, TLS_ENV, strict=True))
+            if (ca, cert, key) != (None, None, None):
+                self.tls = tls_context(ca, cert, key)
+        if self.user not in self.shared_accounts:
+            self.verified_identity = self.user
 
     def connect(self, identity: str, *, serve_worker: str | None = None) -> RabbitMQEndpoint:
+        if self.verified_identity not in (None, identity):
+            raise BrokerError(
+                f"{identity!r} cannot connect as RabbitMQ user {self.user!r}: a participant's "
+                f"name is its user's name (connect as {self.user!r}, or with {identity!r}'s "
+                "own user)")
         role = "worker" if serve_worker is not None else "client"
         settings = LinkSettings(self._url, self.url, f"torchrelay {role} {identity}",
-                                self.heartbeat, self.connect_timeout)
+                                self.heartbeat, self.connect_timeout, self.tls)
         return RabbitMQEndpoint(self, settings, identity, serve_worker)
 
 
@@ -89,9 +117,13 @@ class RabbitMQEndpoint(Endpoint):
         self.reply_queue = f"torchrelay.reply.{identity}.{secrets.token_hex(4)}"
         self._broker = broker
         self._serve_worker = serve_worker
-        self._consumer = Consumer(broker.max_message_bytes, broker.prefetch, broker.allocate)
+        # A user of one participant's own may not declare what all share: an
+        # administrator did (`torchrelay users add`).
+        self._administered = broker.verified_identity is not None
+        self._consumer = Consumer(broker.max_message_bytes, broker.prefetch, broker.allocate,
+                                  broker.shared_accounts)
         self._next_stale_check = 0.0
-        self._publisher = Publisher(identity, broker.chunk_size)
+        self._publisher = Publisher(identity, broker.user, broker.chunk_size)
         self._link = Link(settings, self._on_open, self._on_keepalive)
 
     # -- set-up, under the link's lock ---------------------------------------------------
@@ -103,7 +135,8 @@ class RabbitMQEndpoint(Endpoint):
         consumer = self._consumer
         consumer.reopened(channels.epoch)
         commands, replies = channels.commands, channels.replies
-        topology.declare_command_exchange(commands)
+        topology.declare_command_exchange(channels.connection, commands,
+                                          administered=self._administered)
         commands.add_on_return_callback(consumer.on_return)
         replies.basic_qos(prefetch_count=REPLY_PREFETCH)
         topology.declare_reply_queue(replies, self.reply_queue)
@@ -122,7 +155,8 @@ class RabbitMQEndpoint(Endpoint):
         assert self._serve_worker is not None
         try:
             topology.consume_worker_queue(channels.connection, channels.commands,
-                                          self._serve_worker, self._consumer.on_command)
+                                          self._serve_worker, self._consumer.on_command,
+                                          administered=self._administered)
         except pe.ChannelClosedByBroker as e:
             raise BrokerError(
                 f"worker {self._serve_worker!r} is already served by another daemon "
@@ -267,7 +301,7 @@ class RabbitMQEndpoint(Endpoint):
 
     def stats(self) -> dict[str, Any]:
         return {"broker": self._broker.url, "connection": self.connection_name,
-                "reconnects": self.reconnects}
+                "reconnects": self.reconnects, "forged": self._consumer.forged}
 
     def close(self) -> None:
         consumer = self._consumer

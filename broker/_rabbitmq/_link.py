@@ -17,6 +17,7 @@ busy participant for a dead one. On the hot path the lock is uncontended.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import tenacity
 
 from .._errors import BrokerError, BrokerUnavailable, ConnectionLost
 
-__all__ = ["Channels", "Link", "LinkSettings"]
+__all__ = ["Channels", "Link", "LinkSettings", "tls_context"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -42,6 +43,36 @@ _TICK_SECONDS = 0.1
 _DEFAULT_HEARTBEAT = 60  # RabbitMQ's, when we do not ask for one
 
 
+def tls_context(
+    ca_file: str | None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """A client context that verifies the broker's certificate and host name against
+    `ca_file` (default: the system's CAs), presenting `cert_file` if given."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    elif key_file is not None:
+        raise ValueError("a TLS key file needs its certificate file (tls_cert_file)")
+    return context
+
+
+def _tls_failure(error: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a failed connection, if that is what failed (no retry
+    helps: a certificate does not become valid by waiting)."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return current
+        if isinstance(current, BaseException):
+            pending.extend([*current.args, current.__cause__, current.__context__])
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
     """How to connect: the URL (with credentials) and the connection's tuning."""
@@ -51,9 +82,14 @@ class LinkSettings:
     connection_name: str
     heartbeat: int | None = None
     connect_timeout: float = 15.0
+    tls: ssl.SSLContext | None = None
+    """For `amqps://`: verifies the broker's certificate against the CA given (and may
+    present a client certificate); None: the system's CAs."""
 
     def parameters(self) -> pika.URLParameters:
         params = pika.URLParameters(self.url)
+        if params.ssl_options is not None and self.tls is not None:
+            params.ssl_options = pika.SSLOptions(self.tls, params.host)
         params.client_properties = {"connection_name": self.connection_name,
                                     "product": "torchrelay"}
         if self.heartbeat is not None:
@@ -172,6 +208,7 @@ class Link:
             wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
             retry=tenacity.retry_if_exception(
                 lambda e: isinstance(e, pe.AMQPConnectionError) and not isinstance(e, _REFUSED)
+                and _tls_failure(e) is None
             ),
             reraise=True,
         )
@@ -185,7 +222,13 @@ class Link:
             raise BrokerUnavailable(
                 f"RabbitMQ at {settings.shown_url} denied access: {e}"
             ) from None
-        except pe.AMQPConnectionError as e:
+        except (pe.AMQPConnectionError, ssl.SSLError) as e:
+            failure = _tls_failure(e)
+            if failure is not None:
+                raise BrokerUnavailable(
+                    f"TLS with RabbitMQ at {settings.shown_url} failed: {failure} (is the CA "
+                    "file the one that signed the broker's certificate?)"
+                ) from None
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ at {settings.shown_url} after "
                 f"{settings.connect_timeout:g} s: {type(e).__name__} {e}"

@@ -1,7 +1,9 @@
 """Publishing: the properties every message carries, confirms, and chunking.
 
 Every message carries `type` (the command, or `<command>.reply`), `app_id`,
-`correlation_id`, `reply_to` on commands, and a `sender` header. Commands are
+`correlation_id`, `reply_to` on commands, a `sender` header, and `user_id`: the
+connection's user, which RabbitMQ checks (it refuses a message claiming another),
+so a receiver knows who sent it whatever the header says. Commands are
 published `mandatory`, so one that no queue can take comes back at once (as a
 `RETURNED` delivery) instead of vanishing. With `confirm`, a publish returns only
 once the broker has taken responsibility for the message.
@@ -33,16 +35,18 @@ _SET_APART_BYTES: Final = 1 << 20
 
 
 class Publisher:
-    """Publishes frames as `identity`, in chunks of at most `chunk_size` bytes."""
+    """Publishes frames as `identity` (over a connection of `user`), in chunks of at
+    most `chunk_size` bytes."""
 
-    def __init__(self, identity: str, chunk_size: int) -> None:
+    def __init__(self, identity: str, user: str, chunk_size: int) -> None:
         self.chunk_size = chunk_size
         self.bytes_sent = 0
         self._headers: dict[str, Any] = {"sender": identity}
+        self._user = user
         # One properties object, refilled for every small message: pika encodes it
         # during basic_publish, and building one costs as much as the rest.
         self._properties = pika.BasicProperties(
-            app_id=APP_ID, headers=self._headers, delivery_mode=_TRANSIENT
+            app_id=APP_ID, user_id=user, headers=self._headers, delivery_mode=_TRANSIENT
         )
 
     def publish(
@@ -71,6 +75,7 @@ class Publisher:
                 exchange, routing_key, frame.tobytes() if kept else b"",
                 pika.BasicProperties(
                     type=type, app_id=APP_ID, correlation_id=correlation_id, delivery_mode=2,
+                    user_id=self._user,
                     headers={**self._headers, **headers, "x-torchrelay-bytes": frame.nbytes},
                 ),
             )
@@ -86,6 +91,7 @@ class Publisher:
         for index, chunk in enumerate(chunks):
             props = pika.BasicProperties(
                 type=type, app_id=APP_ID, correlation_id=correlation_id, reply_to=reply_to,
+                user_id=self._user,
                 headers={**self._headers, "chunk": [index, len(chunks), frame.nbytes]},
                 delivery_mode=_TRANSIENT,
             )

@@ -21,11 +21,13 @@ from typing import Any, Final
 
 import pika.exceptions as pe
 
+from .._errors import BrokerError
 from .._names import COMMAND_EXCHANGE, worker_queue
 
 __all__ = [
     "DEAD_LETTERS",
     "REPLY_QUEUE_EXPIRES_MS",
+    "WORKER_QUEUE_ARGUMENTS",
     "consume_worker_queue",
     "declare_command_exchange",
     "declare_reply_queue",
@@ -34,31 +36,50 @@ __all__ = [
 
 REPLY_QUEUE_EXPIRES_MS: Final = 60_000
 DEAD_LETTERS: Final = "torchrelay.dead"
-_WORKER_QUEUE_ARGUMENTS: Final = {"x-dead-letter-exchange": DEAD_LETTERS}
+WORKER_QUEUE_ARGUMENTS: Final = {"x-dead-letter-exchange": DEAD_LETTERS}
 
 log = logging.getLogger("torchrelay.broker")
 
 
-def declare_command_exchange(channel: Any) -> None:
-    channel.exchange_declare(COMMAND_EXCHANGE, "direct", durable=True)
+_NOT_FOUND: Final = 404
+_ADMINISTERED: Final = ("it is declared by an administrator with `torchrelay users add`, as a "
+                        "participant with a user of its own may not")
+
+
+def declare_command_exchange(connection: Any, channel: Any, *, administered: bool) -> None:
+    """Declare the command exchange; when `administered` (the participant has a user of
+    its own, with no right to declare shared things), check that it exists."""
+    if not administered:
+        channel.exchange_declare(COMMAND_EXCHANGE, "direct", durable=True)
+    elif not _exists(connection, lambda c: c.exchange_declare(COMMAND_EXCHANGE, passive=True)):
+        raise BrokerError(f"there is no exchange {COMMAND_EXCHANGE}: {_ADMINISTERED}")
 
 
 def declare_reply_queue(channel: Any, name: str) -> None:
     channel.queue_declare(name, arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS})
 
 
-def consume_worker_queue(connection: Any, channel: Any, worker_id: str, on_message: Any) -> None:
-    """Declare and bind `worker_id`'s queue and consume it, exclusively.
+def consume_worker_queue(
+    connection: Any, channel: Any, worker_id: str, on_message: Any, *, administered: bool
+) -> None:
+    """Declare and bind `worker_id`'s queue and consume it, exclusively. When
+    `administered`, only check that they exist: binding needs the right to read the
+    command exchange, with which a worker could bind any routing key.
 
     Raises `pika.exceptions.ChannelClosedByBroker` (RESOURCE_LOCKED) when another
     daemon already consumes it.
     """
     queue = worker_queue(worker_id)
+    if administered:
+        if not _exists(connection, lambda c: c.queue_declare(queue, passive=True)):
+            raise BrokerError(f"there is no queue {queue}: {_ADMINISTERED}")
+        channel.basic_consume(queue, on_message, exclusive=True)
+        return
     channel.exchange_declare(DEAD_LETTERS, "fanout", durable=True)
     channel.queue_declare(DEAD_LETTERS, durable=True)
     channel.queue_bind(DEAD_LETTERS, DEAD_LETTERS)
-    if _declares(connection, queue, _WORKER_QUEUE_ARGUMENTS):
-        channel.queue_declare(queue, durable=True, arguments=_WORKER_QUEUE_ARGUMENTS)
+    if _declares(connection, queue, WORKER_QUEUE_ARGUMENTS):
+        channel.queue_declare(queue, durable=True, arguments=WORKER_QUEUE_ARGUMENTS)
     else:
         log.warning("queue %s exists with other arguments (declared by an older torchrelay?): "
                     "it is used as it is, without dead-lettering; delete it to have it "
@@ -66,6 +87,20 @@ def consume_worker_queue(connection: Any, channel: Any, worker_id: str, on_messa
         channel.queue_declare(queue, passive=True)
     channel.queue_bind(queue, COMMAND_EXCHANGE, routing_key=worker_id)
     channel.basic_consume(queue, on_message, exclusive=True)
+
+
+def _exists(connection: Any, passive_declare: Any) -> bool:
+    """Whether a passive declaration finds its object (on a channel of its own: RabbitMQ
+    answers a missing one by closing the channel)."""
+    channel = connection.channel()
+    try:
+        passive_declare(channel)
+    except pe.ChannelClosedByBroker as e:
+        if e.reply_code != _NOT_FOUND:
+            raise
+        return False
+    channel.close()
+    return True
 
 
 def _declares(connection: Any, queue: str, arguments: dict[str, Any]) -> bool:

@@ -1,0 +1,260 @@
+"""One RabbitMQ user per participant: the broker refuses what a participant has no
+right to, and every message a participant forges under another's name is dropped
+and counted, with nothing lost (on the real RabbitMQ, with worker daemons).
+
+The users are made with `torchrelay users add` in a virtual host of this module;
+bob and alice are workers, ann and ben clients (ben is the attacker).
+"""
+
+from __future__ import annotations
+
+import secrets
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions as pe
+import pytest
+import torch
+
+import torchrelay as tr
+from torchrelay._cli import main
+from torchrelay._walkthrough import run_walkthrough
+from torchrelay.broker import COMMAND_EXCHANGE, ManagementAPI, Reply, Store
+from torchrelay.broker._rabbitmq._users import list_users, permissions
+from torchrelay.worker import WorkerProcesses
+from torchrelay.worker._config import ConfigError, WorkerConfig
+
+tr.hook(torch)
+
+WORKER_IDS = ("bob", "alice")
+
+
+class Fleet:
+    """The virtual host, its administrator and each participant's URL."""
+
+    def __init__(self, admin_url: str, suffix: str) -> None:
+        self.admin_url = admin_url
+        self.api = ManagementAPI(admin_url)
+        self.ann, self.ben = f"ann-{suffix}", f"ben-{suffix}"
+        self.passwords: dict[str, str] = {}
+        self.connections: list[Any] = []
+
+    def url(self, user: str) -> str:
+        parts = urllib.parse.urlsplit(self.admin_url)
+        netloc = f"{user}:{self.passwords[user]}@{parts.hostname}:{parts.port or 5672}"
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    def channel(self, user: str) -> Any:
+        """A raw pika channel as `user`, in confirm mode (a refusal raises at once)."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.url(user)))
+        self.connections.append(connection)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        return channel
+
+
+def _users(*argv: str) -> int:
+    return main(["users", *argv])
+
+
+@pytest.fixture(scope="module")
+def fleet(vhost_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    fleet = Fleet(vhost_factory(), secrets.token_hex(3))
+    for name, role in ((fleet.ann, "client"), (fleet.ben, "client"),
+                       *((w, "worker") for w in WORKER_IDS)):
+        password = secrets.token_hex(8)
+        assert _users("add", name, "--role", role, "--password", password,
+                      "--broker", fleet.admin_url) == 0
+        fleet.passwords[name] = password
+    folder = tmp_path_factory.mktemp("identities")
+    worker_args = {}
+    for worker_id in WORKER_IDS:
+        config = folder / f"{worker_id}.toml"
+        config.write_text(f'[worker]\nid = "{worker_id}"\nbroker = "amqp://set-by-flag/"\n'
+                          "shared_accounts = []\n")
+        worker_args[worker_id] = ["--config", str(config), "--broker", fleet.url(worker_id)]
+    daemons = WorkerProcesses(fleet.url(fleet.ann), WORKER_IDS, worker_args=worker_args,
+                              log_dir=folder / "logs")
+    daemons.start()
+    try:
+        yield fleet
+    finally:
+        daemons.stop_all()
+        for name in fleet.passwords:
+            _users("remove", name, "--broker", fleet.admin_url)
+
+
+@pytest.fixture(autouse=True)
+def _raw_connections_closed(fleet: Fleet) -> Iterator[None]:
+    yield
+    for connection in fleet.connections:
+        if connection.is_open:
+            connection.close()
+    fleet.connections.clear()
+
+
+@pytest.fixture
+def ann(fleet: Fleet) -> Iterator[tr.Fleet]:
+    with tr.connect(fleet.url(fleet.ann), timeout=30) as session:
+        yield session
+
+
+def _refused(code: int, action: Callable[[], object]) -> None:
+    with pytest.raises(pe.ChannelClosedByBroker) as raised:
+        action()
+    assert raised.value.reply_code == code, raised.value.reply_text
+
+
+def _forged_count(session: tr.Fleet, worker_id: str) -> int:
+    return int(session.worker(worker_id).status()["forged"])
+
+
+# -- the users command ----------------------------------------------------------------
+
+
+def test_users_are_added_with_their_role_s_permissions_listed_and_removed(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = f"carl-{secrets.token_hex(3)}"
+    assert _users("add", name, "--role", "client", "--broker", fleet.admin_url) == 0
+    printed = capsys.readouterr().out
+    assert "with password " in printed  # a new random one, said once
+    try:
+        granted = fleet.api.call("GET", f"/api/permissions/{fleet.api.quote(fleet.api.vhost)}/"
+                                        f"{name}")
+        assert {k: granted[k] for k in ("configure", "write", "read")} == permissions(
+            name, "client")
+        assert (name, "client") in {(u.name, u.role) for u in list_users(fleet.api)}
+        assert _users("list", "--broker", fleet.admin_url) == 0
+        assert f"{name}\tclient" in capsys.readouterr().out
+    finally:
+        assert _users("remove", name, "--broker", fleet.admin_url) == 0
+    assert name not in {u.name for u in list_users(fleet.api)}
+    assert _users("remove", name, "--broker", fleet.admin_url) == 1
+    assert f"there is no user {name!r}" in capsys.readouterr().err
+    assert _users("add", "no/slashes", "--role", "client", "--broker", fleet.admin_url) == 1
+    assert _users("add", name, "--broker", fleet.admin_url) == 2  # no role
+
+
+# -- what works with identities on ------------------------------------------------------
+
+
+def test_the_walkthrough_runs_unchanged_with_a_user_per_participant(ann: tr.Fleet) -> None:
+    assert ann.name.startswith("ann-")  # the user in the URL
+    run_walkthrough(ann, echo=lambda line: None)
+    for worker_id in WORKER_IDS:
+        status = ann.worker(worker_id).status()
+        assert status["objects"] == 0
+        assert status["forged"] == 0
+
+
+def test_a_name_other_than_the_user_is_refused(fleet: Fleet) -> None:
+    with pytest.raises(tr.BrokerError, match=f"cannot connect as RabbitMQ user '{fleet.ann}'"):
+        tr.connect(fleet.url(fleet.ann), name="bob")
+
+
+def test_a_worker_whose_id_is_not_its_user_does_not_start(fleet: Fleet) -> None:
+    with pytest.raises(ConfigError, match="a worker's id is its user's name"):
+        WorkerConfig(id="alice", broker=fleet.url("bob"), shared_accounts=())
+    # On a shared account the id is the worker's to choose, as before.
+    WorkerConfig(id="alice", broker="amqp://guest:guest@localhost/")
+
+
+# -- what the broker refuses ------------------------------------------------------------
+
+
+def test_the_broker_refuses_what_a_participant_has_no_right_to(
+    fleet: Fleet, ann: tr.Fleet,
+) -> None:
+    ben = fleet.ben
+    # Nobody can copy another's commands: no queue of one's choosing, no binding to
+    # the command exchange, no consuming a worker's queue or someone's replies.
+    _refused(403, lambda: fleet.channel(ben).queue_declare("sniffer"))
+    _refused(403, lambda: fleet.channel(ben).queue_declare(f"torchrelay.reply.{fleet.ann}.x"))
+    own = f"torchrelay.reply.{ben}.{secrets.token_hex(3)}"
+    channel = fleet.channel(ben)
+    channel.queue_declare(own, auto_delete=True)  # its own reply queue: allowed
+    _refused(403, lambda: channel.queue_bind(own, COMMAND_EXCHANGE, routing_key="bob"))
+    _refused(403, lambda: fleet.channel(ben).basic_consume(
+        "torchrelay.worker.bob", lambda *a: None))
+    _refused(403, lambda: fleet.channel(ben).basic_consume(
+        ann.endpoint.reply_queue, lambda *a: None))
+    # A client publishes commands, and nowhere else; under its own name only.
+    _refused(403, lambda: fleet.channel(ben).basic_publish("amq.topic", "x", b""))
+    _refused(403, lambda: fleet.channel(ben).basic_publish("", ann.endpoint.reply_queue, b""))
+    _refused(406, lambda: fleet.channel(ben).basic_publish(
+        COMMAND_EXCHANGE, "bob", b"", pika.BasicProperties(user_id=fleet.ann)))
+    # A worker cannot take another's queue or routing key either.
+    _refused(403, lambda: fleet.channel("alice").queue_declare("torchrelay.worker.bob",
+                                                               passive=False, durable=True))
+    _refused(403, lambda: fleet.channel("alice").queue_bind(
+        "torchrelay.worker.alice", COMMAND_EXCHANGE, routing_key="bob"))
+    _refused(403, lambda: fleet.channel("alice").basic_consume(
+        "torchrelay.worker.bob", lambda *a: None))
+
+
+# -- forgeries: dropped, counted, nothing lost ------------------------------------------
+
+
+def test_commands_under_another_s_name_are_dropped_and_counted(
+    fleet: Fleet, ann: tr.Fleet,
+) -> None:
+    x = torch.tensor([1.0, 2.0]).send(ann.worker("bob"))
+    before, forged = set(ann.worker("bob")._objects), _forged_count(ann, "bob")
+    forgeries = [  # (user_id property, sender header): each a way to claim to be ann
+        (None, fleet.ann), (None, None), (fleet.ben, fleet.ann), (fleet.ben, "bob"),
+        (fleet.ben, "x" * 10_000),
+    ]
+    channel = fleet.channel(fleet.ben)
+    for number, (user_id, claimed) in enumerate(forgeries):
+        # What would overwrite ann's tensor, were it run.
+        body = Store(x.id_at_location, torch.tensor([666.0])).encode().tobytes()
+        headers = {} if claimed is None else {"sender": claimed}
+        channel.basic_publish(COMMAND_EXCHANGE, "bob", body, pika.BasicProperties(
+            type="store", user_id=user_id, headers=headers, correlation_id=f"f{number}",
+            reply_to=f"torchrelay.reply.{fleet.ben}.x"))
+    # A chunk of a transfer claimed for bob, into alice.
+    channel.basic_publish(COMMAND_EXCHANGE, "alice", b"\0" * 64, pika.BasicProperties(
+        type="store", user_id=fleet.ben, correlation_id="bob.1.1",
+        headers={"sender": "bob", "chunk": [0, 2, 128]}))
+    # Everything above is queued before the status requests (the channel confirms).
+    assert _forged_count(ann, "bob") == forged + len(forgeries)
+    assert _forged_count(ann, "alice") >= 1
+    assert set(ann.worker("bob")._objects) == before
+    assert x.get().tolist() == [1.0, 2.0]
+
+
+def test_replies_from_anyone_but_the_worker_asked_are_dropped(
+    fleet: Fleet, ann: tr.Fleet,
+) -> None:
+    bob = ann.worker("bob")
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    ann.sync()
+    # alice (a worker: it may publish replies) answers ann's next commands first.
+    prefix = ann._prefix  # correlation ids are `<prefix><number>`, numbered in order
+    channel = fleet.channel("alice")
+    fake = Reply(torch.tensor([666.0, 666.0])).encode().tobytes()
+    next_number = next(ann._numbers)
+    for number in range(next_number, next_number + 20):
+        for claimed in ("bob", "alice"):  # claiming bob's name, or honestly alice's
+            channel.basic_publish("", ann.endpoint.reply_queue, fake, pika.BasicProperties(
+                type="fetch.reply", user_id="alice", correlation_id=f"{prefix}{number}",
+                headers={"sender": claimed}))
+    assert x.get().tolist() == [1.0, 2.0]
+    assert ann.forged >= 2  # the fetch's two forged answers, at least
+
+
+def test_a_status_request_still_reaches_a_worker_after_forgeries(ann: tr.Fleet) -> None:
+    # The daemons are still up and serving after every test above.
+    assert {ann.worker(w).status()["id"] for w in WORKER_IDS} == set(WORKER_IDS)
+
+
+def test_shared_accounts_in_a_config_file_is_a_list(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('[worker]\nid = "w"\nbroker = "amqp://w:p@localhost/"\n'
+                      'shared_accounts = "guest"\n')
+    with pytest.raises(ConfigError, match="shared_accounts must be list"):
+        WorkerConfig.resolve(config)
