@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         Envelope,
         ErrorInfo,
         Fetch,
+        Grant,
         Meta,
         Pull,
         Reply,

@@ -46,6 +46,7 @@ __all__ = [
     "Envelope",
     "ErrorInfo",
     "Fetch",
+    "Grant",
     "Meta",
     "ObjectId",
     "Pull",
@@ -332,6 +333,16 @@ class Store(Command):
     value: Any
     provenance: list[Identity] = field(default_factory=list)
     replaces_pointer: bool = False
+    holders: list[Identity] = field(default_factory=list)
+    """Who else may use it (a move keeps the moved object's holders)."""
+
+
+@command("grant")
+class Grant(Command):
+    """Let `to` use object `id` too (a pointer to it was sent on to `to`)."""
+
+    id: ObjectId
+    to: Identity
 
 
 @command("fetch")
@@ -361,6 +372,8 @@ class Call(Command):
     kwargs: dict[str, Any]
     result_id: ObjectId | None
     hops: Hops = 0
+    holders: list[Identity] = field(default_factory=list)
+    """Who else may use the result: the participants a forwarded call acts for."""
 
     def describe(self) -> str:
         return f"call {self.op}"

@@ -124,6 +124,11 @@ class Endpoint(ABC):
         """
         return []
 
+    def queue_consumers(self, queue: str) -> int | None:
+        """How many consume `queue`; None when there is no such queue. (Asked of a broker
+        between processes: an in-process one has no use for it.)"""
+        raise NotImplementedError(f"{type(self).__name__} cannot inspect queues")
+
     def stats(self) -> dict[str, Any]:
         """Transport facts for a worker's status (connection name, reconnects...)."""
         return {}

@@ -27,6 +27,7 @@ import torch
 from torchrelay.broker import (
     Call,
     Fetch,
+    Grant,
     Meta,
     ObjectRef,
     OperationRefused,
@@ -130,6 +131,8 @@ class PointerTensor:
     def send(self, worker: WorkerHandle) -> PointerTensor:
         """Send this pointer (not the data) to `worker`: a pointer to a pointer."""
         reference = PointerRef(self.location.id, self.id_at_location)
+        # Its target is ours: `worker` may use it now, to work through the chain.
+        self.fleet.post(self.location.id, Grant(self.id_at_location, worker.id))
         self.fleet.post(worker.id, Store(self.id, reference))
         self.garbage_collect = False  # the copy on `worker` owns the target now
         return PointerTensor(worker, self.id, chain=True)

@@ -243,6 +243,9 @@ def test_a_cycle_of_pointers_is_refused_not_followed_forever(
                                                 provenance=[], replaces_pointer=False))
     raw_request(fleet, "bob", "store", fields(id=at_bob, value=PointerRef("alice", at_alice),
                                               provenance=[], replaces_pointer=False))
+    # Each may use the other's (as sending a pointer on grants).
+    raw_request(fleet, "alice", "grant", fields(id=at_alice, to="bob"))
+    raw_request(fleet, "bob", "grant", fields(id=at_bob, to="alice"))
     cycle = tr.PointerTensor(alice, at_alice)
     with pytest.raises(tr.RemoteError, match="forwarded 32 times"):
         (cycle + 1).get()

@@ -3,11 +3,13 @@ right to, and every message a participant forges under another's name is dropped
 and counted, with nothing lost (on the real RabbitMQ, with worker daemons).
 
 The users are made with `torchrelay users add` in a virtual host of this module;
-bob and alice are workers, ann and ben clients (ben is the attacker).
+bob, alice and secure_worker are workers, ann and ben clients (ben is the
+attacker).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -22,14 +24,28 @@ import torch
 import torchrelay as tr
 from torchrelay._cli import main
 from torchrelay._walkthrough import run_walkthrough
-from torchrelay.broker import COMMAND_EXCHANGE, ManagementAPI, Reply, Store
+from torchrelay.broker import (
+    COMMAND_EXCHANGE,
+    Call,
+    Delete,
+    Fetch,
+    Grant,
+    ManagementAPI,
+    Meta,
+    ObjectRef,
+    Pull,
+    Reply,
+    Store,
+    Transfer,
+)
 from torchrelay.broker._rabbitmq._users import list_users, permissions
 from torchrelay.worker import WorkerProcesses
 from torchrelay.worker._config import ConfigError, WorkerConfig
 
 tr.hook(torch)
 
-WORKER_IDS = ("bob", "alice")
+README = Path(__file__).resolve().parent.parent / "README.md"
+WORKER_IDS = ("bob", "alice", "secure_worker")
 
 
 class Fleet:
@@ -102,6 +118,12 @@ def ann(fleet: Fleet) -> Iterator[tr.Fleet]:
         yield session
 
 
+@pytest.fixture
+def ben(fleet: Fleet) -> Iterator[tr.Fleet]:
+    with tr.connect(fleet.url(fleet.ben), timeout=30) as session:
+        yield session
+
+
 def _refused(code: int, action: Callable[[], object]) -> None:
     with pytest.raises(pe.ChannelClosedByBroker) as raised:
         action()
@@ -151,6 +173,14 @@ def test_the_walkthrough_runs_unchanged_with_a_user_per_participant(ann: tr.Flee
         assert status["forged"] == 0
 
 
+def test_the_federated_flow_runs_unchanged_with_a_user_per_participant(ann: tr.Fleet) -> None:
+    flow = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)[1]
+    namespace: dict[str, object] = {"fleet": ann, "torch": torch}
+    exec(compile(flow, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    model = namespace["model"]
+    assert isinstance(model, torch.nn.Linear) and torch.isfinite(model.weight).all()
+
+
 def test_a_name_other_than_the_user_is_refused(fleet: Fleet) -> None:
     with pytest.raises(tr.BrokerError, match=f"cannot connect as RabbitMQ user '{fleet.ann}'"):
         tr.connect(fleet.url(fleet.ann), name="bob")
@@ -194,6 +224,51 @@ def test_the_broker_refuses_what_a_participant_has_no_right_to(
         "torchrelay.worker.alice", COMMAND_EXCHANGE, routing_key="bob"))
     _refused(403, lambda: fleet.channel("alice").basic_consume(
         "torchrelay.worker.bob", lambda *a: None))
+
+
+# -- each participant's objects are its own ---------------------------------------------
+
+
+def test_another_client_s_objects_do_not_exist_for_a_client(ann: tr.Fleet, ben: tr.Fleet) -> None:
+    bob = ann.worker("bob")
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    mine = torch.tensor([5.0]).send(ben.worker("bob"))
+    ann.sync()
+    theirs = x.id_at_location
+    assert theirs in bob._objects
+    assert theirs not in ben.worker("bob")._objects  # not listed
+    assert set(ben.worker("bob")._objects) == {mine.id_at_location}
+    missing = f"no object {theirs} on worker 'bob'"
+    attempts: list[Any] = [
+        Fetch(theirs),
+        Call("Tensor.__add__", [ObjectRef(theirs), 1], {}, ben.new_id()),  # as an argument
+        Call("Tensor.add_", [ObjectRef(theirs), 1], {}, None),  # changed in place
+        Transfer(theirs, "alice", ben.new_id()),  # moved
+        Meta(theirs),
+        Grant(theirs, ben.name),  # given to itself
+        Pull(theirs),
+    ]
+    for command in attempts:
+        with pytest.raises(tr.RemoteError, match=re.escape(missing)):
+            ben.request("bob", command)
+    # Deleting it is deleting nothing; its holder's object is untouched throughout.
+    assert ben.request("bob", Delete([theirs])) == [theirs]
+    assert x.get().tolist() == [1.0, 2.0]
+    assert mine.get().tolist() == [5.0]
+
+
+def test_a_pointer_sent_on_lets_the_next_worker_use_its_target_and_no_one_else(
+    ann: tr.Fleet, ben: tr.Fleet,
+) -> None:
+    bob, alice = ann.worker("bob"), ann.worker("alice")
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    chain = x.send(alice)  # alice holds a pointer to bob's x: alice may use x now
+    y = chain + chain  # runs on bob, through alice; its result is ann's as well as alice's
+    assert ben.worker("alice")._objects == {}  # ben sees nothing of it, anywhere
+    assert ben.worker("bob")._objects == {}
+    assert y.get().get().tolist() == [2.0, 4.0]  # alice's pointer, then bob's result
+    chain.remote_get()  # alice pulls x from bob
+    assert chain.get().tolist() == [1.0, 2.0]
 
 
 # -- forgeries: dropped, counted, nothing lost ------------------------------------------

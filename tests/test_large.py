@@ -55,7 +55,8 @@ def test_many_small_chunks_from_a_client_that_asks_for_them(
 
 def test_a_transfer_cut_short_is_never_seen(session_daemons: WorkerProcesses) -> None:
     object_id = secrets.randbits(53)
-    frame = Store(object_id, torch.ones(MIB), []).encode()  # 4 MiB
+    # 4 MiB, for the session below to see (a store is its sender's, and whom it names)
+    frame = Store(object_id, torch.ones(MIB), [], holders=["me"]).encode()
     chunks = list(split_frame(frame, MIB))
 
     def publish(indexes: range) -> None:

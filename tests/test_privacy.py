@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import torchrelay as tr
-from torchrelay.broker import ChargePrivacy, Fetch, PointerRef, Pull, Store
+from torchrelay.broker import ChargePrivacy, Fetch, Grant, PointerRef, Pull, Store
 from torchrelay.worker import WorkerProcesses
 
 tr.hook(torch)
@@ -200,6 +200,7 @@ def test_forged_stores_do_not_launder_private_data(fleet: tr.Fleet) -> None:
     target = data.clone()
     # A pointer to bob's data stored on secure_worker, claiming no provenance at all...
     laundered = fleet.new_id()
+    fleet.request("bob", Grant(target.id_at_location, "secure_worker"))  # as a send does
     fleet.request("secure_worker", Store(laundered, PointerRef("bob", target.id_at_location),
                                          provenance=[]))
     fleet.request("secure_worker", Pull(laundered))  # ...made to pull the data there

@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="elements of any tensor a command may make (default 2**28)")
     worker.add_argument("--max-bytes", type=int,
                         help="bytes of tensors the worker may hold (default: half the RAM)")
+    worker.add_argument("--lease", type=float,
+                        help="seconds the objects of a participant that is gone are kept "
+                             "before they are deleted (default 600)")
     worker.add_argument("--tls-ca-file", help="amqps://: the CA that signed the broker's "
                                               "certificate (default: the system's)")
     worker.add_argument("--tls-cert-file", help="amqps://: a client certificate to present")
@@ -144,6 +147,7 @@ def _worker(args: argparse.Namespace) -> int:
             max_bytes=args.max_bytes,
             max_list_elements=args.max_list_elements,
             torch_threads=args.torch_threads,
+            lease=args.lease,
             tls_ca_file=args.tls_ca_file,
             tls_cert_file=args.tls_cert_file,
             tls_key_file=args.tls_key_file,

@@ -19,6 +19,8 @@
                               # one is trusted to name its sender. [] on a shared broker,
                               # where every participant has a user (`torchrelay users add`)
                               # and the worker's id is its user's name
+    lease = 600.0             # seconds a gone participant's objects are kept (a reconnect
+                              # within it loses nothing), then deleted
     # tls_ca_file = "ca.pem"      amqps://: the CA that signed the broker's certificate
     #                             (default: the system's); paths relative to this file
     # tls_cert_file = "bob.pem"   amqps://: a client certificate to present, and its key
@@ -88,6 +90,7 @@ class WorkerConfig:
     max_list_elements: int = 1 << 20
     torch_threads: int | None = None
     shared_accounts: tuple[str, ...] = SHARED_ACCOUNTS
+    lease: float = 600.0
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -119,7 +122,7 @@ class WorkerConfig:
         if self.heartbeat is not None and self.heartbeat < 0:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
         for positive in ("reply_timeout", "command_timeout", "stop_grace", "max_elements",
-                         "max_bytes", "max_list_elements"):
+                         "max_bytes", "max_list_elements", "lease"):
             if getattr(self, positive) <= 0:
                 raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
         if self.torch_threads is not None and self.torch_threads < 1:

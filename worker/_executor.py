@@ -122,7 +122,7 @@ class Mirror:
         self.storage_of: dict[int, int] = {}  # object id -> storage identity
         self.versions: dict[int, int] = {}  # object id -> the _version last sent
         self.sent_shared: set[int] = set()  # keys whose descriptor the supervisor holds
-        self.provenance_ids: dict[frozenset[str], int] = {}
+        self.provenance_ids: dict[tuple[frozenset[str], frozenset[str]], int] = {}
         self.changed: dict[int, bool] = {}  # object id -> new (or replaced)
         self.deleted: list[int] = []
 
@@ -206,15 +206,16 @@ class Mirror:
         return key
 
     def _provenance(self, parts: list[bytes], entry: StoredObject) -> int:
-        # What it derives from as of now, the memory it shares included: after a crash
-        # its tensors come back in memory of their own, carrying this.
+        # What it derives from as of now, the memory it shares included (after a crash
+        # its tensors come back in memory of their own, carrying this), and who may use
+        # it: one record for each pair seen.
         assert self.store is not None
-        owners = self.store.owners(entry)
-        provenance_id = self.provenance_ids.get(owners)
+        key = (self.store.owners(entry), entry.holders)
+        provenance_id = self.provenance_ids.get(key)
         if provenance_id is None:
             provenance_id = len(self.provenance_ids) + 1
-            self.provenance_ids[owners] = provenance_id
-            body = msgpack.packb(sorted(owners))
+            self.provenance_ids[key] = provenance_id
+            body = msgpack.packb([sorted(key[0]), sorted(key[1])])
             parts += [PROVENANCE_RECORD.pack(PROVENANCE, provenance_id, len(body)), body]
         return provenance_id
 
@@ -243,15 +244,21 @@ class MirroredStore(ObjectStore):
     def objects(self) -> dict[int, StoredObject]:
         return self._objects
 
-    def put(self, object_id: int, value: Any, provenance: frozenset[str] = frozenset()) -> None:
+    def put(self, object_id: int, value: Any, provenance: frozenset[str],
+            holders: frozenset[str]) -> None:
         _share_large(value)  # before it is counted: sharing moves the storage
-        super().put(object_id, value, provenance)
+        super().put(object_id, value, provenance, holders)
         self.mirror.changed[object_id] = True
 
-    def replace(self, object_id: int, value: Any, provenance: frozenset[str]) -> None:
+    def replace(self, object_id: int, value: Any, provenance: frozenset[str],
+                holders: frozenset[str]) -> None:
         _share_large(value)
-        super().replace(object_id, value, provenance)
+        super().replace(object_id, value, provenance, holders)
         self.mirror.changed[object_id] = True
+
+    def grant(self, object_id: int, identity: str) -> None:
+        super().grant(object_id, identity)
+        self.mirror.changed[object_id] = True  # recorded anew, with its holders
 
     def get(self, object_id: int) -> StoredObject:
         entry = super().get(object_id)
@@ -314,7 +321,7 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
         return lost
     with mmap.mmap(setup.snapshot, setup.snapshot_length, mmap.MAP_PRIVATE) as page:
         view = memoryview(page)
-        provenances: dict[int, frozenset[str]] = {}
+        provenances: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
         objects: list[tuple[int, int, Any]] = []
         position = 0
         while position < len(view):
@@ -331,9 +338,8 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
             elif kind == PROVENANCE:
                 _, provenance_id, length = PROVENANCE_RECORD.unpack_from(view, position)
                 position += PROVENANCE_RECORD.size
-                provenances[provenance_id] = frozenset(
-                    msgpack.unpackb(view[position : position + length])
-                )
+                owners, holders = msgpack.unpackb(view[position : position + length])
+                provenances[provenance_id] = (frozenset(owners), frozenset(holders))
                 mirror.provenance_ids[provenances[provenance_id]] = provenance_id
                 position += length
             elif kind == TENSOR:
@@ -371,7 +377,7 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
             mirror.storage_of[object_id] = identity
             mirror.users[identity] = mirror.users.get(identity, 0) + 1
             mirror.versions[object_id] = value._version
-        ObjectStore.put(store, object_id, value, provenances[provenance_id])
+        ObjectStore.put(store, object_id, value, *provenances[provenance_id])
     return lost
 
 
@@ -393,7 +399,7 @@ def main() -> int:
         runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout,
                                 limits=config.limits, store=store, containment=mirror,
                                 privacy=config.privacy, ledger=config.ledger,
-                                status_facts={"pid": setup.supervisor,
+                                lease=config.lease, status_facts={"pid": setup.supervisor,
                                               "executor_pid": os.getpid(),
                                               "executor_restarts": setup.restarts})
         started = time.monotonic()

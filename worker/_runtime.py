@@ -51,6 +51,7 @@ from torchrelay.broker import (
     ErrorInfo,
     Fetch,
     Frame,
+    Grant,
     Meta,
     ObjectRef,
     OperationRefused,
@@ -75,15 +76,17 @@ from torchrelay.broker import (
     new_object_id,
     resolve_op,
     session_and_number,
+    worker_queue,
 )
 
 from ._aggregation import AggregationPlan
 from ._checks import check_arguments, check_result
 from ._datasets import Dataset, dataset_id
+from ._leases import DEFAULT_LEASE, Leases
 from ._limits import BudgetExceeded, Limits
 from ._plans import RecordedPlan, check_plan
 from ._privacy import BudgetSpent, PrivacyBudget, PrivacyPolicy
-from ._store import ObjectStore, StoredObject
+from ._store import EVERYONE, ObjectStore, StoredObject
 
 __all__ = ["WorkerRuntime"]
 
@@ -181,6 +184,7 @@ class WorkerRuntime:
         status_facts: dict[str, Any] | None = None,
         privacy: PrivacyPolicy | None = None,
         ledger: Path | None = None,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         self.id = worker_id
         self.endpoint = endpoint
@@ -208,6 +212,10 @@ class WorkerRuntime:
         self._handled = 0
         self._failed = 0
         self._forged_replies = 0
+        self.leases = None if endpoint.in_process else Leases(
+            lease, endpoint.queue_consumers,
+            lambda identity: endpoint.queue_consumers(worker_queue(identity)) is not None)
+        """Who is still there, so that the objects of who is not are reclaimed."""
         self._request_numbers = 0
         self._prefix = f"{worker_id}.{secrets.token_hex(4)}."  # unique per run, as a client's
         self._random = random.Random()
@@ -220,6 +228,7 @@ class WorkerRuntime:
             Pull: self._pull,
             Meta: self._meta,
             Describe: self._describe,
+            Grant: self._grant,
             Status: self._status,
             Search: self._search,
             ChargePrivacy: self._charge_privacy,
@@ -292,6 +301,8 @@ class WorkerRuntime:
             log.info("skipped %s %s from %s: it already ran", item.name, item.correlation_id,
                      delivery.sender)
             return
+        if self.leases is not None:
+            self.leases.saw(delivery.sender, delivery.reply_to, time.monotonic())
         recent = self._recent
         recent[key] = None
         if len(recent) > _REMEMBERED_COMMANDS:
@@ -325,7 +336,7 @@ class WorkerRuntime:
         command = job.command
         assert command is not None
         # Garbage first; only its pointers' targets on other workers need waiting for.
-        targets = self._discard(envelope.garbage) if envelope.garbage else None
+        targets = self._discard(envelope.garbage, job.sender) if envelope.garbage else None
         try:
             if envelope.guard is not None:
                 self._check_guard(job, envelope.guard)
@@ -383,6 +394,30 @@ class WorkerRuntime:
             error = ReplyTimeout(waiting.request.worker_id, waiting.request.command.describe(),
                                  self.reply_timeout)
             self._advance(waiting.task, None, error)
+        if self.leases is not None and self.leases.due(now):
+            self._reclaim(now)
+
+    def _reclaim(self, now: float) -> None:
+        """Delete the objects of participants whose lease ran out (see `_leases.py`)."""
+        assert self.leases is not None
+        held: dict[str, list[int]] = {}
+        for object_id, entry in self.store.entries():
+            for identity in entry.holders:
+                held.setdefault(identity, []).append(object_id)
+        try:
+            expired = self.leases.expired(set(held), now)
+        except TorchRelayError as e:  # the broker is away: look again next time
+            log.warning("could not check leases: %s", e)
+            return
+        for identity in expired:
+            ids = held[identity]
+            targets = self._discard(ids, identity)
+            for location, target_ids in targets.items():
+                self._tell(location, Delete(target_ids))
+            if self.containment is not None:
+                self.containment.commit()
+            log.info("reclaimed %d objects of %r: gone for longer than its lease (%g s)",
+                     len(ids), identity, self.leases.lease)
 
     def fail_waiting(self, error: TorchRelayError) -> None:
         """Fail every request in flight (the connection that would carry replies is gone)."""
@@ -521,21 +556,22 @@ class WorkerRuntime:
         # The owners a sending worker names are added to, never taken from: what a
         # client sends is its own, and carries no one's private data.
         provenance = frozenset(command.provenance)
+        holders = frozenset(command.holders) | {sender}
         if not command.replaces_pointer:
-            self.store.put(command.id, command.value, provenance)
+            self.store.put(command.id, command.value, provenance, holders)
             return
-        entry = self.store.get(command.id)
+        entry = self.store.get(command.id)  # whoever holds it: the check is the pointer's
         value = entry.value
         if not (type(value) is PointerRef and value.location == sender):
             raise ProtocolError(
                 f"object {command.id} on worker {self.id!r} is not a pointer to {sender!r}; "
                 "only the target of a pointer can replace it"
             )
-        self.store.replace(command.id, command.value, provenance)
+        self.store.replace(command.id, command.value, provenance, entry.holders | holders)
 
     def _fetch(self, command: Fetch, sender: str) -> _Encoded:
         self._not_owned(command.id, "fetched")
-        entry = self.store.get(command.id)
+        entry = self.store.use(command.id, sender)
         owners = self.store.owners(entry)
         if owners and not self._releasable(entry.value, owners):
             raise PrivateDataError(
@@ -551,21 +587,30 @@ class WorkerRuntime:
 
     def _delete(self, command: Delete, sender: str) -> Any:
         missing: list[int] = []
-        targets = self._discard(command.ids, missing)
+        targets = self._discard(command.ids, sender, missing)
         if targets:
             return self._then_delete(missing, targets)
         return missing
 
-    def _discard(self, ids: list[int], missing: list[int] | None = None) -> dict[str, list[int]]:
-        """Delete objects here; the targets of the pointers among them, by worker.
+    def _discard(self, ids: list[int], sender: str,
+                 missing: list[int] | None = None) -> dict[str, list[int]]:
+        """Delete objects of `sender`'s here; the targets of the pointers among them, by
+        worker.
 
-        Deleting twice is harmless: ids not found go to `missing`."""
+        Deleting twice is harmless: ids not found go to `missing`, and so do those of
+        others (to `sender` they do not exist)."""
         targets: dict[str, list[int]] = {}
-        owned = self.store.owned
+        store = self.store
+        owned = store.owned
         for object_id in ids:
             if object_id in owned:  # the worker's own: no client's garbage collection
                 continue
-            entry = self.store.discard(object_id)
+            present = store.objects_get(object_id)
+            if present is not None and not present.usable_by(sender):
+                if missing is not None:
+                    missing.append(object_id)
+                continue
+            entry = store.discard(object_id)
             if entry is None:
                 self.store.delete_early(object_id)
                 if missing is not None:
@@ -595,18 +640,19 @@ class WorkerRuntime:
                 f"{command.op} with out= is refused: results are new objects here (use the "
                 "in-place method, such as add_, to change a tensor)"
             )
-        resolver = _ArgumentResolver(self.store)
+        resolver = _ArgumentResolver(self.store, sender)
         args = resolver.arguments(command.args)
         kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
         if resolver.location is None:
             owners = resolver.provenance
             result = self._execute(command, op, args, kwargs, owners)
             if command.result_id is not None:
-                self.store.put(command.result_id, result, owners)
+                self.store.put(command.result_id, result, owners,
+                               frozenset(command.holders) | {sender})
             elif owners and command.args and type(command.args[0]) is ObjectRef:
                 self.store.add_owners(command.args[0].id, owners)  # changed in place
             return None
-        return self._forward_call(command, resolver.location, args, kwargs)
+        return self._forward_call(command, sender, resolver.location, args, kwargs)
 
     def _execute(self, call: Call, op: Any, args: list[Any], kwargs: dict[str, Any],
                  owners: frozenset[str] = frozenset()) -> Any:
@@ -653,10 +699,10 @@ class WorkerRuntime:
         return result
 
     def _define_plan(self, command: DefinePlan, sender: str) -> None:
-        self.store.put(command.id, check_plan(command))
+        self.store.put(command.id, check_plan(command), frozenset(), frozenset({sender}))
 
     def _run_plan(self, command: RunPlan, sender: str) -> None:
-        plan = self.store.get(command.plan).value
+        plan = self.store.use(command.plan, sender).value
         if type(plan) is not RecordedPlan:
             raise OperationRefused(f"object {command.plan} is not a plan")
         if len(command.arguments) != len(plan.parameters):
@@ -665,7 +711,7 @@ class WorkerRuntime:
         if len(command.result_ids) != len(plan.returns):
             raise TypeError(f"the plan returns {len(plan.returns)} results, not "
                             f"{len(command.result_ids)}")
-        resolver = _ArgumentResolver(self.store)
+        resolver = _ArgumentResolver(self.store, sender)
         scope = dict(zip(plan.parameters, resolver.arguments(command.arguments), strict=True))
         resolver.scope = scope
         budget = self.store.max_bytes
@@ -689,19 +735,23 @@ class WorkerRuntime:
                             f"the plan's results would take worker {self.id!r} past its "
                             f"max_bytes ({budget} bytes) at call {number} ({call.op})")
         for result_id, value in zip(command.result_ids, plan.returns, strict=True):
-            self.store.put(result_id, scope[value], resolver.provenance)
+            self.store.put(result_id, scope[value], resolver.provenance, frozenset({sender}))
 
-    async def _forward_call(
-        self, command: Call, location: str, args: list[Any], kwargs: dict[str, Any]
-    ) -> None:
-        """Every object argument is a pointer to `location`: the call runs there."""
+    async def _forward_call(self, command: Call, sender: str, location: str, args: list[Any],
+                            kwargs: dict[str, Any]) -> None:
+        """Every object argument is a pointer to `location`: the call runs there, its
+        result usable by whom it is done for (so a pointer chain can be fetched from
+        its end)."""
         _check_hops(command.hops, f"call {command.op}")
         remote_result = None if command.result_id is None else self._new_id()
-        forwarded = Call(command.op, args, kwargs, remote_result, command.hops + 1)
+        holders = frozenset(command.holders) | {sender}
+        forwarded = Call(command.op, args, kwargs, remote_result, command.hops + 1,
+                         sorted(holders))
         if command.result_id is not None:
             # Stored before the answer, so later commands on it queue up behind this one.
             assert remote_result is not None
-            self.store.put(command.result_id, PointerRef(location, remote_result))
+            self.store.put(command.result_id, PointerRef(location, remote_result), frozenset(),
+                           holders)
         try:
             await self._ask(location, forwarded)
         except BaseException:
@@ -715,21 +765,22 @@ class WorkerRuntime:
 
     async def _transfer(self, command: Transfer, sender: str) -> None:
         self._not_owned(command.id, "moved")
-        entry = self.store.get(command.id)
+        entry = self.store.use(command.id, sender)
         owners = self.store.owners(entry)
         if owners:
             self._may_move(command.id, owners, command.destination)
         store = Store(command.destination_id, entry.value, sorted(owners),
-                      command.replaces_pointer)
+                      command.replaces_pointer, sorted(entry.holders))
         await self._ask(command.destination, store, confirm=True)
         # The destination holds it now. Drop ours, unless a command replaced it meanwhile.
         if not self.store.discard_if(command.id, entry):
             return
         if command.keep_pointer:
-            self.store.put(command.id, PointerRef(command.destination, command.destination_id))
+            self.store.put(command.id, PointerRef(command.destination, command.destination_id),
+                           frozenset(), entry.holders)
 
     async def _pull(self, command: Pull, sender: str) -> None:
-        entry = self.store.get(command.id)
+        entry = self.store.use(command.id, sender)
         pointer = entry.value
         if type(pointer) is not PointerRef:
             raise ProtocolError(
@@ -741,7 +792,7 @@ class WorkerRuntime:
         )
 
     def _meta(self, command: Meta, sender: str) -> Any:
-        value = self.store.get(command.id).value
+        value = self.store.use(command.id, sender).value
         if type(value) is PointerRef:
             return self._forward_meta(value, command.hops)
         if not isinstance(value, torch.Tensor):
@@ -770,7 +821,7 @@ class WorkerRuntime:
         its id derives from `key` (its file), so it is the same after a restart."""
         object_id = dataset_id(self.id, key)
         owners = frozenset({self.id}) if dataset.private else frozenset()
-        self.store.put(object_id, dataset, owners)
+        self.store.put(object_id, dataset, owners, EVERYONE)
         if owners:
             self.store.spread(list(dataset.tensors.values()), owners)
         self.store.owned.add(object_id)
@@ -825,7 +876,8 @@ class WorkerRuntime:
         return {**self.privacy.public(), "epsilon_spent": spent}
 
     async def _aggregate(self, command: Aggregate, sender: str) -> dict[str, Any]:
-        contributions = [[self.store.get(i) for i in ids] for ids in command.contributions]
+        contributions = [[self.store.use(i, sender) for i in ids]
+                         for ids in command.contributions]
         owners = [frozenset().union(*(self.store.owners(e) for e in entries))
                   for entries in contributions]
         plan = AggregationPlan.check(
@@ -837,7 +889,8 @@ class WorkerRuntime:
             policies[owner] = (self._charge_privacy(charge, self.id) if owner == self.id
                                else await self._ask(owner, charge))
         result, report = plan.release(policies)
-        self.store.put(command.result_id, result)  # an aggregate: no one's private data
+        # An aggregate: no one's private data.
+        self.store.put(command.result_id, result, frozenset(), frozenset({sender}))
         for ids in command.contributions if plan.owners else ():
             for object_id in ids:  # spent: the same contribution is not released twice
                 self.store.discard(object_id)
@@ -851,7 +904,11 @@ class WorkerRuntime:
             )
 
     def _describe(self, command: Describe, sender: str) -> dict[int, str]:
-        return self.store.describe()
+        return self.store.describe(sender)
+
+    def _grant(self, command: Grant, sender: str) -> None:
+        self.store.use(command.id, sender)  # only one who may use it may share it
+        self.store.grant(command.id, command.to)
 
     def _status(self, command: Status, sender: str) -> dict[str, Any]:
         status: dict[str, Any] = {
@@ -864,6 +921,7 @@ class WorkerRuntime:
             "commands_handled": self._handled,
             "commands_failed": self._failed,
             "requests_waiting": len(self._waiting),
+            "holders": self._by_holder(),
         }
         status.update(self.endpoint.stats())
         # Forged messages: dropped by the transport, or replies not from the worker asked.
@@ -872,6 +930,19 @@ class WorkerRuntime:
         if self.poisoned:
             status["commands_poisoned"] = len(self.poisoned)
         return status
+
+    def _by_holder(self) -> dict[str, dict[str, int]]:
+        """Objects and tensor bytes by who holds them (a storage viewed by several objects
+        counts for each)."""
+        held: dict[str, dict[str, int]] = {}
+        for _, entry in self.store.entries():
+            value = entry.value
+            size = value.untyped_storage().nbytes() if isinstance(value, torch.Tensor) else 0
+            for identity in entry.holders or ("everyone",):
+                figures = held.setdefault(identity, {"objects": 0, "bytes": 0})
+                figures["objects"] += 1
+                figures["bytes"] += size
+        return held
 
     def _ask(self, worker_id: str, command: Command, *, confirm: bool = False) -> _Request:
         return _Request(worker_id, command, confirm)
@@ -904,10 +975,12 @@ class _ArgumentResolver:
     to that worker's ids, ready to forward).
     """
 
-    __slots__ = ("_local", "_pointers", "location", "provenance", "scope", "store")
+    __slots__ = ("_local", "_pointers", "location", "provenance", "scope", "sender", "store")
 
-    def __init__(self, store: ObjectStore, scope: dict[int, Any] | None = None) -> None:
+    def __init__(self, store: ObjectStore, sender: str,
+                 scope: dict[int, Any] | None = None) -> None:
         self.store = store
+        self.sender = sender
         self.scope = scope
         """A plan run's own values by id, looked up before the store's."""
         self.location: str | None = None
@@ -944,7 +1017,7 @@ class _ArgumentResolver:
         scope = self.scope
         if scope is not None and object_id in scope:
             return scope[object_id]
-        return self._reference(self.store.get(object_id))
+        return self._reference(self.store.use(object_id, self.sender))
 
     def _reference(self, entry: StoredObject) -> Any:
         value = entry.value

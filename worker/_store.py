@@ -6,6 +6,12 @@ of data owners an object derives from: the identity that stored it, unioned
 through every operation that used it. It is what will let a data owner's worker
 refuse to let anything but an aggregate leave.
 
+Each object also records who may use it (`holders`): the identity that made
+it, and those it was handed to (a pointer sent on grants the next worker down
+the chain its target). To anyone else it does not exist: `use` answers "no
+object N", as for an id never stored, and `describe` leaves it out. Objects with
+no holders (`EVERYONE`) are the worker's datasets, usable by every client.
+
 The store counts the bytes its tensors hold, each storage once however many
 objects view it, and refuses an object that would take it past `max_bytes`.
 `describe` shows every object in a bounded number of characters, whatever it
@@ -27,7 +33,7 @@ from torchrelay.broker import ObjectNotFound, PointerRef, ProtocolError, format_
 from ._datasets import Dataset
 from ._limits import BudgetExceeded
 
-__all__ = ["MAX_DELETED_EARLY", "ObjectStore", "StoredObject", "describe_private",
+__all__ = ["EVERYONE", "MAX_DELETED_EARLY", "ObjectStore", "StoredObject", "describe_private",
            "describe_value"]
 
 MAX_DELETED_EARLY = 1 << 16
@@ -38,10 +44,20 @@ DESCRIPTION_CHARACTERS: Final = 400
 """At most this many characters describe one object in `_objects` or an error."""
 
 
+EVERYONE: Final[frozenset[str]] = frozenset()
+"""The holders of an object any participant may use (a worker's datasets)."""
+
+
 @dataclass(slots=True)
 class StoredObject:
     value: Any
     provenance: frozenset[str] = frozenset()
+    holders: frozenset[str] = EVERYONE
+    """Who may use it (`EVERYONE` when empty)."""
+
+    def usable_by(self, identity: str) -> bool:
+        holders = self.holders
+        return not holders or identity in holders
 
 
 class ObjectStore:
@@ -77,13 +93,14 @@ class ObjectStore:
     def __iter__(self) -> Iterator[int]:
         return iter(self._objects)
 
-    def put(self, object_id: int, value: Any, provenance: frozenset[str] = frozenset()) -> None:
+    def put(self, object_id: int, value: Any, provenance: frozenset[str],
+            holders: frozenset[str]) -> None:
         if self.deleted_early and self.deleted_early.pop(object_id, False):
             return  # its owner let go of it before it arrived: it is garbage already
         if object_id in self._objects:
             raise ProtocolError(f"id {object_id} is already in use on worker {self.owner!r}")
         self._count_in(object_id, value)
-        self._objects[object_id] = StoredObject(value, provenance)
+        self._objects[object_id] = StoredObject(value, provenance, holders)
 
     # -- provenance: the private data owners an object derives from --------------------
 
@@ -118,7 +135,8 @@ class ObjectStore:
         """`object_id` changed in place with data of `owners`."""
         entry = self._objects.get(object_id)
         if entry is not None and not owners <= entry.provenance:
-            self._objects[object_id] = StoredObject(entry.value, entry.provenance | owners)
+            self._objects[object_id] = StoredObject(entry.value, entry.provenance | owners,
+                                                    entry.holders)
 
     def delete_early(self, object_id: int) -> None:
         """Remember that `object_id` was deleted before it existed (see `deleted_early`)."""
@@ -127,18 +145,44 @@ class ObjectStore:
         if len(early) > MAX_DELETED_EARLY:
             del early[next(iter(early))]
 
-    def replace(self, object_id: int, value: Any, provenance: frozenset[str]) -> None:
+    def replace(self, object_id: int, value: Any, provenance: frozenset[str],
+                holders: frozenset[str]) -> None:
         old = self._objects.get(object_id)
         self._count_in(object_id, value)
         if old is not None:
             self._count_out(old.value)
-        self._objects[object_id] = StoredObject(value, provenance)
+        self._objects[object_id] = StoredObject(value, provenance, holders)
 
     def get(self, object_id: int) -> StoredObject:
+        """The object, whoever holds it: for the worker's own bookkeeping."""
         try:
             return self._objects[object_id]
         except KeyError:
-            raise ObjectNotFound(f"no object {object_id} on worker {self.owner!r}") from None
+            raise self._missing(object_id) from None
+
+    def entries(self) -> Iterator[tuple[int, StoredObject]]:
+        """Every object with its id; for the worker's own bookkeeping."""
+        return iter(list(self._objects.items()))
+
+    def objects_get(self, object_id: int) -> StoredObject | None:
+        """The object, or None; for the worker's own bookkeeping (no mirror sees it)."""
+        return self._objects.get(object_id)
+
+    def use(self, object_id: int, identity: str) -> StoredObject:
+        """The object, if `identity` may use it; else the error for a missing one."""
+        entry = self.get(object_id)  # (a mirrored store notes that it may change)
+        if not entry.usable_by(identity):
+            raise self._missing(object_id)
+        return entry
+
+    def grant(self, object_id: int, identity: str) -> None:
+        """Let `identity` use `object_id` too."""
+        entry = self._objects[object_id]
+        if entry.holders and identity not in entry.holders:
+            entry.holders |= {identity}
+
+    def _missing(self, object_id: int) -> ObjectNotFound:
+        return ObjectNotFound(f"no object {object_id} on worker {self.owner!r}")
 
     def pop(self, object_id: int) -> StoredObject:
         entry = self.get(object_id)
@@ -160,9 +204,11 @@ class ObjectStore:
         self._count_out(entry.value)
         return True
 
-    def describe(self) -> dict[int, str]:
-        """`{id: short description}`: a tensor's repr, or a pointer's; bounded in size."""
-        return {object_id: self.describe_one(object_id) for object_id in self._objects}
+    def describe(self, identity: str) -> dict[int, str]:
+        """`{id: short description}` of what `identity` may use: a tensor's repr, or a
+        pointer's; bounded in size."""
+        return {object_id: self.describe_one(object_id)
+                for object_id, entry in self._objects.items() if entry.usable_by(identity)}
 
     def describe_one(self, object_id: int) -> str:
         entry = self.get(object_id)

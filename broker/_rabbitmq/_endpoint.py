@@ -261,16 +261,18 @@ class RabbitMQEndpoint(Endpoint):
             correlation_id=correlation_id, headers=headers,
         ))
 
-    def ensure_worker(self, worker_id: str) -> None:
-        queue = worker_queue(worker_id)
-
+    def queue_consumers(self, queue: str) -> int | None:
         def consumers(channels: Channels) -> int | None:
             try:
                 return topology.queue_consumers(channels.connection, queue)
             except pe.ChannelClosedByBroker as e:
                 raise BrokerError(f"cannot inspect queue {queue}: {e.reply_text}") from None
 
-        count = self._link.run(consumers)
+        return self._link.run(consumers)
+
+    def ensure_worker(self, worker_id: str) -> None:
+        queue = worker_queue(worker_id)
+        count = self.queue_consumers(queue)
         if count is None:
             raise UnknownWorker(
                 worker_id,
