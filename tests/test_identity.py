@@ -9,6 +9,8 @@ attacker).
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import secrets
 import urllib.parse
@@ -333,3 +335,56 @@ def test_shared_accounts_in_a_config_file_is_a_list(tmp_path: Path) -> None:
                       'shared_accounts = "guest"\n')
     with pytest.raises(ConfigError, match="shared_accounts must be list"):
         WorkerConfig.resolve(config)
+
+
+def test_a_campaign_of_forged_identities_is_dropped_and_counted_with_nothing_lost(
+    fleet: Fleet, ann: tr.Fleet,
+) -> None:
+    """Hundreds of messages claiming someone else's name, with or without a `user_id`,
+    replaying ann's correlation ids, as commands, chunks and replies: every one dropped
+    before it is read and counted where it arrived, and ann's work goes on untouched."""
+    seed = int(os.environ.get("TORCHRELAY_FUZZ_SEED", secrets.randbits(32)))
+    rng = random.Random(seed)
+    bob = ann.worker("bob")
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    ann.sync()
+    listing = bob._objects
+    before = {w: _forged_count(ann, w) for w in WORKER_IDS}
+    replies_before = ann.forged
+    numbers = next(ann._numbers)
+    replayed = [f"{ann._prefix}{n}" for n in range(max(1, numbers - 20), numbers + 20)]
+    ben_channel, alice_channel = fleet.channel(fleet.ben), fleet.channel("alice")
+    sent = dict.fromkeys(WORKER_IDS, 0)
+    fake_replies = 0
+    dangerous = Store(x.id_at_location, torch.tensor([666.0])).encode().tobytes()
+    for _ in range(300):
+        correlation_id = rng.choice([*replayed, f"{fleet.ben}.x.{rng.randrange(99)}"])
+        body = rng.choice([dangerous, b"", rng.randbytes(rng.randrange(1, 200))])
+        headers: dict[str, Any] = {}
+        if rng.random() < 0.3:
+            headers["chunk"] = [rng.randrange(3), 3, 3 * 4096]
+        if rng.random() < 0.2:  # a reply, from a worker's account, claiming bob
+            headers["sender"] = rng.choice(["bob", "secure_worker", fleet.ann])
+            alice_channel.basic_publish("", ann.endpoint.reply_queue, body, pika.BasicProperties(
+                type="fetch.reply", correlation_id=correlation_id, headers=headers,
+                user_id=rng.choice([None, "alice"])))
+            fake_replies += 1
+            continue
+        # A command claiming another's name; without a user_id, any name at all.
+        user_id = rng.choice([None, fleet.ben])
+        names = [fleet.ann, "bob", "alice", "x" * rng.randrange(1, 300)]
+        claimed = rng.choice([*names, fleet.ben, ""] if user_id is None else names)
+        if claimed:
+            headers["sender"] = claimed
+        worker_id = rng.choice(WORKER_IDS)
+        ben_channel.basic_publish(COMMAND_EXCHANGE, worker_id, body, pika.BasicProperties(
+            type=rng.choice(["store", "fetch", "delete", "grant", "batch", "call"]),
+            correlation_id=correlation_id, user_id=user_id, headers=headers,
+            reply_to=f"torchrelay.reply.{fleet.ben}.x"))
+        sent[worker_id] += 1
+    # Every forgery is in its queue before these requests (the channels confirm).
+    after = {w: _forged_count(ann, w) for w in WORKER_IDS}
+    assert {w: after[w] - before[w] for w in WORKER_IDS} == sent, f"seed {seed}"
+    assert ann.forged - replies_before == fake_replies, f"seed {seed}"
+    assert bob._objects == listing, f"seed {seed}"
+    assert x.get().tolist() == [1.0, 2.0], f"seed {seed}"
