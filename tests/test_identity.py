@@ -22,6 +22,7 @@ import pika
 import pika.exceptions as pe
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import torchrelay as tr
 from torchrelay._cli import main
@@ -89,10 +90,15 @@ def fleet(vhost_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         fleet.passwords[name] = password
     folder = tmp_path_factory.mktemp("identities")
     worker_args = {}
+    save_file({"data": torch.arange(6.0).view(3, 2), "target": torch.arange(3)},
+              str(folder / "shared.safetensors"))
     for worker_id in WORKER_IDS:
         config = folder / f"{worker_id}.toml"
         config.write_text(f'[worker]\nid = "{worker_id}"\nbroker = "amqp://set-by-flag/"\n'
-                          "shared_accounts = []\n")
+                          "shared_accounts = []\n" + (
+                              f'clients = ["{fleet.ann}"]\n\n[[worker.datasets]]\n'
+                              'path = "shared.safetensors"\ntags = ["#shared"]\n'
+                              "private = false\n" if worker_id == "secure_worker" else ""))
         worker_args[worker_id] = ["--config", str(config), "--broker", fleet.url(worker_id)]
     daemons = WorkerProcesses(fleet.url(fleet.ann), WORKER_IDS, worker_args=worker_args,
                               log_dir=folder / "logs")
@@ -169,7 +175,7 @@ def test_users_are_added_with_their_role_s_permissions_listed_and_removed(
 def test_the_walkthrough_runs_unchanged_with_a_user_per_participant(ann: tr.Fleet) -> None:
     assert ann.name.startswith("ann-")  # the user in the URL
     run_walkthrough(ann, echo=lambda line: None)
-    for worker_id in WORKER_IDS:
+    for worker_id in ("bob", "alice"):  # (secure_worker holds a dataset of its own)
         status = ann.worker(worker_id).status()
         assert status["objects"] == 0
         assert status["forged"] == 0
@@ -271,6 +277,18 @@ def test_a_pointer_sent_on_lets_the_next_worker_use_its_target_and_no_one_else(
     assert y.get().get().tolist() == [2.0, 4.0]  # alice's pointer, then bob's result
     chain.remote_get()  # alice pulls x from bob
     assert chain.get().tolist() == [1.0, 2.0]
+
+
+def test_a_worker_s_datasets_are_for_the_clients_its_config_names(
+    ann: tr.Fleet, ben: tr.Fleet,
+) -> None:
+    (found,) = ann.worker("secure_worker").search("#shared")
+    data, _ = found
+    assert (data + 1).get().tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert ben.worker("secure_worker").search("#shared") == []  # clients = [ann]
+    with pytest.raises(tr.RemoteError, match=f"no object {found.id_at_location} on worker"):
+        ben.request("secure_worker", Call("Tensor.__add__", [ObjectRef(found.id_at_location), 1],
+                                          {}, ben.new_id()))
 
 
 # -- forgeries: dropped, counted, nothing lost ------------------------------------------

@@ -19,6 +19,7 @@
                               # one is trusted to name its sender. [] on a shared broker,
                               # where every participant has a user (`torchrelay users add`)
                               # and the worker's id is its user's name
+    clients = ["ann", "ben"]  # who may use this worker's datasets (default: every client)
     lease = 600.0             # seconds a gone participant's objects are kept (a reconnect
                               # within it loses nothing), then deleted
     # tls_ca_file = "ca.pem"      amqps://: the CA that signed the broker's certificate
@@ -90,6 +91,7 @@ class WorkerConfig:
     max_list_elements: int = 1 << 20
     torch_threads: int | None = None
     shared_accounts: tuple[str, ...] = SHARED_ACCOUNTS
+    clients: tuple[str, ...] | None = None
     lease: float = 600.0
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -131,10 +133,13 @@ class WorkerConfig:
             raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
-        accounts: Any = self.shared_accounts
-        if not isinstance(accounts, list | tuple) or not all(isinstance(a, str) for a in accounts):
-            raise ConfigError(f"shared_accounts must be a list of user names, not {accounts!r}")
-        object.__setattr__(self, "shared_accounts", tuple(accounts))
+        for names in ("shared_accounts", "clients"):
+            given: Any = getattr(self, names)
+            if given is None and names == "clients":
+                continue
+            if not isinstance(given, list | tuple) or not all(isinstance(a, str) for a in given):
+                raise ConfigError(f"{names} must be a list of user names, not {given!r}")
+            object.__setattr__(self, names, tuple(given))
         tls_files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         if tls_files != (None, None, None) and not self.broker.startswith("amqps://"):
             raise ConfigError("tls_ca_file, tls_cert_file and tls_key_file need an amqps:// "
@@ -232,8 +237,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {e}") from None
     hints = typing.get_type_hints(WorkerConfig)
     known = {f.name: _accepted_types(hints[f.name]) for f in dataclasses.fields(WorkerConfig)
-             if f.name not in ("datasets", "privacy", "shared_accounts")}
-    known["shared_accounts"] = (list,)
+             if f.name not in ("datasets", "privacy", "shared_accounts", "clients")}
+    known["shared_accounts"] = known["clients"] = (list,)
     policy_given = section.pop("privacy", None)
     unknown = sorted(set(section) - set(known))
     if unknown:

@@ -79,6 +79,7 @@ def run_worker(
         runtime = make_runtime(endpoint) if make_runtime is not None else WorkerRuntime(
             config.id, endpoint, reply_timeout=config.reply_timeout, limits=config.limits,
             privacy=config.privacy, ledger=config.ledger, lease=config.lease,
+            dataset_clients=config.clients,
         )
         for spec in config.datasets:  # (an executor's own after a restart too: not mirrored)
             runtime.add_dataset(load_dataset(spec), spec.path)

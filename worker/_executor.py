@@ -399,7 +399,8 @@ def main() -> int:
         runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout,
                                 limits=config.limits, store=store, containment=mirror,
                                 privacy=config.privacy, ledger=config.ledger,
-                                lease=config.lease, status_facts={"pid": setup.supervisor,
+                                lease=config.lease, dataset_clients=config.clients,
+                                status_facts={"pid": setup.supervisor,
                                               "executor_pid": os.getpid(),
                                               "executor_restarts": setup.restarts})
         started = time.monotonic()

@@ -185,8 +185,12 @@ class WorkerRuntime:
         privacy: PrivacyPolicy | None = None,
         ledger: Path | None = None,
         lease: float = DEFAULT_LEASE,
+        dataset_clients: tuple[str, ...] | None = None,
     ) -> None:
         self.id = worker_id
+        self.dataset_holders = EVERYONE if dataset_clients is None else frozenset(
+            dataset_clients)
+        """Who may use this worker's datasets (`clients` in its config; everyone)."""
         self.endpoint = endpoint
         self.limits = limits or Limits()
         self.store = (
@@ -812,7 +816,8 @@ class WorkerRuntime:
             {"id": object_id, **dataset.summary(),
              "privacy": self.privacy.public() if dataset.private else None}
             for object_id in sorted(self.store.owned)
-            if type(dataset := self.store.get(object_id).value) is Dataset
+            if (entry := self.store.get(object_id)).usable_by(sender)
+            and type(dataset := entry.value) is Dataset
             and wanted <= set(dataset.tags)
         ]
 
@@ -821,7 +826,7 @@ class WorkerRuntime:
         its id derives from `key` (its file), so it is the same after a restart."""
         object_id = dataset_id(self.id, key)
         owners = frozenset({self.id}) if dataset.private else frozenset()
-        self.store.put(object_id, dataset, owners, EVERYONE)
+        self.store.put(object_id, dataset, owners, self.dataset_holders)
         if owners:
             self.store.spread(list(dataset.tensors.values()), owners)
         self.store.owned.add(object_id)
