@@ -7,6 +7,7 @@
     torchrelay status bob alice --broker URL
     torchrelay users add bob --role worker [--password P] [--broker ADMIN_URL]
     torchrelay users remove bob | torchrelay users list
+    torchrelay fleet up|down|status [configs/fleet.toml] [--broker URL]
 """
 
 from __future__ import annotations
@@ -96,6 +97,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("workers", nargs="+", help="worker ids")
     status.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER)")
 
+    fleet = commands.add_parser("fleet", help="start, stop or show the worker daemons a fleet "
+                                              "file lists, on this machine")
+    fleet.add_argument("action", choices=["up", "down", "status"])
+    fleet.add_argument("file", nargs="?", default="configs/fleet.toml",
+                       help="the fleet file (default configs/fleet.toml)")
+    fleet.add_argument("--broker", help="amqp[s]:// URL for every worker (default: the "
+                                        "file's, or $TORCHRELAY_BROKER)")
+    fleet.add_argument("--timeout", type=float,
+                       help="up: seconds to wait for the daemons (120); down: seconds "
+                            "before a daemon still running is killed (40)")
+
     users = commands.add_parser(
         "users", help="one RabbitMQ user per participant, with only its own permissions "
                       "(through the management API, as an administrator)")
@@ -123,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args.broker)
     if args.command == "users":
         return _users(args)
+    if args.command == "fleet":
+        return _fleet(args)
     return _status(args.workers, args.broker or os.environ.get("TORCHRELAY_BROKER"))
 
 
@@ -254,6 +268,37 @@ def _status(worker_ids: Sequence[str], url: str | None) -> int:
                 report, failed = {"id": worker_id, "error": str(e)}, failed + 1
             print(json.dumps(report, sort_keys=True))
     return 1 if failed else 0
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    from torchrelay.broker import BrokerError, redact_url
+    from torchrelay.worker._config import ConfigError
+    from torchrelay.worker._fleet import FleetFile, fleet_down, fleet_status, fleet_up
+
+    try:
+        fleet = FleetFile.read(args.file, args.broker)
+        if args.action == "up":
+            pids = fleet_up(fleet, **({"timeout": args.timeout} if args.timeout else {}))
+            for worker_id, pid in pids.items():
+                print(f"{worker_id}\tup (pid {pid}, log {fleet.log_file(worker_id)})")
+            print(f"fleet up on {redact_url(fleet.broker)}; stop it with "
+                  f"`torchrelay fleet down {args.file}`")
+        elif args.action == "down":
+            outcome = fleet_down(fleet, **({"timeout": args.timeout} if args.timeout else {}))
+            for worker_id, how in outcome.items():
+                print(f"{worker_id}\t{how}")
+        else:
+            print("worker\tstate\tpid\tobjects\tbytes\tcommands\tfailed\tuptime_s")
+            for state in fleet_status(fleet):
+                s = state.status or {}
+                print("\t".join(str(v) for v in (
+                    state.worker_id, state.state, state.pid or "-", s.get("objects", "-"),
+                    s.get("tensor_bytes", "-"), s.get("commands_handled", "-"),
+                    s.get("commands_failed", "-"), s.get("uptime_s", "-"))))
+    except (ConfigError, BrokerError) as e:
+        print(f"torchrelay fleet {args.action}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _users(args: argparse.Namespace) -> int:

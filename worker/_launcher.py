@@ -37,6 +37,7 @@ class WorkerProcesses:
         worker_args: Mapping[str, Sequence[str]] | None = None,
         log_dir: str | Path | None = None,
         env: dict[str, str] | None = None,
+        detach: bool = False,
     ) -> None:
         self.url = url
         self.worker_ids = list(worker_ids)
@@ -45,6 +46,9 @@ class WorkerProcesses:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="torchrelay-workers-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = env
+        self.detach = detach
+        """Start each daemon in a session of its own (it outlives this process's
+        terminal), as `torchrelay fleet up` does."""
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, timeout: float = 60.0) -> None:
@@ -61,7 +65,8 @@ class WorkerProcesses:
         env.pop("TORCHRELAY_BROKER", None)
         log = (self.log_dir / f"{worker_id}.log").open("ab")
         with log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=self.detach)
         self.processes[worker_id] = process
         return process
 
