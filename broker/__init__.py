@@ -38,6 +38,8 @@ if TYPE_CHECKING:
         BROKER_ENV,
         COMMAND_EXCHANGE,
         DEFAULT_CHUNK_SIZE,
+        EVENTS_EXCHANGE,
+        PRESENCE_ASK,
         RETURNED,
         SHARED_ACCOUNTS,
         TLS_ENV,

@@ -77,6 +77,10 @@ class EmbeddedEndpoint(Endpoint):
     def ack(self, delivery: Delivery) -> None:
         """Nothing to do: an in-process delivery cannot be lost."""
 
+    def broadcast_command(self, type: str, frame: Frame, correlation_id: str) -> None:
+        for worker_id in self._broker.worker_ids():
+            self.send_command(worker_id, type, frame, correlation_id)
+
     def ensure_worker(self, worker_id: str) -> None:
         self._broker.ensure_worker(worker_id)
 
@@ -143,6 +147,12 @@ class EmbeddedBroker(Broker):
             if self._start_worker is None:
                 raise UnknownWorker(worker_id, f"nothing serves it on {self.url}")
             self._start_worker(self, worker_id)
+
+    def worker_ids(self) -> list[str]:
+        """The workers running here."""
+        with self._lock:
+            prefix = worker_queue("")
+            return [q[len(prefix):] for q in self._queues if q.startswith(prefix)]
 
     def route(self, queue: str, delivery: Delivery) -> bool:
         endpoint = self._queues.get(queue)

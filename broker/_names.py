@@ -10,6 +10,8 @@ __all__ = [
     "BROKER_ENV",
     "COMMAND_EXCHANGE",
     "DEFAULT_CHUNK_SIZE",
+    "EVENTS_EXCHANGE",
+    "PRESENCE_ASK",
     "RETURNED",
     "SHARED_ACCOUNTS",
     "TLS_ENV",
@@ -21,6 +23,15 @@ APP_ID: Final = "torchrelay"
 
 COMMAND_EXCHANGE: Final = "torchrelay.commands"
 """The direct exchange commands go through, routed by worker id."""
+
+EVENTS_EXCHANGE: Final = "torchrelay.events"
+"""The topic exchange workers announce themselves on: `worker.<id>.started`,
+`worker.<id>.heartbeat` (with their figures, every `presence_interval` seconds) and
+`worker.<id>.stopped`, as JSON. Every worker queue is also bound to it with
+`PRESENCE_ASK`, so one command published there reaches every live worker."""
+
+PRESENCE_ASK: Final = "presence.ask"
+"""The routing key of a command meant for every worker (a client's `workers()`)."""
 
 RETURNED: Final = "returned"
 """Type of the synthetic reply for a command no worker could receive."""

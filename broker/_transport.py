@@ -124,6 +124,15 @@ class Endpoint(ABC):
         """
         return []
 
+    def broadcast_command(self, type: str, frame: Frame, correlation_id: str) -> None:
+        """Publish a command to every worker there is; each live one answers it (with
+        the same correlation id). For presence: who is there."""
+        raise NotImplementedError(f"{self.__class__.__name__} cannot broadcast")
+
+    def publish_event(self, routing_key: str, body: bytes) -> None:  # noqa: B027
+        """Announce something on the events exchange, for whoever listens (a worker's
+        start, stop and heartbeat); nothing happens where nobody can listen."""
+
     def queue_consumers(self, queue: str) -> int | None:
         """How many consume `queue`; None when there is no such queue. (Asked of a broker
         between processes: an in-process one has no use for it.)"""

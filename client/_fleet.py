@@ -59,6 +59,7 @@ from torchrelay.broker import (
     encode_batch,
     new_object_id,
     session_and_number,
+    worker_queue,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +69,12 @@ if TYPE_CHECKING:
 __all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
 
 log = logging.getLogger("torchrelay.client")
+
+GONE_CHECK_SECONDS = 2.0
+"""How long a wait goes without any reply before it checks that its workers still run."""
+GONE_AFTER_SECONDS = 6.0
+"""How long a worker's queue may go without a daemon (an executor restarting, a daemon
+reconnecting) before a wait for it fails."""
 
 MAX_QUEUED = 256
 """Posted commands to one worker that wait for a ride at most; then they go."""
@@ -174,6 +181,8 @@ class Fleet:
         of it are valid for one epoch."""
         self.closed = False
         self._forged_replies = 0
+        self._presence: dict[str, dict[str, Any]] = {}  # correlation id -> answers by worker
+        self._missing_since: dict[str, float] = {}  # worker -> when its queue lost its daemon
         atexit.register(_close_at_exit, weakref.ref(self))
         if not self.endpoint.in_process:  # in-process workers only run while we wait anyway
             threading.Thread(target=_publish_late, args=(weakref.ref(self),), daemon=True,
@@ -186,6 +195,40 @@ class Fleet:
         """Messages dropped as forged: ones claiming a sender their broker user is not,
         and replies that did not come from the worker asked."""
         return int(self.endpoint.stats().get("forged", 0)) + self._forged_replies
+
+    def workers(self, wait: float = 1.0) -> list[dict[str, Any]]:
+        """The workers that are there: each one's status (id, pid, objects, bytes, commands
+        served and failed, uptime...), by id. One command goes to every worker queue at
+        once (through `torchrelay.events`); the live ones answer. Waits for answers up to
+        `wait` seconds, and no longer than a quarter of a second after the last."""
+        self._publish()
+        correlation_id = f"{self._prefix}presence.{next(self._numbers)}"
+        answers = self._presence[correlation_id] = {}
+        try:
+            self.endpoint.broadcast_command(Status.name, Status().encode(), correlation_id)
+            deadline = time.monotonic() + wait
+            last: float | None = None  # when the latest answer came
+            while (now := time.monotonic()) < deadline and (last is None or now - last < 0.25):
+                count = len(answers)
+                if not self._receive(min(deadline - now, 0.05)):
+                    if self.endpoint.in_process:
+                        break  # in-process, nothing left to run: all have answered
+                elif len(answers) > count:
+                    last = time.monotonic()
+        finally:
+            del self._presence[correlation_id]
+        return [answers[w] for w in sorted(answers)]
+
+    def _presence_answer(self, delivery: Delivery) -> None:
+        """A worker's answer to `workers()`: kept if it is a status of the worker it came
+        from (the sender is the broker's word)."""
+        try:
+            reply = decode_reply(delivery.body)
+        except ProtocolError:
+            return
+        value = reply.value
+        if reply.error is None and type(value) is dict and value.get("id") == delivery.sender:
+            self._presence[delivery.correlation_id][delivery.sender] = value
 
     def worker(self, worker_id: str) -> WorkerHandle:
         """A handle to `worker_id`; raises `UnknownWorker` if nothing serves it."""
@@ -421,14 +464,41 @@ class Fleet:
     def _collect(self, *, raise_errors: bool = True) -> None:
         """Publish what is queued, then receive replies until none is outstanding."""
         self._publish()
+        idle_since = time.monotonic()
         while self._outstanding:
             try:
-                if not self._receive(self.timeout):  # nothing at all arrived for that long
+                if self._receive(min(self.timeout, GONE_CHECK_SECONDS)):
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= self.timeout:  # nothing came for that long
                     self._time_out()
+                else:
+                    self._fail_if_gone()
             except ConnectionLost as e:
                 self._fail_outstanding(e)
         if raise_errors:
             self._raise_errors()
+
+    def _fail_if_gone(self) -> None:
+        """While waiting in silence: fail at once if a worker we wait for has no daemon
+        consuming its queue any more (for `GONE_AFTER_SECONDS`, which lets a worker's
+        executor restart), rather than after the whole timeout."""
+        if self.endpoint.in_process:
+            return
+        now = time.monotonic()
+        waited_for = {entry.worker_id for entry in self._outstanding.values()}
+        for worker_id in waited_for:
+            if self.endpoint.queue_consumers(worker_queue(worker_id)):
+                self._missing_since.pop(worker_id, None)
+                continue
+            since = self._missing_since.setdefault(worker_id, now)
+            if now - since >= GONE_AFTER_SECONDS:
+                del self._missing_since[worker_id]
+                self._fail_outstanding(UnknownWorker(
+                    worker_id, f"no daemon has consumed its queue for {now - since:.0f} s: it "
+                    "is gone, and what was sent to it waits in its queue unanswered"))
+                return
+        for worker_id in set(self._missing_since) - waited_for:
+            del self._missing_since[worker_id]
 
     def _receive(self, timeout: float) -> bool:
         """Take one delivery, if one comes within `timeout`; whether one came."""
@@ -437,7 +507,9 @@ class Fleet:
             return False
         if not delivery.is_reply:
             return True
-        if delivery.type == _BATCH_REPLY:
+        if delivery.correlation_id in self._presence:
+            self._presence_answer(delivery)
+        elif delivery.type == _BATCH_REPLY:
             self._record_batch(delivery)
         elif delivery.type == RETURNED and "+" in delivery.correlation_id:
             for member in _members(delivery.correlation_id):  # a batch nobody took

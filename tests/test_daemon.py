@@ -138,9 +138,9 @@ def test_worker_with_a_bad_id_is_refused() -> None:
 
 
 def test_the_example_configs_load() -> None:
-    configs = sorted((ROOT / "configs").glob("*.toml"))
+    configs = sorted(p for p in (ROOT / "configs").glob("*.toml") if p.name != "fleet.toml")
     assert configs
-    for path in configs:
+    for path in configs:  # (fleet.toml: tests/test_fleet.py)
         config = WorkerConfig.resolve(path)
         assert config.broker.startswith("amqp")
 

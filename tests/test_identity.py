@@ -174,6 +174,7 @@ def test_users_are_added_with_their_role_s_permissions_listed_and_removed(
 
 def test_the_walkthrough_runs_unchanged_with_a_user_per_participant(ann: tr.Fleet) -> None:
     assert ann.name.startswith("ann-")  # the user in the URL
+    assert {w["id"] for w in ann.workers()} == set(WORKER_IDS)  # presence, with rights
     run_walkthrough(ann, echo=lambda line: None)
     for worker_id in ("bob", "alice"):  # (secure_worker holds a dataset of its own)
         status = ann.worker(worker_id).status()

@@ -19,6 +19,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 # torch warns on import when NumPy is absent; torchrelay never needs NumPy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--chunk-size", type=int,
                         help="bytes; larger messages travel in chunks (default 8 MiB)")
     worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    worker.add_argument("--log-format", choices=["text", "json"],
+                        help="text lines (default), or one JSON object per line")
     worker.add_argument("--dataset", action="append", metavar="PATH:TAG[,TAG]",
                         help="a dataset file the worker loads and offers, private to it "
                              "(repeatable)")
@@ -66,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="elements of any tensor a command may make (default 2**28)")
     worker.add_argument("--max-bytes", type=int,
                         help="bytes of tensors the worker may hold (default: half the RAM)")
+    worker.add_argument("--presence-interval", type=float,
+                        help="seconds between two heartbeats on torchrelay.events (default 10)")
+    worker.add_argument("--queue-type", choices=["classic", "quorum"],
+                        help="the worker queue's type (default classic; quorum for a cluster)")
+    worker.add_argument("--queue-expires", type=float,
+                        help="seconds the worker's queue outlives its last daemon (a week)")
     worker.add_argument("--lease", type=float,
                         help="seconds the objects of a participant that is gone are kept "
                              "before they are deleted (default 600)")
@@ -93,9 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--noise-multiplier", type=float,
                       help="federated: the owners' noise multiplier (default 0.3)")
 
-    status = commands.add_parser("status", help="print workers' status as JSON")
-    status.add_argument("workers", nargs="+", help="worker ids")
+    status = commands.add_parser(
+        "status", help="the live workers, their figures and their queues (or, given ids, "
+                       "those workers' status as JSON lines)")
+    status.add_argument("workers", nargs="*", help="worker ids (default: every live worker)")
     status.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER)")
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                        help="refresh every SECONDS (2) until Ctrl-C")
+    status.add_argument("--management-url",
+                        help="the management API, for queue figures (default: port 15672 "
+                             "of the broker's host)")
 
     fleet = commands.add_parser("fleet", help="start, stop or show the worker daemons a fleet "
                                               "file lists, on this machine")
@@ -137,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _users(args)
     if args.command == "fleet":
         return _fleet(args)
-    return _status(args.workers, args.broker or os.environ.get("TORCHRELAY_BROKER"))
+    url = args.broker or os.environ.get("TORCHRELAY_BROKER")
+    if args.workers:
+        return _status(args.workers, url)
+    return _live_status(url, args)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -155,6 +175,7 @@ def _worker(args: argparse.Namespace) -> int:
             reply_timeout=args.reply_timeout,
             chunk_size=args.chunk_size,
             log_level=args.log_level,
+            log_format=args.log_format,
             command_timeout=args.command_timeout,
             stop_grace=args.stop_grace,
             max_elements=args.max_elements,
@@ -162,6 +183,9 @@ def _worker(args: argparse.Namespace) -> int:
             max_list_elements=args.max_list_elements,
             torch_threads=args.torch_threads,
             lease=args.lease,
+            queue_type=args.queue_type,
+            queue_expires=args.queue_expires,
+            presence_interval=args.presence_interval,
             tls_ca_file=args.tls_ca_file,
             tls_cert_file=args.tls_cert_file,
             tls_key_file=args.tls_key_file,
@@ -169,11 +193,11 @@ def _worker(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"torchrelay worker: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format=_LOG_FORMAT)
-    if config.log_level.upper() != "DEBUG":
-        # pika narrates every connection and channel at INFO: the daemon's own lines
-        # are what an operator reads.
-        logging.getLogger("pika").setLevel(logging.WARNING)
+    from torchrelay.worker._logs import configure_logging
+
+    # pika narrates every connection and channel at INFO: the daemon's own lines are
+    # what an operator reads (configure_logging keeps pika's from WARNING on).
+    configure_logging(config.log_level, config.log_format, config.id, "supervisor")
     if args.unsupervised:
         from torchrelay.worker._daemon import run_worker
 
@@ -329,6 +353,75 @@ def _users(args: argparse.Namespace) -> int:
         print(f"torchrelay users {args.action}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _live_status(url: str | None, args: argparse.Namespace) -> int:
+    import time
+
+    import torchrelay as tr
+    from torchrelay.broker import ManagementAPI, ManagementError
+
+    if url is None:
+        print("torchrelay status: pass --broker or set TORCHRELAY_BROKER", file=sys.stderr)
+        return 2
+    api = ManagementAPI(url, args.management_url)
+    with tr.connect(url, name=None) as fleet:
+        while True:
+            workers = {w["id"]: w for w in fleet.workers()}
+            try:
+                queues = {q["name"].removeprefix("torchrelay.worker."): q for q in api.queues()
+                          if q["name"].startswith("torchrelay.worker.")}
+            except ManagementError:
+                queues = {}  # (no console here, or no rights to it: figures of workers only)
+            rows = _status_rows(workers, queues)
+            if args.json:
+                print(json.dumps(rows, sort_keys=True, default=str))
+            else:
+                if args.watch:
+                    print("\x1b[2J\x1b[H", end="")  # clear the terminal, as watch(1) does
+                _print_table(rows)
+            if not args.watch:
+                return 0
+            try:
+                time.sleep(args.watch)
+            except KeyboardInterrupt:
+                return 0
+
+
+def _status_rows(workers: dict[str, Any], queues: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per worker: live ones with their figures, and queues nobody serves (a
+    worker that is gone) as such."""
+    rows = []
+    for worker_id in sorted(set(workers) | set(queues)):
+        figures = workers.get(worker_id, {})
+        queue = queues.get(worker_id, {})
+        stats = queue.get("message_stats", {})
+        rows.append({
+            # gone: nobody consumes its queue; silent: someone does, but did not answer
+            "id": worker_id, **figures, "state": "live" if figures else (
+                "silent" if queue.get("consumers") else "gone"),
+            "queue": {"messages": queue.get("messages"), "consumers": queue.get("consumers"),
+                      "in_per_s": stats.get("publish_details", {}).get("rate"),
+                      "out_per_s": stats.get("deliver_get_details", {}).get("rate")}
+            if queue else None,
+        })
+    return rows
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    header = ("worker", "state", "pid", "objects", "bytes", "served", "failed", "uptime_s",
+              "queued", "consumers", "in/s", "out/s")
+    table: list[tuple[str, ...]] = [header]
+    for row in rows:
+        queue = row.get("queue") or {}
+        table.append(tuple("-" if v is None else str(v) for v in (
+            row["id"], row["state"], row.get("pid"), row.get("objects"), row.get("tensor_bytes"),
+            row.get("commands_handled"), row.get("commands_failed"), row.get("uptime_s"),
+            queue.get("messages"), queue.get("consumers"), queue.get("in_per_s"),
+            queue.get("out_per_s"))))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
     reply_timeout = 60.0      # seconds to wait for another worker down a chain
     chunk_size = 8388608      # bytes; larger messages travel as chunks of this size
     log_level = "INFO"
+    log_format = "text"       # or "json": one object per line, for log shippers
     command_timeout = 60.0    # seconds one command may run before it is stopped
     stop_grace = 30.0         # seconds a stopping daemon lets the command in hand finish
     max_elements = 268435456  # elements of any tensor a command may make (views too)
@@ -19,6 +20,10 @@
                               # one is trusted to name its sender. [] on a shared broker,
                               # where every participant has a user (`torchrelay users add`)
                               # and the worker's id is its user's name
+    presence_interval = 10.0  # seconds between two heartbeats on torchrelay.events
+    queue_type = "classic"    # or "quorum": replicated by a RabbitMQ cluster (a second
+                              # daemon for the same id then waits as a standby)
+    queue_expires = 604800.0  # seconds the worker's queue outlives its last daemon
     clients = ["ann", "ben"]  # who may use this worker's datasets (default: every client)
     lease = 600.0             # seconds a gone participant's objects are kept (a reconnect
                               # within it loses nothing), then deleted
@@ -84,6 +89,7 @@ class WorkerConfig:
     reply_timeout: float = 60.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     log_level: str = "INFO"
+    log_format: str = "text"
     command_timeout: float = 60.0
     stop_grace: float = 30.0
     max_elements: int = 1 << 28
@@ -93,6 +99,9 @@ class WorkerConfig:
     shared_accounts: tuple[str, ...] = SHARED_ACCOUNTS
     clients: tuple[str, ...] | None = None
     lease: float = 600.0
+    presence_interval: float = 10.0
+    queue_type: str = "classic"
+    queue_expires: float = 7 * 24 * 3600.0
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -124,13 +133,18 @@ class WorkerConfig:
         if self.heartbeat is not None and self.heartbeat < 0:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
         for positive in ("reply_timeout", "command_timeout", "stop_grace", "max_elements",
-                         "max_bytes", "max_list_elements", "lease"):
+                         "max_bytes", "max_list_elements", "lease", "presence_interval",
+                         "queue_expires"):
             if getattr(self, positive) <= 0:
                 raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"torch_threads must be at least 1, not {self.torch_threads}")
         if self.chunk_size < 4096:
             raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.queue_type not in ("classic", "quorum"):
+            raise ConfigError(f"queue_type must be classic or quorum, not {self.queue_type!r}")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         for names in ("shared_accounts", "clients"):

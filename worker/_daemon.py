@@ -69,6 +69,7 @@ def run_worker(
                          max_message_bytes=min(16 << 30, config.max_bytes),
                          shared_accounts=config.shared_accounts, tls_ca_file=config.tls_ca_file,
                          tls_cert_file=config.tls_cert_file, tls_key_file=config.tls_key_file,
+                         queue_type=config.queue_type, queue_expires=config.queue_expires,
                          **(broker_options or {}))
     try:
         endpoint = broker.connect(config.id, serve_worker=config.id)
@@ -79,7 +80,7 @@ def run_worker(
         runtime = make_runtime(endpoint) if make_runtime is not None else WorkerRuntime(
             config.id, endpoint, reply_timeout=config.reply_timeout, limits=config.limits,
             privacy=config.privacy, ledger=config.ledger, lease=config.lease,
-            dataset_clients=config.clients,
+            dataset_clients=config.clients, presence_interval=config.presence_interval,
         )
         for spec in config.datasets:  # (an executor's own after a restart too: not mirrored)
             runtime.add_dataset(load_dataset(spec), spec.path)
@@ -91,9 +92,11 @@ def run_worker(
         endpoint.close()
         raise
     log.info("worker %s serving on %s", config.id, broker.url)
+    runtime.announce("started")
     try:
         _serve(endpoint, runtime, stop, until=lambda: not keep_going())
         _finish_in_flight(endpoint, runtime)
+        runtime.announce("stopped")
     except BrokerError as e:
         log.error("worker %s stopped: %s", config.id, e)
         return 1

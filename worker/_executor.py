@@ -44,6 +44,7 @@ from ._config import WorkerConfig
 from ._daemon import run_worker
 from ._datasets import Dataset
 from ._journal import Journal, command_key
+from ._logs import configure_logging
 from ._mirror import (
     DELETE,
     DELETE_RECORD,
@@ -384,11 +385,7 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
 def main() -> int:
     setup = ExecutorSetup.from_json(os.environ[EXECUTOR_ENV])
     config = WorkerConfig(**setup.config)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s [executor {os.getpid()}]: "
-                               "%(message)s")
-    if config.log_level.upper() != "DEBUG":
-        logging.getLogger("pika").setLevel(logging.WARNING)
+    configure_logging(config.log_level, config.log_format, config.id, "executor")
     journal = Journal(setup.journal)
     finished = journal.finished()
     mirror = Mirror(journal, Ring(setup.ring, setup.ring_capacity),
@@ -400,6 +397,7 @@ def main() -> int:
                                 limits=config.limits, store=store, containment=mirror,
                                 privacy=config.privacy, ledger=config.ledger,
                                 lease=config.lease, dataset_clients=config.clients,
+                                presence_interval=config.presence_interval,
                                 status_facts={"pid": setup.supervisor,
                                               "executor_pid": os.getpid(),
                                               "executor_restarts": setup.restarts})

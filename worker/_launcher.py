@@ -120,11 +120,13 @@ class WorkerProcesses:
                 + self.log_tail(worker_id)
             )
 
-    def stop(self, worker_id: str, timeout: float = 30.0) -> int:
-        """SIGTERM one daemon and wait for it; its exit status (killed if it hangs)."""
+    def stop(self, worker_id: str, timeout: float = 30.0, *, signalled: bool = False) -> int:
+        """SIGTERM one daemon (unless `signalled` already) and wait for it; its exit
+        status (killed if it hangs). One signal only: a second means "stop now"."""
         process = self.processes.pop(worker_id)
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            if not signalled:
+                process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -136,7 +138,8 @@ class WorkerProcesses:
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        return {worker_id: self.stop(worker_id) for worker_id in list(self.processes)}
+        return {worker_id: self.stop(worker_id, signalled=True)
+                for worker_id in list(self.processes)}
 
     def log_tail(self, worker_id: str, lines: int = 30) -> str:
         with contextlib.suppress(OSError):

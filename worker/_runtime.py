@@ -17,6 +17,7 @@ effect of its commands, on every worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -90,6 +91,9 @@ from ._store import EVERYONE, ObjectStore, StoredObject
 
 __all__ = ["WorkerRuntime"]
 
+DEFAULT_PRESENCE_INTERVAL = 10.0
+"""Seconds between two heartbeats of a worker on the events exchange."""
+
 log = logging.getLogger("torchrelay.worker")
 
 _Handler = Callable[[Any, str], Any]  # a value, or a coroutine that awaits requests
@@ -132,6 +136,15 @@ class _Job:
 
     def describe(self) -> str:
         return self.command.describe() if self.command is not None else self.name
+
+    def objects(self) -> list[int]:
+        """The object ids the command names (for the log)."""
+        command = self.command
+        if command is None:
+            return []
+        ids = [getattr(command, f, None) for f in ("id", "result_id", "plan")]
+        ids += getattr(command, "ids", None) or getattr(command, "result_ids", None) or []
+        return [i for i in ids if type(i) is int][:8]
 
 
 @dataclass(slots=True)
@@ -186,6 +199,7 @@ class WorkerRuntime:
         ledger: Path | None = None,
         lease: float = DEFAULT_LEASE,
         dataset_clients: tuple[str, ...] | None = None,
+        presence_interval: float = DEFAULT_PRESENCE_INTERVAL,
     ) -> None:
         self.id = worker_id
         self.dataset_holders = EVERYONE if dataset_clients is None else frozenset(
@@ -220,6 +234,10 @@ class WorkerRuntime:
             lease, endpoint.queue_consumers,
             lambda identity: endpoint.queue_consumers(worker_queue(identity)) is not None)
         """Who is still there, so that the objects of who is not are reclaimed."""
+        self.presence_interval = presence_interval
+        # A daemon's operator reads its log; in-process, the caller gets the exception.
+        self._failure_level = logging.DEBUG if endpoint.in_process else logging.WARNING
+        self._next_heartbeat = 0.0
         self._request_numbers = 0
         self._prefix = f"{worker_id}.{secrets.token_hex(4)}."  # unique per run, as a client's
         self._random = random.Random()
@@ -400,6 +418,21 @@ class WorkerRuntime:
             self._advance(waiting.task, None, error)
         if self.leases is not None and self.leases.due(now):
             self._reclaim(now)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.presence_interval
+            self.announce("heartbeat")
+
+    def announce(self, what: str) -> None:
+        """Say on the events exchange that this worker `what` ("started", "heartbeat",
+        "stopped"), with its figures: presence for whoever listens."""
+        figures = self._status(Status(), self.id)
+        figures.pop("holders", None)  # (per participant: for status requests only)
+        figures.update(event=what, presence_interval=self.presence_interval, time=time.time())
+        try:
+            self.endpoint.publish_event(f"worker.{self.id}.{what}",
+                                        json.dumps(figures, default=str).encode())
+        except TorchRelayError as e:  # presence is best effort: the work goes on
+            log.debug("could not announce %s: %s", what, e)
 
     def _reclaim(self, now: float) -> None:
         """Delete the objects of participants whose lease ran out (see `_leases.py`)."""
@@ -499,6 +532,14 @@ class WorkerRuntime:
             if not isinstance(error, TorchRelayError | TypeError | ValueError | RuntimeError
                               | LookupError):
                 log.exception("command %s failed unexpectedly", job.describe(), exc_info=error)
+            else:  # one line per failed command, with what an operator needs to find it
+                log.log(self._failure_level,
+                        "%s from %s failed (correlation id %s, objects %s): %s: %s",
+                        job.describe(), job.sender, job.correlation_id, job.objects(),
+                        type(error).__name__, str(error)[:300], extra=_fields(job))
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s from %s (correlation id %s, objects %s)", job.describe(), job.sender,
+                      job.correlation_id, job.objects(), extra=_fields(job))
         if job.reply_to is None:
             return
         if error is None:
@@ -1051,6 +1092,12 @@ class _ArgumentResolver:
 _UPDATES_ITS_ARGUMENTS = frozenset({"F.batch_norm", "F.instance_norm"})
 """Operations that write into arguments without bumping their version (running statistics
 updated inside the kernel): all their tensor arguments count as changed."""
+
+
+def _fields(job: _Job) -> dict[str, Any]:
+    """A command's facts as separate fields of a log record (for `--log-format json`)."""
+    return {"command": job.name, "sender": job.sender, "correlation_id": job.correlation_id,
+            "objects": job.objects()}
 
 
 def _changeable(op: str, args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:

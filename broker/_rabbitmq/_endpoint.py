@@ -20,7 +20,15 @@ import pika.exceptions as pe
 
 from .._codec import Frame
 from .._errors import BrokerError, ConnectionLost, UnknownWorker
-from .._names import COMMAND_EXCHANGE, DEFAULT_CHUNK_SIZE, SHARED_ACCOUNTS, TLS_ENV, worker_queue
+from .._names import (
+    COMMAND_EXCHANGE,
+    DEFAULT_CHUNK_SIZE,
+    EVENTS_EXCHANGE,
+    PRESENCE_ASK,
+    SHARED_ACCOUNTS,
+    TLS_ENV,
+    worker_queue,
+)
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer
@@ -58,6 +66,8 @@ class RabbitMQBroker(Broker):
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
+        queue_type: str = "classic",
+        queue_expires: float | None = topology.DEFAULT_QUEUE_EXPIRES,
     ) -> None:
         """`tls_*` (for `amqps://`): the CA that signed the broker's certificate
         (default: `$TORCHRELAY_TLS_CA_FILE`, else the system's CAs), and a client
@@ -75,6 +85,8 @@ class RabbitMQBroker(Broker):
         """Where large received messages are put (a worker's executor: shared memory)."""
         self.user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "guest")
         self.shared_accounts = frozenset(shared_accounts)
+        self.queues = topology.QueueSettings(queue_type, queue_expires)
+        """How a worker queue served here is declared."""
         self.tls = None
         tls_files = (tls_ca_file, tls_cert_file, tls_key_file)
         secure = urllib.parse.urlsplit(url).scheme == "amqps"
@@ -156,7 +168,8 @@ class RabbitMQEndpoint(Endpoint):
         try:
             topology.consume_worker_queue(channels.connection, channels.commands,
                                           self._serve_worker, self._consumer.on_command,
-                                          administered=self._administered)
+                                          administered=self._administered,
+                                          settings=self._broker.queues)
         except pe.ChannelClosedByBroker as e:
             raise BrokerError(
                 f"worker {self._serve_worker!r} is already served by another daemon "
@@ -260,6 +273,17 @@ class RabbitMQEndpoint(Endpoint):
             channels, topology.DEAD_LETTERS, "", type=type, frame=frame,
             correlation_id=correlation_id, headers=headers,
         ))
+
+    def broadcast_command(self, type: str, frame: Frame, correlation_id: str) -> None:
+        publisher = self._publisher
+        self._link.run(lambda channels: publisher.publish(
+            channels, EVENTS_EXCHANGE, PRESENCE_ASK, type=type, frame=frame,
+            correlation_id=correlation_id, reply_to=self.reply_queue,
+        ))
+
+    def publish_event(self, routing_key: str, body: bytes) -> None:
+        publisher = self._publisher
+        self._link.run(lambda channels: publisher.event(channels, routing_key, body))
 
     def queue_consumers(self, queue: str) -> int | None:
         def consumers(channels: Channels) -> int | None:

@@ -21,7 +21,7 @@ import pika
 
 from .._chunks import split_frame
 from .._codec import Frame
-from .._names import APP_ID, COMMAND_EXCHANGE
+from .._names import APP_ID, COMMAND_EXCHANGE, EVENTS_EXCHANGE
 from ._link import Channels
 
 __all__ = ["Publisher"]
@@ -99,3 +99,11 @@ class Publisher:
             data = chunk if isinstance(chunk, bytes) else bytes(chunk)
             channel.basic_publish(exchange, routing_key, data, props, mandatory=mandatory)
             self.bytes_sent += len(data)
+
+    def event(self, channels: Channels, routing_key: str, body: bytes) -> None:
+        """Announce on the events exchange: JSON, for people and tools as much as for us."""
+        channels.commands.basic_publish(EVENTS_EXCHANGE, routing_key, body, pika.BasicProperties(
+            type="event", app_id=APP_ID, user_id=self._user, content_type="application/json",
+            headers=self._headers, delivery_mode=_TRANSIENT,
+        ))
+        self.bytes_sent += len(body)

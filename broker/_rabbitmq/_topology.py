@@ -1,11 +1,16 @@
 """What torchrelay declares on RabbitMQ, as the management console shows it.
 
 - exchange `torchrelay.commands` (direct, durable): routing key = worker id;
-- queue `torchrelay.worker.<id>` (durable), bound with the worker's id and
-  consumed exclusively by its one daemon, with manual acks and a prefetch limit;
+- queue `torchrelay.worker.<id>` (durable; classic, or quorum for a cluster),
+  bound with the worker's id and consumed by its one daemon (exclusively; on a
+  quorum queue, a second daemon waits as a standby: single active consumer), with
+  manual acks and a prefetch limit; it expires once no daemon has consumed it for
+  `queue_expires` seconds, after which commands to that worker come back at once;
 - queue `torchrelay.reply.<identity>.<token>`, one per endpoint, consumed
   exclusively; it outlives a dropped connection by a minute, so a reconnect
   loses no reply;
+- exchange `torchrelay.events` (topic, durable): workers' announcements, and
+  every worker queue bound with `presence.ask` (a command to all of them);
 - exchange and queue `torchrelay.dead` (fanout, durable): where a worker queue
   dead-letters the commands its worker refused for good (one that crashed or
   wedged a worker before), for a person to inspect in the console.
@@ -17,26 +22,54 @@ same wherever it is declared (RabbitMQ refuses a re-declaration that differs).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Final
 
 import pika.exceptions as pe
 
 from .._errors import BrokerError
-from .._names import COMMAND_EXCHANGE, worker_queue
+from .._names import COMMAND_EXCHANGE, EVENTS_EXCHANGE, PRESENCE_ASK, worker_queue
 
 __all__ = [
     "DEAD_LETTERS",
+    "DEFAULT_QUEUE_EXPIRES",
     "REPLY_QUEUE_EXPIRES_MS",
-    "WORKER_QUEUE_ARGUMENTS",
+    "QueueSettings",
     "consume_worker_queue",
     "declare_command_exchange",
     "declare_reply_queue",
     "queue_consumers",
+    "worker_queue_arguments",
 ]
 
 REPLY_QUEUE_EXPIRES_MS: Final = 60_000
 DEAD_LETTERS: Final = "torchrelay.dead"
-WORKER_QUEUE_ARGUMENTS: Final = {"x-dead-letter-exchange": DEAD_LETTERS}
+DEFAULT_QUEUE_EXPIRES: Final = 7 * 24 * 3600.0
+"""Seconds a worker queue outlives its last consumer: a week."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """How a worker queue is declared (the same everywhere, or RabbitMQ refuses)."""
+
+    queue_type: str = "classic"
+    expires: float | None = DEFAULT_QUEUE_EXPIRES
+
+    def __post_init__(self) -> None:
+        if self.queue_type not in ("classic", "quorum"):
+            raise ValueError(f"queue_type is classic or quorum, not {self.queue_type!r}")
+        if self.expires is not None and self.expires <= 0:
+            raise ValueError(f"queue expiry must be positive seconds, not {self.expires}")
+
+
+def worker_queue_arguments(settings: QueueSettings = QueueSettings()) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": DEAD_LETTERS}
+    if settings.expires is not None:
+        arguments["x-expires"] = int(settings.expires * 1000)
+    if settings.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+        arguments["x-single-active-consumer"] = True
+    return arguments
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -51,8 +84,11 @@ def declare_command_exchange(connection: Any, channel: Any, *, administered: boo
     its own, with no right to declare shared things), check that it exists."""
     if not administered:
         channel.exchange_declare(COMMAND_EXCHANGE, "direct", durable=True)
-    elif not _exists(connection, lambda c: c.exchange_declare(COMMAND_EXCHANGE, passive=True)):
-        raise BrokerError(f"there is no exchange {COMMAND_EXCHANGE}: {_ADMINISTERED}")
+        channel.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
+        return
+    for exchange in (COMMAND_EXCHANGE, EVENTS_EXCHANGE):
+        if not _exists(connection, lambda c, e=exchange: c.exchange_declare(e, passive=True)):
+            raise BrokerError(f"there is no exchange {exchange}: {_ADMINISTERED}")
 
 
 def declare_reply_queue(channel: Any, name: str) -> None:
@@ -60,7 +96,8 @@ def declare_reply_queue(channel: Any, name: str) -> None:
 
 
 def consume_worker_queue(
-    connection: Any, channel: Any, worker_id: str, on_message: Any, *, administered: bool
+    connection: Any, channel: Any, worker_id: str, on_message: Any, *, administered: bool,
+    settings: QueueSettings = QueueSettings(),
 ) -> None:
     """Declare and bind `worker_id`'s queue and consume it, exclusively. When
     `administered`, only check that they exist: binding needs the right to read the
@@ -78,14 +115,16 @@ def consume_worker_queue(
     channel.exchange_declare(DEAD_LETTERS, "fanout", durable=True)
     channel.queue_declare(DEAD_LETTERS, durable=True)
     channel.queue_bind(DEAD_LETTERS, DEAD_LETTERS)
-    if _declares(connection, queue, WORKER_QUEUE_ARGUMENTS):
-        channel.queue_declare(queue, durable=True, arguments=WORKER_QUEUE_ARGUMENTS)
+    arguments = worker_queue_arguments(settings)
+    if _declares(connection, queue, arguments):
+        channel.queue_declare(queue, durable=True, arguments=arguments)
     else:
-        log.warning("queue %s exists with other arguments (declared by an older torchrelay?): "
-                    "it is used as it is, without dead-lettering; delete it to have it "
-                    "declared anew", queue)
+        log.warning("queue %s exists with other arguments (another queue_type or expiry, or "
+                    "an older torchrelay): it is used as it is; delete it to have it declared "
+                    "anew with %s", queue, arguments)
         channel.queue_declare(queue, passive=True)
     channel.queue_bind(queue, COMMAND_EXCHANGE, routing_key=worker_id)
+    channel.queue_bind(queue, EVENTS_EXCHANGE, routing_key=PRESENCE_ASK)
     channel.basic_consume(queue, on_message, exclusive=True)
 
 

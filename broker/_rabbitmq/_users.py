@@ -4,9 +4,11 @@ Set through the management HTTP API by an administrator (`torchrelay users`).
 Permissions are regular expressions on resource names; what each role gets:
 
 - a client `c`: configure (declare, delete) and read (consume) its reply queues
-  `torchrelay.reply.c.*`; write (publish) to `torchrelay.commands` only;
+  `torchrelay.reply.c.*`; write (publish) to `torchrelay.commands` and
+  `torchrelay.events` (a command to every worker: who is there) only;
 - a worker `w`: configure and read its command queue `torchrelay.worker.w` and
   its reply queues; write to `torchrelay.commands` (commands to other workers),
+  `torchrelay.events` (its announcements),
   `torchrelay.dead` (commands it refuses for good) and the default exchange
   (replies, addressed by queue name).
 
@@ -26,9 +28,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from .._names import COMMAND_EXCHANGE, worker_queue
+from .._names import COMMAND_EXCHANGE, EVENTS_EXCHANGE, PRESENCE_ASK, worker_queue
 from ._management import ManagementAPI, ManagementError
-from ._topology import DEAD_LETTERS, WORKER_QUEUE_ARGUMENTS
+from ._topology import DEAD_LETTERS, worker_queue_arguments
 
 __all__ = ["ROLES", "Role", "UserInfo", "add_user", "list_users", "permissions", "remove_user"]
 
@@ -49,10 +51,12 @@ def permissions(name: str, role: Role) -> dict[str, str]:
     own = re.escape(name)
     replies = rf"torchrelay\.reply\.{own}\.[^.]+"
     if role == "client":
-        return {"configure": f"^{replies}$", "write": f"^{re.escape(COMMAND_EXCHANGE)}$",
+        exchanges = "|".join(re.escape(e) for e in (COMMAND_EXCHANGE, EVENTS_EXCHANGE))
+        return {"configure": f"^{replies}$", "write": f"^({exchanges})$",
                 "read": f"^{replies}$"}
     queue = re.escape(worker_queue(name))
-    shared = "|".join(re.escape(e) for e in (COMMAND_EXCHANGE, DEAD_LETTERS, "amq.default"))
+    shared = "|".join(re.escape(e) for e in (COMMAND_EXCHANGE, EVENTS_EXCHANGE, DEAD_LETTERS,
+                                              "amq.default"))
     return {"configure": f"^({queue}|{replies})$", "write": f"^({shared})$",
             "read": f"^({queue}|{replies})$"}
 
@@ -86,16 +90,19 @@ def declare_worker_topology(api: ManagementAPI, worker_id: str) -> None:
     """The exchanges, the dead-letter queue and `worker_id`'s bound queue, as the
     daemon itself declares them (the same arguments, or RabbitMQ refuses)."""
     vhost, commands = api.quote(api.vhost), api.quote(COMMAND_EXCHANGE)
-    dead = api.quote(DEAD_LETTERS)
+    dead, events = api.quote(DEAD_LETTERS), api.quote(EVENTS_EXCHANGE)
     queue = api.quote(worker_queue(worker_id))
     api.call("PUT", f"/api/exchanges/{vhost}/{commands}", {"type": "direct", "durable": True})
+    api.call("PUT", f"/api/exchanges/{vhost}/{events}", {"type": "topic", "durable": True})
     api.call("PUT", f"/api/exchanges/{vhost}/{dead}", {"type": "fanout", "durable": True})
     api.call("PUT", f"/api/queues/{vhost}/{dead}", {"durable": True})
     api.call("POST", f"/api/bindings/{vhost}/e/{dead}/q/{dead}", {"routing_key": ""})
     api.call("PUT", f"/api/queues/{vhost}/{queue}",
-             {"durable": True, "arguments": dict(WORKER_QUEUE_ARGUMENTS)})
+             {"durable": True, "arguments": worker_queue_arguments()})
     api.call("POST", f"/api/bindings/{vhost}/e/{commands}/q/{queue}",
              {"routing_key": worker_id})
+    api.call("POST", f"/api/bindings/{vhost}/e/{events}/q/{queue}",
+             {"routing_key": PRESENCE_ASK})
 
 
 def remove_user(api: ManagementAPI, name: str) -> None:

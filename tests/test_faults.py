@@ -1,0 +1,91 @@
+"""Faults of a fleet: a worker that is gone fails a wait at once rather than after the
+whole timeout, its queue expires, and quorum queues serve as classic ones do
+(RabbitMQ, daemons)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchrelay as tr
+from torchrelay.broker import ManagementAPI, worker_queue
+from torchrelay.worker import WorkerProcesses
+
+tr.hook(torch)
+
+
+def test_a_wait_on_a_worker_that_died_fails_naming_it_not_after_the_timeout(
+    vhost_factory: Any, tmp_path: Path,
+) -> None:
+    url = vhost_factory()
+    with WorkerProcesses(url, ["dora"], log_dir=tmp_path) as daemons, \
+            tr.connect(url, timeout=600) as fleet:  # a timeout no test would wait out
+        x = torch.ones(2).send(fleet.worker("dora"))
+        fleet.sync()
+        daemons.stop("dora")  # gone: its queue stays, with nobody to answer
+        with pytest.raises(tr.UnknownWorker, match=r"dora.*no daemon has consumed its queue"):
+            x.get()
+        x.garbage_collect = False
+
+
+def test_the_queue_of_a_worker_that_is_gone_expires_and_commands_then_fail_at_once(
+    vhost_factory: Any, tmp_path: Path, rabbitmq: ManagementAPI,
+) -> None:
+    url = vhost_factory()
+    vhost = url.rsplit("/", 1)[1]
+    daemons = WorkerProcesses(url, ["brief"], log_dir=tmp_path,
+                              worker_args={"brief": ["--queue-expires", "1"]})
+    with daemons:
+        queue = rabbitmq.queue(worker_queue("brief"), vhost)
+        assert queue["arguments"]["x-expires"] == 1000
+        assert queue["arguments"]["x-dead-letter-exchange"] == "torchrelay.dead"
+    deadline = time.monotonic() + 60
+    while any(q["name"] == worker_queue("brief") for q in rabbitmq.queues(vhost)):
+        assert time.monotonic() < deadline, "the queue did not expire"
+        time.sleep(0.25)
+    with tr.connect(url) as fleet, pytest.raises(tr.UnknownWorker, match="no queue"):
+        fleet.worker("brief")
+
+
+def test_a_worker_on_a_quorum_queue_serves_as_on_a_classic_one(
+    vhost_factory: Any, tmp_path: Path, rabbitmq: ManagementAPI,
+) -> None:
+    url = vhost_factory()
+    vhost = url.rsplit("/", 1)[1]
+    daemons = WorkerProcesses(url, ["quinn", "bob"], log_dir=tmp_path,
+                              worker_args={"quinn": ["--queue-type", "quorum"]})
+    with daemons, tr.connect(url) as fleet:
+        queue = rabbitmq.queue(worker_queue("quinn"), vhost)
+        assert queue["type"] == "quorum"
+        assert queue["arguments"]["x-single-active-consumer"] is True
+        y = torch.tensor([1.0, 2.0]).send(fleet.worker("quinn")) * 3
+        assert y.move(fleet.worker("bob")).get().tolist() == [3.0, 6.0]
+        assert fleet.worker("quinn")._objects == {}
+
+
+def test_json_logs_have_a_line_per_command_and_per_failure(
+    vhost_factory: Any, tmp_path: Path,
+) -> None:
+    url = vhost_factory()
+    daemons = WorkerProcesses(url, ["logan"], log_dir=tmp_path,
+                              worker_args={"logan": ["--log-format", "json",
+                                                     "--log-level", "DEBUG"]})
+    with daemons, tr.connect(url) as fleet:
+        x = torch.ones(2).send(fleet.worker("logan"))
+        with pytest.raises(tr.RemoteError):
+            x.view(3).get()  # a failure: 2 elements into 3
+        x.get()
+    lines = (tmp_path / "logan.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert {r["worker"] for r in records} == {"logan"}
+    assert {r["process"] for r in records} == {"supervisor", "executor"}
+    stores = [r for r in records if r.get("command") == "store" and r["level"] == "DEBUG"]
+    assert stores and stores[0]["objects"] == [x.id_at_location]
+    assert stores[0]["sender"] == "me" and stores[0]["correlation_id"]
+    (failed,) = [r for r in records if r["level"] == "WARNING" and r.get("command") == "call"]
+    assert "Tensor.view" in failed["message"] and "RuntimeError" in failed["message"]
