@@ -55,6 +55,13 @@ class BrokerUnavailable(BrokerError):
 class ConnectionLost(BrokerError):
     """The broker connection dropped while replies were still awaited."""
 
+    lost: list[tuple[str, str]]
+    """(worker, operation) of each command in flight that was lost, when known."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.lost = []
+
 
 class UnknownBrokerURL(BrokerError, ValueError):
     """The URL names a scheme no transport understands."""

@@ -15,6 +15,7 @@ requester fails fast instead of waiting for a reply that will never come.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,11 @@ class Endpoint(ABC):
     in_process = False
     """Whether the workers this endpoint reaches run in this process, and only while
     it waits (the embedded broker): then nothing is gained by publishing early."""
+
+    awaiting: Callable[[], bool] = staticmethod(lambda: True)
+    """Whether replies to messages already published are still awaited; its owner says
+    (by default: assume so). A connection that comes back without its reply queue (a
+    broker restart) is an error only then: else nothing was lost."""
 
     @property
     def quiescent(self) -> bool:

@@ -152,6 +152,8 @@ class Fleet:
         self.pipelined = pipelined
         self._owns_broker = owns_broker
         self.endpoint = broker.connect(name)
+        self._in_send = 0
+        self.endpoint.awaiting = self._awaiting
         self._workers: dict[str, WorkerHandle] = {}
         self._outstanding: dict[str, _Outstanding] = {}  # in the order sent
         self._unsettled = 0  # outstanding commands that do not settle in order
@@ -378,20 +380,26 @@ class Fleet:
         if type(command) is Transfer:
             self._arriving[command.destination] = self._arriving.get(command.destination, 0) + 1
         envelope = None if not garbage and guard is None else Envelope(list(garbage), guard)
-        with self._queue_lock:
-            if self._queued_to != worker_id:
-                self._publish_queued()  # in order: what went to another worker goes first
-                self._queued_to = worker_id
-            self._queued.append((command, correlation_id, envelope))
-            if len(self._queued) >= MAX_QUEUED:
-                self._publish_queued()
-            elif len(self._queued) == 1:
-                self._queued_since = time.monotonic()
+        try:
+            with self._queue_lock:
+                if self._queued_to != worker_id:
+                    self._publish_queued()  # in order: what went to another worker goes first
+                    self._queued_to = worker_id
+                self._queued.append((command, correlation_id, envelope))
+                if len(self._queued) >= MAX_QUEUED:
+                    self._publish_queued()
+                elif len(self._queued) == 1:
+                    self._queued_since = time.monotonic()
+        except ConnectionLost as e:  # (failed outside the lock, which failing takes)
+            self._fail_outstanding(self._lost(e))
         return correlation_id
 
     def _publish(self) -> None:
-        with self._queue_lock:
-            self._publish_queued()
+        try:
+            with self._queue_lock:
+                self._publish_queued()
+        except ConnectionLost as e:  # (failed outside the lock, which failing takes)
+            self._fail_outstanding(self._lost(e))
 
     def _publish_if_late(self) -> None:
         if self._queued and time.monotonic() - self._queued_since >= QUEUE_DELAY:
@@ -417,8 +425,7 @@ class Fleet:
             self._send_queued(worker_id, queued)
         except TorchRelayError as e:
             if isinstance(e, ConnectionLost):
-                self._fail_outstanding(e, report_later=False)
-                raise
+                raise  # everything outstanding is lost: the caller fails it all
             for _, correlation_id, _ in queued:  # none of them was sent
                 entry = self._forget(correlation_id)
                 if entry is not None:
@@ -427,13 +434,21 @@ class Fleet:
 
     def _send_queued(self, worker_id: str,
                      queued: list[tuple[Command, str, Envelope | None]]) -> None:
-        if len(queued) == 1:
-            command, correlation_id, envelope = queued[0]
-            self.endpoint.send_command(worker_id, command.name, command.encode(envelope),
-                                       correlation_id)
-        else:
-            self.endpoint.send_command(worker_id, BATCH, encode_batch(queued),
-                                       f"{queued[0][1]}+{len(queued)}")
+        self._in_send = len(queued)  # outstanding, but not published yet
+        try:
+            if len(queued) == 1:
+                command, correlation_id, envelope = queued[0]
+                self.endpoint.send_command(worker_id, command.name, command.encode(envelope),
+                                           correlation_id)
+            else:
+                self.endpoint.send_command(worker_id, BATCH, encode_batch(queued),
+                                           f"{queued[0][1]}+{len(queued)}")
+        finally:
+            self._in_send = 0
+
+    def _awaiting(self) -> bool:
+        """Whether replies to what was published are still due (see `Endpoint.awaiting`)."""
+        return len(self._outstanding) - len(self._queued) - self._in_send > 0
 
     def _restore_garbage(self, worker_id: str,
                          queued: list[tuple[Command, str, Envelope | None]]) -> None:
@@ -474,9 +489,23 @@ class Fleet:
                 else:
                     self._fail_if_gone()
             except ConnectionLost as e:
-                self._fail_outstanding(e)
+                self._fail_outstanding(self._lost(e))
         if raise_errors:
             self._raise_errors()
+
+    def _lost(self, error: ConnectionLost) -> ConnectionLost:
+        """`error`, naming what was in flight when the connection went: the first
+        operation and how many, so a script knows what to redo. (`lost` lists them.)"""
+        entries = list(self._outstanding.values())
+        if not entries:
+            return error
+        first = entries[0]
+        lost = ConnectionLost(
+            f"{error}; {len(entries)} operation{'s' if len(entries) > 1 else ''} in flight "
+            f"lost, the first: {first.command.describe()} on worker {first.worker_id!r} "
+            "(whether they ran is unknown: redo them)")
+        lost.lost = [(entry.worker_id, entry.command.describe()) for entry in entries]
+        return lost
 
     def _fail_if_gone(self) -> None:
         """While waiting in silence: fail at once if a worker we wait for has no daemon
@@ -547,7 +576,7 @@ class Fleet:
             try:
                 self._receive(min(left, self.timeout))
             except ConnectionLost as e:
-                self._fail_outstanding(e)
+                self._fail_outstanding(self._lost(e))
         failures: dict[str, TorchRelayError] = {}
         for error in self._errors:
             failures.setdefault(getattr(error, "worker_id", ""), error)

@@ -51,6 +51,16 @@ TERMINAL_SUMMARY: list[str] = []
 """Lines tests want shown at the end of the run (the fuzz campaign's figures)."""
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "restarts_broker: restarts the local RabbitMQ node; "
+                                       "runs after every other test")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A broker restart drops every connection and the TLS listener: nothing after it.
+    items.sort(key=lambda item: item.get_closest_marker("restarts_broker") is not None)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in TERMINAL_SUMMARY:
         terminalreporter.write_line(line)

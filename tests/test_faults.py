@@ -5,6 +5,8 @@ whole timeout, its queue expires, and quorum queues serve as classic ones do
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -89,3 +91,59 @@ def test_json_logs_have_a_line_per_command_and_per_failure(
     assert stores[0]["sender"] == "me" and stores[0]["correlation_id"]
     (failed,) = [r for r in records if r["level"] == "WARNING" and r.get("command") == "call"]
     assert "Tensor.view" in failed["message"] and "RuntimeError" in failed["message"]
+
+
+def _restart_the_broker(management: ManagementAPI) -> None:
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("no rabbitmqctl here to restart the broker with")
+    for step in (["stop_app"], ["start_app"], ["await_startup", "--timeout", "120"]):
+        subprocess.run([rabbitmqctl, *step], check=True, capture_output=True, timeout=180)
+    deadline = time.monotonic() + 120  # the console comes back a little after the node
+    while not management.available():
+        assert time.monotonic() < deadline, "the management API did not come back"
+        time.sleep(0.5)
+
+
+@pytest.mark.restarts_broker
+def test_an_idle_broker_restart_costs_idle_participants_nothing(
+    vhost_factory: Any, tmp_path: Path, rabbitmq: ManagementAPI,
+) -> None:
+    url = vhost_factory()
+    with WorkerProcesses(url, ["bob", "alice"], log_dir=tmp_path) as daemons, \
+            tr.connect(url) as fleet:
+        x = torch.tensor([1.0, 2.0]).send(fleet.worker("bob"))
+        fleet.sync()
+        pids = {w: fleet.worker(w).status()["pid"] for w in ("bob", "alice")}
+        _restart_the_broker(rabbitmq)  # stop_app / start_app: every connection dropped
+        # The next call reconnects by itself; the daemons kept their objects.
+        assert (x + 1).get().tolist() == [2.0, 3.0]
+        moved = x.move(fleet.worker("alice"))
+        assert moved.get().tolist() == [1.0, 2.0]
+        assert {w: fleet.worker(w).status()["pid"] for w in ("bob", "alice")} == pids
+        assert all(process.poll() is None for process in daemons.processes.values())
+
+
+@pytest.mark.restarts_broker
+def test_a_pipeline_in_flight_through_a_broker_restart_completes_or_says_what_was_lost(
+    vhost_factory: Any, tmp_path: Path, rabbitmq: ManagementAPI,
+) -> None:
+    url = vhost_factory()
+    with WorkerProcesses(url, ["bob"], log_dir=tmp_path), tr.connect(url) as fleet:
+        y = torch.zeros(1).send(fleet.worker("bob"))
+        for _ in range(2000):
+            y = y + 1  # pipelined: published in batches while we go on
+        _restart_the_broker(rabbitmq)
+        outcome: Any
+        try:
+            outcome = y.get()
+        except tr.ConnectionLost as e:
+            outcome = e
+        if isinstance(outcome, tr.ConnectionLost):  # never a silent loss: what, named
+            assert "in flight lost, the first:" in str(outcome)
+            assert outcome.lost and all(worker == "bob" for worker, _ in outcome.lost)
+        else:
+            assert outcome.tolist() == [2000.0]  # or every operation ran
+        y.garbage_collect = False
+        # And the session goes on.
+        assert (torch.ones(1).send(fleet.worker("bob")) * 2).get().tolist() == [2.0]

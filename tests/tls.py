@@ -6,6 +6,7 @@ of its own, and stopped at the end: the broker's configuration is not touched.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -144,7 +145,9 @@ class TLSListener:
             "{fail_if_no_peer_cert, false}], 1, 1).")
 
     def stop(self) -> None:
-        self._eval(f"rabbit_networking:stop_tcp_listener({self.port}).")
+        """Stop the listener (gone already if the node restarted) and forget the CA."""
+        with contextlib.suppress(RuntimeError):
+            self._eval(f"rabbit_networking:stop_tcp_listener({self.port}).")
         shutil.rmtree(self.certificates.folder, ignore_errors=True)
 
     def url(self, plain_url: str) -> str:

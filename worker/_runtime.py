@@ -206,6 +206,7 @@ class WorkerRuntime:
             dataset_clients)
         """Who may use this worker's datasets (`clients` in its config; everyone)."""
         self.endpoint = endpoint
+        endpoint.awaiting = lambda: bool(self._waiting)
         self.limits = limits or Limits()
         self.store = (
             store if store is not None else ObjectStore(worker_id, self.limits.max_bytes)

@@ -157,7 +157,7 @@ class RabbitMQEndpoint(Endpoint):
             commands.basic_qos(prefetch_count=self._broker.prefetch)
             commands.add_on_cancel_callback(consumer.on_cancel)
             self._consume_worker_queue(channels)
-        if reconnecting and not survived:
+        if reconnecting and not survived and self.awaiting():
             raise ConnectionLost(
                 f"{self.connection_name} reconnected to {self._broker.url}, but its reply queue "
                 "was gone: replies to commands sent before are lost"
