@@ -109,6 +109,12 @@ class Endpoint(ABC):
     """Whether the workers this endpoint reaches run in this process, and only while
     it waits (the embedded broker): then nothing is gained by publishing early."""
 
+    progress: Callable[[str, int, int], None] | None = None
+    """Told `(what, bytes done, bytes in all)` as a large message goes out or comes in
+    chunk by chunk (messages of at least `progress_from` bytes); a client in a
+    terminal draws a progress bar with it."""
+    progress_from: int = 256 << 20
+
     awaiting: Callable[[], bool] = staticmethod(lambda: True)
     """Whether replies to messages already published are still awaited; its owner says
     (by default: assume so). A connection that comes back without its reply queue (a

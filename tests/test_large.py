@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import secrets
 import time
 
@@ -19,6 +20,7 @@ from torchrelay.broker import (
     encode,
     split_frame,
 )
+from torchrelay.client._progress import TerminalProgress
 from torchrelay.worker import WorkerProcesses
 
 tr.hook(torch)
@@ -140,3 +142,34 @@ def test_one_sender_cannot_keep_another_out_of_the_reassembly_budget() -> None:
     whole = reassembler.add(("bob", "1"), 1, 2, 400, b"c" * 200)
     assert whole is not None and bytes(whole[:2].tolist()) == b"bb"
     assert reassembler.held_by("mallory") == 500
+
+
+def test_a_large_transfer_reports_its_progress_both_ways(
+    session_daemons: WorkerProcesses,
+) -> None:
+    reports: list[tuple[str, int, int]] = []
+    tensor = torch.randn(3 * MIB)  # 12 MiB
+    with tr.connect(session_daemons.url, chunk_size=MIB) as fleet:
+        fleet.endpoint.progress = lambda what, done, total: reports.append((what, done, total))
+        fleet.endpoint.progress_from = 8 * MIB  # (a terminal's bar starts at 256 MiB)
+        pointer = tensor.send(fleet.worker("bob"))
+        assert torch.equal(pointer.get(), tensor)
+        assert not [r for r in reports if r[2] < 8 * MIB]  # small messages say nothing
+    sent = [r for r in reports if r[0].endswith(" to bob")]  # (the store, in a batch)
+    came = [r for r in reports if r[0] == "fetch from bob"]
+    assert len(sent) >= 12  # our 1 MiB chunks; the worker answers in its own 8 MiB ones
+    assert len(came) >= 2
+    for steps in (sent, came):
+        assert [done for _, done, _ in steps] == sorted(done for _, done, _ in steps)
+        assert steps[-1][1] == steps[-1][2] >= 12 * MIB  # ends at the whole message
+
+
+def test_the_terminal_progress_bar_draws_one_line_and_ends_it() -> None:
+    stream = io.StringIO()
+    bar = TerminalProgress(stream)
+    for done in range(0, 513, 64):
+        bar("store to bob", done << 20, 512 << 20)
+    text = stream.getvalue()
+    assert text.startswith("\rstore to bob [")
+    assert text.endswith("100%  512/512 MiB  " + text.rsplit("MiB  ", 1)[1])
+    assert text.count("\n") == 1

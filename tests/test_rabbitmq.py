@@ -77,8 +77,8 @@ def test_topology_and_connection_names_as_the_console_shows_them(
 def test_a_handle_to_a_worker_nobody_serves_fails_fast_naming_it(
     session_daemons: WorkerProcesses,
 ) -> None:
-    with tr.connect(session_daemons.url) as fleet:
-        started = time.monotonic()
+    # A timeout no test would wait out: the answer must come from the broker's state.
+    with tr.connect(session_daemons.url, timeout=600) as fleet:
         with pytest.raises(tr.UnknownWorker, match="torchrelay worker --id nobody"):
             fleet.worker("nobody")
         with pika.BlockingConnection(pika.URLParameters(session_daemons.url)) as connection:
@@ -86,7 +86,6 @@ def test_a_handle_to_a_worker_nobody_serves_fails_fast_naming_it(
             with pytest.raises(tr.UnknownWorker, match="no daemon consumes it"):
                 fleet.worker("idle")
             connection.channel().queue_delete(worker_queue("idle"))
-        assert time.monotonic() - started < 5
 
 
 def test_a_second_daemon_with_the_same_id_is_refused(session_daemons: WorkerProcesses) -> None:

@@ -99,6 +99,9 @@ class Consumer:
         shared_accounts: frozenset[str] = frozenset(),
     ) -> None:
         self.shared_accounts = shared_accounts
+        self.progress: Callable[[str, int, int], None] | None = None
+        """Told how far a chunked message of at least `progress_from` bytes has come."""
+        self.progress_from = 256 << 20
         self.forged = 0
         """Messages dropped because they claimed a sender their user is not."""
         self._warned: set[str] = set()
@@ -154,6 +157,8 @@ class Consumer:
             return
         origin = (is_reply, props.type or "", None if is_reply else props.reply_to)
         whole = self._add_chunk(sender, props.correlation_id or "", chunk, body, origin)
+        if self.progress is not None:
+            self._tell_progress(props.type or "", sender, chunk, len(body))
         self._report_dropped()
         if whole is None:
             if not is_reply:  # acked now, or the prefetch window would stall the rest
@@ -164,6 +169,15 @@ class Consumer:
             None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
             self.epoch, chunked=True,
         ))
+
+    def _tell_progress(self, type: str, sender: str, chunk: Any, size: int) -> None:
+        try:
+            index, count, total = (int(n) for n in chunk)
+        except (TypeError, ValueError):
+            return
+        if total >= self.progress_from and self.progress is not None:
+            done = total if index == count - 1 else min(total, (index + 1) * size)
+            self.progress(f"{type.removesuffix('.reply')} from {sender}", done, total)
 
     def _sender(self, user: str | None, claimed: Any) -> str | None:
         """Who sent a message (see the module docstring); None for a forgery."""

@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 import urllib.parse
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import pika.exceptions as pe
@@ -284,6 +284,22 @@ class RabbitMQEndpoint(Endpoint):
     def publish_event(self, routing_key: str, body: bytes) -> None:
         publisher = self._publisher
         self._link.run(lambda channels: publisher.event(channels, routing_key, body))
+
+    @property
+    def progress(self) -> Callable[[str, int, int], None] | None:
+        return self._publisher.progress
+
+    @progress.setter
+    def progress(self, report: Callable[[str, int, int], None] | None) -> None:
+        self._publisher.progress = self._consumer.progress = report
+
+    @property
+    def progress_from(self) -> int:
+        return self._publisher.progress_from
+
+    @progress_from.setter
+    def progress_from(self, size: int) -> None:
+        self._publisher.progress_from = self._consumer.progress_from = size
 
     def queue_consumers(self, queue: str) -> int | None:
         def consumers(channels: Channels) -> int | None:

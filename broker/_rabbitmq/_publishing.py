@@ -15,6 +15,7 @@ the link's lock, with the `Channels` it hands out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import pika
@@ -40,6 +41,9 @@ class Publisher:
 
     def __init__(self, identity: str, user: str, chunk_size: int) -> None:
         self.chunk_size = chunk_size
+        self.progress: Callable[[str, int, int], None] | None = None
+        """Told how far a message of at least `progress_from` bytes has gone."""
+        self.progress_from = 256 << 20
         self.bytes_sent = 0
         self._headers: dict[str, Any] = {"sender": identity}
         self._user = user
@@ -88,6 +92,8 @@ class Publisher:
             self.bytes_sent += frame.nbytes
             return
         chunks = list(split_frame(frame, self.chunk_size))
+        progress = self.progress if frame.nbytes >= self.progress_from else None
+        done = 0
         for index, chunk in enumerate(chunks):
             props = pika.BasicProperties(
                 type=type, app_id=APP_ID, correlation_id=correlation_id, reply_to=reply_to,
@@ -99,6 +105,9 @@ class Publisher:
             data = chunk if isinstance(chunk, bytes) else bytes(chunk)
             channel.basic_publish(exchange, routing_key, data, props, mandatory=mandatory)
             self.bytes_sent += len(data)
+            if progress is not None:
+                done += len(data)
+                progress(f"{type} to {routing_key.rsplit('.', 1)[-1]}", done, frame.nbytes)
 
     def event(self, channels: Channels, routing_key: str, body: bytes) -> None:
         """Announce on the events exchange: JSON, for people and tools as much as for us."""
