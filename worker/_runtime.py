@@ -426,8 +426,7 @@ class WorkerRuntime:
     def announce(self, what: str) -> None:
         """Say on the events exchange that this worker `what` ("started", "heartbeat",
         "stopped"), with its figures: presence for whoever listens."""
-        figures = self._status(Status(), self.id)
-        figures.pop("holders", None)  # (per participant: for status requests only)
+        figures = self._figures()  # (not per holder: that walks every object)
         figures.update(event=what, presence_interval=self.presence_interval, time=time.time())
         try:
             self.endpoint.publish_event(f"worker.{self.id}.{what}",
@@ -447,15 +446,16 @@ class WorkerRuntime:
         except TorchRelayError as e:  # the broker is away: look again next time
             log.warning("could not check leases: %s", e)
             return
+
         for identity in expired:
             ids = held[identity]
             targets = self._discard(ids, identity)
             for location, target_ids in targets.items():
                 self._tell(location, Delete(target_ids))
-            if self.containment is not None:
-                self.containment.commit()
             log.info("reclaimed %d objects of %r: gone for longer than its lease (%g s)",
                      len(ids), identity, self.leases.lease)
+        if expired and self.containment is not None:
+            self.containment.commit()  # the deletions outlive a crash, as a command's do
 
     def fail_waiting(self, error: TorchRelayError) -> None:
         """Fail every request in flight (the connection that would carry replies is gone)."""
@@ -602,7 +602,7 @@ class WorkerRuntime:
         # The owners a sending worker names are added to, never taken from: what a
         # client sends is its own, and carries no one's private data.
         provenance = frozenset(command.provenance)
-        holders = frozenset(command.holders) | {sender}
+        holders = _holders(command, sender)
         if not command.replaces_pointer:
             self.store.put(command.id, command.value, provenance, holders)
             return
@@ -693,8 +693,7 @@ class WorkerRuntime:
             owners = resolver.provenance
             result = self._execute(command, op, args, kwargs, owners)
             if command.result_id is not None:
-                self.store.put(command.result_id, result, owners,
-                               frozenset(command.holders) | {sender})
+                self.store.put(command.result_id, result, owners, _holders(command, sender))
             elif owners and command.args and type(command.args[0]) is ObjectRef:
                 self.store.add_owners(command.args[0].id, owners)  # changed in place
             return None
@@ -790,7 +789,7 @@ class WorkerRuntime:
         its end)."""
         _check_hops(command.hops, f"call {command.op}")
         remote_result = None if command.result_id is None else self._new_id()
-        holders = frozenset(command.holders) | {sender}
+        holders = _holders(command, sender)
         forwarded = Call(command.op, args, kwargs, remote_result, command.hops + 1,
                          sorted(holders))
         if command.result_id is not None:
@@ -958,6 +957,10 @@ class WorkerRuntime:
         self.store.grant(command.id, command.to)
 
     def _status(self, command: Status, sender: str) -> dict[str, Any]:
+        return {**self._figures(), "holders": self._by_holder()}
+
+    def _figures(self) -> dict[str, Any]:
+        """What the worker says of itself, in a status reply and in its heartbeats."""
         status: dict[str, Any] = {
             "id": self.id,
             "pid": os.getpid(),
@@ -968,7 +971,6 @@ class WorkerRuntime:
             "commands_handled": self._handled,
             "commands_failed": self._failed,
             "requests_waiting": len(self._waiting),
-            "holders": self._by_holder(),
         }
         status.update(self.endpoint.stats())
         # Forged messages: dropped by the transport, or replies not from the worker asked.
@@ -1093,6 +1095,12 @@ class _ArgumentResolver:
 _UPDATES_ITS_ARGUMENTS = frozenset({"F.batch_norm", "F.instance_norm"})
 """Operations that write into arguments without bumping their version (running statistics
 updated inside the kernel): all their tensor arguments count as changed."""
+
+
+def _holders(command: Store | Call, sender: str) -> frozenset[str]:
+    """Who may use what `command` makes: its sender, and whom it names (the client a
+    forwarded call or a move acts for)."""
+    return frozenset(command.holders) | {sender}
 
 
 def _fields(job: _Job) -> dict[str, Any]:

@@ -129,45 +129,33 @@ def consume_worker_queue(
 
 
 def _exists(connection: Any, passive_declare: Any) -> bool:
-    """Whether a passive declaration finds its object (on a channel of its own: RabbitMQ
-    answers a missing one by closing the channel)."""
+    """Whether a passive declaration finds its object."""
+    return _on_own_channel(connection, passive_declare, refused_with=_NOT_FOUND) is not None
+
+
+def _on_own_channel(connection: Any, action: Any, *, refused_with: int) -> Any:
+    """`action(channel)` on a channel of its own, since RabbitMQ refuses by closing the
+    channel: its result, or None if refused with `refused_with` (others are raised)."""
     channel = connection.channel()
     try:
-        passive_declare(channel)
+        result = action(channel)
     except pe.ChannelClosedByBroker as e:
-        if e.reply_code != _NOT_FOUND:
+        if e.reply_code != refused_with:
             raise
-        return False
+        return None
     channel.close()
-    return True
+    return result if result is not None else True
 
 
 def _declares(connection: Any, queue: str, arguments: dict[str, Any]) -> bool:
     """Whether `queue` can be declared with `arguments` (RabbitMQ refuses to re-declare an
-    existing queue with other ones, by closing the channel: tried on a channel of its own)."""
-    channel = connection.channel()
-    try:
-        channel.queue_declare(queue, durable=True, arguments=arguments)
-    except pe.ChannelClosedByBroker as e:
-        if e.reply_code != 406:  # PRECONDITION_FAILED: other arguments
-            raise
-        return False
-    channel.close()
-    return True
+    existing queue with other ones: PRECONDITION_FAILED)."""
+    return _on_own_channel(connection, lambda c: c.queue_declare(
+        queue, durable=True, arguments=arguments), refused_with=406) is not None
 
 
 def queue_consumers(connection: Any, queue: str) -> int | None:
-    """How many consumers `queue` has; None when there is no such queue.
-
-    Uses a channel of its own: RabbitMQ answers a passive declaration of a missing
-    queue by closing the channel.
-    """
-    channel = connection.channel()
-    try:
-        ok = channel.queue_declare(queue, passive=True)
-    except pe.ChannelClosedByBroker as e:
-        if e.reply_code != 404:
-            raise
-        return None
-    channel.close()
-    return int(ok.method.consumer_count)
+    """How many consumers `queue` has; None when there is no such queue."""
+    ok = _on_own_channel(connection, lambda c: c.queue_declare(queue, passive=True),
+                         refused_with=_NOT_FOUND)
+    return None if ok is None else int(ok.method.consumer_count)
