@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         UnknownBrokerURL,
         UnknownWorker,
     )
+    from ._gone import GONE_AFTER_SECONDS, GONE_CHECK_SECONDS, GoneWatch, gone_message
     from ._names import (
         APP_ID,
         BROKER_ENV,

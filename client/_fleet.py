@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from torchrelay.broker import (
     BATCH,
+    GONE_CHECK_SECONDS,
     RETURNED,
     Broker,
     Command,
@@ -49,6 +50,7 @@ from torchrelay.broker import (
     Delivery,
     Describe,
     Envelope,
+    GoneWatch,
     ProtocolError,
     ReplyTimeout,
     Status,
@@ -58,9 +60,9 @@ from torchrelay.broker import (
     decode_reply,
     decode_reply_batch,
     encode_batch,
+    gone_message,
     new_object_id,
     session_and_number,
-    worker_queue,
 )
 
 from ._progress import TerminalProgress
@@ -73,11 +75,6 @@ __all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
 
 log = logging.getLogger("torchrelay.client")
 
-GONE_CHECK_SECONDS = 2.0
-"""How long a wait goes without any reply before it checks that its workers still run."""
-GONE_AFTER_SECONDS = 6.0
-"""How long a worker's queue may go without a daemon (an executor restarting, a daemon
-reconnecting) before a wait for it fails."""
 
 MAX_QUEUED = 256
 """Posted commands to one worker that wait for a ride at most; then they go."""
@@ -190,7 +187,7 @@ class Fleet:
         self.closed = False
         self._forged_replies = 0
         self._presence: dict[str, dict[str, Any]] = {}  # correlation id -> answers by worker
-        self._missing_since: dict[str, float] = {}  # worker -> when its queue lost its daemon
+        self._gone = GoneWatch(self.endpoint)
         atexit.register(_close_at_exit, weakref.ref(self))
         if not self.endpoint.in_process:  # in-process workers only run while we wait anyway
             threading.Thread(target=_publish_late, args=(weakref.ref(self),), daemon=True,
@@ -515,25 +512,11 @@ class Fleet:
 
     def _fail_if_gone(self) -> None:
         """While waiting in silence: fail at once if a worker we wait for has no daemon
-        consuming its queue any more (for `GONE_AFTER_SECONDS`, which lets a worker's
-        executor restart), rather than after the whole timeout."""
-        if self.endpoint.in_process:
-            return
-        now = time.monotonic()
-        waited_for = {entry.worker_id for entry in self._outstanding.values()}
-        for worker_id in waited_for:
-            if self.endpoint.queue_consumers(worker_queue(worker_id)):
-                self._missing_since.pop(worker_id, None)
-                continue
-            since = self._missing_since.setdefault(worker_id, now)
-            if now - since >= GONE_AFTER_SECONDS:
-                del self._missing_since[worker_id]
-                self._fail_outstanding(UnknownWorker(
-                    worker_id, f"no daemon has consumed its queue for {now - since:.0f} s: it "
-                    "is gone, and what was sent to it waits in its queue unanswered"))
-                return
-        for worker_id in set(self._missing_since) - waited_for:
-            del self._missing_since[worker_id]
+        consuming its queue any more, rather than after the whole timeout."""
+        gone = self._gone.gone({entry.worker_id for entry in self._outstanding.values()},
+                               time.monotonic())
+        if gone is not None:
+            self._fail_outstanding(UnknownWorker(gone[0], gone_message(gone[1])))
 
     def _receive(self, timeout: float) -> bool:
         """Take one delivery, if one comes within `timeout`; whether one came."""

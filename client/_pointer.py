@@ -19,6 +19,7 @@ Sending a pointer on, getting, or moving its target hands that duty over.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -33,8 +34,11 @@ from torchrelay.broker import (
     OperationRefused,
     PointerRef,
     Pull,
+    RemoteError,
     Store,
+    TorchRelayError,
     Transfer,
+    UnknownWorker,
     format_pointer,
     is_inplace,
     resolve_op,
@@ -45,6 +49,8 @@ from torchrelay.broker._allowlist import TENSOR_METHODS
 from ._fleet import Fleet, WorkerHandle
 
 __all__ = ["OPERATORS", "PointerTensor", "remote_call", "send"]
+
+log = logging.getLogger("torchrelay.client")
 
 OPERATORS: Final = tuple(sorted(
     name for name in TENSOR_METHODS
@@ -152,13 +158,45 @@ class PointerTensor:
         new_id = self.fleet.new_id()
         transfer = Transfer(self.id_at_location, worker.id, new_id)
         if wait:
-            self.fleet.request(self.location.id, transfer)
+            try:
+                self.fleet.request(self.location.id, transfer)
+            except UnknownWorker as e:
+                if e.worker_id != self.location.id:
+                    raise
+                self._settle_move(worker, new_id, e)
+            except RemoteError as e:
+                # The source answered: it keeps its object until the destination has it.
+                e.add_note(f"object {self.id_at_location} is still on worker "
+                           f"{self.location.id!r}; its pointer is valid")
+                raise
         else:
             self.fleet.post(self.location.id, transfer)
         self.garbage_collect = False
         moved = PointerTensor(worker, new_id, chain=self.chain)
         moved._meta, moved._meta_epoch = self._meta, self._meta_epoch  # the same tensor
         return moved
+
+    def _settle_move(self, destination: WorkerHandle, new_id: int, error: UnknownWorker) -> None:
+        """The source died during the move (`error`): it took its objects with it, and
+        whether it had sent this one is for the destination to say. There: the move
+        happened (return, and the new pointer is valid). Not there: it is lost, and a
+        delete sent behind makes sure no late copy lands (raise `error`, saying so)."""
+        source = self.location.id
+        try:
+            self.fleet.request(destination.id, Meta(new_id))
+        except RemoteError as probe:
+            if not probe.remote_type.endswith("ObjectNotFound"):
+                raise
+            self.fleet.doom(destination.id, new_id)
+            error.add_note(f"object {self.id_at_location} did not reach worker "
+                           f"{destination.id!r}: it is lost with worker {source!r}")
+            raise error from None
+        except TorchRelayError as probe:
+            error.add_note(f"whether object {self.id_at_location} reached worker "
+                           f"{destination.id!r} could not be asked: {probe}")
+            raise error from None
+        log.warning("worker %s is gone, but it had moved object %d to %s: the move stands",
+                    source, self.id_at_location, destination.id)
 
     def remote_get(self) -> PointerTensor:
         """Have the worker this points at pull the data its own pointer points at."""

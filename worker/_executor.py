@@ -14,10 +14,14 @@ additions that let its supervisor contain what a command can do to it:
   commands it finished are skipped if they come again, and the command that
   killed it (or ran past `command_timeout`) is refused and dead-lettered.
 
+A command parked on another worker when the executor dies is answered by the
+next one: it did not complete, and what was made for it elsewhere (a move's copy,
+a forwarded call's result) is deleted there, so the object stays where it was.
+
 What does not survive an executor's death: autograd graphs (a `backward`
 through a tensor whose graph died is refused, naming it; its leaves keep their
-values), gradients accumulated in `.grad`, the random number generator's state,
-and a command parked on another worker (its caller times out). Views keep
+values), gradients accumulated in `.grad`, and the random number generator's
+state. Views keep
 sharing storage; a tensor that reached the store through `.data` may lose an
 in-place change made through that alias alone.
 """
@@ -50,6 +54,8 @@ from ._mirror import (
     DELETE_RECORD,
     DIMENSIONS,
     KEY,
+    PARKED,
+    PARKED_RECORD,
     PROVENANCE,
     PROVENANCE_RECORD,
     SHARED,
@@ -58,6 +64,7 @@ from ._mirror import (
     STORAGE_RECORD,
     TENSOR,
     TENSOR_RECORD,
+    UNPARKED,
     VALUE,
     VALUE_RECORD,
     Ring,
@@ -90,6 +97,7 @@ class ExecutorSetup:
     shared: list[tuple[int, int, int]]  # (descriptor, storage key, bytes)
     next_key: int
     poisoned: list[tuple[str, str, str]]  # (sender, correlation id, what it did)
+    parked: list[str]  # hex payloads of commands the last executor left waiting
     restarts: int
     supervisor: int
 
@@ -126,6 +134,7 @@ class Mirror:
         self.provenance_ids: dict[tuple[frozenset[str], frozenset[str]], int] = {}
         self.changed: dict[int, bool] = {}  # object id -> new (or replaced)
         self.deleted: list[int] = []
+        self.notes: list[bytes] = []  # records of commands parked and answered
 
     # -- Containment ------------------------------------------------------------------
 
@@ -135,11 +144,20 @@ class Mirror:
     def done(self) -> None:
         self.journal.done()
 
+    def parked(self, sender: str, correlation_id: str, payload: bytes) -> None:
+        key = command_key(sender, correlation_id)
+        self.notes += [PARKED_RECORD.pack(PARKED, len(key), len(payload)), key, payload]
+
+    def unparked(self, sender: str, correlation_id: str) -> None:
+        key = command_key(sender, correlation_id)
+        self.notes += [PARKED_RECORD.pack(UNPARKED, len(key), 0), key]
+
     def commit(self) -> None:
-        if not (self.changed or self.deleted):
+        if not (self.changed or self.deleted or self.notes):
             return
         assert self.store is not None
-        parts: list[bytes] = []
+        parts: list[bytes] = self.notes
+        self.notes = []
         for object_id in self.deleted:
             parts.append(DELETE_RECORD.pack(DELETE, object_id))
             self.versions.pop(object_id, None)
@@ -408,6 +426,7 @@ def main() -> int:
             for key in finished if b"\0" in key
         ])
         runtime.poisoned = {(sender, cid): what for sender, cid, what in setup.poisoned}
+        runtime.settle_interrupted([bytes.fromhex(payload) for payload in setup.parked])
         if setup.restarts:
             log.warning("executor restarted (restart %d): %d objects back in %.1f ms, %d of "
                         "them without their autograd graph; %d finished commands remembered",

@@ -24,6 +24,12 @@ endian (a record's payload follows its header):
     VALUE    <B Q Q I>          kind, object id, provenance id, length + a codec frame
     PROVENANCE <B Q I>          kind, provenance id, length           + msgpack list
     DELETE   <B Q>              kind, object id
+    PARKED   <B H I>            kind, key length, length   + key + what to answer and undo
+    UNPARKED <B H I>            kind, key length, 0        + key
+
+PARKED and UNPARKED are about commands, not objects: a command waiting on another
+worker (keyed as the journal keys it) and what a new executor must answer and undo
+for it if this one dies before it is answered (`_runtime.py` writes the payload).
 
 No torch here: the supervisor imports this module.
 """
@@ -43,12 +49,13 @@ __all__ = ["SHARED_FROM", "MirrorCopy", "Ring", "Snapshot"]
 SHARED_FROM: Final = 64 << 10
 """Storages of more bytes than this are shared (mapped by both processes), not copied."""
 
-STORAGE, SHARED, TENSOR, VALUE, PROVENANCE, DELETE = 1, 2, 3, 4, 5, 6
+STORAGE, SHARED, TENSOR, VALUE, PROVENANCE, DELETE, PARKED, UNPARKED = 1, 2, 3, 4, 5, 6, 7, 8
 STORAGE_RECORD: Final = struct.Struct("<BQQ")
 TENSOR_RECORD: Final = struct.Struct("<BQQQBBBq")
 VALUE_RECORD: Final = struct.Struct("<BQQI")
 PROVENANCE_RECORD: Final = struct.Struct("<BQI")
 DELETE_RECORD: Final = struct.Struct("<BQ")
+PARKED_RECORD: Final = struct.Struct("<BHI")
 DIMENSIONS: Final = tuple(struct.Struct(f"<{2 * n}q") for n in range(65))
 KEY: Final = struct.Struct("<Q")
 
@@ -140,6 +147,7 @@ class MirrorCopy:
     provenances: dict[int, bytes] = field(default_factory=dict)
     users: dict[int, int] = field(default_factory=dict)  # storage key -> objects viewing it
     arriving: dict[int, list[int]] = field(default_factory=dict)  # key -> fds not yet recorded
+    parked: dict[bytes, bytes] = field(default_factory=dict)  # command key -> payload
     largest_key: int = 0
     channel: socket.socket | None = None
     """Where the executor sends the descriptors of the storages it shares."""
@@ -205,6 +213,16 @@ class MirrorCopy:
                 _, object_id = DELETE_RECORD.unpack_from(view, position)
                 position += DELETE_RECORD.size
                 self._forget(object_id)
+            elif kind in (PARKED, UNPARKED):
+                _, key_length, length = PARKED_RECORD.unpack_from(view, position)
+                position += PARKED_RECORD.size
+                key = bytes(view[position : position + key_length])
+                position += key_length
+                if kind == PARKED:
+                    self.parked[key] = bytes(view[position : position + length])
+                    position += length
+                else:
+                    self.parked.pop(key, None)
             else:
                 raise ValueError(f"mirror record of unknown kind {kind} at byte {position}")
 

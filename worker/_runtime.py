@@ -29,15 +29,18 @@ from pathlib import Path
 from types import CoroutineType
 from typing import Any, Protocol
 
+import msgpack
 import torch
 
 from torchrelay.broker import (
     BATCH,
     COMMANDS,
+    GONE_CHECK_SECONDS,
     MAX_HOPS,
     RETURNED,
     Aggregate,
     Batched,
+    BrokerError,
     Call,
     ChargePrivacy,
     Command,
@@ -52,6 +55,7 @@ from torchrelay.broker import (
     ErrorInfo,
     Fetch,
     Frame,
+    GoneWatch,
     Grant,
     Meta,
     ObjectRef,
@@ -73,6 +77,7 @@ from torchrelay.broker import (
     decode_command,
     decode_reply,
     encode_reply_batch,
+    gone_message,
     is_inplace,
     new_object_id,
     resolve_op,
@@ -153,6 +158,7 @@ class _Task:
 
     coroutine: Coroutine[Any, Any, Any]
     job: _Job
+    parked: bool = False
 
 
 @dataclass(slots=True)
@@ -180,6 +186,13 @@ class Containment(Protocol):
 
     def done(self) -> None:
         """The command in hand ran to the end and was answered."""
+
+    def parked(self, sender: str, correlation_id: str, payload: bytes) -> None:
+        """A command waits on another worker; `payload` is what a new executor must
+        answer and undo for it if this one dies first (`settle_interrupted`)."""
+
+    def unparked(self, sender: str, correlation_id: str) -> None:
+        """The command parked under that key was answered."""
 
 
 class WorkerRuntime:
@@ -239,6 +252,8 @@ class WorkerRuntime:
         # A daemon's operator reads its log; in-process, the caller gets the exception.
         self._failure_level = logging.DEBUG if endpoint.in_process else logging.WARNING
         self._next_heartbeat = 0.0
+        self._gone = GoneWatch(endpoint)
+        self._next_gone_check = 0.0
         self._request_numbers = 0
         self._prefix = f"{worker_id}.{secrets.token_hex(4)}."  # unique per run, as a client's
         self._random = random.Random()
@@ -309,9 +324,16 @@ class WorkerRuntime:
         if poisoned is not None:
             log.warning("refused %s %s from %s again: it %s", item.name, item.correlation_id,
                         delivery.sender, poisoned)
+            settled = ""
+            if type(item.command) is Transfer:
+                # It may have sent its copy before the crash: the restored object here
+                # is the one, and the other goes.
+                self._unsend(item.command)
+                settled = (f"; object {item.command.id} is still here, and any copy "
+                           f"that reached {item.command.destination!r} is deleted")
             self._finish(job, None, OperationRefused(
                 f"this command {poisoned}; the worker restarted with its objects and will "
-                "not run it again"
+                f"not run it again{settled}"
             ))
             if item.command is not None:  # to the dead-letter queue, for a person to see
                 self.endpoint.dead_letter(item.name, item.command.encode(item.envelope),
@@ -417,6 +439,9 @@ class WorkerRuntime:
             error = ReplyTimeout(waiting.request.worker_id, waiting.request.command.describe(),
                                  self.reply_timeout)
             self._advance(waiting.task, None, error)
+        if self._waiting and now >= self._next_gone_check:
+            self._next_gone_check = now + GONE_CHECK_SECONDS
+            self._fail_if_gone(now)
         if self.leases is not None and self.leases.due(now):
             self._reclaim(now)
         if now >= self._next_heartbeat:
@@ -457,6 +482,19 @@ class WorkerRuntime:
         if expired and self.containment is not None:
             self.containment.commit()  # the deletions outlive a crash, as a command's do
 
+    def _fail_if_gone(self, now: float) -> None:
+        """Fail the requests to a worker whose daemon is gone, rather than after the
+        whole reply timeout (a move's source then settles it: see `_transfer`)."""
+        silent_since = now - GONE_CHECK_SECONDS
+        gone = self._gone.gone({w.request.worker_id for w in self._waiting.values()
+                                if w.deadline - self.reply_timeout <= silent_since}, now)
+        if gone is None:
+            return
+        worker_id, seconds = gone
+        for cid in [cid for cid, w in self._waiting.items() if w.request.worker_id == worker_id]:
+            waiting = self._waiting.pop(cid)
+            self._advance(waiting.task, None, UnknownWorker(worker_id, gone_message(seconds)))
+
     def fail_waiting(self, error: TorchRelayError) -> None:
         """Fail every request in flight (the connection that would carry replies is gone)."""
         waiting, self._waiting = self._waiting, {}
@@ -475,9 +513,11 @@ class WorkerRuntime:
                 else:
                     request = task.coroutine.throw(error)
             except StopIteration as done:
+                self._unpark(task)
                 self._finish(task.job, done.value, None)
                 return
             except Exception as e:
+                self._unpark(task)
                 self._finish(task.job, None, e)
                 return
             correlation_id = self._next_correlation_id()
@@ -494,7 +534,54 @@ class WorkerRuntime:
                 continue
             deadline = time.monotonic() + self.reply_timeout
             self._waiting[correlation_id] = _Waiting(task, request, deadline)
+            if self.containment is not None:
+                self._park(task, request)
             return
+
+    def _park(self, task: _Task, request: _Request) -> None:
+        """Have what `task` answers and undoes outlive this executor while it waits on
+        `request`: a new one tells its sender that it did not complete, and deletes what
+        was made for it elsewhere, rather than leave both waiting and orphaned."""
+        job = task.job
+        command, asked = job.command, request.command
+        remote: list[int] = []
+        if type(asked) is Store and not asked.replaces_pointer:
+            remote = [asked.id]
+        elif type(asked) is Call and asked.result_id is not None:
+            remote = [asked.result_id]
+        local = [command.result_id] if (
+            remote and type(command) is Call and command.result_id is not None) else []
+        message = (f"worker {self.id!r} restarted (its executor died) while this command "
+                   f"waited on worker {request.worker_id!r}: it did not complete")
+        if type(command) is Transfer and remote:
+            message += (f"; object {command.id} is still on worker {self.id!r}, and any copy "
+                        f"that reached {request.worker_id!r} is deleted")
+        assert self.containment is not None
+        self.containment.parked(job.sender, job.correlation_id, msgpack.packb(
+            [job.sender, job.correlation_id, job.reply_to, job.name, message,
+             request.worker_id, remote, local]))
+        task.parked = True
+
+    def _unpark(self, task: _Task) -> None:
+        if task.parked:
+            assert self.containment is not None
+            self.containment.unparked(task.job.sender, task.job.correlation_id)
+            task.parked = False
+
+    def settle_interrupted(self, payloads: list[bytes]) -> None:
+        """Answer and undo the commands a dead executor left waiting (see `_park`)."""
+        for payload in payloads:
+            sender, correlation_id, reply_to, name, message, location, remote, local = (
+                msgpack.unpackb(payload))
+            for object_id in local:
+                self.store.discard(object_id)
+            if remote:
+                self._tell(location, Delete(remote))
+            log.warning("%s %s from %s: %s", name, correlation_id, sender, message)
+            self._finish(_Job(name, None, sender, reply_to, correlation_id), None,
+                         OperationRefused(message))
+        if payloads and self.containment is not None:
+            self.containment.commit()
 
     def _resume(self, delivery: Delivery) -> None:
         waiting = self._waiting.get(delivery.correlation_id)
@@ -816,13 +903,27 @@ class WorkerRuntime:
             self._may_move(command.id, owners, command.destination)
         store = Store(command.destination_id, entry.value, sorted(owners),
                       command.replaces_pointer, sorted(entry.holders))
-        await self._ask(command.destination, store, confirm=True)
+        try:
+            await self._ask(command.destination, store, confirm=True)
+        except (UnknownWorker, ReplyTimeout, BrokerError):
+            # Whether the destination stored it is unknown (it is gone, or silent): ours
+            # stays, and a delete right behind the store in its queue makes sure no
+            # second copy appears there when it comes back.
+            self._unsend(command)
+            raise
         # The destination holds it now. Drop ours, unless a command replaced it meanwhile.
         if not self.store.discard_if(command.id, entry):
             return
         if command.keep_pointer:
             self.store.put(command.id, PointerRef(command.destination, command.destination_id),
                            frozenset(), entry.holders)
+
+    def _unsend(self, transfer: Transfer) -> None:
+        """Undo `transfer` at its destination, whether or not its copy arrived: the
+        object stays here. (A pulled copy replaced a pointer there, which is not ours
+        to delete; that one stays as it is.)"""
+        if not transfer.replaces_pointer:
+            self._tell(transfer.destination, Delete([transfer.destination_id]))
 
     async def _pull(self, command: Pull, sender: str) -> None:
         entry = self.store.use(command.id, sender)
