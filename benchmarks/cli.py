@@ -12,6 +12,7 @@ asserts on timings: it reports them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help=f"run only these measures ({', '.join(MEASURES)})")
     parser.add_argument("--json", metavar="PATH", type=Path, help="write every raw number here")
+    parser.add_argument("--restart-broker", action="store_true",
+                        help="faults: also restart the local RabbitMQ node (rabbitmqctl "
+                             "stop_app; start_app) while idle and with a pipeline in flight")
     return parser
 
 
@@ -102,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = _selected(args.only, parser)
     settings = Settings.quick() if args.quick else Settings()
+    if args.restart_broker:
+        settings = dataclasses.replace(settings, restart_broker=True)
     tr.hook(torch)  # tensors get .send(worker), as in every user script
     started = time.monotonic()
 

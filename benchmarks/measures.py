@@ -18,6 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
+from .faults import faults
 from .federated import fedavg, train_step
 from .processes import ChildFailed, bare_torch_processes, rss_bytes, run_module
 from .report import MeasureResult, Row, at_least, at_most, failed, not_measured
@@ -491,4 +492,7 @@ MEASURES: dict[str, Measure] = {
     "train_step": Measure(train_step, True, "one remote training step (op by op, plan) vs "
                                             "local + pika"),
     "fedavg": Measure(fedavg, True, "FedAvg on the Flower anchor's digits workload vs Flower"),
+    # Last: its daemons are killed, and with --restart-broker the broker restarts.
+    "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
+                      "restarts, a load run: time to a clear error, what was lost"),
 }

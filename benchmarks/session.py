@@ -65,6 +65,10 @@ class Settings:
     train_steps: int = 600
     train_blocks: int = 6
     fedavg_rounds: int = 20
+    load_clients: int = 10
+    load_rounds: int = 50
+    restart_broker: bool = False
+    """Run the broker-restart faults (they restart the RabbitMQ node for everyone)."""
 
     @classmethod
     def quick(cls) -> Settings:
@@ -88,6 +92,8 @@ class Settings:
             train_steps=100,
             train_blocks=2,
             fedavg_rounds=5,
+            load_clients=4,
+            load_rounds=10,
         )
 
 

@@ -132,6 +132,8 @@ class _Outstanding:
     settles: bool
     """Its outcome is known on its worker before the worker starts the next command
     (it is not forwarded down a chain of pointers)."""
+    garbage: list[int] | tuple[()] = ()
+    """The deletes that ride with it: if it is lost, they ride again with the next."""
 
 
 class Fleet:
@@ -188,6 +190,7 @@ class Fleet:
         self._forged_replies = 0
         self._presence: dict[str, dict[str, Any]] = {}  # correlation id -> answers by worker
         self._gone = GoneWatch(self.endpoint)
+        self._lost_meanwhile: ConnectionLost | None = None  # found by the background publisher
         atexit.register(_close_at_exit, weakref.ref(self))
         if not self.endpoint.in_process:  # in-process workers only run while we wait anyway
             threading.Thread(target=_publish_late, args=(weakref.ref(self),), daemon=True,
@@ -368,6 +371,8 @@ class Fleet:
     ) -> str:
         if self.closed:
             raise TorchRelayError(f"{self!r} is closed")
+        if self._lost_meanwhile is not None:
+            self._report_lost_meanwhile()
         if self.capture is not None:
             self.capture.saw(worker_id, command, settles)
         number = next(self._numbers)
@@ -376,7 +381,8 @@ class Fleet:
         if self._doomed:  # read without the lock: garbage missed now rides with the next
             with self._doomed_lock:
                 garbage = self._doomed.pop(worker_id, ())
-        self._outstanding[correlation_id] = _Outstanding(worker_id, command, number, keep, settles)
+        self._outstanding[correlation_id] = _Outstanding(worker_id, command, number, keep, settles,
+                                                         garbage)
         self._outstanding_to[worker_id] = self._outstanding_to.get(worker_id, 0) + 1
         if not settles:
             self._unsettled += 1
@@ -398,11 +404,21 @@ class Fleet:
         return correlation_id
 
     def _publish(self) -> None:
+        self._report_lost_meanwhile()
         try:
             with self._queue_lock:
                 self._publish_queued()
         except ConnectionLost as e:  # (failed outside the lock, which failing takes)
             self._fail_outstanding(self._lost(e))
+
+    def _report_lost_meanwhile(self) -> None:
+        """Fail what was in flight when the background publisher found the connection
+        lost, before anything else goes out: commands published after the reconnect
+        must not run on results that never came to be, unreported."""
+        lost = self._lost_meanwhile
+        if lost is not None:
+            self._lost_meanwhile = None
+            self._fail_outstanding(self._lost(lost))
 
     def _publish_if_late(self) -> None:
         if self._queued and time.monotonic() - self._queued_since >= QUEUE_DELAY:
@@ -421,8 +437,10 @@ class Fleet:
         if background:
             try:
                 self._send_queued(worker_id, queued)
-            except TorchRelayError:
+            except TorchRelayError as e:
                 self._queued = queued + self._queued
+                if isinstance(e, ConnectionLost):  # (the reconnect it made says so once)
+                    self._lost_meanwhile = e
             return
         try:
             self._send_queued(worker_id, queued)
@@ -626,9 +644,12 @@ class Fleet:
         self._fail_outstanding(error)
 
     def _fail_outstanding(self, error: TorchRelayError, *, report_later: bool = True) -> None:
+        regathered: dict[str, list[int]] = {}
         for correlation_id, entry in self._outstanding.items():
             if entry.keep:
                 self._results[correlation_id] = error
+            if entry.garbage:  # whether they were carried out is unknown: again
+                regathered.setdefault(entry.worker_id, []).extend(entry.garbage)
         if report_later and not all(entry.keep for entry in self._outstanding.values()):
             self._errors.append(error)
         self._outstanding.clear()
@@ -636,9 +657,11 @@ class Fleet:
         self._unsettled = 0
         self._arriving.clear()
         with self._queue_lock:
-            if self._queued_to is not None:
-                self._restore_garbage(self._queued_to, self._queued)
-            self._queued.clear()
+            self._queued.clear()  # (each is outstanding: its garbage is regathered)
+        if regathered:
+            with self._doomed_lock:
+                for worker_id, ids in regathered.items():
+                    self._doomed.setdefault(worker_id, []).extend(ids)
 
     def _raise_errors(self) -> None:
         if not self._errors:
