@@ -107,7 +107,9 @@ def _ending(error: BaseException | None) -> str:
     if error is None:
         return "resumed"
     text = " ".join(str(error).split()).replace("torchrelay.broker._errors.", "")
-    return f"{type(error).__name__}: {text[:220]}{'...' if len(text) > 220 else ''}"
+    text = f"{text[:220]}{'...' if len(text) > 220 else ''}"
+    notes = "".join(f" [{note}]" for note in getattr(error, "__notes__", ()))
+    return f"{type(error).__name__}: {text}{notes}"
 
 
 def _objects(worker: WorkerHandle) -> int:
