@@ -40,6 +40,7 @@ from torchrelay.broker import (
     Reply,
     Store,
     Transfer,
+    worker_queue,
 )
 from torchrelay.broker._rabbitmq._users import list_users, permissions
 from torchrelay.worker import WorkerProcesses
@@ -167,6 +168,31 @@ def test_users_are_added_with_their_role_s_permissions_listed_and_removed(
     assert f"there is no user {name!r}" in capsys.readouterr().err
     assert _users("add", "no/slashes", "--role", "client", "--broker", fleet.admin_url) == 1
     assert _users("add", name, "--broker", fleet.admin_url) == 2  # no role
+
+
+def test_a_worker_user_s_queue_may_be_a_quorum_queue_and_its_daemon_serves_it(
+    fleet: Fleet, ann: tr.Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = secrets.token_hex(8)
+    assert _users("add", "quinn", "--role", "worker", "--password", password, "--queue-type",
+                  "quorum", "--queue-expires", "3600", "--broker", fleet.admin_url) == 0
+    fleet.passwords["quinn"] = password
+    try:
+        queue = fleet.api.queue(worker_queue("quinn"))
+        assert queue["type"] == "quorum"
+        assert queue["arguments"]["x-single-active-consumer"] is True
+        assert queue["arguments"]["x-expires"] == 3_600_000
+        # Its kind cannot change in place: said, naming what to do.
+        assert _users("add", "quinn", "--role", "worker", "--password", password,
+                      "--broker", fleet.admin_url) == 1
+        assert "exists with other arguments" in capsys.readouterr().err
+        with WorkerProcesses(fleet.url("quinn"), ["quinn"], log_dir=tmp_path):
+            x = torch.tensor([1.0, 2.0]).send(ann.worker("quinn")) * 3
+            assert x.move(ann.worker("bob")).get().tolist() == [3.0, 6.0]
+    finally:
+        assert _users("remove", "quinn", "--broker", fleet.admin_url) == 0
+        fleet.api.call("DELETE", f"/api/queues/{fleet.api.quote(fleet.api.vhost)}/"
+                                 f"{fleet.api.quote(worker_queue('quinn'))}")
 
 
 # -- what works with identities on ------------------------------------------------------

@@ -134,6 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     users.add_argument("--role", choices=["worker", "client"], help="add: what it is")
     users.add_argument("--password", help="add: its password (default: a new random one, "
                                           "printed)")
+    users.add_argument("--queue-type", choices=["classic", "quorum"], default="classic",
+                       help="add, a worker: its queue's type (quorum for a cluster)")
+    users.add_argument("--queue-expires", type=float,
+                       help="add, a worker: seconds its queue outlives its last daemon (a week)")
     users.add_argument("--broker", help="an administrator's amqp[s]:// URL naming the virtual "
                                         "host (default: $TORCHRELAY_BROKER, else guest on "
                                         "localhost)")
@@ -328,6 +332,7 @@ def _fleet(args: argparse.Namespace) -> int:
 def _users(args: argparse.Namespace) -> int:
     from torchrelay.broker import ManagementAPI, ManagementError
     from torchrelay.broker._rabbitmq import _users as users
+    from torchrelay.broker._rabbitmq._topology import QueueSettings
 
     url = args.broker or os.environ.get("TORCHRELAY_BROKER") or "amqp://guest:guest@localhost/"
     api = ManagementAPI(url, args.management_url)
@@ -340,7 +345,9 @@ def _users(args: argparse.Namespace) -> int:
                 print("torchrelay users add: pass --role worker or --role client",
                       file=sys.stderr)
                 return 2
-            password = users.add_user(api, args.name, args.role, args.password)
+            queue = QueueSettings(args.queue_type, *(
+                () if args.queue_expires is None else (args.queue_expires,)))
+            password = users.add_user(api, args.name, args.role, args.password, queue)
             print(f"{args.role} {args.name} may connect to virtual host {api.vhost!r} as "
                   f"{args.name}" + ("" if args.password else f" with password {password}"))
         elif args.action == "remove":

@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 
 from .._names import COMMAND_EXCHANGE, EVENTS_EXCHANGE, PRESENCE_ASK, worker_queue
 from ._management import ManagementAPI, ManagementError
-from ._topology import DEAD_LETTERS, worker_queue_arguments
+from ._topology import DEAD_LETTERS, QueueSettings, worker_queue_arguments
 
 __all__ = ["ROLES", "Role", "UserInfo", "add_user", "list_users", "permissions", "remove_user"]
 
@@ -68,11 +68,13 @@ def check_name(name: str) -> str:
     return name
 
 
-def add_user(api: ManagementAPI, name: str, role: Role, password: str | None = None) -> str:
+def add_user(api: ManagementAPI, name: str, role: Role, password: str | None = None,
+             queue: QueueSettings | None = None) -> str:
     """Create (or update) `name` with `role`'s permissions; return its password.
 
-    For a worker, also declares the shared exchanges and its queue, bound to its
-    routing key, as the administrator: the worker itself may not bind.
+    For a worker, also declares the shared exchanges and its queue (as `queue`
+    says: classic or quorum, its expiry), bound to its routing key, as the
+    administrator: the worker itself may not bind.
     """
     check_name(name)
     if role not in ROLES:
@@ -82,13 +84,15 @@ def add_user(api: ManagementAPI, name: str, role: Role, password: str | None = N
     api.call("PUT", f"/api/users/{user}", {"password": password, "tags": _TAG_PREFIX + role})
     api.call("PUT", f"/api/permissions/{vhost}/{user}", permissions(name, role))
     if role == "worker":
-        declare_worker_topology(api, name)
+        declare_worker_topology(api, name, queue or QueueSettings())
     return password
 
 
-def declare_worker_topology(api: ManagementAPI, worker_id: str) -> None:
+def declare_worker_topology(api: ManagementAPI, worker_id: str,
+                            queue_settings: QueueSettings | None = None) -> None:
     """The exchanges, the dead-letter queue and `worker_id`'s bound queue, as the
-    daemon itself declares them (the same arguments, or RabbitMQ refuses)."""
+    daemon itself declares them. A queue already there with other arguments (another
+    type or expiry) is refused, naming them: RabbitMQ cannot change them in place."""
     vhost, commands = api.quote(api.vhost), api.quote(COMMAND_EXCHANGE)
     dead, events = api.quote(DEAD_LETTERS), api.quote(EVENTS_EXCHANGE)
     queue = api.quote(worker_queue(worker_id))
@@ -97,8 +101,15 @@ def declare_worker_topology(api: ManagementAPI, worker_id: str) -> None:
     api.call("PUT", f"/api/exchanges/{vhost}/{dead}", {"type": "fanout", "durable": True})
     api.call("PUT", f"/api/queues/{vhost}/{dead}", {"durable": True})
     api.call("POST", f"/api/bindings/{vhost}/e/{dead}/q/{dead}", {"routing_key": ""})
-    api.call("PUT", f"/api/queues/{vhost}/{queue}",
-             {"durable": True, "arguments": worker_queue_arguments()})
+    arguments = worker_queue_arguments(queue_settings or QueueSettings())
+    try:
+        api.call("PUT", f"/api/queues/{vhost}/{queue}", {"durable": True, "arguments": arguments})
+    except ManagementError as e:
+        if "HTTP 400" not in str(e):  # (RabbitMQ's "inequivalent arg" for another kind)
+            raise
+        raise ManagementError(
+            f"queue {worker_queue(worker_id)} exists with other arguments than {arguments}: "
+            "delete it in the console (with what it holds) to have it declared anew") from None
     api.call("POST", f"/api/bindings/{vhost}/e/{commands}/q/{queue}",
              {"routing_key": worker_id})
     api.call("POST", f"/api/bindings/{vhost}/e/{events}/q/{queue}",
