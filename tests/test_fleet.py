@@ -3,8 +3,12 @@ fleet, docker-compose.yml and configs checked against the repository."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from torchrelay.worker._fleet import FleetFile
 tr.hook(torch)
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKERS = ("bob", "alice", "carol", "secure_worker")
 
 
 def _alive(pid: int) -> bool:
@@ -71,6 +76,46 @@ def test_a_fleet_goes_up_serves_shows_and_comes_down(
     assert "bob\twas not running" in capsys.readouterr().out
 
 
+def test_a_new_user_s_session_from_the_readme(
+    vhost_factory: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README, "Your first fleet": the four workers of configs/ up with one command,
+    the walkthrough and the federated demo run on them, status and its --watch, and
+    everything down; on the real RabbitMQ, with configs/ as they are in the repository."""
+    url = vhost_factory()
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")  # (its run folder is beside it)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the owners' ledgers
+    fleet_file = str(tmp_path / "configs" / "fleet.toml")
+    assert main(["fleet", "up", fleet_file, "--broker", url]) == 0
+    try:
+        assert main(["demo", "--running", "--broker", url]) == 0
+        assert "every store matched the notebook" in capsys.readouterr().out
+        assert main(["demo", "federated", "--running", "--broker", url, "--rounds", "2"]) == 0
+        said = capsys.readouterr().out
+        assert "Found 3 datasets tagged #digits" in said and "Privacy spent" in said
+        assert main(["status", "--broker", url, "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert {r["id"]: r["state"] for r in rows} == dict.fromkeys(WORKERS, "live")
+        assert all(r["queue"] is not None for r in rows)  # the console's figures beside
+        with subprocess.Popen([sys.executable, "-m", "torchrelay", "status", "--broker", url,
+                               "--watch", "0.2"], stdout=subprocess.PIPE, text=True) as watch:
+            assert watch.stdout is not None
+            tables = 0
+            for line in watch.stdout:  # it refreshes until interrupted
+                tables += line.removeprefix("\x1b[2J\x1b[H").startswith("worker ")
+                if tables == 3:
+                    break
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(timeout=30) == 0
+    finally:
+        assert main(["fleet", "down", fleet_file]) == 0
+    capsys.readouterr()
+    assert main(["status", "--broker", url, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["id"]: r["state"] for r in rows} == dict.fromkeys(WORKERS, "gone")
+
+
 def test_a_daemon_that_died_shows_as_dead(
     vhost_factory: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -109,6 +154,22 @@ def test_a_bad_fleet_file_is_refused_naming_what_is_wrong(
 def test_the_example_fleet_lists_the_four_workers_of_configs() -> None:
     fleet = FleetFile.read(ROOT / "configs" / "fleet.toml")
     assert list(fleet.workers) == ["bob", "alice", "carol", "secure_worker"]
+
+
+def test_the_digits_shares_of_configs_are_the_ones_the_demo_writes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from torchrelay._federated import write_shares  # noqa: PLC0415
+
+    for owner, written in write_shares(tmp_path).items():
+        config = WorkerConfig.resolve(ROOT / "configs" / f"{owner}.toml")
+        (dataset,) = config.datasets
+        assert Path(dataset.path) == ROOT / "configs" / "data" / written.name
+        assert dataset.private and "#digits" in dataset.tags
+        assert config.privacy.trusted == ("secure_worker",)
+        committed, fresh = load_file(dataset.path), load_file(str(written))
+        assert committed.keys() == fresh.keys()
+        assert all(torch.equal(committed[k], fresh[k]) for k in fresh)
 
 
 def test_docker_compose_runs_the_four_workers_from_configs_and_rabbitmq_with_its_console() -> None:

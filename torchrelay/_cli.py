@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
                       default="walkthrough")
     demo.add_argument("--broker", help="amqp[s]:// URL; starts and stops the worker daemons "
                                        "itself (default: in-process workers)")
+    demo.add_argument("--running", action="store_true",
+                      help="use the workers already serving on the broker (`torchrelay fleet "
+                           "up configs/fleet.toml`, docker compose) rather than start any; "
+                           "--broker defaults to $TORCHRELAY_BROKER, else the local RabbitMQ")
     demo.add_argument("--rounds", type=int, default=20, help="federated: FedAvg rounds (20)")
     demo.add_argument("--plot", metavar="FILE.png",
                       help="federated: save the loss and accuracy curves there")
@@ -106,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="the live workers, their figures and their queues (or, given ids, "
                        "those workers' status as JSON lines)")
     status.add_argument("workers", nargs="*", help="worker ids (default: every live worker)")
-    status.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER)")
+    status.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER, else "
+                                         "the local RabbitMQ as guest)")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                         help="refresh every SECONDS (2) until Ctrl-C")
@@ -153,12 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.which == "federated":
             return _federated_demo(args)
-        return _demo(args.broker)
+        return _demo(args.broker, running=args.running)
     if args.command == "users":
         return _users(args)
     if args.command == "fleet":
         return _fleet(args)
-    url = args.broker or os.environ.get("TORCHRELAY_BROKER")
+    url = _broker_url(args.broker)
     if args.workers:
         return _status(args.workers, url)
     return _live_status(url, args)
@@ -211,13 +216,18 @@ def _worker(args: argparse.Namespace) -> int:
     return supervise(config)
 
 
-def _demo(url: str | None) -> int:
+def _demo(url: str | None, *, running: bool = False) -> int:
     import torchrelay as tr
     from torchrelay._walkthrough import run_walkthrough
     from torchrelay.worker import WorkerProcesses
 
     logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT)
-    if url is None:
+    if running:
+        url = _broker_url(url)
+        print(f"Using workers bob and alice already serving on {tr.broker.redact_url(url)}.")
+        with tr.connect(url) as fleet:
+            run_walkthrough(fleet)
+    elif url is None:
         print("Workers bob and alice run in this process (embedded broker).")
         with tr.connect() as fleet:
             run_walkthrough(fleet)
@@ -241,6 +251,7 @@ def _federated_demo(args: argparse.Namespace) -> int:
         AGGREGATOR,
         DEMO_PRIVACY,
         DIGIT_OWNERS,
+        NoDatasets,
         run_federated,
         write_configs,
         write_shares,
@@ -252,12 +263,23 @@ def _federated_demo(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT)
     tr.hook(torch)
+    plot = Path(args.plot) if args.plot else None
+    if args.running:  # the owners' own configs say what they offer, and under what rules
+        url = _broker_url(args.broker)
+        print(f"Using workers {', '.join(DIGIT_OWNERS)} and {AGGREGATOR} already serving on "
+              f"{tr.broker.redact_url(url)}, with the datasets their configs list.")
+        with tr.connect(url) as fleet:
+            try:
+                run_federated(fleet, args.rounds, plot=plot)
+            except NoDatasets as e:
+                print(f"torchrelay demo federated: {e}", file=sys.stderr)
+                return 1
+        return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="torchrelay-federated-"))
     files = write_shares(workdir)
     privacy = None if args.public else dict(DEMO_PRIVACY)
     if privacy is not None and args.noise_multiplier is not None:
         privacy["noise_multiplier"] = args.noise_multiplier
-    plot = Path(args.plot) if args.plot else None
     print(f"The digits' training part, split in three: {', '.join(DIGIT_OWNERS)} each get a "
           f"dataset file of their own in {workdir}.")
     if args.broker is None:
@@ -281,12 +303,15 @@ def _federated_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(worker_ids: Sequence[str], url: str | None) -> int:
+def _broker_url(url: str | None) -> str:
+    """The broker of workers already serving (`fleet up`, docker compose): `--broker`,
+    else $TORCHRELAY_BROKER, else the local RabbitMQ as guest, as configs/ use it."""
+    return url or os.environ.get("TORCHRELAY_BROKER") or "amqp://guest:guest@localhost:5672/"
+
+
+def _status(worker_ids: Sequence[str], url: str) -> int:
     import torchrelay as tr
 
-    if url is None:
-        print("torchrelay status: pass --broker or set TORCHRELAY_BROKER", file=sys.stderr)
-        return 2
     failed = 0
     with tr.connect(url, name="status") as fleet:
         for worker_id in worker_ids:
@@ -362,24 +387,26 @@ def _users(args: argparse.Namespace) -> int:
     return 0
 
 
-def _live_status(url: str | None, args: argparse.Namespace) -> int:
+def _live_status(url: str, args: argparse.Namespace) -> int:
+    import contextlib
     import time
 
     import torchrelay as tr
     from torchrelay.broker import ManagementAPI, ManagementError
 
-    if url is None:
-        print("torchrelay status: pass --broker or set TORCHRELAY_BROKER", file=sys.stderr)
-        return 2
     api = ManagementAPI(url, args.management_url)
-    with tr.connect(url, name=None) as fleet:
-        while True:
+    with tr.connect(url, name=None) as fleet, contextlib.suppress(KeyboardInterrupt):
+        while True:  # (Ctrl-C ends --watch, whatever it was doing)
             workers = {w["id"]: w for w in fleet.workers()}
             try:
                 queues = {q["name"].removeprefix("torchrelay.worker."): q for q in api.queues()
                           if q["name"].startswith("torchrelay.worker.")}
             except ManagementError:
                 queues = {}  # (no console here, or no rights to it: figures of workers only)
+            for worker_id, queue in queues.items():
+                if worker_id not in workers:  # gone, or silent? The console's figures lag
+                    with contextlib.suppress(tr.TorchRelayError):  # (by up to 5 s): ask now
+                        queue["consumers"] = fleet.endpoint.queue_consumers(queue["name"])
             rows = _status_rows(workers, queues)
             if args.json:
                 print(json.dumps(rows, sort_keys=True, default=str))
@@ -389,10 +416,8 @@ def _live_status(url: str | None, args: argparse.Namespace) -> int:
                 _print_table(rows)
             if not args.watch:
                 return 0
-            try:
-                time.sleep(args.watch)
-            except KeyboardInterrupt:
-                return 0
+            time.sleep(args.watch)
+    return 0  # interrupted
 
 
 def _status_rows(workers: dict[str, Any], queues: dict[str, Any]) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ __all__ = [
     "DEMO_PRIVACY",
     "DIGIT_OWNERS",
     "FederatedRun",
+    "NoDatasets",
     "make_model",
     "permutation",
     "run_federated",
@@ -183,6 +184,10 @@ class FederatedRun:
         return self.history[-1].metrics["accuracy"]
 
 
+class NoDatasets(LookupError):
+    """The digit owners offer no `#digits` dataset to train on."""
+
+
 def run_federated(
     fleet: Fleet,
     rounds: int = 20,
@@ -197,6 +202,10 @@ def run_federated(
     digits = load_digits()
     owners = [fleet.worker(owner) for owner in DIGIT_OWNERS]
     datasets = [d for owner in owners for d in owner.search(TAG)]
+    if not datasets:
+        raise NoDatasets(f"none of {', '.join(DIGIT_OWNERS)} offers a dataset tagged {TAG}: "
+                         "start workers whose configs list their shares, as configs/ does "
+                         "(torchrelay fleet up configs/fleet.toml)")
     echo(f"Found {len(datasets)} datasets tagged {TAG}; the client has seen none of them:")
     for dataset in datasets:
         echo(f"  {dataset!r}")

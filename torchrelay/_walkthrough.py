@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle, hook
+from torchrelay.client._fleet import ObjectDescription
 
 __all__ = ["WalkthroughMismatch", "run_walkthrough"]
 
@@ -130,7 +131,7 @@ class _Cells:
 def _check_store(
     cell: _Cells, name: str, worker: WorkerHandle, expected: dict[int, str] | None
 ) -> dict[int, str]:
-    snapshot = worker._objects
+    snapshot = _session_objects(worker)
     cell.show(f"{name}._objects", snapshot)
     objects = {k: str(v) for k, v in snapshot.items()}
     if expected is not None:
@@ -152,7 +153,14 @@ def _expect_same(actual: dict[int, str], expected: dict[int, str], name: str) ->
 
 def _expect_empty(*workers: WorkerHandle) -> None:
     for worker in workers:
-        _expect(not worker._objects, f"{worker.id} is not empty: {worker._objects}")
+        objects = _session_objects(worker)
+        _expect(not objects, f"{worker.id} is not empty: {objects}")
+
+
+def _session_objects(worker: WorkerHandle) -> dict[int, ObjectDescription]:
+    """`worker._objects` without the datasets the worker offers itself (a fleet started
+    from configs/ has some): what the notebook's cells put there."""
+    return {k: v for k, v in worker._objects.items() if not v.startswith("<Dataset ")}
 
 
 def _expect(condition: bool, message: str) -> None:
