@@ -133,7 +133,8 @@ class _Outstanding:
     """Its outcome is known on its worker before the worker starts the next command
     (it is not forwarded down a chain of pointers)."""
     garbage: list[int] | tuple[()] = ()
-    """The deletes that ride with it: if it is lost, they ride again with the next."""
+    """The deletes that ride with it (a Delete's own too): if it is lost, they ride
+    again with the next command."""
 
 
 class Fleet:
@@ -371,8 +372,6 @@ class Fleet:
     ) -> str:
         if self.closed:
             raise TorchRelayError(f"{self!r} is closed")
-        if self._lost_meanwhile is not None:
-            self._report_lost_meanwhile()
         if self.capture is not None:
             self.capture.saw(worker_id, command, settles)
         number = next(self._numbers)
@@ -381,8 +380,9 @@ class Fleet:
         if self._doomed:  # read without the lock: garbage missed now rides with the next
             with self._doomed_lock:
                 garbage = self._doomed.pop(worker_id, ())
+        deletes = [*garbage, *command.ids] if type(command) is Delete else garbage
         self._outstanding[correlation_id] = _Outstanding(worker_id, command, number, keep, settles,
-                                                         garbage)
+                                                         deletes)
         self._outstanding_to[worker_id] = self._outstanding_to.get(worker_id, 0) + 1
         if not settles:
             self._unsettled += 1
@@ -404,21 +404,11 @@ class Fleet:
         return correlation_id
 
     def _publish(self) -> None:
-        self._report_lost_meanwhile()
         try:
             with self._queue_lock:
                 self._publish_queued()
         except ConnectionLost as e:  # (failed outside the lock, which failing takes)
             self._fail_outstanding(self._lost(e))
-
-    def _report_lost_meanwhile(self) -> None:
-        """Fail what was in flight when the background publisher found the connection
-        lost, before anything else goes out: commands published after the reconnect
-        must not run on results that never came to be, unreported."""
-        lost = self._lost_meanwhile
-        if lost is not None:
-            self._lost_meanwhile = None
-            self._fail_outstanding(self._lost(lost))
 
     def _publish_if_late(self) -> None:
         if self._queued and time.monotonic() - self._queued_since >= QUEUE_DELAY:
@@ -430,6 +420,12 @@ class Fleet:
         """Publish the queued commands (under the queue lock): one alone, several as one
         batch. From the background publisher, a failure leaves them queued for the
         script's thread to publish again and report."""
+        lost = self._lost_meanwhile
+        if lost is not None and not background:
+            # The background publisher met a lost connection (and reconnected): what was
+            # in flight is lost, and nothing goes out after it as if it were not.
+            self._lost_meanwhile = None
+            raise lost
         queued, worker_id = self._queued, self._queued_to
         if not queued or worker_id is None:
             return
@@ -658,6 +654,7 @@ class Fleet:
         self._arriving.clear()
         with self._queue_lock:
             self._queued.clear()  # (each is outstanding: its garbage is regathered)
+            self._lost_meanwhile = None  # (what it was about has just failed)
         if regathered:
             with self._doomed_lock:
                 for worker_id, ids in regathered.items():

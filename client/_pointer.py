@@ -27,6 +27,7 @@ import torch
 
 from torchrelay.broker import (
     Call,
+    Describe,
     Fetch,
     Grant,
     Meta,
@@ -51,6 +52,10 @@ from ._fleet import Fleet, WorkerHandle
 __all__ = ["OPERATORS", "PointerTensor", "remote_call", "send"]
 
 log = logging.getLogger("torchrelay.client")
+
+_UNSETTLED: Final = frozenset({"UnknownWorker", "ReplyTimeout", "BrokerError", "ConnectionLost",
+                               "BrokerUnavailable"})
+"""How a source's wait on a move's destination can fail with the outcome unknown."""
 
 OPERATORS: Final = tuple(sorted(
     name for name in TENSOR_METHODS
@@ -165,9 +170,11 @@ class PointerTensor:
                     raise
                 self._settle_move(worker, new_id, e)
             except RemoteError as e:
-                # The source answered: it keeps its object until the destination has it.
-                e.add_note(f"object {self.id_at_location} is still on worker "
-                           f"{self.location.id!r}; its pointer is valid")
+                if e.remote_type.rsplit(".", 1)[-1] in _UNSETTLED:
+                    # The source gave up on the destination: it keeps its object, and
+                    # had the copy that may land there deleted behind it.
+                    e.add_note(f"object {self.id_at_location} is still on worker "
+                               f"{self.location.id!r}; its pointer is valid")
                 raise
         else:
             self.fleet.post(self.location.id, transfer)
@@ -177,24 +184,22 @@ class PointerTensor:
         return moved
 
     def _settle_move(self, destination: WorkerHandle, new_id: int, error: UnknownWorker) -> None:
-        """The source died during the move (`error`): it took its objects with it, and
-        whether it had sent this one is for the destination to say. There: the move
-        happened (return, and the new pointer is valid). Not there: it is lost, and a
-        delete sent behind makes sure no late copy lands (raise `error`, saying so)."""
+        """The source's daemon is gone (`error`), and a daemon takes its objects with it:
+        whether it had sent this one is for the destination to say (its copy would be
+        in the destination's queue ahead of the question). There: the move stands, and
+        the new pointer is valid. Not there: raise `error`, saying so."""
         source = self.location.id
         try:
-            self.fleet.request(destination.id, Meta(new_id))
-        except RemoteError as probe:
-            if not probe.remote_type.endswith("ObjectNotFound"):
-                raise
-            self.fleet.doom(destination.id, new_id)
-            error.add_note(f"object {self.id_at_location} did not reach worker "
-                           f"{destination.id!r}: it is lost with worker {source!r}")
-            raise error from None
+            there = {int(i) for i in self.fleet.request(destination.id, Describe())}
         except TorchRelayError as probe:
             error.add_note(f"whether object {self.id_at_location} reached worker "
                            f"{destination.id!r} could not be asked: {probe}")
             raise error from None
+        if new_id not in there:
+            error.add_note(f"object {self.id_at_location} did not reach worker "
+                           f"{destination.id!r}: if the daemon of {source!r} died, it is "
+                           "lost with it")
+            raise error
         log.warning("worker %s is gone, but it had moved object %d to %s: the move stands",
                     source, self.id_at_location, destination.id)
 

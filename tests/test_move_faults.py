@@ -43,16 +43,16 @@ def paused(pid: int) -> Iterator[None]:
 
 
 def interrupted(url: str, waiter: str, other: tr.WorkerHandle, kill: Callable[[], None],
-                action: Callable[[], T]) -> T:
-    """`action()`, with `other` paused until `waiter` waits on it (what it sent is in
-    `other`'s queue), and then `kill` done."""
+                action: Callable[[], T], *, waiting: int = 1) -> T:
+    """`action()`, with `other` paused until `waiter` waits on it `waiting` times (what
+    it sent is in `other`'s queue), and then `kill` done."""
     other_executor = executor_of(other)
 
     def watch() -> None:
         with tr.connect(url, name="watcher") as fleet:
             worker = fleet.worker(waiter)
             deadline = time.monotonic() + 60
-            while worker.status()["requests_waiting"] == 0:
+            while worker.status()["requests_waiting"] < waiting:
                 assert time.monotonic() < deadline, f"{waiter} never waited"
                 time.sleep(0.05)
         kill()
@@ -129,13 +129,13 @@ def test_a_move_whose_source_died_before_sending_names_what_is_lost(pair: Any) -
         os.kill(pid, signal.SIGKILL)
     with pytest.raises(tr.UnknownWorker, match=r"'bob'.*it is gone") as e:
         x.move(alice)
-    assert any(f"object {x.id_at_location} did not reach worker 'alice': it is lost with "
-               "worker 'bob'" in note for note in e.value.__notes__)
+    assert any(f"object {x.id_at_location} did not reach worker 'alice': if the daemon of "
+               "'bob' died, it is lost with it" in note for note in e.value.__notes__)
     x.garbage_collect = False
     assert alice._objects == {}
 
 
-def test_a_call_down_a_chain_whose_executor_dies_meanwhile_fails_and_leaves_nothing(
+def test_calls_down_a_chain_whose_executor_dies_meanwhile_fail_and_leave_nothing(
     pair: Any,
 ) -> None:
     url, _daemons, fleet = pair
@@ -143,14 +143,18 @@ def test_a_call_down_a_chain_whose_executor_dies_meanwhile_fails_and_leaves_noth
     x = VALUES.send(alice).send(bob)  # bob holds a pointer to alice's tensor
     fleet.sync()
     bob_executor = executor_of(bob)
+    calls = 400  # each waits on bob for alice: more than a command line could carry
 
-    def add_one() -> None:
-        y = x + 1  # bob forwards it to alice, and waits
-        y.garbage_collect = False  # it is never made
+    def add_ones() -> None:
+        for _ in range(calls):
+            y = x + 1  # bob forwards it to alice, and waits
+            y.garbage_collect = False  # it is never made
         fleet.sync()
 
     with pytest.raises(tr.RemoteError, match=r"restarted .* waited on worker 'alice': it did "
-                       r"not complete"):
-        interrupted(url, "bob", alice, lambda: os.kill(bob_executor, signal.SIGKILL), add_one)
-    assert list(alice._objects) and len(alice._objects) == 1  # x's target; the sum went
+                       rf"not complete\n{calls - 1} later operations failed too"):
+        interrupted(url, "bob", alice, lambda: os.kill(bob_executor, signal.SIGKILL), add_ones,
+                    waiting=calls)
+    assert len(alice._objects) == 1  # x's target: every sum was deleted behind it
+    assert bob.status()["requests_waiting"] == 0
     assert torch.equal(x.get().get(), VALUES)

@@ -97,7 +97,6 @@ class ExecutorSetup:
     shared: list[tuple[int, int, int]]  # (descriptor, storage key, bytes)
     next_key: int
     poisoned: list[tuple[str, str, str]]  # (sender, correlation id, what it did)
-    parked: list[str]  # hex payloads of commands the last executor left waiting
     restarts: int
     supervisor: int
 
@@ -325,9 +324,10 @@ def _share_large(value: Any, depth: int = 0) -> None:
             _share_large(tensor, depth + 1)
 
 
-def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
+def restore(store: MirroredStore, setup: ExecutorSetup) -> tuple[set[int], list[bytes]]:
     """Rebuild a dead predecessor's objects from the supervisor's copy; the ids of the
-    tensors whose autograd graph died with it."""
+    tensors whose autograd graph died with it, and the commands it left waiting (see
+    `WorkerRuntime.settle_interrupted`)."""
     mirror = store.mirror
     storages: dict[int, Any] = {}
     for fd, key, size in setup.shared:
@@ -336,8 +336,9 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
         mirror.sent_shared.add(key)
         os.close(fd)
     lost: set[int] = set()
+    parked: list[bytes] = []
     if not setup.snapshot_length:
-        return lost
+        return lost, parked
     with mmap.mmap(setup.snapshot, setup.snapshot_length, mmap.MAP_PRIVATE) as page:
         view = memoryview(page)
         provenances: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
@@ -376,6 +377,11 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
                 objects.append((object_id, provenance_id,
                                 bytes(view[position : position + length])))
                 position += length
+            elif kind == PARKED:
+                _, key_length, length = PARKED_RECORD.unpack_from(view, position)
+                position += PARKED_RECORD.size + key_length
+                parked.append(bytes(view[position : position + length]))
+                position += length
             else:
                 raise ValueError(f"snapshot record of unknown kind {kind}")
         del view
@@ -397,7 +403,7 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> set[int]:
             mirror.users[identity] = mirror.users.get(identity, 0) + 1
             mirror.versions[object_id] = value._version
         ObjectStore.put(store, object_id, value, *provenances[provenance_id])
-    return lost
+    return lost, parked
 
 
 def main() -> int:
@@ -420,13 +426,13 @@ def main() -> int:
                                               "executor_pid": os.getpid(),
                                               "executor_restarts": setup.restarts})
         started = time.monotonic()
-        runtime.lost_graphs = restore(store, setup)
+        runtime.lost_graphs, parked = restore(store, setup)
         runtime.remember_finished([
             tuple(key.decode(errors="replace").split("\0", 1))  # type: ignore[misc]
             for key in finished if b"\0" in key
         ])
         runtime.poisoned = {(sender, cid): what for sender, cid, what in setup.poisoned}
-        runtime.settle_interrupted([bytes.fromhex(payload) for payload in setup.parked])
+        runtime.settle_interrupted(parked)
         if setup.restarts:
             log.warning("executor restarted (restart %d): %d objects back in %.1f ms, %d of "
                         "them without their autograd graph; %d finished commands remembered",

@@ -30,6 +30,7 @@ endian (a record's payload follows its header):
 PARKED and UNPARKED are about commands, not objects: a command waiting on another
 worker (keyed as the journal keys it) and what a new executor must answer and undo
 for it if this one dies before it is answered (`_runtime.py` writes the payload).
+A snapshot carries the PARKED ones; the executor that settles them writes UNPARKED.
 
 No torch here: the supervisor imports this module.
 """
@@ -263,6 +264,8 @@ class MirrorCopy:
             parts += [STORAGE_RECORD.pack(STORAGE, key, len(data)), data]
         parts += self.provenances.values()
         parts += [record for record, _ in self.objects.values()]
+        for command, payload in self.parked.items():  # kept until an executor settles them
+            parts += [PARKED_RECORD.pack(PARKED, len(command), len(payload)), command, payload]
         blob = b"".join(parts)
         fd = os.memfd_create("torchrelay-snapshot")
         view = memoryview(blob)

@@ -325,9 +325,10 @@ class WorkerRuntime:
             log.warning("refused %s %s from %s again: it %s", item.name, item.correlation_id,
                         delivery.sender, poisoned)
             settled = ""
-            if type(item.command) is Transfer:
+            if type(item.command) is Transfer and delivery.redelivered:
                 # It may have sent its copy before the crash: the restored object here
-                # is the one, and the other goes.
+                # is the one, and the other goes. (Only the copy the broker delivers
+                # again: anyone can send a new command under an old correlation id.)
                 self._unsend(item.command)
                 settled = (f"; object {item.command.id} is still here, and any copy "
                            f"that reached {item.command.destination!r} is deleted")
@@ -486,8 +487,12 @@ class WorkerRuntime:
         """Fail the requests to a worker whose daemon is gone, rather than after the
         whole reply timeout (a move's source then settles it: see `_transfer`)."""
         silent_since = now - GONE_CHECK_SECONDS
-        gone = self._gone.gone({w.request.worker_id for w in self._waiting.values()
-                                if w.deadline - self.reply_timeout <= silent_since}, now)
+        try:
+            gone = self._gone.gone({w.request.worker_id for w in self._waiting.values()
+                                    if w.deadline - self.reply_timeout <= silent_since}, now)
+        except TorchRelayError as e:  # the broker is away: receiving says so; look again later
+            log.debug("could not look for gone workers: %s", e)
+            return
         if gone is None:
             return
         worker_id, seconds = gone
@@ -545,17 +550,23 @@ class WorkerRuntime:
         job = task.job
         command, asked = job.command, request.command
         remote: list[int] = []
-        if type(asked) is Store and not asked.replaces_pointer:
-            remote = [asked.id]
-        elif type(asked) is Call and asked.result_id is not None:
-            remote = [asked.result_id]
-        local = [command.result_id] if (
-            remote and type(command) is Call and command.result_id is not None) else []
-        message = (f"worker {self.id!r} restarted (its executor died) while this command "
-                   f"waited on worker {request.worker_id!r}: it did not complete")
-        if type(command) is Transfer and remote:
-            message += (f"; object {command.id} is still on worker {self.id!r}, and any copy "
-                        f"that reached {request.worker_id!r} is deleted")
+        local: list[int] = []
+        restarted = f"worker {self.id!r} restarted (its executor died)"
+        if type(asked) is Delete:  # garbage down a chain, once the command itself ran
+            message = (f"{restarted} after this command ran, while it deleted garbage on "
+                       f"worker {request.worker_id!r}: what it made stands, its answer is lost")
+        else:
+            if type(asked) is Store and not asked.replaces_pointer:
+                remote = [asked.id]
+            elif type(asked) is Call and asked.result_id is not None:
+                remote = [asked.result_id]
+            if remote and type(command) is Call and command.result_id is not None:
+                local = [command.result_id]  # our pointer to that result
+            message = (f"{restarted} while this command waited on worker "
+                       f"{request.worker_id!r}: it did not complete")
+            if type(command) is Transfer and remote:
+                message += (f"; object {command.id} is still on worker {self.id!r}, and any "
+                            f"copy that reached {request.worker_id!r} is deleted")
         assert self.containment is not None
         self.containment.parked(job.sender, job.correlation_id, msgpack.packb(
             [job.sender, job.correlation_id, job.reply_to, job.name, message,
@@ -566,22 +577,30 @@ class WorkerRuntime:
         if task.parked:
             assert self.containment is not None
             self.containment.unparked(task.job.sender, task.job.correlation_id)
+            # Now, with what it changed: were the executor to die before the next
+            # commit, the next one would undo a command that completed.
+            self.containment.commit()
             task.parked = False
 
     def settle_interrupted(self, payloads: list[bytes]) -> None:
-        """Answer and undo the commands a dead executor left waiting (see `_park`)."""
+        """Answer and undo the commands a dead executor left waiting (see `_park`); each
+        is forgotten once settled (until then the supervisor's copy keeps it)."""
         for payload in payloads:
             sender, correlation_id, reply_to, name, message, location, remote, local = (
                 msgpack.unpackb(payload))
-            for object_id in local:
-                self.store.discard(object_id)
-            if remote:
-                self._tell(location, Delete(remote))
             log.warning("%s %s from %s: %s", name, correlation_id, sender, message)
-            self._finish(_Job(name, None, sender, reply_to, correlation_id), None,
-                         OperationRefused(message))
-        if payloads and self.containment is not None:
-            self.containment.commit()
+            try:
+                for object_id in local:
+                    self.store.discard(object_id)
+                if remote:
+                    self._tell(location, Delete(remote))
+                self._finish(_Job(name, None, sender, reply_to, correlation_id), None,
+                             OperationRefused(message))
+            except TorchRelayError as e:  # the broker is away: its caller times out
+                log.warning("could not answer %s %s: %s", name, correlation_id, e)
+            if self.containment is not None:
+                self.containment.unparked(sender, correlation_id)
+                self.containment.commit()
 
     def _resume(self, delivery: Delivery) -> None:
         waiting = self._waiting.get(delivery.correlation_id)

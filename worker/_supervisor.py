@@ -111,10 +111,8 @@ class _Supervisor:
             "snapshot": snapshot.fd, "snapshot_length": snapshot.length,
             "shared": snapshot.shared, "next_key": self.copy.largest_key + 1,
             "poisoned": [[s, c, what] for (s, c), what in self.poisoned.items()],
-            "parked": [payload.hex() for payload in self.copy.parked.values()],
             "restarts": self.restarts, "supervisor": os.getpid(),
         }
-        self.copy.parked.clear()  # the new executor answers and undoes them
         handed = [self.journal_fd, self.ring_fd, theirs.fileno(), snapshot.fd,
                   *(fd for fd, _, _ in snapshot.shared)]
         try:
