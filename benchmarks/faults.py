@@ -131,11 +131,11 @@ def _restart(processes: WorkerProcesses, worker_id: str) -> float:
 
 
 def _long_command(fleet: Fleet, worker: WorkerHandle) -> PointerTensor:
-    """A command that runs for many seconds: 62 squarings of a 2,000² matrix (about
-    1 TFLOP: half a minute on 2 cores)."""
-    matrix = send(torch.eye(2000) * 0.5 + torch.rand(2000, 2000) * 1e-4, worker)
+    """A command that runs for many seconds: 61 squarings of a 3,000² matrix (about
+    3 TFLOP; 2**62 and more are refused)."""
+    matrix = send(torch.eye(3000) * 0.5 + torch.rand(3000, 3000) * 1e-4, worker)
     fleet.sync()
-    result = torch.linalg.matrix_power(matrix, 1 << 62)
+    result = torch.linalg.matrix_power(matrix, 1 << 61)
     del matrix
     return result  # type: ignore[no-any-return]
 
