@@ -124,9 +124,7 @@ def _objects(worker: WorkerHandle) -> int:
 def _restart(processes: WorkerProcesses, worker_id: str) -> float:
     """Start a killed daemon again; seconds until it serves."""
     started = time.monotonic()
-    processes.processes.pop(worker_id, None)
-    processes.spawn(worker_id)
-    processes.wait_ready([worker_id])
+    processes.restart(worker_id)
     return time.monotonic() - started
 
 

@@ -54,9 +54,7 @@ def test_a_worker_killed_mid_command_fails_the_wait_and_serves_again_once_restar
             executor, daemons.processes["kim"].pid)]).start()
         with pytest.raises(tr.UnknownWorker, match=r"kim.*it is gone"):
             fleet.sync()
-        daemons.processes.pop("kim").wait()
-        daemons.spawn("kim")
-        daemons.wait_ready(["kim"])
+        daemons.restart("kim")
         assert (torch.ones(2).send(kim) + 1).get().tolist() == [2.0, 2.0]
         # What the dead daemon had taken but not acknowledged comes again to the new
         # one (at least once), and may run there again; the pointers' deletes clear it.

@@ -90,8 +90,7 @@ def test_a_move_whose_destination_is_gone_leaves_the_object_on_its_source(pair: 
     with pytest.raises(tr.RemoteError, match=r"transfer to alice.*'alice'.*it is gone") as e:
         x.move(alice)
     assert any("still on worker 'bob'" in note for note in e.value.__notes__)
-    daemons.spawn("alice")  # it takes the copy waiting in its queue, and then its delete
-    daemons.wait_ready(["alice"])
+    daemons.restart("alice")  # it takes the copy waiting in its queue, and then its delete
     assert alice._objects == {}
     assert torch.equal(x.get(), VALUES)
 

@@ -301,8 +301,7 @@ def test_private_data_stays_private_across_an_executor_crash_and_a_restart(
                      aggregator=secure).get()
     assert json.loads(ledger.read_text())["releases"] == {"1.0": 1}
     assert daemons.stop("erin") == 0
-    daemons.spawn("erin")
-    daemons.wait_ready(["erin"])
+    daemons.restart("erin")
     with pytest.raises(tr.PrivateDataError, match=r"budget of 'erin' is spent"):
         _secret(fleet, "erin").mean(0).move(secure)
 

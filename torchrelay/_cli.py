@@ -304,8 +304,8 @@ def _federated_demo(args: argparse.Namespace) -> int:
 
 
 def _broker_url(url: str | None) -> str:
-    """The broker of workers already serving (`fleet up`, docker compose): `--broker`,
-    else $TORCHRELAY_BROKER, else the local RabbitMQ as guest, as configs/ use it."""
+    """The broker a command talks to: `--broker`, else $TORCHRELAY_BROKER, else the
+    local RabbitMQ as guest, as configs/ use it."""
     return url or os.environ.get("TORCHRELAY_BROKER") or "amqp://guest:guest@localhost:5672/"
 
 
@@ -357,10 +357,9 @@ def _fleet(args: argparse.Namespace) -> int:
 def _users(args: argparse.Namespace) -> int:
     from torchrelay.broker import ManagementAPI, ManagementError
     from torchrelay.broker._rabbitmq import _users as users
-    from torchrelay.broker._rabbitmq._topology import QueueSettings
+    from torchrelay.broker._rabbitmq._topology import DEFAULT_QUEUE_EXPIRES, QueueSettings
 
-    url = args.broker or os.environ.get("TORCHRELAY_BROKER") or "amqp://guest:guest@localhost/"
-    api = ManagementAPI(url, args.management_url)
+    api = ManagementAPI(_broker_url(args.broker), args.management_url)
     if args.action != "list" and not args.name:
         print(f"torchrelay users {args.action}: name whom", file=sys.stderr)
         return 2
@@ -370,8 +369,7 @@ def _users(args: argparse.Namespace) -> int:
                 print("torchrelay users add: pass --role worker or --role client",
                       file=sys.stderr)
                 return 2
-            queue = QueueSettings(args.queue_type, *(
-                () if args.queue_expires is None else (args.queue_expires,)))
+            queue = QueueSettings(args.queue_type, args.queue_expires or DEFAULT_QUEUE_EXPIRES)
             password = users.add_user(api, args.name, args.role, args.password, queue)
             print(f"{args.role} {args.name} may connect to virtual host {api.vhost!r} as "
                   f"{args.name}" + ("" if args.password else f" with password {password}"))

@@ -13,8 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchrelay.client import Fleet, PointerTensor, WorkerHandle, hook
-from torchrelay.client._fleet import ObjectDescription
+from torchrelay.client import Fleet, ObjectDescription, PointerTensor, WorkerHandle, hook
 
 __all__ = ["WalkthroughMismatch", "run_walkthrough"]
 

@@ -70,6 +70,19 @@ class WorkerProcesses:
         self.processes[worker_id] = process
         return process
 
+    def restart(self, worker_id: str, timeout: float = 60.0) -> None:
+        """Start a daemon again once it has ended (stopped, killed, crashed); return once
+        it serves."""
+        old = self.processes.pop(worker_id, None)
+        if old is not None and old.poll() is None:
+            self.processes[worker_id] = old
+            raise BrokerError(f"worker daemon {worker_id!r} still runs (pid {old.pid}): "
+                              "stop it first")
+        if old is not None:
+            old.wait()  # (reaped: no zombie, no warning)
+        self.spawn(worker_id)
+        self.wait_ready([worker_id], timeout)
+
     def wait_ready(self, worker_ids: Sequence[str], timeout: float = 60.0) -> None:
         """Return once every daemon in `worker_ids` has answered a status request.
 

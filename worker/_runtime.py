@@ -556,10 +556,7 @@ class WorkerRuntime:
             message = (f"{restarted} after this command ran, while it deleted garbage on "
                        f"worker {request.worker_id!r}: what it made stands, its answer is lost")
         else:
-            if type(asked) is Store and not asked.replaces_pointer:
-                remote = [asked.id]
-            elif type(asked) is Call and asked.result_id is not None:
-                remote = [asked.result_id]
+            remote = _made_by(asked)
             if remote and type(command) is Call and command.result_id is not None:
                 local = [command.result_id]  # our pointer to that result
             message = (f"{restarted} while this command waited on worker "
@@ -939,8 +936,7 @@ class WorkerRuntime:
 
     def _unsend(self, transfer: Transfer) -> None:
         """Undo `transfer` at its destination, whether or not its copy arrived: the
-        object stays here. (A pulled copy replaced a pointer there, which is not ours
-        to delete; that one stays as it is.)"""
+        object stays here. (As `_made_by` says of the copy's `Store`.)"""
         if not transfer.replaces_pointer:
             self._tell(transfer.destination, Delete([transfer.destination_id]))
 
@@ -1215,6 +1211,17 @@ class _ArgumentResolver:
 _UPDATES_ITS_ARGUMENTS = frozenset({"F.batch_norm", "F.instance_norm"})
 """Operations that write into arguments without bumping their version (running statistics
 updated inside the kernel): all their tensor arguments count as changed."""
+
+
+def _made_by(asked: Command) -> list[int]:
+    """What `asked` makes on the worker it goes to, which deleting there undoes: a copy
+    stored (not one that replaced a pointer there, which is not ours to delete), a
+    call's result."""
+    if type(asked) is Store and not asked.replaces_pointer:
+        return [asked.id]
+    if type(asked) is Call and asked.result_id is not None:
+        return [asked.result_id]
+    return []
 
 
 def _holders(command: Store | Call, sender: str) -> frozenset[str]:

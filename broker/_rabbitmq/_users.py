@@ -84,7 +84,7 @@ def add_user(api: ManagementAPI, name: str, role: Role, password: str | None = N
     api.call("PUT", f"/api/users/{user}", {"password": password, "tags": _TAG_PREFIX + role})
     api.call("PUT", f"/api/permissions/{vhost}/{user}", permissions(name, role))
     if role == "worker":
-        declare_worker_topology(api, name, queue or QueueSettings())
+        declare_worker_topology(api, name, queue)
     return password
 
 
