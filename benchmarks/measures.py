@@ -23,6 +23,7 @@ from .federated import fedavg, train_step
 from .processes import ChildFailed, bare_torch_processes, rss_bytes, run_module
 from .report import MeasureResult, Row, at_least, at_most, failed, not_measured
 from .session import MIB, Session, TransferPlan, send
+from .sidechannels import sidechannels
 from .stats import byte_count, gib, median, memory, mib, micros, millis, percentile, progress
 
 SMALL_BODY = b"x" * 64
@@ -492,6 +493,8 @@ MEASURES: dict[str, Measure] = {
     "train_step": Measure(train_step, True, "one remote training step (op by op, plan) vs "
                                             "local + pika"),
     "fedavg": Measure(fedavg, True, "FedAvg on the Flower anchor's digits workload vs Flower"),
+    "sidechannels": Measure(sidechannels, True, "what time tells of private values: the "
+                            "subnormal attack via the broker, every operation timed"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.
     "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
                       "restarts, a load run: time to a clear error, what was lost"),

@@ -67,6 +67,8 @@ class Settings:
     fedavg_rounds: int = 20
     load_clients: int = 10
     load_rounds: int = 50
+    sidechannel_repetitions: int = 7
+    sidechannel_budget_s: float = 600.0
     restart_broker: bool = False
     """Run the broker-restart faults (they restart the RabbitMQ node for everyone)."""
 
@@ -94,6 +96,8 @@ class Settings:
             fedavg_rounds=5,
             load_clients=4,
             load_rounds=10,
+            sidechannel_repetitions=3,
+            sidechannel_budget_s=60.0,
         )
 
 

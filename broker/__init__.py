@@ -81,6 +81,7 @@ if TYPE_CHECKING:
         decode_reply_batch,
         encode_batch,
         encode_reply_batch,
+        is_plain_ok,
         session_and_number,
     )
     from ._rabbitmq import (

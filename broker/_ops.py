@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import _allowlist
 from ._errors import OperationRefused
 
-__all__ = ["is_inplace", "resolve", "wire_name"]
+__all__ = ["is_inplace", "operation_names", "resolve", "wire_name"]
 
 Op = Callable[..., Any]
 
@@ -113,6 +113,21 @@ for _name, _function in _TABLE.items():
     _NAMES.setdefault(_function, _name)
 
 
+def operation_names() -> list[str]:
+    """Every allow-listed function, method and attribute this torch has, as wire names, in
+    a fixed order (for the campaigns that try each of them)."""
+    names = []
+    for prefix, namespace, allowed in (
+        ("torch.", torch, _allowlist.TORCH_FUNCTIONS),
+        ("linalg.", torch.linalg, _allowlist.LINALG),
+        ("F.", F, _allowlist.FUNCTIONAL),
+        ("Tensor.", torch.Tensor, _allowlist.TENSOR_METHODS),
+    ):
+        names += [prefix + n for n in sorted(allowed) if callable(getattr(namespace, n, None))]
+    names += [f"Tensor@{n}" for n in sorted(_allowlist.TENSOR_ATTRIBUTES)]
+    return names
+
+
 def resolve(name: str) -> Op:
     """The callable for wire name `name`; raises `OperationRefused` if not allowed."""
     try:
@@ -147,6 +162,6 @@ def is_inplace(name: str) -> bool:
     if name in _INPLACE_OPERATIONS:
         return True
     short = name.rpartition(".")[2]
-    if short == "setitem" or short in _INPLACE_OPERATORS:
+    if short in ("setitem", "__setitem__") or short in _INPLACE_OPERATORS:
         return True
     return short.endswith("_") and not short.endswith("__")

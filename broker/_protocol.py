@@ -64,6 +64,7 @@ __all__ = [
     "decode_reply_batch",
     "encode_batch",
     "encode_reply_batch",
+    "is_plain_ok",
     "session_and_number",
 ]
 
@@ -697,6 +698,12 @@ class Reply:
 _OK_NONE: Final = encode({"ok": None})
 _OK_NONE_BYTES: Final = _OK_NONE.tobytes()
 _NOTHING: Final = Reply()
+
+
+def is_plain_ok(frame: Frame) -> bool:
+    """Whether a reply frame is the plain `{"ok": None}` (a command that answers nothing)."""
+    return frame is _OK_NONE or (frame.nbytes == len(_OK_NONE_BYTES)
+                                 and frame.tobytes() == _OK_NONE_BYTES)
 
 
 def decode_reply(body: Body) -> Reply:

@@ -47,8 +47,6 @@ class Release:
     delta: dict[str, float] = field(default_factory=dict)
     noise_std: float = 0.0
     """The std of the Gaussian noise added to the weighted sum."""
-    clipped: list[str] = field(default_factory=list)
-    """Owners whose contribution was longer than their bound, and was scaled down."""
     template: nn.Module | None = field(default=None, repr=False)
 
     def get(self) -> Any:
@@ -114,7 +112,7 @@ def aggregate(
         for pointer in tensors:
             pointer.garbage_collect = bool(not report["epsilon"])
     return Release(PointerTensor(location, result), report["epsilon"], report["delta"],
-                   report["noise_std"], report["clipped"], template)
+                   report["noise_std"], template)
 
 
 def _floating(pointer: PointerTensor) -> bool:

@@ -17,6 +17,7 @@ evaluated. Everything is deterministic (the seed is fixed per case).
 from __future__ import annotations
 
 import collections
+import importlib
 import math
 import multiprocessing as mp
 import os
@@ -29,9 +30,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from torchrelay.broker import _allowlist, resolve_op
+from torchrelay.broker import resolve_op
+from torchrelay.broker._ops import operation_names
 from torchrelay.worker._checks import check_arguments, check_result
 from torchrelay.worker._limits import BudgetExceeded, Limits
 
@@ -124,20 +125,6 @@ def _t(kind: str) -> Tensor | Alias:
     return Alias(0) if kind == "alias" else Tensor(kind)
 
 
-def operation_names() -> list[str]:
-    """Every allow-listed operation this torch has, as wire names."""
-    names = []
-    for prefix, namespace, allowed in (
-        ("torch.", torch, _allowlist.TORCH_FUNCTIONS),
-        ("linalg.", torch.linalg, _allowlist.LINALG),
-        ("F.", F, _allowlist.FUNCTIONAL),
-        ("Tensor.", torch.Tensor, _allowlist.TENSOR_METHODS),
-    ):
-        names += [prefix + n for n in sorted(allowed) if callable(getattr(namespace, n, None))]
-    names += [f"Tensor@{n}" for n in sorted(_allowlist.TENSOR_ATTRIBUTES)]
-    return names
-
-
 def generic_cases(op: str) -> Iterator[Case]:
     """The patterns every operation gets."""
     for kind in ONE:
@@ -184,6 +171,9 @@ KNOWN_BAD: list[Case] = [
          (("rounding_mode", "trunc"),)),
     Case("Tensor.div_", "INT32_MIN // -1, trunc (SIGFPE)",
          (Tensor("i32min"), Tensor("i32_minus_one")), (("rounding_mode", "trunc"),)),
+    Case("torch.lcm", "INT64_MIN and INT64_MAX (SIGFPE; found by the noninterference "
+         "campaign)", (Tensor("imin"), Tensor("imax"))),
+    Case("Tensor.lcm_", "INT64_MIN and INT64_MAX (SIGFPE)", (Tensor("imin"), Tensor("imax"))),
     Case("torch.combinations", "10 taken 8 at a time (slow)", (Tensor("f10"), 8)),
     Case("torch.svd_lowrank", "niter 2**20 (slow)", (Tensor("f33"),), (("q", 2),
                                                                          ("niter", 2**20))),
@@ -201,6 +191,7 @@ TENSORS.update({
     "rhs": lambda: torch.randn(3, 2),
     "eye2": lambda: torch.eye(2),
     "i32_minus_one": lambda: torch.tensor([-1], dtype=torch.int32),
+    "imax": lambda: torch.tensor([2**63 - 1]),
     "f10": lambda: torch.randn(10),
 })
 
@@ -282,14 +273,18 @@ def run_case(case: Case) -> str:
     return "ok"
 
 
-def _child(connection: Connection, memory_limit: int) -> None:
+def _child(connection: Connection, memory_limit: int, campaign: str = "fuzzing") -> None:
+    """Run the cases the parent hands over, one by one, reporting each outcome. The cases
+    and how to run one are `campaign`'s (a module beside this one): `all_cases()` and
+    `run_case(case)`, which answers an outcome, optionally `outcome|details`."""
+    module = importlib.import_module(campaign)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     quiet = os.open(os.devnull, os.O_WRONLY)  # MKL and torch print to stdout and stderr
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
     torch.set_num_threads(1)
-    cases = all_cases()
+    cases = module.all_cases()
     connection.send(("ready",))
     while True:
         batch = connection.recv()
@@ -298,7 +293,7 @@ def _child(connection: Connection, memory_limit: int) -> None:
         for index in batch:
             connection.send(("start", index))
             try:
-                outcome = run_case(cases[index])
+                outcome = module.run_case(cases[index])
             except MemoryError:
                 outcome = "error"
             connection.send(("done", index, outcome))
@@ -310,8 +305,8 @@ def _child(connection: Connection, memory_limit: int) -> None:
 
 @dataclass
 class Finding:
-    case: Case
-    what: str  # "crash: SIGSEGV", "overrun: more than 10 s"
+    case: Any
+    what: str  # "crash: SIGSEGV", "overrun: more than 10 s", "leak: ..."
 
     def __str__(self) -> str:
         return f"{self.what}: {self.case}  [{self.case.pattern}]"
@@ -325,6 +320,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
     outcome_of: dict[int, str] = field(default_factory=dict)
+    details: dict[int, str] = field(default_factory=dict)
+    """What a case's outcome said beyond its name (`outcome|details`)."""
 
     @property
     def crashes(self) -> int:
@@ -357,9 +354,11 @@ def run_campaign(
     workers: int = 2,
     batch_size: int = 200,
     memory_limit: int = 4 << 30,
+    campaign: str = "fuzzing",
 ) -> Report:
-    """Run the cases at `indices` of `all_cases()` (all by default) in child processes."""
-    cases = all_cases()
+    """Run the cases at `indices` of `campaign`'s `all_cases()` (all by default) in child
+    processes."""
+    cases = importlib.import_module(campaign).all_cases()
     queue = collections.deque(range(len(cases)) if indices is None else indices)
     report = Report(operations=len({cases[i].op for i in queue}), cases=len(queue))
     context = mp.get_context("spawn")
@@ -368,7 +367,8 @@ def run_campaign(
 
     def start(slot: _Slot) -> None:
         parent, child = context.Pipe()
-        slot.process = context.Process(target=_child, args=(child, memory_limit), daemon=True)
+        slot.process = context.Process(target=_child, args=(child, memory_limit, campaign),
+                                       daemon=True)
         slot.process.start()
         child.close()
         slot.connection, slot.batch, slot.current = parent, [], None
@@ -428,8 +428,11 @@ def run_campaign(
                     slot.current = message[1]
                     slot.deadline = time.monotonic() + timeout
                 elif message[0] == "done":
-                    report.outcomes[message[2]] += 1
-                    report.outcome_of[message[1]] = message[2]
+                    outcome, _, details = message[2].partition("|")
+                    report.outcomes[outcome] += 1
+                    report.outcome_of[message[1]] = outcome
+                    if details:
+                        report.details[message[1]] = details
                     slot.current = None
                     slot.deadline = time.monotonic() + 300.0
         now = time.monotonic()

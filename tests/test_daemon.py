@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 import torchrelay as tr
-from torchrelay.broker import worker_queue
+from torchrelay.broker import Call, worker_queue
 from torchrelay.worker import ConfigError, WorkerConfig
 
 tr.hook(torch)
@@ -25,35 +24,10 @@ tr.hook(torch)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def big_matrix(worker: tr.WorkerHandle) -> tr.PointerTensor:
-    """A pointer to a 2048x2048 matrix, made on the worker."""
-    return torch.full((1, 1), 0.5).send(worker).expand(2048, 2048).contiguous()
-
-
-_squarings_estimate = [1]  # shared by the tests: the daemons run on one machine
-
-
-def squarings_lasting(matrix: tr.PointerTensor, fleet: tr.Fleet, seconds: float) -> int:
-    """How many squarings of `matrix` keep its worker busy for at least `seconds`.
-
-    Found by trying ever longer commands, so it holds on a machine of any speed;
-    the last of them lasted that long.
-    """
-    squarings = _squarings_estimate[0]
-    patience, fleet.timeout = fleet.timeout, max(fleet.timeout, 60.0)
-    try:
-        while True:
-            started = time.monotonic()
-            result = torch.linalg.matrix_power(matrix, 2**squarings)
-            fleet.sync()
-            took = max(time.monotonic() - started, 1e-3)
-            del result
-            if took >= seconds or squarings >= 61:
-                _squarings_estimate[0] = squarings
-                return squarings
-            squarings = min(61, max(squarings + 1, math.ceil(squarings * seconds / took * 1.2)))
-    finally:
-        fleet.timeout = patience
+def stall(fleet: tr.Fleet, worker: str, seconds: float) -> None:
+    """Have `worker` (a daemon started with `--fault-injection`) hold its command in hand
+    for `seconds`, whatever the machine's speed (see worker/_faults.py)."""
+    fleet.post(worker, Call("testing.stall", [seconds], {}, None))
 
 
 def queued_messages(url: str, worker_id: str) -> int:
@@ -66,14 +40,14 @@ def queued_messages(url: str, worker_id: str) -> int:
 def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
     daemons_factory: Any, signum: signal.Signals
 ) -> None:
-    daemons = daemons_factory(("erin",))
+    daemons = daemons_factory(("erin",), "--fault-injection")
     process = daemons.processes["erin"]
     with tr.connect(daemons.url, timeout=2) as fleet:
         erin = fleet.worker("erin")
-        big = big_matrix(erin)
-        squarings = squarings_lasting(big, fleet, 2.0)
-        power = torch.linalg.matrix_power(big, 2**squarings)  # starts now, runs for seconds
-        time.sleep(0.5)
+        big = torch.ones(3).send(erin)
+        fleet.sync()
+        stall(fleet, "erin", 5.0)  # starts now
+        time.sleep(1.0)
         waiting = big.sum()  # delivered, not started: must go back to the queue
         time.sleep(0.5)
 
@@ -83,7 +57,7 @@ def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
         # The command in hand was answered before the exit; the next one never started.
         with pytest.raises(tr.ReplyTimeout, match=r"to call Tensor\.sum"):
             fleet.sync()
-        for pointer in (big, power, waiting):
+        for pointer in (big, waiting):
             pointer.garbage_collect = False
     assert queued_messages(daemons.url, "erin") == 1
     log = daemons.log_tail("erin")
@@ -92,15 +66,14 @@ def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
 
 
 def test_a_long_command_does_not_cost_the_worker_its_connection(daemons_factory: Any) -> None:
-    daemons = daemons_factory(("frank",), "--heartbeat", "1")
+    daemons = daemons_factory(("frank",), "--heartbeat", "1", "--fault-injection")
     with tr.connect(daemons.url) as fleet:
         frank = fleet.worker("frank")
-        big = big_matrix(frank)
-        # Commands of more than three heartbeats: without the keeper thread the broker
-        # would have closed the connection during the last of them.
-        squarings_lasting(big, fleet, 4.0)
+        # A command of more than three heartbeats: without the keeper thread the broker
+        # would have closed the connection during it.
+        stall(fleet, "frank", 4.0)
+        fleet.sync()
         status = frank.status()
-        big.get()
     assert status["reconnects"] == 0
     assert "lost its connection" not in daemons.log_tail("frank")
 

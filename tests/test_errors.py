@@ -88,6 +88,8 @@ BAD_COMMANDS = {
                               result_id=None, hops=0), "not on the allow-list"),
     "attribute chain": ("call", fields(op="Tensor.__class__.__subclasses__", args=[],
                                        kwargs={}, result_id=None, hops=0), "not on the allow-list"),
+    "fault injection": ("call", fields(op="testing.stall", args=[3600], kwargs={},
+                                       result_id=None, hops=0), "not on the allow-list"),
     "raw memory": ("call", fields(op="Tensor.data_ptr", args=[ObjectRef(1)], kwargs={},
                                   result_id=7, hops=0), "not on the allow-list"),
     "shape lies": ("store", b"TRL\x01" + bytes(4), "malformed"),

@@ -16,6 +16,13 @@ a Gaussian mechanism with its own noise multiplier, which is what its budget is
 charged for. The noise comes from a generator seeded from the operating system's
 randomness, anew for each release.
 
+The mechanism must be DP for *every* input, so nothing of it may depend on a
+contribution's values but the noised sum: a contribution's entries that are not
+finite (NaN, ±inf) count as 0 before clipping — a NaN would otherwise pass
+through the sum, and the release's finiteness would tell one bit with certainty
+—, its norm is computed without overflow, and whether it was clipped is not
+reported.
+
 Contributions that derive from no one's private data are averaged as they are.
 """
 
@@ -83,11 +90,11 @@ class AggregationPlan:
 
     def release(self, policies: dict[str, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
         """The aggregate (a tensor, or a tuple for several per contribution), and what to
-        report: each owner's epsilon spent and delta, the noise's std, who was clipped."""
+        report: each owner's epsilon spent and delta, the noise's std."""
         flats = [torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
                  for tensors in self.contributions]
         total = torch.zeros_like(flats[0])
-        report: dict[str, Any] = {"epsilon": {}, "delta": {}, "noise_std": 0.0, "clipped": []}
+        report: dict[str, Any] = {"epsilon": {}, "delta": {}, "noise_std": 0.0}
         sigma = 0.0
         for index, (contribution, weight) in enumerate(zip(flats, self.weights, strict=True)):
             flat = contribution
@@ -95,10 +102,7 @@ class AggregationPlan:
                 owner = self.owners[index]
                 policy = policies[owner]
                 bound = float(policy["clip"])
-                norm = float(flat.norm())
-                if norm > bound:
-                    flat = flat * (bound / norm)
-                    report["clipped"].append(owner)
+                flat = _clipped(flat, bound)
                 sigma = max(sigma, float(policy["noise_multiplier"]) * weight * bound)
                 report["epsilon"][owner] = float(policy["epsilon_spent"])
                 report["delta"][owner] = float(policy["delta"])
@@ -113,3 +117,15 @@ class AggregationPlan:
             parts.append(total[offset : offset + size].view(tensor.shape).to(tensor.dtype))
             offset += size
         return (parts[0] if len(parts) == 1 else tuple(parts)), report
+
+
+def _clipped(flat: torch.Tensor, bound: float) -> torch.Tensor:
+    """`flat` (float64) with its non-finite entries 0, scaled to an L2 norm of at most
+    `bound`; the same work whatever the values."""
+    finite = torch.where(torch.isfinite(flat), flat, torch.zeros((), dtype=flat.dtype))
+    largest = finite.abs().max() if finite.numel() else torch.zeros((), dtype=flat.dtype)
+    # |x| / max|x| is at most 1: its squares cannot overflow, whatever the magnitudes.
+    scale = torch.where(largest > 0, largest, torch.ones((), dtype=flat.dtype))
+    norm = (finite / scale).norm() * scale
+    factor = torch.clamp(bound / torch.clamp(norm, min=1e-300), max=1.0)
+    return finite * factor

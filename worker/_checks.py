@@ -16,7 +16,7 @@ from torchrelay.broker import OperationRefused, resolve_op
 
 from ._limits import BudgetExceeded, Limits
 
-__all__ = ["check_arguments", "check_result"]
+__all__ = ["check_arguments", "check_result", "check_shapes", "check_values"]
 
 
 def check_result(op: str, value: Any, limits: Limits) -> None:
@@ -34,11 +34,25 @@ def check_result(op: str, value: Any, limits: Limits) -> None:
 
 def check_arguments(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
     """Refuse arguments on which `op` is known to crash, never return, or explode."""
+    check_shapes(op, args, kwargs, limits)
+    check_values(op, args, kwargs, limits)
+
+
+def check_shapes(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    """The checks that read only shapes, dtypes and numbers among the arguments, never a
+    tensor's values: their refusals say nothing of private data."""
     check = _CHECKS.get(op)
-    if check is not None:
+    if check is not None and check not in _READ_VALUES:
         check(op, args, kwargs, limits)
     if _has_large_number(args) or _has_large_number(kwargs.values()):
         _estimate_result(op, args, kwargs, limits)
+
+
+def check_values(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
+    """The checks that read tensors' values (a NaN count, pivots out of order)."""
+    check = _CHECKS.get(op)
+    if check is not None and check in _READ_VALUES:
+        check(op, args, kwargs, limits)
 
 
 _LARGE: Final = 1 << 16
@@ -228,6 +242,16 @@ def _truncating_division(op: str, args: list[Any], kwargs: dict[str, Any], limit
                       "the result does not fit the dtype, and the CPU traps (SIGFPE)")
 
 
+def _lcm_of_the_smallest(op: str, args: list[Any], kwargs: dict[str, Any],
+                         limits: Limits) -> None:
+    # lcm(INT64_MIN, INT64_MAX): their gcd comes out as -1, and INT64_MIN / -1 traps (SIGFPE).
+    for tensor in _tensors(args, kwargs):
+        if tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64) and bool(
+                (tensor == torch.iinfo(tensor.dtype).min).any()):
+            raise _refuse(op, f"of {torch.iinfo(tensor.dtype).min}", "the least common "
+                          "multiple overflows the dtype, and the CPU traps (SIGFPE)")
+
+
 def _combinations(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
     # Work grows like numel**r, whatever the size of the result.
     tensor = _argument(args, kwargs, 0, "input")
@@ -271,7 +295,15 @@ _CHECKS: Final[dict[str, _Check]] = {
                     _matrix_power),
     **dict.fromkeys(("torch.div", "torch.divide", "Tensor.div", "Tensor.div_",
                      "Tensor.divide", "Tensor.divide_"), _truncating_division),
+    **dict.fromkeys(("torch.lcm", "torch.lcm_", "Tensor.lcm", "Tensor.lcm_"),
+                    _lcm_of_the_smallest),
     "torch.combinations": _combinations,
     **dict.fromkeys(("torch.svd_lowrank", "torch.pca_lowrank"), _low_rank_iterations),
 }
-"""Per operation: a check of its arguments. Completed from the fuzz campaign's findings."""
+"""Per operation: a check of its arguments. Completed from the fuzz campaign's findings
+(and the noninterference campaign's: `lcm`)."""
+
+_READ_VALUES: Final = frozenset({_finite_input, _binomial, _ldl_pivots, _truncating_division,
+                                 _lcm_of_the_smallest})
+"""The checks that read tensors' values: on private data, a refusal of theirs would tell
+them (see `_oblivious.py`), so there they are not refusals but failures."""

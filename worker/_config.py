@@ -27,6 +27,8 @@
     clients = ["ann", "ben"]  # who may use this worker's datasets (default: every client)
     lease = 600.0             # seconds a gone participant's objects are kept (a reconnect
                               # within it loses nothing), then deleted
+    fault_injection = false   # the test suite's operations that hold a worker for a given
+                              # time (worker/_faults.py); never on a worker others use
     # tls_ca_file = "ca.pem"      amqps://: the CA that signed the broker's certificate
     #                             (default: the system's); paths relative to this file
     # tls_cert_file = "bob.pem"   amqps://: a client certificate to present, and its key
@@ -105,6 +107,7 @@ class WorkerConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    fault_injection: bool = False
     datasets: tuple[DatasetSpec, ...] = ()
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
@@ -139,6 +142,8 @@ class WorkerConfig:
                 raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"torch_threads must be at least 1, not {self.torch_threads}")
+        if type(self.fault_injection) is not bool:
+            raise ConfigError("fault_injection must be true or false")
         if self.chunk_size < 4096:
             raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
         if self.log_format not in ("text", "json"):
@@ -258,7 +263,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
     for key, value in section.items():
-        if not isinstance(value, known[key]) or isinstance(value, bool):
+        if not isinstance(value, known[key]) or (isinstance(value, bool)
+                                                 and bool not in known[key]):
             kinds = " or ".join(t.__name__ for t in known[key])
             raise ConfigError(f"config file {path}: {key} must be {kinds}")
     if policy_given is not None:

@@ -47,7 +47,7 @@ from torchrelay.broker import TENSOR_DTYPES, EncodeError, Endpoint, decode, enco
 from ._config import WorkerConfig
 from ._daemon import run_worker
 from ._datasets import Dataset
-from ._journal import Journal, command_key
+from ._journal import RAN_OK, RAN_OTHER, Journal, command_key
 from ._logs import configure_logging
 from ._mirror import (
     DELETE,
@@ -142,6 +142,12 @@ class Mirror:
 
     def done(self) -> None:
         self.journal.done()
+
+    def ran(self, *, plain_ok: bool) -> None:
+        self.journal.ran(plain_ok=plain_ok)
+
+    def answered(self) -> None:
+        self.journal.answered()
 
     def parked(self, sender: str, correlation_id: str, payload: bytes) -> None:
         key = command_key(sender, correlation_id)
@@ -417,20 +423,18 @@ def main() -> int:
 
     def make_runtime(endpoint: Endpoint) -> WorkerRuntime:
         store = MirroredStore(config.id, config.max_bytes, mirror)
-        runtime = WorkerRuntime(config.id, endpoint, reply_timeout=config.reply_timeout,
-                                limits=config.limits, store=store, containment=mirror,
-                                privacy=config.privacy, ledger=config.ledger,
-                                lease=config.lease, dataset_clients=config.clients,
-                                presence_interval=config.presence_interval,
-                                status_facts={"pid": setup.supervisor,
-                                              "executor_pid": os.getpid(),
-                                              "executor_restarts": setup.restarts})
+        runtime = WorkerRuntime.for_config(
+            config, endpoint, store=store, containment=mirror,
+            status_facts={"pid": setup.supervisor, "executor_pid": os.getpid(),
+                          "executor_restarts": setup.restarts})
         started = time.monotonic()
         runtime.lost_graphs, parked = restore(store, setup)
-        runtime.remember_finished([
-            tuple(key.decode(errors="replace").split("\0", 1))  # type: ignore[misc]
-            for key in finished if b"\0" in key
-        ])
+        ran = {tuple(key.decode(errors="replace").split("\0", 1)): state
+               for key, state in finished if b"\0" in key}
+        runtime.remember_finished(
+            list(ran),  # type: ignore[arg-type]
+            {key: state == RAN_OK for key, state in ran.items()  # type: ignore[misc]
+             if state in (RAN_OK, RAN_OTHER)})
         runtime.poisoned = {(sender, cid): what for sender, cid, what in setup.poisoned}
         runtime.settle_interrupted(parked)
         if setup.restarts:

@@ -10,7 +10,12 @@ or while it is stuck inside torch:
   that caused it (the poison, never to run again);
 - which commands ran to the end: a new executor skips them when the broker
   delivers them again (their acknowledgement, batched, may have been lost with
-  the old executor), so nothing runs twice.
+  the old executor), so nothing runs twice;
+- which of those were not answered yet: the commands of a batch are answered
+  together once the last has run (`ran`, then `answered`). A new executor
+  answers them when they come again — with the plain "done" they would have
+  had, or, for one whose answer carried more, an error saying it ran and its
+  answer was lost — rather than leave their sender waiting out its timeout.
 
 The page is a memfd (no name to leak); both processes map it. Layout, little
 endian:
@@ -21,7 +26,7 @@ endian:
       16  i64 started    CLOCK_MONOTONIC ns when it began; 0 when none is in hand
     RING slots of SLOT bytes, command n in slot n % RING
        0  u64 number
-       8  u8  state      1 running, 2 done
+       8  u8  state      1 running, 2 done, 3 ran (answer: plain ok), 4 ran (other)
       10  u16 key length
       16  key            sender NUL correlation id (UTF-8, at most SLOT - 16 bytes)
 
@@ -36,7 +41,7 @@ import struct
 import time
 from typing import Final
 
-__all__ = ["Journal", "command_key", "create_journal"]
+__all__ = ["DONE", "RAN_OK", "RAN_OTHER", "Journal", "command_key", "create_journal"]
 
 HEADER: Final = 64
 SLOT: Final = 256
@@ -47,6 +52,10 @@ KEY_MAX: Final = SLOT - 16
 
 RUNNING: Final = 1
 DONE: Final = 2
+RAN_OK: Final = 3
+"""Ran; its answer, not sent yet, is the plain `{"ok": None}`."""
+RAN_OTHER: Final = 4
+"""Ran; its answer, not sent yet, carries a value or an error."""
 
 _SEQ = struct.Struct("<Q")
 _NOW = struct.Struct("<Qq")  # number, started (at offset 8)
@@ -70,12 +79,13 @@ def create_journal() -> int:
 class Journal:
     """The journal in the memfd `fd` (both sides use this class)."""
 
-    __slots__ = ("_map", "_number", "_slot")
+    __slots__ = ("_map", "_number", "_owed", "_slot")
 
     def __init__(self, fd: int) -> None:
         self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._number = self.in_hand()[0]  # a new executor goes on counting
         self._slot = 0
+        self._owed: list[int] = []  # slots of commands that ran and wait for their answer
 
     # -- the executor's side: two calls per command -------------------------------------
 
@@ -93,6 +103,18 @@ class Journal:
         """The command in hand ran to the end and was answered."""
         _STATE.pack_into(self._map, self._slot + 8, DONE)
         self._write_header(self._number, 0)
+
+    def ran(self, *, plain_ok: bool) -> None:
+        """The command in hand ran to the end; its answer goes later (with its batch's)."""
+        _STATE.pack_into(self._map, self._slot + 8, RAN_OK if plain_ok else RAN_OTHER)
+        self._owed.append(self._slot)
+        self._write_header(self._number, 0)
+
+    def answered(self) -> None:
+        """The answers of the commands that `ran` went out."""
+        for slot in self._owed:
+            _STATE.pack_into(self._map, slot + 8, DONE)
+        self._owed.clear()
 
     def _write_header(self, number: int, started: int) -> None:
         # A seqlock: the reader retries while the count is odd or changed under it, so it
@@ -127,14 +149,15 @@ class Journal:
         slot_number, state, key = self._read_slot(number)
         return key if slot_number == number and state == RUNNING else None
 
-    def finished(self) -> list[bytes]:
-        """The keys of the commands that ran to the end, oldest first (at most `RING`)."""
+    def finished(self) -> list[tuple[bytes, int]]:
+        """The keys of the commands that ran to the end, oldest first (at most `RING`), each
+        with its state: `DONE`, or `RAN_OK` / `RAN_OTHER` if its answer never went out."""
         number = self.in_hand()[0]
         keys = []
         for n in range(max(1, number - RING + 1), number + 1):
             slot_number, state, key = self._read_slot(n)
-            if slot_number == n and state == DONE:
-                keys.append(key)
+            if slot_number == n and state in (DONE, RAN_OK, RAN_OTHER):
+                keys.append((key, state))
         return keys
 
     def clear_in_hand(self) -> None:

@@ -79,6 +79,7 @@ from torchrelay.broker import (
     encode_reply_batch,
     gone_message,
     is_inplace,
+    is_plain_ok,
     new_object_id,
     resolve_op,
     session_and_number,
@@ -87,12 +88,17 @@ from torchrelay.broker import (
 
 from ._aggregation import AggregationPlan
 from ._checks import check_arguments, check_result
+from ._config import WorkerConfig
 from ._datasets import Dataset, dataset_id
+from ._faults import FAULT_OPERATIONS
+from ._faults import PREFIX as FAULT_PREFIX
 from ._leases import DEFAULT_LEASE, Leases
 from ._limits import BudgetExceeded, Limits
+from ._oblivious import PrivateExecution
+from ._pacing import Pacer
 from ._plans import RecordedPlan, check_plan
 from ._privacy import BudgetSpent, PrivacyBudget, PrivacyPolicy
-from ._store import EVERYONE, ObjectStore, StoredObject
+from ._store import EVERYONE, ObjectStore, StoredObject, graph_leaves
 
 __all__ = ["WorkerRuntime"]
 
@@ -187,6 +193,13 @@ class Containment(Protocol):
     def done(self) -> None:
         """The command in hand ran to the end and was answered."""
 
+    def ran(self, *, plain_ok: bool) -> None:
+        """The command in hand ran to the end; its answer (`plain_ok`: the plain "done")
+        goes out later, with its batch's."""
+
+    def answered(self) -> None:
+        """The answers of the commands that `ran` went out."""
+
     def parked(self, sender: str, correlation_id: str, payload: bytes) -> None:
         """A command waits on another worker; `payload` is what a new executor must
         answer and undo for it if this one dies first (`settle_interrupted`)."""
@@ -213,8 +226,12 @@ class WorkerRuntime:
         lease: float = DEFAULT_LEASE,
         dataset_clients: tuple[str, ...] | None = None,
         presence_interval: float = DEFAULT_PRESENCE_INTERVAL,
+        fault_injection: bool = False,
+        paced: bool = False,
     ) -> None:
         self.id = worker_id
+        self.fault_injection = fault_injection
+        """Whether the test suite's fault-injection operations exist here (`_faults.py`)."""
         self.dataset_holders = EVERYONE if dataset_clients is None else frozenset(
             dataset_clients)
         """Who may use this worker's datasets (`clients` in its config; everyone)."""
@@ -228,6 +245,10 @@ class WorkerRuntime:
         self.privacy = privacy or PrivacyPolicy()
         """This worker's rules for its private data (see `_privacy.py`)."""
         self.budget = PrivacyBudget(self.privacy, ledger)
+        self.private_execution = PrivateExecution(self.limits, Pacer() if paced else None)
+        """Runs operations on private-derived data so that only shapes show (and, `paced`,
+        their time only a public schedule: a daemon's clients can time it; in process,
+        the client shares the worker's memory and clock anyway)."""
         self._status_facts = status_facts or {}
         self.poisoned: dict[tuple[str, str], str] = {}
         """Commands (sender, correlation id) that crashed or overran an executor before,
@@ -238,6 +259,7 @@ class WorkerRuntime:
         self._replies: list[tuple[str, str, Frame]] | None = None  # answering a batch
         self._waiting: dict[str, _Waiting] = {}
         self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
+        self._owed: dict[tuple[str, str], bool] = {}  # ran, never answered (see above)
         # (sender, session) -> number and description of its last failed command.
         self._failures: dict[tuple[str, str], tuple[int, str]] = {}
         self._started = time.time()
@@ -274,6 +296,17 @@ class WorkerRuntime:
             DefinePlan: self._define_plan,
             RunPlan: self._run_plan,
         }
+
+    @classmethod
+    def for_config(cls, config: WorkerConfig, endpoint: Endpoint,
+                   **extra: Any) -> WorkerRuntime:
+        """The runtime a daemon with `config` serves with (`extra`: what a supervised
+        executor adds, its store and containment)."""
+        return cls(config.id, endpoint, reply_timeout=config.reply_timeout,
+                   limits=config.limits, privacy=config.privacy, ledger=config.ledger,
+                   lease=config.lease, dataset_clients=config.clients,
+                   presence_interval=config.presence_interval,
+                   fault_injection=config.fault_injection, paced=True, **extra)
 
     # -- driving ---------------------------------------------------------------
 
@@ -346,6 +379,11 @@ class WorkerRuntime:
             # operation twice.
             log.info("skipped %s %s from %s: it already ran", item.name, item.correlation_id,
                      delivery.sender)
+            owed = self._owed.pop(key, None)
+            if owed is not None:  # its answer, due with its batch's, died with the executor
+                self._finish(job, None, None if owed else OperationRefused(
+                    f"this command ran, but worker {self.id!r} restarted before its answer "
+                    "went out, and the answer was lost with it (what it did stands)"))
             return
         if self.leases is not None:
             self.leases.saw(delivery.sender, delivery.reply_to, time.monotonic())
@@ -364,15 +402,23 @@ class WorkerRuntime:
             self._run(job, item.envelope)
             return
         containment.begin(delivery.sender, item.correlation_id)
+        replies = self._replies
         try:
             self._run(job, item.envelope)
         finally:
             containment.commit()
-            containment.done()
+            if replies and replies[-1][0] == item.correlation_id:  # its answer waits
+                containment.ran(plain_ok=is_plain_ok(replies[-1][2]))
+            else:
+                containment.done()
 
-    def remember_finished(self, keys: list[tuple[str, str]]) -> None:
-        """Commands (sender, correlation id) that ran: a redelivered copy is skipped."""
+    def remember_finished(self, keys: list[tuple[str, str]],
+                          owed: dict[tuple[str, str], bool] | None = None) -> None:
+        """Commands (sender, correlation id) that ran: a redelivered copy is skipped. Those
+        in `owed` were never answered: a redelivered copy is, with the plain "done" (true)
+        or an error saying its answer was lost (false)."""
         recent = self._recent
+        self._owed.update(owed or {})
         for key in keys:
             recent[key] = None
         while len(recent) > _REMEMBERED_COMMANDS:
@@ -685,6 +731,8 @@ class WorkerRuntime:
         else:
             self.endpoint.send_reply(reply_to, f"{BATCH}.reply", encode_reply_batch(replies),
                                      batch_id or replies[0][0])
+        if self.containment is not None:
+            self.containment.answered()
 
     def _next_correlation_id(self) -> str:
         self._request_numbers += 1
@@ -782,8 +830,15 @@ class WorkerRuntime:
                     log.warning("deleting objects on %s failed: %s", location, e)
         return outcome
 
+    def _resolve(self, name: str) -> Any:
+        if self.fault_injection and name.startswith(FAULT_PREFIX):
+            fault = FAULT_OPERATIONS.get(name)
+            if fault is not None:
+                return fault
+        return resolve_op(name)
+
     def _call(self, command: Call, sender: str) -> Any:
-        op = resolve_op(command.op)
+        op = self._resolve(command.op)
         if "out" in command.kwargs:
             raise OperationRefused(
                 f"{command.op} with out= is refused: results are new objects here (use the "
@@ -829,21 +884,16 @@ class WorkerRuntime:
         touched = _changeable(call.op, args, kwargs)
         versions = [t._version for t in touched]
         try:
-            check_arguments(call.op, args, kwargs, self.limits)
-            result = op(*args, **kwargs)
-            check_result(call.op, result, self.limits)
-        except Exception as e:
-            raise PrivateDataError(
-                f"{call.op} failed on data derived from private data of "
-                f"{', '.join(sorted(owners))} ({type(e).__name__}); what it said is "
-                "withheld: it may describe the data"
-            ) from None
+            # Whatever the values, the outcome shows only what shapes tell (_oblivious.py).
+            result = self.private_execution.run(call.op, op, args, kwargs, owners)
         finally:  # what it changed, even if it failed half-way
-            self.store.spread([t for t, v in zip(touched, versions, strict=True)
-                               if t._version != v or call.op in _UPDATES_ITS_ARGUMENTS],
-                              owners)
+            changed = [t for t, v in zip(touched, versions, strict=True)
+                       if t._version != v or call.op in _UPDATES_ITS_ARGUMENTS]
+            if is_inplace(call.op) and args and isinstance(args[0], torch.Tensor):
+                changed.append(args[0])  # its target, changed or not: the values decide
+            self.store.spread(changed, owners)
         if call.op == "Tensor.backward" and args and isinstance(args[0], torch.Tensor):
-            self.store.spread(_graph_leaves(args[0]), owners)  # their gradients now
+            self.store.spread(graph_leaves(args[0]), owners)  # their gradients now
         return result
 
     def _define_plan(self, command: DefinePlan, sender: str) -> None:
@@ -1094,6 +1144,9 @@ class WorkerRuntime:
         status.update(self._status_facts)
         if self.poisoned:
             status["commands_poisoned"] = len(self.poisoned)
+        pacer = self.private_execution.pacer
+        if pacer is not None:
+            status["timing_epochs"] = pacer.epochs
         return status
 
     def _by_holder(self) -> dict[str, dict[str, int]]:
@@ -1251,20 +1304,3 @@ def _changeable(op: str, args: list[Any], kwargs: dict[str, Any]) -> list[torch.
         elif type(value) in (list, tuple):
             found += [v for v in value if isinstance(v, torch.Tensor)]
     return found
-
-
-def _graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors `tensor`'s autograd graph accumulates gradients into."""
-    leaves: list[torch.Tensor] = []
-    seen: set[int] = set()
-    stack = [tensor.grad_fn] if tensor.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):
-            leaves.append(variable)
-        stack += [child for child, _ in node.next_functions if child is not None]
-    return leaves

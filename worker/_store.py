@@ -34,7 +34,7 @@ from ._datasets import Dataset
 from ._limits import BudgetExceeded
 
 __all__ = ["EVERYONE", "MAX_DELETED_EARLY", "ObjectStore", "StoredObject", "describe_private",
-           "describe_value"]
+           "describe_value", "graph_leaves"]
 
 MAX_DELETED_EARLY = 1 << 16
 """How many ids deleted before they existed a worker remembers (8 bytes and a dict
@@ -352,3 +352,21 @@ def describe_value(value: Any) -> str:
     if len(text) > DESCRIPTION_CHARACTERS:
         text = text[: DESCRIPTION_CHARACTERS - 1] + "…"
     return text
+
+
+def graph_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors `tensor`'s autograd graph accumulates gradients into (what a
+    `backward` through it changes)."""
+    leaves: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [tensor.grad_fn] if tensor.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        stack += [child for child, _ in node.next_functions if child is not None]
+    return leaves
