@@ -68,7 +68,7 @@ class Settings:
     load_clients: int = 10
     load_rounds: int = 50
     sidechannel_repetitions: int = 7
-    sidechannel_budget_s: float = 600.0
+    sidechannel_budget_s: float = 400.0
     restart_broker: bool = False
     """Run the broker-restart faults (they restart the RabbitMQ node for everyone)."""
 

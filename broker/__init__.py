@@ -44,6 +44,8 @@ if TYPE_CHECKING:
         RETURNED,
         SHARED_ACCOUNTS,
         TLS_ENV,
+        is_reply_queue_of,
+        reply_queue,
         worker_queue,
     )
     from ._ops import is_inplace, wire_name

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from ._codec import Frame
 from ._errors import UnknownWorker
 from ._names import RETURNED, worker_queue
+from ._names import reply_queue as reply_queue_of
 from ._transport import Broker, Delivery, Endpoint
 
 __all__ = ["EmbeddedBroker", "EmbeddedEndpoint"]
@@ -61,7 +62,7 @@ class EmbeddedEndpoint(Endpoint):
         if not self._broker.route(worker_queue(worker_id), delivery):
             if confirm:
                 raise UnknownWorker(worker_id, "no worker consumes its queue")
-            returned = Delivery(True, RETURNED, correlation_id, worker_id, b"")
+            returned = Delivery(True, RETURNED, correlation_id, worker_id, b"", returned=True)
             self._broker.route(self.reply_queue, returned)
 
     def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
@@ -125,7 +126,7 @@ class EmbeddedBroker(Broker):
 
     def connect(self, identity: str, *, serve_worker: str | None = None) -> EmbeddedEndpoint:
         with self._lock:
-            reply_queue = f"torchrelay.reply.{identity}.{next(self._reply_numbers)}"
+            reply_queue = reply_queue_of(identity, str(next(self._reply_numbers)))
             endpoint = EmbeddedEndpoint(self, identity, reply_queue)
             self._queues[reply_queue] = endpoint
             if serve_worker is not None:

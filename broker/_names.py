@@ -15,6 +15,8 @@ __all__ = [
     "RETURNED",
     "SHARED_ACCOUNTS",
     "TLS_ENV",
+    "is_reply_queue_of",
+    "reply_queue",
     "worker_queue",
 ]
 
@@ -56,3 +58,21 @@ and key, where the settings give none."""
 def worker_queue(worker_id: str) -> str:
     """The name of the queue a worker consumes its commands from."""
     return f"torchrelay.worker.{worker_id}"
+
+
+REPLY_PREFIX: Final = "torchrelay.reply."
+
+
+def reply_queue(identity: str, token: str) -> str:
+    """The name of one of `identity`'s reply queues (`token`: no dots)."""
+    return f"{REPLY_PREFIX}{identity}.{token}"
+
+
+def is_reply_queue_of(queue: str, identity: str) -> bool:
+    """Whether `queue` is one of `identity`'s reply queues: the only place a worker
+    answers `identity`'s commands (`bob`'s are not `bob.x`'s: the token has no dots,
+    as the broker permissions of `torchrelay users` say too)."""
+    prefix_length = len(REPLY_PREFIX) + len(identity) + 1
+    return (len(queue) > prefix_length and queue.startswith(REPLY_PREFIX)
+            and queue[len(REPLY_PREFIX):prefix_length - 1] == identity
+            and queue[prefix_length - 1] == "." and "." not in queue[prefix_length:])

@@ -43,6 +43,9 @@ class Delivery:
     `tag` and `epoch` are the transport's handle for `ack`. `refused` is set on a
     message the transport could not take whole (a chunked one dropped half-way):
     it says why, and the body is empty; whoever handles it tells the sender.
+    `returned` marks the notice a transport makes itself for a command nobody could
+    receive (type `RETURNED`): only it, never a message that arrived saying so, means
+    that.
     """
 
     is_reply: bool
@@ -57,6 +60,7 @@ class Delivery:
     """Which connection of the endpoint received it; an ack must use the same one."""
     chunked: bool = False
     refused: str | None = None
+    returned: bool = False
 
 
 class Endpoint(ABC):

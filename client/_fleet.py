@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 from torchrelay.broker import (
     BATCH,
     GONE_CHECK_SECONDS,
-    RETURNED,
     Broker,
     Command,
     ConnectionLost,
@@ -543,10 +542,11 @@ class Fleet:
             self._presence_answer(delivery)
         elif delivery.type == _BATCH_REPLY:
             self._record_batch(delivery)
-        elif delivery.type == RETURNED and "+" in delivery.correlation_id:
+        elif delivery.returned and "+" in delivery.correlation_id:
             for member in _members(delivery.correlation_id):  # a batch nobody took
-                entry = self._forget(member)
-                if entry is not None:
+                entry = self._outstanding.get(member)
+                if entry is not None and self._from_addressee(delivery, entry.worker_id):
+                    self._forget(member)
                     self._record(member, entry, self._result(entry, delivery))
         else:
             entry = self._outstanding.get(delivery.correlation_id)
@@ -611,7 +611,7 @@ class Fleet:
 
     def _result(self, entry: _Outstanding, delivery: Delivery) -> Any:
         """What a reply delivery says: the value, or the error to raise."""
-        if delivery.type == RETURNED:
+        if delivery.returned:
             return UnknownWorker(entry.worker_id, "no worker consumes its queue")
         if delivery.refused is not None:
             return ProtocolError(f"the reply to {entry.command.describe()} from worker "

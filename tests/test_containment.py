@@ -120,3 +120,30 @@ def test_sigterm_stops_a_daemon_whose_command_never_ends(contained: Any) -> None
     assert process.wait(timeout=60) == 0  # stop_grace is 2 s: it did not wait for the end
     assert "still busy 2 s after the signal: killing it" in daemons.log_tail("cora")
     fleet.timeout = 1  # closing waits for the endless command's answer: not for long
+
+
+def test_an_executor_dies_with_its_supervisor(contained: Any) -> None:
+    # Left alone, it would go on running its command, holding the worker's queue, for
+    # nobody: a daemon started again could not serve until it finished.
+    daemons, fleet, cora = contained
+    executor = executor_of(cora)
+    stall(fleet, "cora", 3600.0)
+    time.sleep(1.0)
+    supervisor = daemons.processes["cora"]
+    supervisor.kill()
+    supervisor.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _alive(executor):
+        assert time.monotonic() < deadline, "the executor outlived its supervisor"
+        time.sleep(0.1)
+    fleet.timeout = 1
+    daemons.processes.pop("cora")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
+        return stat.read().split(") ", 1)[1][0] != "Z"

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 import torchrelay as tr
 from torchrelay.broker import (
     COMMAND_EXCHANGE,
+    Call,
     Frame,
     ManagementAPI,
+    ObjectRef,
     PointerRef,
     Reply,
     Store,
@@ -147,6 +149,17 @@ def test_the_memory_budget_refuses_what_does_not_fit(vhost_factory: Any) -> None
         with pytest.raises(tr.RemoteError, match="max_bytes"):
             torch.ones(9 * MIB).send(tight).get()
         view.get(), kept.get()
+        # Python lists count too: tolist of a million numbers builds some 56 MiB of them.
+        numbers = torch.zeros(1 << 20).send(tight)
+        listed = numbers.tolist()
+        held = tight.status()["tensor_bytes"]
+        assert held >= 4 * MIB + (1 << 20) * 48  # the tensor, and the list's numbers
+        with pytest.raises(tr.RemoteError, match="max_bytes"):
+            fleet.request("tight", Call("Tensor.tolist", [ObjectRef(numbers.id_at_location)],
+                                        {}, fleet.new_id()))  # a second one would not fit
+        listed.get()
+        assert tight.status()["tensor_bytes"] < held - 32 * MIB  # fetched: counted out
+        numbers.get()
 
 
 def forge_first_chunk(url: str, worker_id: str, total: int) -> tuple[Any, Any, str]:
@@ -154,7 +167,8 @@ def forge_first_chunk(url: str, worker_id: str, total: int) -> tuple[Any, Any, s
     connection, channel and the queue where mallory's replies arrive."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    replies = channel.queue_declare("", exclusive=True).method.queue
+    replies = channel.queue_declare(f"torchrelay.reply.mallory.{secrets.token_hex(4)}",
+                                    exclusive=True).method.queue
     chunk = 8 * MIB
     forged = pika.BasicProperties(
         type="store", correlation_id=f"mallory.{secrets.token_hex(2)}.1", reply_to=replies,

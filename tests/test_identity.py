@@ -61,6 +61,11 @@ class Fleet:
         self.ann, self.ben = f"ann-{suffix}", f"ben-{suffix}"
         self.passwords: dict[str, str] = {}
         self.connections: list[Any] = []
+        self.daemons: WorkerProcesses | None = None
+
+    def logs(self, worker_id: str) -> str:
+        assert self.daemons is not None
+        return self.daemons.log_tail(worker_id)
 
     def url(self, user: str) -> str:
         parts = urllib.parse.urlsplit(self.admin_url)
@@ -104,6 +109,7 @@ def fleet(vhost_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     daemons = WorkerProcesses(fleet.url(fleet.ann), WORKER_IDS, worker_args=worker_args,
                               log_dir=folder / "logs")
     daemons.start()
+    fleet.daemons = daemons
     try:
         yield fleet
     finally:
@@ -433,3 +439,54 @@ def test_a_campaign_of_forged_identities_is_dropped_and_counted_with_nothing_los
     assert ann.forged - replies_before == fake_replies, f"seed {seed}"
     assert bob._objects == listing, f"seed {seed}"
     assert x.get().tolist() == [1.0, 2.0], f"seed {seed}"
+
+
+# -- replies go only where the asker may receive (the confused deputy) ---------------------
+
+
+def test_a_worker_answers_only_on_the_asker_s_own_reply_queues(
+    fleet: Fleet, ann: tr.Fleet, ben: tr.Fleet,
+) -> None:
+    """ben, who shares bob with ann, sends bob a fetch of his own tensor naming ann's
+    reply queue and ann's next correlation id: were bob to answer it there, ann's next
+    `get` would return ben's tensor, and ann's own would be lost."""
+    bob = ann.worker("bob")
+    mine = torch.tensor([1.0, 2.0]).send(bob)
+    bait = torch.tensor([666.0, 666.0]).send(ben.worker("bob"))
+    ann.sync()
+    ben.sync()
+    forged = _forged_count(ann, "bob")
+    next_number = next(ann._numbers)  # ann's commands are numbered in order
+    channel = fleet.channel(fleet.ben)
+    for number in range(next_number + 1, next_number + 4):
+        channel.basic_publish(COMMAND_EXCHANGE, "bob", Fetch(bait.id_at_location).encode()
+                              .tobytes(), pika.BasicProperties(
+            type="fetch", user_id=fleet.ben, correlation_id=f"{ann._prefix}{number}",
+            reply_to=ann.endpoint.reply_queue))
+    # A reply queue whose owner's name merely starts with ben's is not ben's either.
+    channel.basic_publish(COMMAND_EXCHANGE, "bob", Fetch(bait.id_at_location).encode()
+                          .tobytes(), pika.BasicProperties(
+        type="fetch", user_id=fleet.ben, correlation_id="x.1",
+        reply_to=f"torchrelay.reply.{fleet.ben}.other.{secrets.token_hex(4)}"))
+
+    assert mine.get().tolist() == [1.0, 2.0]  # ann's own, from her own fetch
+    assert _forged_count(ann, "bob") == forged + 4  # each counted where it arrived
+    assert bait.get().tolist() == [666.0, 666.0]  # never fetched: still ben's
+    assert "not one of its own reply queues" in fleet.logs("bob")
+
+
+def test_a_forged_returned_notice_fails_nothing(fleet: Fleet, ann: tr.Fleet) -> None:
+    """A notice that a batch was returned unroutable settles every command of the batch:
+    one sent by anyone (alice, a worker, may publish to reply queues) is dropped."""
+    bob = ann.worker("bob")
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    ann.sync()
+    first = next(ann._numbers) + 1
+    channel = fleet.channel("alice")
+    for claimed in ("bob", "alice"):
+        channel.basic_publish("", ann.endpoint.reply_queue, b"", pika.BasicProperties(
+            type="returned", user_id="alice", correlation_id=f"{ann._prefix}{first}+64",
+            headers={"sender": claimed}))
+    for _ in range(5):
+        x += 1  # one batch, whose id the notice names
+    assert x.get().tolist() == [6.0, 7.0]

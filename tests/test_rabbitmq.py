@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 import urllib.parse
 from typing import Any
@@ -152,7 +153,9 @@ def test_hostile_envelopes_do_not_take_a_daemon_down(session_daemons: WorkerProc
     url = session_daemons.url
     with pika.BlockingConnection(pika.URLParameters(url)) as connection:
         channel = connection.channel()
-        reply_queue = channel.queue_declare("", exclusive=True).method.queue
+        # The sender's own reply queue: a worker answers nowhere else.
+        reply_queue = channel.queue_declare(f"torchrelay.reply.evil.{secrets.token_hex(4)}",
+                                            exclusive=True).method.queue
         hostile = [
             ("x" * 250, {"sender": "evil"}),  # an error reply "<type>.reply" would not fit
             ("store", {"sender": "evil", "chunk": "nonsense"}),

@@ -33,6 +33,7 @@ import json
 import logging
 import mmap
 import os
+import signal
 import socket
 import sys
 import time
@@ -412,8 +413,24 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> tuple[set[int], list[
     return lost, parked
 
 
+def _die_with(supervisor: int) -> None:
+    """Be killed the moment the supervisor dies (Linux): an executor left alone would go
+    on running its command, and holding the worker's queue, for nobody."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the check between commands remains
+        return
+    if os.getppid() != supervisor:  # it died before we asked
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def main() -> int:
     setup = ExecutorSetup.from_json(os.environ[EXECUTOR_ENV])
+    _die_with(setup.supervisor)
     config = WorkerConfig(**setup.config)
     configure_logging(config.log_level, config.log_format, config.id, "executor")
     journal = Journal(setup.journal)

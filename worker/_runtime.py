@@ -37,7 +37,6 @@ from torchrelay.broker import (
     COMMANDS,
     GONE_CHECK_SECONDS,
     MAX_HOPS,
-    RETURNED,
     Aggregate,
     Batched,
     BrokerError,
@@ -80,6 +79,7 @@ from torchrelay.broker import (
     gone_message,
     is_inplace,
     is_plain_ok,
+    is_reply_queue_of,
     new_object_id,
     resolve_op,
     session_and_number,
@@ -266,6 +266,8 @@ class WorkerRuntime:
         self._handled = 0
         self._failed = 0
         self._forged_replies = 0
+        self._misdirected = 0
+        self._misdirected_from: set[str] = set()
         self.leases = None if endpoint.in_process else Leases(
             lease, endpoint.queue_consumers,
             lambda identity: endpoint.queue_consumers(worker_queue(identity)) is not None)
@@ -317,6 +319,18 @@ class WorkerRuntime:
             self._resume(delivery)
             if containment is not None:
                 containment.commit()
+            return
+        reply_to = delivery.reply_to
+        if reply_to is not None and not is_reply_queue_of(reply_to, delivery.sender):
+            # Answered, it would land in another's reply queue, under whatever correlation
+            # id it carries: its asker would take it for the answer to its own command.
+            self._misdirected += 1
+            if delivery.sender not in self._misdirected_from and len(
+                    self._misdirected_from) < 1000:
+                self._misdirected_from.add(delivery.sender)
+                log.warning("dropped a %s from %r whose answer was to go to %r, not one of its "
+                            "own reply queues (further ones from it are only counted)",
+                            delivery.type[:64], delivery.sender[:100], reply_to[:200])
             return
         if delivery.refused is not None:  # the transport could not take it whole
             self._refuse(delivery, ProtocolError(delivery.refused))
@@ -658,7 +672,7 @@ class WorkerRuntime:
                             "counted)", worker_id, delivery.sender[:100])
             return
         del self._waiting[delivery.correlation_id]
-        if delivery.type == RETURNED:
+        if delivery.returned:
             self._advance(waiting.task, None, UnknownWorker(worker_id, "no worker consumes it"))
             return
         if delivery.refused is not None:
@@ -1140,7 +1154,8 @@ class WorkerRuntime:
         }
         status.update(self.endpoint.stats())
         # Forged messages: dropped by the transport, or replies not from the worker asked.
-        status["forged"] = int(status.get("forged", 0)) + self._forged_replies
+        status["forged"] = (int(status.get("forged", 0)) + self._forged_replies
+                            + self._misdirected)
         status.update(self._status_facts)
         if self.poisoned:
             status["commands_poisoned"] = len(self.poisoned)

@@ -13,7 +13,9 @@ object N", as for an id never stored, and `describe` leaves it out. Objects with
 no holders (`EVERYONE`) are the worker's datasets, usable by every client.
 
 The store counts the bytes its tensors hold, each storage once however many
-objects view it, and refuses an object that would take it past `max_bytes`.
+objects view it, and what its other values take (a `tolist` result is a list of
+Python numbers, about 56 bytes each), and refuses an object that would take it
+past `max_bytes`.
 `describe` shows every object in a bounded number of characters, whatever it
 holds: one value that cannot be shown does not break the listing.
 """
@@ -21,6 +23,7 @@ holds: one value that cannot be shown does not break the listing.
 from __future__ import annotations
 
 import reprlib
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,6 +73,7 @@ class ObjectStore:
         """Bytes held by the tensors of all objects, each storage counted once."""
         self._objects: dict[int, StoredObject] = {}
         self._storages: dict[int, list[int]] = {}  # storage identity -> [bytes, references]
+        self._values: dict[int, int] = {}  # object id -> bytes of its Python objects
         self.owned: set[int] = set()
         """Objects the worker owns itself (its datasets): no client fetches, moves or
         deletes them."""
@@ -148,9 +152,14 @@ class ObjectStore:
     def replace(self, object_id: int, value: Any, provenance: frozenset[str],
                 holders: frozenset[str]) -> None:
         old = self._objects.get(object_id)
-        self._count_in(object_id, value)
-        if old is not None:
-            self._count_out(old.value)
+        if old is not None:  # (what it held is replaced: counted out first)
+            self._count_out(object_id, old.value)
+        try:
+            self._count_in(object_id, value)
+        except BudgetExceeded:
+            if old is not None:  # refused: it stays as it was
+                self._count_in(object_id, old.value)
+            raise
         self._objects[object_id] = StoredObject(value, provenance, holders)
 
     def get(self, object_id: int) -> StoredObject:
@@ -187,13 +196,13 @@ class ObjectStore:
     def pop(self, object_id: int) -> StoredObject:
         entry = self.get(object_id)
         del self._objects[object_id]
-        self._count_out(entry.value)
+        self._count_out(object_id, entry.value)
         return entry
 
     def discard(self, object_id: int) -> StoredObject | None:
         entry = self._objects.pop(object_id, None)
         if entry is not None:
-            self._count_out(entry.value)
+            self._count_out(object_id, entry.value)
         return entry
 
     def discard_if(self, object_id: int, entry: StoredObject) -> bool:
@@ -201,7 +210,7 @@ class ObjectStore:
         if self._objects.get(object_id) is not entry:
             return False
         del self._objects[object_id]
-        self._count_out(entry.value)
+        self._count_out(object_id, entry.value)
         return True
 
     def describe(self, identity: str) -> dict[int, str]:
@@ -227,6 +236,22 @@ class ObjectStore:
 
     def _count_in(self, object_id: int, value: Any) -> None:
         """Count the storages of `value` in; refuse it (counting nothing) past the budget."""
+        if type(value) is not torch.Tensor and type(value) is not PointerRef:
+            held = _python_bytes(value)
+            if held:
+                if self.max_bytes is not None and self.bytes + held > self.max_bytes:
+                    self._refuse(object_id, held)
+                self._values[object_id] = held
+                self.bytes += held
+                try:
+                    self._count_storages_in(object_id, value)
+                except BudgetExceeded:
+                    self.bytes -= self._values.pop(object_id)
+                    raise
+                return
+        self._count_storages_in(object_id, value)
+
+    def _count_storages_in(self, object_id: int, value: Any) -> None:
         storages = self._storages
         if type(value) is torch.Tensor:  # the usual object: one tensor
             storage = value.untyped_storage()
@@ -265,7 +290,9 @@ class ObjectStore:
             f"{_size(self.max_bytes or 0)}. Delete objects (drop their pointers) first"
         )
 
-    def _count_out(self, value: Any) -> None:
+    def _count_out(self, object_id: int, value: Any) -> None:
+        held = self._values.pop(object_id, 0) if self._values else 0
+        self.bytes -= held
         storages = self._storages
         if type(value) is torch.Tensor:
             pointer = value.untyped_storage()._cdata
@@ -306,6 +333,30 @@ def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _tensors_in(item, depth + 1)
     elif type(value) is Dataset:
         yield from value.tensors.values()
+
+
+_NUMBER_BYTES: Final = 56
+"""What one number of a Python list costs: its pointer, and the int or float object."""
+
+
+def _python_bytes(value: Any, depth: int = 0) -> int:
+    """Bytes held by the Python objects of a stored value (not its tensors' storages):
+    the lists and numbers `tolist` builds, above all."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        if depth > 32:
+            return sys.getsizeof(value)
+        total = sys.getsizeof(value)
+        for item in value:
+            item_kind = type(item)
+            if item_kind is float or item_kind is int or item_kind is bool:
+                total += _NUMBER_BYTES - 8
+            elif item_kind is list or item_kind is tuple or item_kind is dict:
+                total += _python_bytes(item, depth + 1)
+        return total
+    if kind is dict and depth <= 32:
+        return sys.getsizeof(value) + sum(_python_bytes(v, depth + 1) for v in value.values())
+    return 0
 
 
 def _size(nbytes: int) -> str:

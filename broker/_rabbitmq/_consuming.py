@@ -131,7 +131,7 @@ class Consumer:
     def on_return(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         # A command nobody could receive: answer it ourselves, at once.
         self.inbox.append(Delivery(True, RETURNED, props.correlation_id or "",
-                                   method.routing_key, b""))
+                                   method.routing_key, b"", returned=True))
 
     def _deliver(self, is_reply: bool, channel: Any, method: Any, props: Any, body: bytes) -> None:
         self.bytes_received += len(body)

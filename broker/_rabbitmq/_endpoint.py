@@ -27,6 +27,7 @@ from .._names import (
     PRESENCE_ASK,
     SHARED_ACCOUNTS,
     TLS_ENV,
+    reply_queue,
     worker_queue,
 )
 from .._transport import Broker, Delivery, Endpoint
@@ -126,7 +127,7 @@ class RabbitMQEndpoint(Endpoint):
         self.connection_name = settings.connection_name
         # Named once: the queue outlives a dropped connection (it expires only after
         # a minute unused), so replies in flight survive a reconnect.
-        self.reply_queue = f"torchrelay.reply.{identity}.{secrets.token_hex(4)}"
+        self.reply_queue = reply_queue(identity, secrets.token_hex(4))
         self._broker = broker
         self._serve_worker = serve_worker
         # A user of one participant's own may not declare what all share: an
