@@ -18,6 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
+from .fairness import fairness
 from .faults import faults
 from .federated import fedavg, train_step
 from .processes import ChildFailed, bare_torch_processes, rss_bytes, run_module
@@ -493,6 +494,8 @@ MEASURES: dict[str, Measure] = {
     "train_step": Measure(train_step, True, "one remote training step (op by op, plan) vs "
                                             "local + pika"),
     "fedavg": Measure(fedavg, True, "FedAvg on the Flower anchor's digits workload vs Flower"),
+    "fairness": Measure(fairness, True, "a light participant's get and status while "
+                        "another sends heavy commands back to back"),
     "sidechannels": Measure(sidechannels, True, "what time tells of private values: the "
                             "subnormal attack via the broker, every operation timed"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.

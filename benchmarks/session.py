@@ -67,6 +67,8 @@ class Settings:
     fedavg_rounds: int = 20
     load_clients: int = 10
     load_rounds: int = 50
+    heavy_seconds: float = 10.0
+    fairness_seconds: float = 60.0
     sidechannel_repetitions: int = 7
     sidechannel_budget_s: float = 400.0
     restart_broker: bool = False
@@ -96,6 +98,8 @@ class Settings:
             fedavg_rounds=5,
             load_clients=4,
             load_rounds=10,
+            heavy_seconds=2.0,
+            fairness_seconds=10.0,
             sidechannel_repetitions=3,
             sidechannel_budget_s=60.0,
         )

@@ -269,6 +269,8 @@ class Command:
                 values["garbage"] = envelope.garbage
             if envelope.guard is not None:
                 values["guard"] = envelope.guard
+            if envelope.origin is not None:
+                values["origin"] = envelope.origin
         return values
 
     def describe(self) -> str:
@@ -315,10 +317,17 @@ class Envelope:
     the same session from that one on failed on this worker, the guarded command
     is refused instead of run, so that a destructive call (a `get`, a move) never
     runs behind a failure its caller has not yet been told about.
+
+    `origin`: set by a worker on what it sends on behalf of a command it runs (a call
+    forwarded down a chain, deletes behind it): the participant that command came from,
+    or its own origin. A worker schedules it with that participant's commands, in their
+    order (`worker/_fairness.py`): what a client caused elsewhere does not overtake what
+    it sent directly. Only scheduling reads it.
     """
 
     garbage: list[ObjectId] = field(default_factory=list)
     guard: SequenceNumber | None = None
+    origin: Identity | None = None
 
 
 _ENVELOPE: Final = _Schema.of("envelope", Envelope)
@@ -532,15 +541,19 @@ def _command(cls: type[Command], values: Any) -> tuple[Command, Envelope]:
     envelope = _NO_ENVELOPE
     garbage = values.pop("garbage", None)
     guard = values.pop("guard", None)
-    if garbage is not None or guard is not None:
+    origin = values.pop("origin", None)
+    if garbage is not None or guard is not None or origin is not None:
         if not ((garbage is None or (type(garbage) is list and all(
             type(i) is int and 0 <= i <= MAX_OBJECT_ID for i in garbage
-        ))) and (guard is None or (type(guard) is int and 0 <= guard < 1 << 63))):
+        ))) and (guard is None or (type(guard) is int and 0 <= guard < 1 << 63)) and (
+            origin is None or (type(origin) is str and 0 < len(origin) <= 255))):
             carried = {"garbage": garbage} if garbage is not None else {}
             if guard is not None:
                 carried["guard"] = guard
+            if origin is not None:
+                carried["origin"] = origin
             _ENVELOPE.validate(carried)  # raises, naming what is wrong
-        envelope = Envelope(garbage if garbage is not None else [], guard)
+        envelope = Envelope(garbage if garbage is not None else [], guard, origin)
     cls._schema.validate(values)
     return cls(**values), envelope
 

@@ -95,9 +95,17 @@ class Endpoint(ABC):
     def receive(self, timeout: float) -> Delivery | None:
         """The next delivery (command or reply), or None after `timeout` seconds."""
 
+    def poll(self) -> Delivery | None:
+        """A delivery that has arrived already, or None, without waiting."""
+        return self.receive(0)
+
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a command once it has been executed."""
+
+    def flush_acks(self) -> None:  # noqa: B027 - most transports acknowledge at once
+        """Send the acknowledgements still batched, now (before a long wait: a command
+        acknowledged late comes again should this endpoint's process die)."""
 
     @abstractmethod
     def dead_letter(
@@ -118,6 +126,11 @@ class Endpoint(ABC):
     chunk by chunk (messages of at least `progress_from` bytes); a client in a
     terminal draws a progress bar with it."""
     progress_from: int = 256 << 20
+
+    answer_now: Callable[[Delivery], tuple[str, Frame] | None] | None = None
+    """Its owner's answer to a command as it arrives, even while the owner is busy with
+    another (a worker's status, from another thread): `(reply type, frame)`, or None to
+    queue it as usual. Transports that cannot answer early ignore it."""
 
     awaiting: Callable[[], bool] = staticmethod(lambda: True)
     """Whether replies to messages already published are still awaited; its owner says

@@ -170,12 +170,18 @@ class PointerTensor:
                     raise
                 self._settle_move(worker, new_id, e)
             except RemoteError as e:
-                if e.remote_type.rsplit(".", 1)[-1] in _UNSETTLED:
-                    # The source gave up on the destination: it keeps its object, and
-                    # had the copy that may land there deleted behind it.
-                    e.add_note(f"object {self.id_at_location} is still on worker "
-                               f"{self.location.id!r}; its pointer is valid")
-                raise
+                kind = e.remote_type.rsplit(".", 1)[-1]
+                if kind == "ObjectNotFound" and not e.origin:
+                    # A daemon that died after sending its copy, and was started again at
+                    # once, gets the move again (it was not acknowledged) and has no object.
+                    self._settle_move(worker, new_id, e)
+                else:
+                    if kind in _UNSETTLED:
+                        # The source gave up on the destination: it keeps its object, and
+                        # had the copy that may land there deleted behind it.
+                        e.add_note(f"object {self.id_at_location} is still on worker "
+                                   f"{self.location.id!r}; its pointer is valid")
+                    raise
         else:
             self.fleet.post(self.location.id, transfer)
         self.garbage_collect = False
@@ -183,11 +189,12 @@ class PointerTensor:
         moved._meta, moved._meta_epoch = self._meta, self._meta_epoch  # the same tensor
         return moved
 
-    def _settle_move(self, destination: WorkerHandle, new_id: int, error: UnknownWorker) -> None:
-        """The source's daemon is gone (`error`), and a daemon takes its objects with it:
-        whether it had sent this one is for the destination to say (its copy would be
-        in the destination's queue ahead of the question). There: the move stands, and
-        the new pointer is valid. Not there: raise `error`, saying so."""
+    def _settle_move(self, destination: WorkerHandle, new_id: int,
+                     error: TorchRelayError) -> None:
+        """The source's daemon is gone, or was replaced (`error`), and a daemon takes its
+        objects with it: whether it had sent this one is for the destination to say (its
+        copy would be in the destination's queue ahead of the question). There: the move
+        stands, and the new pointer is valid. Not there: raise `error`, saying so."""
         source = self.location.id
         try:
             there = {int(i) for i in self.fleet.request(destination.id, Describe())}
@@ -200,8 +207,8 @@ class PointerTensor:
                            f"{destination.id!r}: if the daemon of {source!r} died, it is "
                            "lost with it")
             raise error
-        log.warning("worker %s is gone, but it had moved object %d to %s: the move stands",
-                    source, self.id_at_location, destination.id)
+        log.warning("worker %s is gone or was restarted, but it had moved object %d to %s: "
+                    "the move stands", source, self.id_at_location, destination.id)
 
     def remote_get(self) -> PointerTensor:
         """Have the worker this points at pull the data its own pointer points at."""

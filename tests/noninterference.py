@@ -402,7 +402,7 @@ class _Capture(Endpoint):
 
     in_process = True
     identity = OWNER
-    reply_queue = "torchrelay.reply.bob.campaign"
+    reply_queue = f"torchrelay.reply.{CLIENT}.campaign"  # the client's, who asks
 
     def __init__(self) -> None:
         self.replies: list[bytes] = []

@@ -59,6 +59,8 @@ def test_nothing_observable_of_an_operation_depends_on_private_values() -> None:
     for leak in leaks:
         TERMINAL_SUMMARY.append(f"  LEAK {leak}")
     assert report.cases == len(cases)
+    assert not report.outcomes["harness"], [report.details[i] for i, o in
+                                            report.outcome_of.items() if o == "harness"][:3]
     assert sum(report.outcomes.values()) + len(report.findings) == report.cases
     assert not report.findings, "\n".join(map(str, report.findings))
     assert not leaks, "\n".join(leaks)

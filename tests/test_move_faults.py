@@ -120,6 +120,26 @@ def test_a_move_whose_source_daemon_dies_after_sending_stands(pair: Any) -> None
     assert alice._objects == {}
 
 
+def test_a_move_whose_source_daemon_is_replaced_at_once_stands(pair: Any) -> None:
+    # Started again at once, before any client could notice it was gone: the move, not
+    # acknowledged before it completed, comes to the new daemon, which has no such object;
+    # the client asks the destination, where the copy is.
+    url, daemons, fleet = pair
+    bob, alice = fleet.worker("bob"), fleet.worker("alice")
+    x = VALUES.send(bob)
+
+    def replace_bob() -> None:
+        old = daemons.processes.pop("bob")
+        old.kill()  # its executor dies with it
+        old.wait()
+        daemons.spawn("bob")  # (not waited for: the move's answer is)
+
+    y = move_interrupted(url, x, alice, replace_bob)
+    x.garbage_collect = False  # bob and everything it held are gone
+    assert torch.equal(y.get(), VALUES)
+    assert alice._objects == {} and bob._objects == {}
+
+
 def test_a_move_whose_source_died_before_sending_names_what_is_lost(pair: Any) -> None:
     _url, daemons, fleet = pair
     bob, alice = fleet.worker("bob"), fleet.worker("alice")

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--id", help="the worker's id (its queue is torchrelay.worker.<id>)")
     worker.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER)")
     worker.add_argument("--config", help="a TOML file with a [worker] table")
-    worker.add_argument("--prefetch", type=int, help="commands delivered ahead (default 64)")
+    worker.add_argument("--prefetch", type=int, help="messages delivered ahead (default 128)")
     worker.add_argument("--heartbeat", type=int, help="AMQP heartbeat in seconds (default 30)")
     worker.add_argument("--reply-timeout", type=float,
                         help="seconds to wait for another worker down a chain (default 60)")
@@ -82,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
                                               "certificate (default: the system's)")
     worker.add_argument("--tls-cert-file", help="amqps://: a client certificate to present")
     worker.add_argument("--tls-key-file", help="amqps://: the client certificate's key")
+    worker.add_argument("--sender-max-queued", type=int,
+                        help="messages one sender may have waiting in the worker (no limit)")
+    worker.add_argument("--sender-strikes", type=int,
+                        help="commands of one sender past command_timeout or crashing the "
+                             "executor that get it refused for a while (3)")
+    worker.add_argument("--sender-penalty", type=float,
+                        help="seconds those strikes count, and a struck sender is refused "
+                             "(300)")
     worker.add_argument("--fault-injection", action="store_true", default=None,
                         help=argparse.SUPPRESS)  # the test suite's (worker/_faults.py)
     worker.add_argument("--max-list-elements", type=int,
@@ -201,6 +209,9 @@ def _worker(args: argparse.Namespace) -> int:
             tls_cert_file=args.tls_cert_file,
             tls_key_file=args.tls_key_file,
             fault_injection=args.fault_injection,
+            sender_max_queued=args.sender_max_queued,
+            sender_strikes=args.sender_strikes,
+            sender_penalty=args.sender_penalty,
         )
     except ConfigError as e:
         print(f"torchrelay worker: {e}", file=sys.stderr)

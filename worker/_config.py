@@ -3,7 +3,7 @@
     [worker]
     id = "bob"
     broker = "amqp://guest:guest@localhost:5672/"
-    prefetch = 64             # commands delivered ahead of the one being executed
+    prefetch = 128            # messages delivered ahead of the one being executed
     heartbeat = 30            # seconds; the connection stays alive during long commands
     reply_timeout = 60.0      # seconds to wait for another worker down a chain
     chunk_size = 8388608      # bytes; larger messages travel as chunks of this size
@@ -27,6 +27,11 @@
     clients = ["ann", "ben"]  # who may use this worker's datasets (default: every client)
     lease = 600.0             # seconds a gone participant's objects are kept (a reconnect
                               # within it loses nothing), then deleted
+    sender_max_queued = 32    # messages one sender may have waiting in the worker's hand
+                              # (default: no limit; see worker/_fairness.py)
+    sender_strikes = 3        # commands of one sender past command_timeout (or crashing
+    sender_penalty = 300.0    #   the executor) within this many seconds: it is refused
+                              #   for that long after the last (see worker/_fairness.py)
     fault_injection = false   # the test suite's operations that hold a worker for a given
                               # time (worker/_faults.py); never on a worker others use
     # tls_ca_file = "ca.pem"      amqps://: the CA that signed the broker's certificate
@@ -86,7 +91,7 @@ class ConfigError(ValueError):
 class WorkerConfig:
     id: str
     broker: str
-    prefetch: int = 64
+    prefetch: int = 128
     heartbeat: int | None = 30
     reply_timeout: float = 60.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -107,6 +112,9 @@ class WorkerConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    sender_max_queued: int | None = None
+    sender_strikes: int = 3
+    sender_penalty: float = 300.0
     fault_injection: bool = False
     datasets: tuple[DatasetSpec, ...] = ()
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
@@ -137,8 +145,9 @@ class WorkerConfig:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
         for positive in ("reply_timeout", "command_timeout", "stop_grace", "max_elements",
                          "max_bytes", "max_list_elements", "lease", "presence_interval",
-                         "queue_expires"):
-            if getattr(self, positive) <= 0:
+                         "queue_expires", "sender_max_queued", "sender_strikes",
+                         "sender_penalty"):
+            if getattr(self, positive) is not None and getattr(self, positive) <= 0:
                 raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"torch_threads must be at least 1, not {self.torch_threads}")

@@ -23,7 +23,6 @@ import torch
 from torchrelay.broker import (
     BrokerError,
     ConnectionLost,
-    Delivery,
     Endpoint,
     open_broker,
 )
@@ -115,13 +114,19 @@ def _serve(
     stop: threading.Event,
     until: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Handle deliveries until `stop` is set (or `until()` is true)."""
+    """Handle deliveries until `stop` is set (or `until()` is true).
+
+    Everything that has arrived is taken before each command runs, so that the next
+    command is the fairest sender's (`_fairness.py`), not merely the oldest."""
     next_expiry = time.monotonic() + _POLL_SECONDS
     while not stop.is_set() and not until():
         try:
-            delivery = endpoint.receive(_POLL_SECONDS)
-            if delivery is not None:
-                _handle(endpoint, runtime, delivery)
+            delivery = endpoint.poll() if runtime.queued else endpoint.receive(_POLL_SECONDS)
+            while delivery is not None:
+                _guarded(runtime.accept, delivery)
+                delivery = endpoint.poll()
+            if runtime.queued:
+                _guarded(runtime.step)
         except ConnectionLost as e:
             runtime.fail_waiting(e)
         except BrokerError as e:
@@ -134,27 +139,26 @@ def _serve(
             next_expiry = now + _POLL_SECONDS
 
 
-def _handle(endpoint: Endpoint, runtime: WorkerRuntime, delivery: Delivery) -> None:
+def _guarded(run: Callable[..., object], *args: object) -> None:
     try:
-        runtime.handle(delivery)
+        run(*args)
     except (ConnectionLost, BrokerError):
         raise
     except Exception:
-        # A bug, or input nothing anticipated: this message must not take the
-        # worker (and every object it holds) down, nor come back to do it again.
-        log.exception("handling %s %s from %r failed", delivery.type,
-                      delivery.correlation_id, delivery.sender)
-    finally:
-        if not delivery.is_reply:
-            endpoint.ack(delivery)
+        # A bug, or input nothing anticipated: this message must not take the worker (and
+        # every object it holds) down. (Its delivery is acknowledged all the same: see
+        # `WorkerRuntime.step`, so it cannot come back to do it again.)
+        log.exception("handling a message failed")
 
 
 def _finish_in_flight(endpoint: Endpoint, runtime: WorkerRuntime) -> None:
-    """Let the commands parked on other workers finish, for a little while.
+    """Finish what was begun, and let the commands parked on other workers finish, for a
+    little while. What was received but not begun goes back to the queue (unacknowledged).
 
     Deliveries keep being handled meanwhile: a chain through this worker (a
     cycle, a `remote_get`) needs it to answer its part.
     """
+    _guarded(runtime.finish_started)
     deadline = time.monotonic() + _SHUTDOWN_GRACE_SECONDS
     if runtime.waiting:
         _serve(endpoint, runtime, threading.Event(),
@@ -162,7 +166,7 @@ def _finish_in_flight(endpoint: Endpoint, runtime: WorkerRuntime) -> None:
     if runtime.waiting:
         log.warning("stopping with %d requests still unanswered", runtime.waiting)
     for delivery in endpoint.take_unreturnable():
-        _handle(endpoint, runtime, delivery)
+        _guarded(runtime.handle, delivery)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

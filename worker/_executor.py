@@ -97,7 +97,7 @@ class ExecutorSetup:
     snapshot_length: int
     shared: list[tuple[int, int, int]]  # (descriptor, storage key, bytes)
     next_key: int
-    poisoned: list[tuple[str, str, str]]  # (sender, correlation id, what it did)
+    poisoned: list[tuple[str, str, str, float]]  # (sender, correlation id, what, when)
     restarts: int
     supervisor: int
 
@@ -144,11 +144,11 @@ class Mirror:
     def done(self) -> None:
         self.journal.done()
 
-    def ran(self, *, plain_ok: bool) -> None:
-        self.journal.ran(plain_ok=plain_ok)
+    def ran(self, *, plain_ok: bool) -> tuple[int, int]:
+        return self.journal.ran(plain_ok=plain_ok)
 
-    def answered(self) -> None:
-        self.journal.answered()
+    def answered(self, tokens: list[Any]) -> None:
+        self.journal.answered(tokens)
 
     def parked(self, sender: str, correlation_id: str, payload: bytes) -> None:
         key = command_key(sender, correlation_id)
@@ -452,7 +452,9 @@ def main() -> int:
             list(ran),  # type: ignore[arg-type]
             {key: state == RAN_OK for key, state in ran.items()  # type: ignore[misc]
              if state in (RAN_OK, RAN_OTHER)})
-        runtime.poisoned = {(sender, cid): what for sender, cid, what in setup.poisoned}
+        runtime.poisoned = {(sender, cid): what for sender, cid, what, _ in setup.poisoned}
+        for sender, _, _, when in setup.poisoned:  # (a sender too often is refused a while)
+            runtime.strikes.add(sender, when)
         runtime.settle_interrupted(parked)
         if setup.restarts:
             log.warning("executor restarted (restart %d): %d objects back in %.1f ms, %d of "

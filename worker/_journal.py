@@ -79,13 +79,12 @@ def create_journal() -> int:
 class Journal:
     """The journal in the memfd `fd` (both sides use this class)."""
 
-    __slots__ = ("_map", "_number", "_owed", "_slot")
+    __slots__ = ("_map", "_number", "_slot")
 
     def __init__(self, fd: int) -> None:
         self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._number = self.in_hand()[0]  # a new executor goes on counting
         self._slot = 0
-        self._owed: list[int] = []  # slots of commands that ran and wait for their answer
 
     # -- the executor's side: two calls per command -------------------------------------
 
@@ -104,17 +103,19 @@ class Journal:
         _STATE.pack_into(self._map, self._slot + 8, DONE)
         self._write_header(self._number, 0)
 
-    def ran(self, *, plain_ok: bool) -> None:
-        """The command in hand ran to the end; its answer goes later (with its batch's)."""
+    def ran(self, *, plain_ok: bool) -> tuple[int, int]:
+        """The command in hand ran to the end; its answer goes later (with its batch's).
+        A token for `answered`."""
         _STATE.pack_into(self._map, self._slot + 8, RAN_OK if plain_ok else RAN_OTHER)
-        self._owed.append(self._slot)
         self._write_header(self._number, 0)
+        return self._number, self._slot
 
-    def answered(self) -> None:
-        """The answers of the commands that `ran` went out."""
-        for slot in self._owed:
-            _STATE.pack_into(self._map, slot + 8, DONE)
-        self._owed.clear()
+    def answered(self, tokens: list[tuple[int, int]]) -> None:
+        """The answers of the commands `ran` gave these tokens for went out."""
+        page = self._map
+        for number, slot in tokens:
+            if _SLOT_HEAD.unpack_from(page, slot)[0] == number:  # (not reused since)
+                _STATE.pack_into(page, slot + 8, DONE)
 
     def _write_header(self, number: int, started: int) -> None:
         # A seqlock: the reader retries while the count is odd or changed under it, so it

@@ -1,27 +1,32 @@
-"""Time that tells nothing new: operations on private data end on a public schedule.
+"""Time that tells little: operations on private data end on a public schedule.
 
 An operation can take longer on some values than on others — `cos` of infinity
 is ten times slower than of a number, sorting sorted data is fast, a failing
 factorisation stops early — and a client sees how long its commands take.
-Measured on 512x512 arguments, about a third of the allow-listed operations
-told one bit per query that way, through the broker (`python -m benchmarks
---only sidechannels`).
+Measured on 512x512 arguments, a third of the allow-listed operations told one
+bit per query that way, through the broker (`python -m benchmarks --only
+sidechannels`).
 
 So a worker daemon paces every operation on private data (`Pacer`), after
-predictive mitigation (Askarov, Zhang and Myers, CCS 2010): the operation's
-result is released only at the time its *schedule* says, `base + rate x work`,
-where `work` is a public measure of its size (the elements of its arguments and
-result) and `rate` is the operation's current rate (per worker, per
-operation). An operation that runs past its schedule doubles its rate until the
-schedule covers it, and every later run of that operation is held to the new,
-slower schedule. What the time of a command then tells is only how often the
-schedules grew: at most `log2(MAX_RATE / MIN_RATE)` times per operation over a
-worker's life (`epochs`, in its status), whatever a client asks.
+predictive mitigation (Askarov, Zhang and Myers, CCS 2010): its result is
+released only at the time its *schedule* says, and the schedule is public — it
+depends on the operation, on the size of its arguments and result (their
+elements, in powers of two: a *bucket*), and on how often it grew:
 
-The schedule is kept per operation, not per shape, so that a client cannot get
-fresh schedules by varying shapes; the price is that one slow run slows that
-operation for everyone on the worker (at most to its slowest rate, which the
-fair-share limits bound).
+- A new (operation, bucket) is first timed on *benign* arguments of the same
+  shapes (zeros and halves, public ones copied): that run warms the kernels up,
+  and its time, which no private value touched, sets the schedule at three times
+  it.
+- A run past its schedule doubles it until it covers the run, and the run is
+  released at the new schedule: what a client learns is that the schedule grew.
+- A schedule met `FORGIVE_AFTER` times in a row is halved, down to where it
+  started: a moment of load on the machine does not slow an operation for ever,
+  and the growth it can show again is at most one bit per that many runs.
+
+So what the time of a command can tell about private values is bounded: one bit
+per growth, and growths per (operation, bucket) are at most `log2(MAX / BASE)`
+(30) plus one per `FORGIVE_AFTER` runs. `epochs` (in a worker's status) counts
+them.
 """
 
 from __future__ import annotations
@@ -29,39 +34,70 @@ from __future__ import annotations
 import time
 from typing import Final
 
-__all__ = ["Pacer"]
+__all__ = ["Pacer", "bucket"]
 
 BASE: Final = 20e-6
-"""Seconds every paced operation takes at least (a small operation's own cost)."""
-MIN_RATE: Final = 1e-10
-"""Seconds per element a schedule starts from (faster than any operation runs)."""
-MAX_RATE: Final = 1e-2
-"""A rate is not doubled past this: at most log2(MAX_RATE / MIN_RATE) = 27 epochs."""
+"""Seconds every schedule allows at least."""
+MAX: Final = 3600.0
+"""A schedule does not grow past this (a command past `command_timeout` is stopped)."""
+FORGIVE_AFTER: Final = 256
+"""Runs within schedule after which it is halved (no lower than it started)."""
 _SPIN: Final = 1e-3
 """Waits shorter than this spin rather than sleep (a sleep can overshoot by as much)."""
+
+Key = tuple[str, int]
+
+
+def bucket(elements: int) -> int:
+    """The size class of an operation: its elements, in powers of two."""
+    return max(elements, 1).bit_length()
+
+
+class _Schedule:
+    __slots__ = ("floor", "met", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = self.floor = max(BASE, seconds)
+        self.met = 0
 
 
 class Pacer:
     """The schedules of one worker's operations on private data."""
 
-    __slots__ = ("_rates", "epochs")
+    __slots__ = ("_schedules", "epochs")
 
     def __init__(self) -> None:
-        self._rates: dict[str, float] = {}
+        self._schedules: dict[Key, _Schedule] = {}
         self.epochs = 0
         """How often a schedule grew: all that the time of private operations tells."""
 
-    def pace(self, op: str, work: int, started: float) -> None:
-        """Return at `started` (a `time.perf_counter()`) plus `op`'s schedule for `work`
-        elements, the schedule first grown if the operation already ran past it."""
-        rate = self._rates.get(op, MIN_RATE)
+    def known(self, key: Key) -> bool:
+        return key in self._schedules
+
+    def calibrated(self, key: Key, benign_seconds: float) -> None:
+        """A new schedule for `key`, from a run on benign arguments."""
+        self._schedules[key] = _Schedule(3.0 * benign_seconds)
+
+    def pace(self, key: Key, started: float) -> None:
+        """Return at `started` (a `time.perf_counter()`) plus `key`'s schedule, the
+        schedule first grown if the run already took longer."""
+        schedule = self._schedules.get(key)
+        if schedule is None:
+            schedule = self._schedules[key] = _Schedule(BASE)
         elapsed = time.perf_counter() - started
-        if elapsed > BASE + rate * work and rate < MAX_RATE:
-            while BASE + rate * work < elapsed and rate < MAX_RATE:
-                rate *= 2
-            self._rates[op] = rate
+        seconds = schedule.seconds
+        if elapsed > seconds:
+            while seconds < elapsed and seconds < MAX:
+                seconds *= 2
+            schedule.seconds = seconds
+            schedule.met = 0
             self.epochs += 1
-        _wait_until(started + BASE + rate * work)
+        else:
+            schedule.met += 1
+            if schedule.met >= FORGIVE_AFTER and seconds > schedule.floor:
+                schedule.seconds = max(schedule.floor, seconds / 2)
+                schedule.met = 0
+        _wait_until(started + seconds)
 
 
 def _wait_until(deadline: float) -> None:

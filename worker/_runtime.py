@@ -22,9 +22,10 @@ import logging
 import os
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Coroutine, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import CoroutineType
 from typing import Any, Protocol
@@ -90,6 +91,7 @@ from ._aggregation import AggregationPlan
 from ._checks import check_arguments, check_result
 from ._config import WorkerConfig
 from ._datasets import Dataset, dataset_id
+from ._fairness import FairQueue, Strikes
 from ._faults import FAULT_OPERATIONS
 from ._faults import PREFIX as FAULT_PREFIX
 from ._leases import DEFAULT_LEASE, Leases
@@ -164,7 +166,28 @@ class _Task:
 
     coroutine: Coroutine[Any, Any, Any]
     job: _Job
+    origin: str | None = None
+    """Whom it acts for: what it sends on says so (`Envelope.origin`)."""
     parked: bool = False
+    holds: _Incoming | None = None
+    """The message whose acknowledgement waits for this task (a move: were the daemon to
+    die before its destination answered, the broker must deliver it again)."""
+
+
+@dataclass(slots=True)
+class _Incoming:
+    """A message whose commands wait or run (one, or a batch's): answered and acknowledged
+    once all have run."""
+
+    delivery: Delivery
+    left: int
+    replies: list[tuple[str, str, Frame]] | None
+    """A batch's answers, sent together."""
+    owed: list[Any] = field(default_factory=list)
+    """Containment's tokens for the commands that ran and whose answers wait in `replies`."""
+    held: int = 0
+    """Moves of it still waiting on their destination (see `_Task.holds`)."""
+    started: bool = False
 
 
 @dataclass(slots=True)
@@ -193,12 +216,12 @@ class Containment(Protocol):
     def done(self) -> None:
         """The command in hand ran to the end and was answered."""
 
-    def ran(self, *, plain_ok: bool) -> None:
+    def ran(self, *, plain_ok: bool) -> Any:
         """The command in hand ran to the end; its answer (`plain_ok`: the plain "done")
-        goes out later, with its batch's."""
+        goes out later, with its batch's. A token for `answered`."""
 
-    def answered(self) -> None:
-        """The answers of the commands that `ran` went out."""
+    def answered(self, tokens: list[Any]) -> None:
+        """The answers of the commands `ran` gave these tokens for went out."""
 
     def parked(self, sender: str, correlation_id: str, payload: bytes) -> None:
         """A command waits on another worker; `payload` is what a new executor must
@@ -228,6 +251,9 @@ class WorkerRuntime:
         presence_interval: float = DEFAULT_PRESENCE_INTERVAL,
         fault_injection: bool = False,
         paced: bool = False,
+        sender_max_queued: int | None = None,
+        sender_strikes: int = 3,
+        sender_penalty: float = 300.0,
     ) -> None:
         self.id = worker_id
         self.fault_injection = fault_injection
@@ -237,6 +263,7 @@ class WorkerRuntime:
         """Who may use this worker's datasets (`clients` in its config; everyone)."""
         self.endpoint = endpoint
         endpoint.awaiting = lambda: bool(self._waiting)
+        endpoint.answer_now = self._answer_now
         self.limits = limits or Limits()
         self.store = (
             store if store is not None else ObjectStore(worker_id, self.limits.max_bytes)
@@ -256,7 +283,15 @@ class WorkerRuntime:
         self.lost_graphs: set[int] = set()
         """Objects restored after a crash whose autograd graph died with the executor."""
         self.reply_timeout = reply_timeout
-        self._replies: list[tuple[str, str, Frame]] | None = None  # answering a batch
+        self._incoming: _Incoming | None = None  # whose commands run now
+        self.queue: FairQueue[tuple[_Incoming, Batched]] = FairQueue()
+        """Commands received and waiting to run, one queue per sender (`_fairness.py`)."""
+        self.sender_max_queued = sender_max_queued
+        self.strikes = Strikes(sender_strikes, sender_penalty)
+        self._in_hand: tuple[str, str, float] | None = None  # sender, what, since
+        self._origin: str | None = None  # whom the command running acts for
+        self._holders: dict[str, dict[str, int]] = {}  # as the last status walked them
+        self._thread = threading.get_ident()  # the one that runs commands
         self._waiting: dict[str, _Waiting] = {}
         self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
         self._owed: dict[tuple[str, str], bool] = {}  # ran, never answered (see above)
@@ -308,12 +343,24 @@ class WorkerRuntime:
                    limits=config.limits, privacy=config.privacy, ledger=config.ledger,
                    lease=config.lease, dataset_clients=config.clients,
                    presence_interval=config.presence_interval,
-                   fault_injection=config.fault_injection, paced=True, **extra)
+                   fault_injection=config.fault_injection, paced=True,
+                   sender_max_queued=config.sender_max_queued,
+                   sender_strikes=config.sender_strikes, sender_penalty=config.sender_penalty,
+                   **extra)
 
     # -- driving ---------------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> None:
-        """Handle one delivery; every command is answered, every failure is a reply."""
+        """Take one delivery and run what it brought (the embedded broker's way: one
+        delivery at a time, everything answered before the next)."""
+        self.accept(delivery)
+        while self.step():
+            pass
+
+    def accept(self, delivery: Delivery) -> None:
+        """Take one delivery: a reply resumes what waited for it; a command (or a batch's)
+        joins its sender's queue, to run when `step` picks it; a message refused for good
+        is answered and acknowledged at once."""
         containment = self.containment
         if delivery.is_reply:
             self._resume(delivery)
@@ -331,28 +378,137 @@ class WorkerRuntime:
                 log.warning("dropped a %s from %r whose answer was to go to %r, not one of its "
                             "own reply queues (further ones from it are only counted)",
                             delivery.type[:64], delivery.sender[:100], reply_to[:200])
+            self.endpoint.ack(delivery)
             return
+        replies: list[tuple[str, str, Frame]] | None = None
         if delivery.refused is not None:  # the transport could not take it whole
-            self._refuse(delivery, ProtocolError(delivery.refused))
+            items = [self._unreadable(delivery, ProtocolError(delivery.refused))]
+        elif delivery.type != BATCH:
+            items = [self._single(delivery)]
+        else:
+            try:
+                items = decode_batch(delivery.body)
+                replies = []  # the answers to a batch's commands go back together
+            except ProtocolError as e:
+                log.warning("refused a malformed batch from %s: %s", delivery.sender, e)
+                items = [self._unreadable(delivery, e)]
+        incoming = _Incoming(delivery, len(items), replies)
+        sender = delivery.sender
+        refusal = self._sender_refusal(delivery)
+        if refusal is not None:  # every command of it answered so, none run
+            self._incoming = incoming
+            try:
+                for item in items:
+                    self._finish(_Job(item.name, item.command, sender, reply_to,
+                                      item.correlation_id), None, refusal)
+            finally:
+                self._incoming = None
+            incoming.left = 0
+            self._complete(incoming, counted=False)
             return
-        if delivery.type != BATCH:
-            self._handle_one(delivery, self._single(delivery))
-            return
+        held = self.queue.held
+        held[sender] = held.get(sender, 0) + 1
+        for item in items:  # (in the order of whom it acts for: see Envelope.origin)
+            self.queue.push(item.envelope.origin or sender, (incoming, item))
+
+    def _sender_refusal(self, delivery: Delivery) -> TorchRelayError | None:
+        """Why a message's commands are refused before any runs: its sender is past a
+        limit (`_fairness.py`)."""
+        sender = delivery.sender
+        # (A command that struck comes again once: the poisoned commands' refusal says why.)
+        until = None if delivery.redelivered else self.strikes.refused_until(sender)
+        if until is not None:
+            return OperationRefused(
+                f"worker {self.id!r} refuses commands from {sender!r} for "
+                f"{until - time.time():.0f} s more: {self.strikes.limit} of its commands ran "
+                f"past its command_timeout ({self.limits.command_timeout:g} s) or crashed its "
+                f"executor within {self.strikes.penalty:g} s (sender_strikes, sender_penalty)")
+        limit = self.sender_max_queued
+        if limit is not None and self.queue.held.get(sender, 0) >= limit and (
+                delivery.type != Delete.name):  # (garbage is never refused: it would stay)
+            return OperationRefused(
+                f"worker {self.id!r} already holds {self.sender_max_queued} messages of "
+                f"{sender!r} waiting to run (sender_max_queued): wait for their answers "
+                "before sending more")
+        return None
+
+    def step(self) -> bool:
+        """Run the next command, the fairest sender's (`_fairness.py`); whether one ran."""
+        if not self.queue:
+            return False
+        sender, (incoming, item) = self.queue.pop()
+        self._run_job(sender, incoming, item)
+        return True
+
+    def _run_job(self, sender: str, incoming: _Incoming, item: Batched) -> None:
+        incoming.started = True
+        self._incoming = incoming
+        self._origin = sender  # (the queue's key: whom it acts for)
+        started = time.monotonic()
+        self._in_hand = (sender, item.name, started)
         try:
-            items = decode_batch(delivery.body)
-        except ProtocolError as e:
-            log.warning("refused a malformed batch from %s: %s", delivery.sender, e)
-            self._refuse(delivery, e)
-            return
-        # Replies to the commands of a batch go back together, as one message.
-        self._replies = []
-        try:
-            for item in items:
-                self._handle_one(delivery, item)
+            self._handle_one(incoming.delivery, item)
         finally:
-            replies, self._replies = self._replies, None
-            if replies and delivery.reply_to:
-                self._send_replies(delivery.reply_to, delivery.correlation_id, replies)
+            self._incoming = self._in_hand = self._origin = None
+            self.queue.charge(sender, time.monotonic() - started)
+            incoming.left -= 1
+            if not incoming.left:
+                self._complete(incoming)
+
+    @property
+    def queued(self) -> int:
+        """Commands received and waiting to run."""
+        return len(self.queue)
+
+    def finish_started(self) -> None:
+        """Run what is left of the messages whose commands began to run (a stopping daemon
+        does not cut a batch in two). The others stay unacknowledged: the broker delivers
+        them again, to whoever serves the worker next."""
+        kept: list[tuple[str, tuple[_Incoming, Batched]]] = []
+        while self.queue:
+            sender, (incoming, item) = self.queue.pop()
+            if incoming.started:
+                self._run_job(sender, incoming, item)
+            else:
+                kept.append((sender, (incoming, item)))
+        for sender, job in kept:
+            self.queue.push(sender, job)
+
+    def _complete(self, incoming: _Incoming, *, counted: bool = True) -> None:
+        """All of a message's commands ran: its answers go out, it is acknowledged (a move
+        still waiting on its destination holds the acknowledgement back)."""
+        sender = incoming.delivery.sender
+        if counted:  # (among its sender's messages waiting here)
+            held = self.queue.held
+            count = held.get(sender, 1) - 1
+            if count:
+                held[sender] = count
+            else:
+                held.pop(sender, None)
+        replies = incoming.replies
+        delivery = incoming.delivery
+        if replies and delivery.reply_to:
+            self._send_replies(delivery.reply_to, delivery.correlation_id, replies,
+                               incoming.owed)
+        if not incoming.held:
+            self.endpoint.ack(delivery)
+
+    def _release(self, task: _Task) -> None:
+        """A move's task ended: the message it held back may be acknowledged now."""
+        incoming = task.holds
+        if incoming is not None:
+            task.holds = None
+            incoming.held -= 1
+            if not incoming.held and not incoming.left:
+                self.endpoint.ack(incoming.delivery)
+
+    def _unreadable(self, delivery: Delivery, error: ProtocolError) -> Batched:
+        """A message that cannot be read, as a command that is answered `error` (in its
+        turn among its sender's)."""
+        # Never echo an unknown type: it is the sender's text, of any length.
+        name = delivery.type if delivery.type in COMMANDS or delivery.type == BATCH else (
+            "invalid")
+        return Batched(name, delivery.correlation_id, None, _PLAIN, error)
 
     def _single(self, delivery: Delivery) -> Batched:
         try:
@@ -416,13 +572,15 @@ class WorkerRuntime:
             self._run(job, item.envelope)
             return
         containment.begin(delivery.sender, item.correlation_id)
-        replies = self._replies
+        incoming = self._incoming
         try:
             self._run(job, item.envelope)
         finally:
             containment.commit()
+            replies = incoming.replies if incoming is not None else None
             if replies and replies[-1][0] == item.correlation_id:  # its answer waits
-                containment.ran(plain_ok=is_plain_ok(replies[-1][2]))
+                assert incoming is not None
+                incoming.owed.append(containment.ran(plain_ok=is_plain_ok(replies[-1][2])))
             else:
                 containment.done()
 
@@ -455,19 +613,9 @@ class WorkerRuntime:
         if targets:
             outcome = self._then_delete(outcome, targets)
         if type(outcome) is CoroutineType:  # it waits for another worker
-            self._advance(_Task(outcome, job), None, None)
+            self._advance(_Task(outcome, job, self._origin), None, None)
         else:
             self._finish(job, outcome, None)
-
-    def _refuse(self, delivery: Delivery, error: TorchRelayError) -> None:
-        """Answer a command that will not run with `error`."""
-        self._failed += 1
-        if delivery.reply_to:
-            info = ErrorInfo.from_exception(error, with_traceback=False)
-            # Never echo an unknown type: it is the sender's text, of any length.
-            name = delivery.type if delivery.type in COMMANDS else "invalid"
-            self._send_reply(delivery.reply_to, name, delivery.correlation_id,
-                             Reply(error=info).encode())
 
     def _check_guard(self, job: _Job, guard: int) -> None:
         """Refuse to run a command behind a failure its sender has not heard of yet."""
@@ -580,17 +728,20 @@ class WorkerRuntime:
             except StopIteration as done:
                 self._unpark(task)
                 self._finish(task.job, done.value, None)
+                self._release(task)
                 return
             except Exception as e:
                 self._unpark(task)
                 self._finish(task.job, None, e)
+                self._release(task)
                 return
             correlation_id = self._next_correlation_id()
             try:
                 self.endpoint.send_command(
                     request.worker_id,
                     request.command.name,
-                    request.command.encode(),
+                    request.command.encode(None if task.origin is None
+                                           else Envelope(origin=task.origin)),
                     correlation_id,
                     confirm=request.confirm,
                 )
@@ -599,6 +750,13 @@ class WorkerRuntime:
                 continue
             deadline = time.monotonic() + self.reply_timeout
             self._waiting[correlation_id] = _Waiting(task, request, deadline)
+            incoming = self._incoming
+            if incoming is not None and task.holds is None and type(task.job.command) is Transfer:
+                # Acknowledged only once it completes: were the whole daemon to die first,
+                # the broker delivers it again, and the client learns how it ended.
+                task.holds = incoming
+                incoming.held += 1
+                self.endpoint.flush_acks()  # what ran before it is not to come again
             if self.containment is not None:
                 self._park(task, request)
             return
@@ -723,20 +881,22 @@ class WorkerRuntime:
         self._send_reply(job.reply_to, job.name, job.correlation_id, frame)
 
     def _send_reply(self, reply_to: str, name: str, correlation_id: str, frame: Frame) -> None:
-        replies = self._replies
+        incoming = self._incoming
+        replies = incoming.replies if incoming is not None else None
         if replies is not None:  # answering a batch: the replies go back together
+            assert incoming is not None
             if frame.nbytes <= _BATCHED_REPLY_BYTES:
                 replies.append((correlation_id, name, frame))
                 return
             if replies:  # a large one goes alone, after those before it
-                self._send_replies(reply_to, "", replies)
+                self._send_replies(reply_to, "", replies, incoming.owed)
                 replies.clear()
         if self.containment is not None:
             self.containment.commit()  # what a reply reports outlives a crash after it
         self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
 
     def _send_replies(self, reply_to: str, batch_id: str,
-                      replies: list[tuple[str, str, Frame]]) -> None:
+                      replies: list[tuple[str, str, Frame]], owed: list[Any]) -> None:
         if self.containment is not None:
             self.containment.commit()
         if len(replies) == 1:
@@ -745,8 +905,9 @@ class WorkerRuntime:
         else:
             self.endpoint.send_reply(reply_to, f"{BATCH}.reply", encode_reply_batch(replies),
                                      batch_id or replies[0][0])
-        if self.containment is not None:
-            self.containment.answered()
+        if self.containment is not None and owed:
+            self.containment.answered(owed)
+            owed.clear()
 
     def _next_correlation_id(self) -> str:
         self._request_numbers += 1
@@ -1137,7 +1298,37 @@ class WorkerRuntime:
         self.store.grant(command.id, command.to)
 
     def _status(self, command: Status, sender: str) -> dict[str, Any]:
-        return {**self._figures(), "holders": self._by_holder()}
+        holders = self._holders = self._by_holder()
+        return {**self._figures(), "holders": holders}
+
+    def _answer_now(self, delivery: Delivery) -> tuple[str, Frame] | None:
+        """A status request answered as it arrives, before the commands of others that
+        wait or run: `torchrelay status` and presence answer whatever runs. Only when its
+        asker has nothing waiting or running here (it sees the effects of what it sent
+        before). Called from the thread that pumps the connection, maybe while this one
+        runs a command: it only reads, and what it cannot read consistently — who holds
+        what — is as the last full status found it."""
+        if delivery.type != Status.name:
+            return None
+        reply_to = delivery.reply_to
+        sender = delivery.sender
+        in_hand = self._in_hand
+        if in_hand is None and not self.queue:
+            return None  # nothing runs or waits: the usual way is as quick, and exact
+        if reply_to is None or not is_reply_queue_of(reply_to, sender) or (
+                in_hand is not None and in_hand[0] == sender) or self.queue.has(sender):
+            return None
+        try:
+            figures = self._figures()
+            holders = (self._by_holder() if threading.get_ident() == self._thread
+                       else dict(self._holders))  # (walking the store under its user: no)
+            figures.update(holders=holders, queued=self.queue.waiting())
+        except RuntimeError:  # changed under us after all: the usual way then
+            return None
+        if in_hand is not None:
+            figures["busy"] = {"command": in_hand[1], "sender": in_hand[0],
+                               "seconds": round(time.monotonic() - in_hand[2], 3)}
+        return f"{Status.name}.reply", Reply(figures).encode()
 
     def _figures(self) -> dict[str, Any]:
         """What the worker says of itself, in a status reply and in its heartbeats."""
@@ -1182,9 +1373,12 @@ class WorkerRuntime:
 
     def _tell(self, worker_id: str, command: Command) -> None:
         """Send `command` without waiting for its reply (dropped as a late one)."""
+        origin = self._origin
         try:
-            self.endpoint.send_command(worker_id, command.name, command.encode(),
-                                       self._next_correlation_id())
+            self.endpoint.send_command(
+                worker_id, command.name,
+                command.encode(None if origin is None else Envelope(origin=origin)),
+                self._next_correlation_id())
         except TorchRelayError as e:
             log.warning("could not send %s to %s: %s", command.describe(), worker_id, e)
 

@@ -68,7 +68,8 @@ class _Supervisor:
         self.ring_fd = Ring.create(RING_CAPACITY)
         self.ring = Ring(self.ring_fd, RING_CAPACITY)
         self.copy = MirrorCopy()
-        self.poisoned: dict[tuple[str, str], str] = {}
+        self.poisoned: dict[tuple[str, str], tuple[str, float]] = {}
+        """(sender, correlation id) -> what the command did, and when (wall clock)."""
         self.restarts = 0
         self.signals = 0
         self.executor: subprocess.Popen[bytes] | None = None
@@ -110,7 +111,7 @@ class _Supervisor:
             "ring_capacity": RING_CAPACITY, "channel": theirs.fileno(),
             "snapshot": snapshot.fd, "snapshot_length": snapshot.length,
             "shared": snapshot.shared, "next_key": self.copy.largest_key + 1,
-            "poisoned": [[s, c, what] for (s, c), what in self.poisoned.items()],
+            "poisoned": [[s, c, what, when] for (s, c), (what, when) in self.poisoned.items()],
             "restarts": self.restarts, "supervisor": os.getpid(),
         }
         handed = [self.journal_fd, self.ring_fd, theirs.fileno(), snapshot.fd,
@@ -196,7 +197,7 @@ class _Supervisor:
         self.journal.clear_in_hand()
         if poison is not None:
             sender, _, correlation_id = poison.decode(errors="replace").partition("\0")
-            self.poisoned[(sender, correlation_id)] = what
+            self.poisoned[(sender, correlation_id)] = (what, time.time())
             while len(self.poisoned) > POISONS_KEPT:
                 del self.poisoned[next(iter(self.poisoned))]
             log.error("command %s from %s %s; starting a new executor with %d objects",

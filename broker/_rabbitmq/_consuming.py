@@ -12,12 +12,18 @@ header names the participant and is taken on trust; on any other account the
 header must name the user itself. A message that claims someone else, or carries
 no `user_id`, is dropped unseen, counted (`forged`) and logged once per user.
 
-Acknowledgements go out in batches, with one policy per kind (`AckBatch`):
-replies are acknowledged once queued here, every `REPLY_ACK_BATCH` of them (one
-lost with a dropped connection is delivered again, and a duplicate is ignored
-by whoever waits for it); commands once executed, every `ACK_BATCH` of them or
-within `ACK_DELAY` seconds (a command redelivered after a lost acknowledgement
-is recognised and skipped by the worker).
+Acknowledgements go out in batches: replies once queued here, every
+`REPLY_ACK_BATCH` of them (`AckBatch`; one lost with a dropped connection is
+delivered again, and a duplicate is ignored by whoever waits for it); commands
+once executed, every `ACK_BATCH` of them or within `ACK_DELAY` seconds
+(`CommandAcks`: a worker runs its senders' commands in a fair order, not the
+order they came, and holds a move's until it completes; a command redelivered
+after a lost acknowledgement is recognised and skipped by the worker).
+
+`urgent`, when set, sees each command as it arrives, even while its worker is
+busy with another (this runs in whichever thread pumps the connection, under
+the link's lock): one it answers at once (a status request) is acknowledged
+then and never queued.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from .._codec import tensor_buffer
 from .._names import RETURNED
 from .._transport import Delivery
 
-__all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch", "Consumer"]
+__all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch",
+           "CommandAcks", "Consumer"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -91,6 +98,65 @@ class AckBatch:
         self._tag = self._count = 0
 
 
+class CommandAcks:
+    """Acknowledges a channel's commands once handled, in whatever order: every command
+    up to the oldest one still open with one `multiple` ack, those handled after it
+    one by one (a multiple ack would take the open one along)."""
+
+    __slots__ = ("_done", "_every", "_oldest", "_open", "_within")
+
+    def __init__(self, every: int, within: float | None = None) -> None:
+        self._every = every
+        self._within = within
+        self._open: set[int] = set()  # delivered, not handled
+        self._done: list[int] = []  # handled, not acknowledged
+        self._oldest = 0.0
+
+    def delivered(self, tag: int) -> None:
+        self._open.add(tag)
+
+    def add(self, tag: int) -> bool:
+        """`tag` was handled; whether the acknowledgements are due."""
+        self._open.discard(tag)
+        if not self._done:
+            self._oldest = time.monotonic()
+        self._done.append(tag)
+        return len(self._done) >= self._every
+
+    def due(self) -> bool:
+        if not self._done:
+            return False
+        return len(self._done) >= self._every or (
+            self._within is not None and time.monotonic() - self._oldest >= self._within
+        )
+
+    def due_in(self) -> float | None:
+        if not self._done or self._within is None:
+            return None
+        return max(0.0, self._oldest + self._within - time.monotonic())
+
+    def flush(self, channel: Any) -> None:
+        done = self._done
+        if not done:
+            return
+        if not self._open:
+            channel.basic_ack(max(done), multiple=True)
+        else:
+            oldest_open = min(self._open)
+            below = [t for t in done if t < oldest_open]
+            if below:
+                channel.basic_ack(max(below), multiple=True)
+            for tag in done:
+                if tag > oldest_open:
+                    channel.basic_ack(tag)
+        self._done = []
+
+    def forget(self) -> None:
+        """The channel is gone: its unacknowledged deliveries were requeued."""
+        self._open.clear()
+        self._done = []
+
+
 class Consumer:
     """Turns pika deliveries into `Delivery`s in an inbox (see the module docstring)."""
 
@@ -110,7 +176,9 @@ class Consumer:
         self.allocate = allocate
         self.replies = AckBatch(REPLY_ACK_BATCH)
         # Never hold back more of the prefetch window than a quarter.
-        self.commands = AckBatch(max(1, min(ACK_BATCH, prefetch // 4)), ACK_DELAY)
+        self.commands = CommandAcks(max(1, min(ACK_BATCH, prefetch // 4)), ACK_DELAY)
+        self.urgent: Callable[[Any, Delivery], bool] | None = None
+        """Sees each command as it arrives; true when it answered it (see the module)."""
         self.bytes_received = 0
         self.epoch = 0
         self.cancelled = False
@@ -149,11 +217,17 @@ class Consumer:
                 # the endpoint's choosing instead, its tensors need no other copy.
                 whole = self.allocate(len(body))
                 tensor_buffer(whole)[:] = body
-            self.inbox.append(Delivery(
+            delivery = Delivery(
                 is_reply, props.type or "", props.correlation_id or "", sender, whole,
                 None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
                 self.epoch,
-            ))
+            )
+            if not is_reply:
+                if self.urgent is not None and self.urgent(channel, delivery):
+                    channel.basic_ack(method.delivery_tag)  # answered already
+                    return
+                self.commands.delivered(method.delivery_tag)
+            self.inbox.append(delivery)
             return
         origin = (is_reply, props.type or "", None if is_reply else props.reply_to)
         whole = self._add_chunk(sender, props.correlation_id or "", chunk, body, origin)
@@ -164,6 +238,8 @@ class Consumer:
             if not is_reply:  # acked now, or the prefetch window would stall the rest
                 channel.basic_ack(method.delivery_tag)
             return
+        if not is_reply:
+            self.commands.delivered(method.delivery_tag)
         self.inbox.append(Delivery(
             is_reply, props.type or "", props.correlation_id or "", sender, whole,
             None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
@@ -233,6 +309,10 @@ class Consumer:
     def take(self) -> Delivery | None:
         inbox = self.inbox
         return inbox.popleft() if inbox else None
+
+    def acks_due_in(self) -> float | None:
+        """Seconds until the command acknowledgements waiting are due; None if none wait."""
+        return self.commands.due_in()
 
     def flush_acks(self, commands_channel: Any, replies_channel: Any, *, everything: bool) -> None:
         """Send the acknowledgements that are due (with `everything`, all of them)."""

@@ -135,6 +135,8 @@ class RabbitMQEndpoint(Endpoint):
         self._administered = broker.verified_identity is not None
         self._consumer = Consumer(broker.max_message_bytes, broker.prefetch, broker.allocate,
                                   broker.shared_accounts)
+        self._consumer.urgent = self._urgent
+        self._channels: Channels | None = None
         self._next_stale_check = 0.0
         self._publisher = Publisher(identity, broker.user, broker.chunk_size)
         self._link = Link(settings, self._on_open, self._on_keepalive)
@@ -147,6 +149,7 @@ class RabbitMQEndpoint(Endpoint):
         ) is not None
         consumer = self._consumer
         consumer.reopened(channels.epoch)
+        self._channels = channels
         commands, replies = channels.commands, channels.replies
         topology.declare_command_exchange(channels.connection, commands,
                                           administered=self._administered)
@@ -219,6 +222,34 @@ class RabbitMQEndpoint(Endpoint):
             channels, "", reply_to, type=type, frame=frame, correlation_id=correlation_id
         ))
 
+    def _urgent(self, channel: Any, delivery: Delivery) -> bool:
+        """Answer a command at once if our owner can (`answer_now`), under the lock."""
+        answer = self.answer_now
+        if answer is None or self._channels is None:
+            return False
+        sender = delivery.sender
+        if any(d.sender == sender for d in self._consumer.inbox):
+            return False  # what the asker sent before goes first
+        answered = answer(delivery)
+        if answered is None or not delivery.reply_to:
+            return False
+        kind, frame = answered
+        self._publisher.publish(self._channels, "", delivery.reply_to, type=kind, frame=frame,
+                                correlation_id=delivery.correlation_id)
+        return True
+
+    def poll(self) -> Delivery | None:
+        def poll(channels: Channels) -> Delivery | None:
+            consumer = self._consumer
+            delivery = consumer.take()
+            if delivery is None:
+                channels.connection.process_data_events(time_limit=0)
+                consumer.flush_acks(channels.commands, channels.replies, everything=False)
+                delivery = consumer.take()
+            return delivery
+
+        return self._link.run(poll)
+
     def receive(self, timeout: float) -> Delivery | None:
         deadline = time.monotonic() + timeout
         while True:
@@ -236,7 +267,10 @@ class RabbitMQEndpoint(Endpoint):
         delivery = consumer.take()
         if delivery is None:
             consumer.flush_acks(channels.commands, channels.replies, everything=False)
-            channels.connection.process_data_events(time_limit=None)
+            # Until something arrives, but no longer than acknowledgements may wait: a
+            # command acknowledged late comes again should the daemon die (the standing
+            # tick does not end a wait without events).
+            channels.connection.process_data_events(time_limit=consumer.acks_due_in())
             consumer.flush_acks(channels.commands, channels.replies, everything=False)
             now = time.monotonic()
             if now >= self._next_stale_check:
@@ -263,6 +297,11 @@ class RabbitMQEndpoint(Endpoint):
                 consumer.commands.flush(channels.commands)
 
         self._link.run(ack)
+
+    def flush_acks(self) -> None:
+        consumer = self._consumer
+        self._link.run(lambda channels: consumer.flush_acks(
+            channels.commands, channels.replies, everything=True))
 
     def dead_letter(
         self, type: str, frame: Frame, correlation_id: str, sender: str, reason: str

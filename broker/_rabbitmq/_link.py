@@ -288,7 +288,9 @@ class Link:
     # -- the keeper thread ------------------------------------------------------------
 
     def _keep_alive(self) -> None:
-        interval = max(0.2, min(self.settings.heartbeat_seconds / 4, 5.0))
+        # Often: while the owner runs a long command, this thread is what answers status
+        # requests (see `Consumer.urgent`), as well as what keeps the heartbeats going.
+        interval = max(0.1, min(self.settings.heartbeat_seconds / 4, 0.25))
         while not self._stop.wait(interval):
             if not self._lock.acquire(blocking=False):
                 continue  # the owner is pumping the connection itself
