@@ -12,6 +12,7 @@ ahead of it, and status was not answered at all while one ran.
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
@@ -27,18 +28,20 @@ from .stats import millis, progress
 
 
 def _heavy_command(fleet: tr.Fleet, worker: tr.WorkerHandle, seconds: float) -> Any:
-    """A matrix power whose run takes about `seconds` here (calibrated: a benchmark may)."""
+    """A matrix and a number of squarings whose `matrix_power` takes about `seconds`
+    here (calibrated: a benchmark may). The exponent `2**squarings` must fit an int64,
+    so the matrix grows until 60 squarings or fewer are enough."""
     side = 1500
-    matrix = send(torch.rand(side, side) / side, worker)
-    squarings = 1
     while True:
+        matrix = send(torch.rand(side, side) / side, worker)
         started = time.monotonic()
-        torch.linalg.matrix_power(matrix, 2**squarings)
+        torch.linalg.matrix_power(matrix, 2**8)
         fleet.sync()
-        took = time.monotonic() - started
-        if took >= seconds / 2 or squarings >= 40:
-            return matrix, max(1, round(squarings * seconds / took))
-        squarings *= 2
+        per_squaring = (time.monotonic() - started) / 8
+        squarings = round(seconds / per_squaring)
+        if squarings <= 60:
+            return matrix, max(1, squarings)
+        side = int(side * (squarings / 60) ** (1 / 3)) + 1
 
 
 def fairness(session: Session) -> MeasureResult:
@@ -61,11 +64,15 @@ def fairness(session: Session) -> MeasureResult:
         round_trip = _round_trip(small)
         stop = threading.Event()
 
+        batches: list[float] = []
+
         def heavy_load() -> None:
             while not stop.is_set():
+                started = time.monotonic()
                 for _ in range(3):  # back to back, in one message
                     torch.linalg.matrix_power(matrix, 2**squarings)
                 heavy.sync()
+                batches.append(time.monotonic() - started)
 
         loader = threading.Thread(target=heavy_load, daemon=True)
         loader.start()
@@ -76,19 +83,25 @@ def fairness(session: Session) -> MeasureResult:
         while time.monotonic() < deadline:
             waits.append(_timed_get(small))
             statuses.append(_timed(watch.worker(worker_id).status))
-            time.sleep(0.2)
+            # At a random point of the next heavy command: right after an answer is right
+            # after a heavy command began, and every get would wait for all of one.
+            time.sleep(random.uniform(0.0, one_heavy))
         stop.set()
         loader.join()
         small.get()
         matrix.get()
-    bound = one_heavy + round_trip
-    result.raw.update(heavy_s=one_heavy, round_trip_s=round_trip, light_get_s=waits,
-                      status_s=statuses)
+    # A heavy command's time under load (a batch holds 3, and light work runs between):
+    # what a light command may have to wait for, at most.
+    under_load = max(batches) / 3 if batches else one_heavy
+    bound = max(one_heavy, under_load) + round_trip
+    result.raw.update(heavy_s=one_heavy, heavy_batches_s=batches, round_trip_s=round_trip,
+                      light_get_s=waits, status_s=statuses)
     result.rows.append(Row(
         "fairness: a light get while another sends heavy commands (worst)",
         millis(max(waits)), f"bound {millis(bound)}", max(waits) / bound, at_most(1.0),
-        note=f"median {millis(statistics.median(waits))} over {len(waits)} gets; one heavy "
-             f"command {one_heavy:.1f} s, three per message, back to back"))
+        note=f"median {millis(statistics.median(waits))} over {len(waits)} gets at random "
+             f"times; one heavy command {one_heavy:.1f} s alone, up to {under_load:.1f} s "
+             "under load (bound: that and a round trip), three per message, back to back"))
     result.rows.append(Row(
         "fairness: status while a heavy command runs (worst)", millis(max(statuses)),
         f"bound {millis(bound)}", max(statuses) / bound, at_most(1.0),

@@ -75,7 +75,7 @@ class _Counts:
             return send(*args, **kwargs)
 
         def counted_collect(**kwargs: Any) -> None:
-            if fleet._outstanding or fleet._queued:
+            if fleet.pending or fleet.publisher.unpublished:
                 self.waits += 1
             collect(**kwargs)
 

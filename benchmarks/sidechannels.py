@@ -36,9 +36,9 @@ import torch
 
 from torchrelay.broker import resolve_op
 from torchrelay.broker._ops import operation_names
-from torchrelay.worker._limits import Limits
-from torchrelay.worker._oblivious import PrivateExecution
-from torchrelay.worker._pacing import Pacer
+from torchrelay.worker.runtime._limits import Limits
+from torchrelay.worker.runtime._oblivious import PrivateExecution
+from torchrelay.worker.runtime._pacing import Pacer
 
 from .report import MeasureResult, Row
 from .session import Session, send

@@ -39,11 +39,14 @@ if TYPE_CHECKING:
         BROKER_ENV,
         COMMAND_EXCHANGE,
         DEFAULT_CHUNK_SIZE,
+        DEFAULT_QUEUE_EXPIRES,
         EVENTS_EXCHANGE,
         PRESENCE_ASK,
+        QUEUE_TYPES,
         RETURNED,
         SHARED_ACCOUNTS,
         TLS_ENV,
+        default_url,
         is_reply_queue_of,
         reply_queue,
         worker_queue,
@@ -65,12 +68,10 @@ if TYPE_CHECKING:
         Delete,
         Describe,
         Envelope,
-        ErrorInfo,
         Fetch,
         Grant,
         Meta,
         Pull,
-        Reply,
         RunPlan,
         Search,
         Status,
@@ -79,12 +80,7 @@ if TYPE_CHECKING:
         command,
         decode_batch,
         decode_command,
-        decode_reply,
-        decode_reply_batch,
         encode_batch,
-        encode_reply_batch,
-        is_plain_ok,
-        session_and_number,
     )
     from ._rabbitmq import (
         ManagementAPI,
@@ -94,8 +90,17 @@ if TYPE_CHECKING:
         redact_url,
     )
     from ._refs import ObjectRef, PointerRef, format_pointer, new_object_id
+    from ._replies import (
+        ErrorInfo,
+        Reply,
+        decode_reply,
+        decode_reply_batch,
+        encode_reply_batch,
+        is_plain_ok,
+        session_and_number,
+    )
     from ._transport import Broker, Delivery, Endpoint
-    from ._urls import default_url, open_broker
+    from ._urls import open_broker
 
 __all__, __getattr__ = lazy_exports(__name__, __file__)
 

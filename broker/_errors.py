@@ -10,13 +10,18 @@
     ├── ProtocolError               bytes that are not a valid torchrelay message
     │   └── DecodeError             ... raised while decoding them
     ├── OperationRefused            an operation outside the allow-list
+    │   └── PrivateDataError        private data would leave its owner's rules
     ├── EarlierFailure              not run: an earlier command of the session failed
     ├── ObjectNotFound              no object under that id on that worker
     └── RemoteError                 a worker failed; carries the remote type and traceback
+        ├── RemotePrivateDataError  ... a PrivateDataError (catch it as either)
+        └── RemoteObjectNotFound    ... an ObjectNotFound (catch it as either)
 
-Errors raised on a worker travel back as `RemoteErrorInfo` and are rebuilt by the
-caller as `RemoteError`, never as the original class: the caller must not be able
-to make the client instantiate arbitrary types.
+Errors raised on a worker travel back as `ErrorInfo` (`broker/_protocol.py`) and
+are rebuilt by the caller as `RemoteError`, never as the original class: the
+caller must not be able to make the client instantiate arbitrary types. The two
+a caller may want to catch by kind are rebuilt as the subclasses above, which
+are also the local class: `except tr.ObjectNotFound` catches a worker's.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ __all__ = [
     "PrivateDataError",
     "ProtocolError",
     "RemoteError",
+    "RemoteObjectNotFound",
     "RemotePrivateDataError",
     "ReplyTimeout",
     "TorchRelayError",
@@ -156,3 +162,11 @@ class RemoteError(TorchRelayError):
 class RemotePrivateDataError(RemoteError, PrivateDataError):
     """A `PrivateDataError` a worker raised, rebuilt at the call site: catch it as
     either."""
+
+
+class RemoteObjectNotFound(RemoteError, ObjectNotFound):
+    """An `ObjectNotFound` a worker raised (an id it does not hold, or no longer),
+    rebuilt at the call site: catch it as either."""
+
+    def __str__(self) -> str:  # RemoteError's message, not KeyError's repr
+        return RemoteError.__str__(self)

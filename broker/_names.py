@@ -3,6 +3,7 @@ the supervisor of a worker daemon reads them without loading torch)."""
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 __all__ = [
@@ -10,11 +11,14 @@ __all__ = [
     "BROKER_ENV",
     "COMMAND_EXCHANGE",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_QUEUE_EXPIRES",
     "EVENTS_EXCHANGE",
     "PRESENCE_ASK",
+    "QUEUE_TYPES",
     "RETURNED",
     "SHARED_ACCOUNTS",
     "TLS_ENV",
+    "default_url",
     "is_reply_queue_of",
     "reply_queue",
     "worker_queue",
@@ -34,6 +38,12 @@ EVENTS_EXCHANGE: Final = "torchrelay.events"
 
 PRESENCE_ASK: Final = "presence.ask"
 """The routing key of a command meant for every worker (a client's `workers()`)."""
+
+QUEUE_TYPES: Final = ("classic", "quorum")
+"""How a worker queue may be declared: quorum queues are replicated by a cluster."""
+
+DEFAULT_QUEUE_EXPIRES: Final = 7 * 24 * 3600.0
+"""Seconds a worker queue outlives its last consumer: a week."""
 
 RETURNED: Final = "returned"
 """Type of the synthetic reply for a command no worker could receive."""
@@ -76,3 +86,8 @@ def is_reply_queue_of(queue: str, identity: str) -> bool:
     return (len(queue) > prefix_length and queue.startswith(REPLY_PREFIX)
             and queue[len(REPLY_PREFIX):prefix_length - 1] == identity
             and queue[prefix_length - 1] == "." and "." not in queue[prefix_length:])
+
+
+def default_url() -> str | None:
+    """The broker named by `$TORCHRELAY_BROKER`, if any."""
+    return os.environ.get(BROKER_ENV) or None

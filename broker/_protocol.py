@@ -17,17 +17,14 @@ the origin, for an error relayed from further down a chain of pointers.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
-import traceback
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Final, TypeVar, dataclass_transform
 
 from ._codec import Body, Frame, decode, encode
-from ._errors import DecodeError, ProtocolError, RemoteError, RemotePrivateDataError
+from ._errors import DecodeError, ProtocolError
+from ._schema import Range, Schema, Text
 
 __all__ = [
     "BATCH",
@@ -44,13 +41,11 @@ __all__ = [
     "Delete",
     "Describe",
     "Envelope",
-    "ErrorInfo",
     "Fetch",
     "Grant",
     "Meta",
     "ObjectId",
     "Pull",
-    "Reply",
     "RunPlan",
     "Search",
     "Status",
@@ -60,32 +55,10 @@ __all__ = [
     "command",
     "decode_batch",
     "decode_command",
-    "decode_reply",
-    "decode_reply_batch",
     "encode_batch",
-    "encode_reply_batch",
-    "is_plain_ok",
-    "session_and_number",
 ]
 
-# -- constrained field types ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Range:
-    """An integer field's inclusive bounds."""
-
-    low: int
-    high: int
-
-
-@dataclass(frozen=True, slots=True)
-class Text:
-    """A string field's length bounds, and optionally the pattern it must match."""
-
-    max_length: int
-    pattern: str | None = None
-    meaning: str = ""
+# -- field types ---------------------------------------------------------------------
 
 
 MAX_OBJECT_ID: Final = (1 << 53) - 1
@@ -106,146 +79,6 @@ Identity = Annotated[str, Text(255)]
 Tag = Annotated[str, Text(64)]
 
 
-# -- validators derived from annotations --------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Validator:
-    check: Callable[[Any], bool]
-    expected: str
-
-
-def _validator(annotation: Any) -> _Validator:
-    """How to check a decoded value against a field's annotation."""
-    if annotation is Any:
-        return _Validator(lambda v: True, "any value")
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Annotated:
-        return _constrained(args[0], args[1:])
-    if annotation is int:
-        return _constrained(int, (Range(-(1 << 63), (1 << 63) - 1),))
-    if annotation is str:
-        return _constrained(str, (Text(255),))
-    if annotation is bool:
-        return _Validator(lambda v: type(v) is bool, "a boolean")
-    if annotation is float:
-        return _Validator(lambda v: type(v) in (int, float) and math.isfinite(v),
-                          "a finite number")
-    if origin is list:
-        (item,) = args
-        if item is Any:
-            return _Validator(lambda v: type(v) is list, "a list")
-        inner = _validator(item).check
-        return _Validator(
-            lambda v: type(v) is list and all(inner(i) for i in v),
-            f"a list of {_validator(item).expected}",
-        )
-    if origin is dict and args == (str, Any):
-        return _Validator(
-            lambda v: type(v) is dict and all(type(k) is str for k in v), "a map with string keys"
-        )
-    if origin in (typing.Union, _UNION_TYPE) and len(args) == 2 and type(None) in args:
-        (inner_type,) = [a for a in args if a is not type(None)]
-        inner_validator = _validator(inner_type)
-        check = inner_validator.check
-        return _Validator(lambda v: v is None or check(v), f"{inner_validator.expected} or nil")
-    raise TypeError(f"no wire validation for fields annotated {annotation!r}")
-
-
-_UNION_TYPE = type(int | None)
-
-
-def _constrained(base: type, constraints: tuple[Any, ...]) -> _Validator:
-    (constraint,) = constraints
-    if base is int and isinstance(constraint, Range):
-        low, high = constraint.low, constraint.high
-        return _Validator(
-            lambda v: type(v) is int and low <= v <= high, f"an integer from {low} to {high}"
-        )
-    if base is str and isinstance(constraint, Text):
-        longest = constraint.max_length
-        if constraint.pattern is None:
-            return _Validator(
-                lambda v: type(v) is str and 0 < len(v) <= longest,
-                f"a non-empty string of at most {longest} characters",
-            )
-        matches = re.compile(constraint.pattern).fullmatch
-        return _Validator(
-            lambda v: type(v) is str and 0 < len(v) <= longest and matches(v) is not None,
-            f"1 to {longest} {constraint.meaning}",
-        )
-    raise TypeError(f"no wire validation for {base.__name__} with {constraint!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class _Field:
-    name: str
-    validator: _Validator
-    required: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Schema:
-    """The wire form of one declared class: its fields, in declaration order."""
-
-    owner: str
-    fields: tuple[_Field, ...]
-    names: frozenset[str]
-    checks: dict[str, Callable[[Any], bool]]
-    """name -> check of every field, for the hot path of `validate`."""
-    required: int
-    """How many fields must be given."""
-
-    @classmethod
-    def of(cls, owner: str, declared: type) -> _Schema:
-        hints = typing.get_type_hints(declared, include_extras=True)
-        fields = tuple(
-            _Field(
-                f.name,
-                _validator(hints[f.name]),
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-            )
-            for f in dataclasses.fields(declared)
-        )
-        checks = {f.name: f.validator.check for f in fields}
-        return cls(owner, fields, frozenset(checks), checks, sum(f.required for f in fields))
-
-    def validate(self, values: dict[Any, Any]) -> None:
-        """Raise `ProtocolError` unless `values` holds exactly valid fields of this schema."""
-        checks = self.checks
-        for key, value in values.items():
-            check = checks.get(key)
-            if check is None or not check(value):
-                self._explain(values)
-        if len(values) < len(checks) and len(values) - sum(
-            1 for f in self.fields if not f.required and f.name in values
-        ) < self.required:
-            self._explain(values)
-
-    def _explain(self, values: dict[Any, Any]) -> None:
-        """Raise the `ProtocolError` that says what is wrong with `values`, if anything."""
-        if not values.keys() <= self.names:
-            unknown = sorted(str(k) for k in values.keys() - self.names)
-            raise ProtocolError(f"{self.owner}: unknown fields {unknown}")
-        missing = sorted(f.name for f in self.fields if f.required and f.name not in values)
-        if missing:
-            raise ProtocolError(f"{self.owner}: missing fields {missing}")
-        for f in self.fields:
-            if f.name in values and not f.validator.check(values[f.name]):
-                raise ProtocolError(
-                    f"{self.owner}: field {f.name!r} must be {f.validator.expected}, "
-                    f"got {_shown(values[f.name])}"
-                )
-
-
-def _shown(value: Any) -> str:
-    """A value named in an error: its type, and short scalars themselves."""
-    if type(value) in (int, bool) or (type(value) is str and len(value) <= 40):
-        return f"{type(value).__name__} {value!r}"
-    return type(value).__name__
-
-
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -254,7 +87,7 @@ class Command:
 
     __slots__ = ()
     name: ClassVar[str]
-    _schema: ClassVar[_Schema]
+    _schema: ClassVar[Schema]
     _names: ClassVar[tuple[str, ...]]
 
     def encode(self, envelope: Envelope | None = None) -> Frame:
@@ -293,7 +126,7 @@ def command(name: str) -> Callable[[_C], _C]:
             raise TypeError(f"command {name!r} is declared twice")
         cls.name = name
         made = typing.cast(_C, dataclass(frozen=True, slots=True)(cls))
-        made._schema = _Schema.of(name, made)
+        made._schema = Schema.of(name, made)
         made._names = tuple(f.name for f in made._schema.fields)
         clash = made._schema.names & _ENVELOPE.names
         if clash:
@@ -321,7 +154,7 @@ class Envelope:
     `origin`: set by a worker on what it sends on behalf of a command it runs (a call
     forwarded down a chain, deletes behind it): the participant that command came from,
     or its own origin. A worker schedules it with that participant's commands, in their
-    order (`worker/_fairness.py`): what a client caused elsewhere does not overtake what
+    order (`worker/runtime/_fairness.py`): what a client caused elsewhere does not overtake what
     it sent directly. Only scheduling reads it.
     """
 
@@ -330,7 +163,7 @@ class Envelope:
     origin: Identity | None = None
 
 
-_ENVELOPE: Final = _Schema.of("envelope", Envelope)
+_ENVELOPE: Final = Schema.of("envelope", Envelope)
 _NO_ENVELOPE: Final = Envelope()
 
 
@@ -609,126 +442,3 @@ def decode_batch(body: Body) -> list[Batched]:
         else:
             batch.append(Batched(name, correlation_id, command, envelope))
     return batch
-
-
-def encode_reply_batch(replies: Sequence[tuple[str, str, Frame]]) -> Frame:
-    """One message body for several replies: `(correlation id, command name, reply frame)`."""
-    return encode({"replies": [[cid, name, frame.tobytes()] for cid, name, frame in replies]})
-
-
-def decode_reply_batch(body: Body) -> list[tuple[str, str, bytes]]:
-    values = decode(body)
-    items = values.get("replies") if type(values) is dict and len(values) == 1 else None
-    if type(items) is not list or not all(
-        type(i) is list and len(i) == 3 and type(i[0]) is str and type(i[1]) is str
-        and type(i[2]) is bytes for i in items
-    ):
-        raise ProtocolError("a batch of replies must be {'replies': [[id, name, reply]...]}")
-    return [(cid, name, frame) for cid, name, frame in items]
-
-
-def session_and_number(correlation_id: str) -> tuple[str, int] | None:
-    """A correlation id `<session>.<number>` split in two; None if it is not of that form.
-
-    Every participant numbers its commands within a session of its own, so a
-    worker can tell how a command stands relative to others of the same session.
-    """
-    session, _, number = correlation_id.rpartition(".")
-    if not session or not number.isdecimal() or len(number) > 18:
-        return None
-    return session, int(number)
-
-
-# -- replies --------------------------------------------------------------------------------
-
-
-MAX_ERROR_MESSAGE: Final = 2000
-MAX_ERROR_TRACEBACK: Final = 8000
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
-    """An exception as it crosses the wire: its type name, message and traceback.
-
-    Message and traceback are bounded (`MAX_ERROR_MESSAGE`, `MAX_ERROR_TRACEBACK`
-    characters): an exception that quotes a huge value costs no more than another.
-    """
-
-    type: str
-    message: str
-    traceback: str = ""
-    origin: str = ""
-    """Where down a chain of pointers it happened, if not on the worker that answers."""
-
-    @classmethod
-    def from_exception(cls, error: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
-        if isinstance(error, RemoteError):  # relayed from further down a chain
-            origin = error.origin or f"{error.operation} failed on worker {error.worker_id!r}"
-            return cls(error.remote_type, error.remote_message, error.remote_traceback,
-                       _bounded(origin, MAX_ERROR_MESSAGE))
-        kind = type(error)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else (
-            f"{kind.__module__}.{kind.__qualname__}"
-        )
-        try:
-            message = str(error)
-            text = "".join(traceback.format_exception(error)) if with_traceback else ""
-        except Exception as e:  # a message that cannot even be formatted
-            message, text = f"(the error's message could not be shown: {type(e).__name__})", ""
-        if len(text) > MAX_ERROR_TRACEBACK:
-            text = "…" + text[-(MAX_ERROR_TRACEBACK - 1):]  # the innermost frames matter
-        return cls(name, _bounded(message, MAX_ERROR_MESSAGE), text)
-
-    def to_exception(self, worker_id: str, operation: str) -> RemoteError:
-        kind = (RemotePrivateDataError if self.type.endswith(".PrivateDataError")
-                else RemoteError)
-        return kind(worker_id, operation, self.type, self.message,
-                    remote_traceback=self.traceback, origin=self.origin)
-
-
-def _bounded(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """The answer to one command: a value, or an error."""
-
-    value: Any = None
-    error: ErrorInfo | None = None
-
-    def encode(self) -> Frame:
-        if self.error is None:
-            if self.value is None:
-                return _OK_NONE  # the commonest reply, encoded once
-            return encode({"ok": self.value})
-        e = self.error
-        fields = [e.type, e.message, e.traceback, e.origin] if e.origin else [
-            e.type, e.message, e.traceback]
-        return encode({"error": fields})
-
-
-_OK_NONE: Final = encode({"ok": None})
-_OK_NONE_BYTES: Final = _OK_NONE.tobytes()
-_NOTHING: Final = Reply()
-
-
-def is_plain_ok(frame: Frame) -> bool:
-    """Whether a reply frame is the plain `{"ok": None}` (a command that answers nothing)."""
-    return frame is _OK_NONE or (frame.nbytes == len(_OK_NONE_BYTES)
-                                 and frame.tobytes() == _OK_NONE_BYTES)
-
-
-def decode_reply(body: Body) -> Reply:
-    if type(body) is bytes and body == _OK_NONE_BYTES:
-        return _NOTHING
-    values = decode(body)
-    if type(values) is dict and len(values) == 1:
-        if "ok" in values:
-            return Reply(values["ok"])
-        error = values.get("error")
-        if type(error) is list and len(error) in (3, 4) and all(type(s) is str for s in error):
-            return Reply(error=ErrorInfo(*error))
-    raise ProtocolError(
-        "a reply must be {'ok': value} or {'error': [type, message, traceback, (origin)]}"
-    )

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import difflib
-import os
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 from ._embedded import EmbeddedBroker, WorkerStarter
 from ._errors import UnknownBrokerURL
-from ._names import BROKER_ENV
+from ._names import BROKER_ENV, default_url
 from ._rabbitmq import RabbitMQBroker
 from ._transport import Broker
 
@@ -54,7 +53,3 @@ def open_broker(
     if factory is _embedded:
         options = {}
     return factory(url, start_worker, **options)
-
-
-def default_url() -> str | None:
-    return os.environ.get(BROKER_ENV) or None

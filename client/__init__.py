@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING
 from torchrelay.broker._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from ._aggregate import Release, aggregate
     from ._data import DatasetPointer, FederatedDataLoader
     from ._fedavg import FedAvg, RoundResult
-    from ._fleet import Fleet, ObjectDescription, WorkerHandle
     from ._hook import hook
     from ._module import ModulePointer
     from ._optim import SGD, Adam, RemoteOptimizer
-    from ._plan import Plan, plan
+    from ._plan_recording import Plan, plan
     from ._pointer import OPERATORS, PointerTensor, send
+    from ._release import Release, aggregate
+    from ._session import Fleet, ObjectDescription, WorkerHandle
 
 __all__, __getattr__ = lazy_exports(__name__, __file__)
 

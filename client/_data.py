@@ -15,14 +15,16 @@ operation), so a training loop over it reads like a local one and no data moves.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from torchrelay.broker import Search
 
-from ._fleet import WorkerHandle
 from ._pointer import PointerTensor
+
+if TYPE_CHECKING:  # (the session imports datasets, not the other way round)
+    from ._session import WorkerHandle
 
 __all__ = ["DatasetPointer", "FederatedDataLoader", "search"]
 

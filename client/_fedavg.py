@@ -43,13 +43,13 @@ from torch import nn
 
 from torchrelay.broker import PrivateDataError
 
-from ._aggregate import aggregate
 from ._data import DatasetPointer, FederatedDataLoader
-from ._fleet import WorkerHandle
 from ._module import ModulePointer, send_module
 from ._optim import SGD, RemoteOptimizer
-from ._plan import Plan
+from ._plan_recording import Plan
 from ._pointer import PointerTensor
+from ._release import aggregate
+from ._session import WorkerHandle
 
 __all__ = ["FedAvg", "RoundResult"]
 

@@ -29,8 +29,8 @@ from torch import nn
 
 from torchrelay.broker import Fetch, OperationRefused, PointerRef, Transfer
 
-from ._fleet import WorkerHandle
 from ._pointer import PointerTensor, send
+from ._session import WorkerHandle
 
 __all__ = ["ModulePointer", "send_module"]
 
@@ -127,8 +127,11 @@ class ModulePointer:
 
     # -- moving it around ---------------------------------------------------------------
 
-    def get(self) -> nn.Module:
-        """Bring the module back: a real one, its tensors fetched (and removed remotely)."""
+    def get(self) -> nn.Module | ModulePointer:
+        """Bring the module back: a real one, its tensors fetched (and removed remotely).
+        Of a pointer chain (`model.send(bob).send(alice)`), one hop nearer the data, as
+        a tensor's `get` is: a pointer to the module on the next worker, whose own
+        `get` brings it back."""
         pointers = self.pointers()
         if not pointers:
             return copy.deepcopy(self._module)
@@ -149,6 +152,8 @@ class ModulePointer:
             if is_parameter and isinstance(value, torch.Tensor):
                 value = nn.Parameter(value.detach(), requires_grad=value.requires_grad)
             table[name] = value
+        if any(isinstance(value, PointerTensor) for _, _, _, value in _tensors(module)):
+            return ModulePointer(module)
         return module
 
     def move(self, worker: WorkerHandle) -> ModulePointer:

@@ -47,7 +47,8 @@ from torchrelay.broker import (
 )
 from torchrelay.broker._allowlist import TENSOR_METHODS
 
-from ._fleet import Fleet, WorkerHandle
+if TYPE_CHECKING:  # (the session imports pointers, not the other way round)
+    from ._session import Fleet, WorkerHandle
 
 __all__ = ["OPERATORS", "PointerTensor", "remote_call", "send"]
 

@@ -42,7 +42,7 @@ MANAGEMENT_URL = os.environ.get("RABBITMQ_MANAGEMENT_URL", "http://localhost:156
 WORKERS = ("bob", "alice", "carol")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-# Privacy ledgers of workers that name none (see worker/_privacy.py) go to a folder of
+# Privacy ledgers of workers that name none (see worker/runtime/_privacy.py) go to a folder of
 # this run, not the user's ~/.local/state.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="torchrelay-test-state-")
 

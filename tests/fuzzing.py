@@ -33,8 +33,8 @@ import torch
 
 from torchrelay.broker import resolve_op
 from torchrelay.broker._ops import operation_names
-from torchrelay.worker._checks import check_arguments, check_result
-from torchrelay.worker._limits import BudgetExceeded, Limits
+from torchrelay.worker.runtime._checks import check_arguments, check_result
+from torchrelay.worker.runtime._limits import BudgetExceeded, Limits
 
 NAN, INF = math.nan, math.inf
 
@@ -148,7 +148,7 @@ def generic_cases(op: str) -> Iterator[Case]:
 
 KNOWN_BAD: list[Case] = [
     # Each crashed the process or never returned in torch 2.13 before the worker's
-    # checks refused it (found by this campaign; see worker/_checks.py).
+    # checks refused it (found by this campaign; see worker/runtime/_checks.py).
     Case("linalg.eigvals", "NaN on the diagonal (SIGSEGV in SGEBAL)", (Tensor("nan22"),)),
     Case("linalg.eigvals", "all NaN (SIGSEGV)", (Tensor("allnan22"),)),
     Case("linalg.eigvals", "complex NaN (SIGSEGV)", (Tensor("cnan22"),)),

@@ -58,8 +58,9 @@ from torchrelay.broker import (
     decode_reply,
 )
 from torchrelay.worker import WorkerRuntime
-from torchrelay.worker._limits import Limits
-from torchrelay.worker._privacy import PrivacyPolicy
+from torchrelay.worker.runtime._commands.tensors import meta
+from torchrelay.worker.runtime._limits import Limits
+from torchrelay.worker.runtime._privacy import PrivacyPolicy
 
 OWNER = "bob"
 CLIENT = "client"
@@ -480,7 +481,7 @@ class Observer:
         if not ids or not isinstance(values[0], torch.Tensor):
             ids.insert(0, None)  # the first argument is not a tensor: nothing in place
         versions = [t._version for t in tensors]
-        failed = self.runtime._figures()["commands_failed"]
+        failed = self.runtime.figures()["commands_failed"]
         result_id = None if _inplace(case.op) else 1
         reply = self.ask(Call(case.op, wire, dict(case.kwargs), result_id))
         seen: list[Any] = [reply]
@@ -488,12 +489,12 @@ class Observer:
         runtime = self.runtime
         if reply[0] == "ok" and touched is not None:
             # What `meta` and `describe` answer (their handlers, without the round trip).
-            seen.append(_outcome(lambda: runtime._meta(Meta(touched), CLIENT)))
+            seen.append(_outcome(lambda: meta(runtime, Meta(touched), CLIENT)))
             if touched in store:
                 entry = store.get(touched)
                 seen.append((_inside(entry.value), sorted(store.owners(entry)),
                              store.describe_one(touched)))
-        status = runtime._figures()
+        status = runtime.figures()
         seen.append((status["objects"], status["tensor_bytes"],
                      status["commands_failed"] - failed))
         for object_id in ids:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def stall(fleet: tr.Fleet, worker: str, seconds: float) -> None:
     """Have `worker` (a daemon started with `--fault-injection`) hold its command in hand
-    for `seconds`, whatever the machine's speed (see worker/_faults.py)."""
+    for `seconds`, whatever the machine's speed (see worker/runtime/_faults.py)."""
     fleet.post(worker, Call("testing.stall", [seconds], {}, None))
 
 

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 import torchrelay as tr
 from torchrelay.broker import Delete, Fetch, Transfer
-from torchrelay.worker._config import ConfigError, WorkerConfig
-from torchrelay.worker._datasets import DatasetError, DatasetSpec, load_dataset
+from torchrelay.worker.operations._config import ConfigError, WorkerConfig
+from torchrelay.worker.runtime._datasets import DatasetError, DatasetSpec, load_dataset
 
 BOB_DATA = torch.arange(20, dtype=torch.float32).view(10, 2)
 BOB_TARGET = torch.arange(10) % 3

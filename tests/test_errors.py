@@ -156,8 +156,10 @@ def test_pipelined_errors_surface_at_the_next_wait_naming_the_operation(
     with pytest.raises(tr.RemoteError, match=r"call Tensor\.view failed on worker 'bob'"):
         bob._objects
     assert torch.equal(fine.get(), torch.tensor([84.0, 86.0]))
-    with pytest.raises(tr.RemoteError, match="no object"):
+    with pytest.raises(tr.RemoteError, match="no object") as raised:
         broken.get()  # it was never created
+    assert isinstance(raised.value, tr.ObjectNotFound)  # a worker's, caught by its kind
+    assert str(raised.value).startswith("fetch failed on worker 'bob'")
     precious.get()
 
 

@@ -19,8 +19,8 @@ import yaml
 
 import torchrelay as tr
 from torchrelay._cli import main
-from torchrelay.worker._config import WorkerConfig
-from torchrelay.worker._fleet import FleetFile
+from torchrelay.worker.operations._config import WorkerConfig
+from torchrelay.worker.operations._local_fleet import FleetFile
 
 tr.hook(torch)
 

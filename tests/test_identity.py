@@ -44,7 +44,7 @@ from torchrelay.broker import (
 )
 from torchrelay.broker._rabbitmq._users import list_users, permissions
 from torchrelay.worker import WorkerProcesses
-from torchrelay.worker._config import ConfigError, WorkerConfig
+from torchrelay.worker.operations._config import ConfigError, WorkerConfig
 
 tr.hook(torch)
 
@@ -174,6 +174,41 @@ def test_users_are_added_with_their_role_s_permissions_listed_and_removed(
     assert f"there is no user {name!r}" in capsys.readouterr().err
     assert _users("add", "no/slashes", "--role", "client", "--broker", fleet.admin_url) == 1
     assert _users("add", name, "--broker", fleet.admin_url) == 2  # no role
+
+
+def test_users_says_which_broker_and_changes_none_it_was_not_given(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TORCHRELAY_BROKER", raising=False)
+    name = f"dora-{secrets.token_hex(3)}"
+    assert _users("add", name, "--role", "client") == 2
+    assert "which broker? Pass --broker" in capsys.readouterr().err
+    assert name not in {u.name for u in list_users(fleet.api)}
+    assert _users("list", "--broker", fleet.admin_url) == 0
+    said = capsys.readouterr().err
+    assert f"virtual host {fleet.api.vhost!r}" in said and "***" in said
+    assert f":{urllib.parse.urlsplit(fleet.admin_url).password}@" not in said
+
+
+def test_users_takes_the_management_api_s_credentials_from_its_url(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As curl and the console take them: http://user:password@host:15672."""
+    admin = urllib.parse.urlsplit(fleet.admin_url)
+    api_url = f"http://{admin.username}:{admin.password}@{admin.hostname}:15672"
+    # The AMQP URL's own credentials are wrong: only the API URL's can work.
+    wrong = admin._replace(netloc=f"nobody:wrong@{admin.hostname}:{admin.port or 5672}")
+    name = f"emil-{secrets.token_hex(3)}"
+    assert _users("add", name, "--role", "client", "--broker", wrong.geturl(),
+                  "--management-url", api_url) == 0
+    try:
+        assert name in {u.name for u in list_users(fleet.api)}
+    finally:
+        assert _users("remove", name, "--broker", fleet.admin_url) == 0
+    assert _users("list", "--broker", fleet.admin_url, "--management-url",
+                  "ftp://x:secret@host") == 2
+    err = capsys.readouterr().err
+    assert "http(s)://host[:port]" in err and "secret" not in err
 
 
 def test_a_worker_user_s_queue_may_be_a_quorum_queue_and_its_daemon_serves_it(
@@ -490,3 +525,20 @@ def test_a_forged_returned_notice_fails_nothing(fleet: Fleet, ann: tr.Fleet) -> 
     for _ in range(5):
         x += 1  # one batch, whose id the notice names
     assert x.get().tolist() == [6.0, 7.0]
+
+
+def test_another_s_delete_of_an_id_before_it_is_stored_drops_nothing(
+    ann: tr.Fleet, ben: tr.Fleet,
+) -> None:
+    """A delete of an id nothing holds yet is remembered (a late copy for it is dropped
+    when it comes), but only for whoever deleted it: ben's delete of the id ann is about
+    to store under must not make ann's tensor vanish behind an "ok"."""
+    target = ann.new_id()
+    assert ben.request("bob", Delete([target])) == [target]  # (to ben: it does not exist)
+    ann.request("bob", Store(target, torch.tensor([1.0, 2.0])))
+    assert ann.request("bob", Fetch(target)).tolist() == [1.0, 2.0]
+    # Ann's own early delete still drops what comes for it later.
+    late = ann.new_id()
+    ann.request("bob", Delete([late]))
+    ann.request("bob", Store(late, torch.tensor([3.0])))
+    assert late not in ann.worker("bob")._objects

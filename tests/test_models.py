@@ -128,6 +128,22 @@ def test_pointers_to_a_model_show_what_a_module_shows(
     x.get()
 
 
+def test_a_model_chain_comes_back_one_hop_per_get_as_a_tensor_chain_does(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle
+) -> None:
+    net = nn.Linear(2, 1)
+    chain = net.send(bob).send(alice)
+    nearer = chain.get()
+    assert isinstance(nearer, tr.ModulePointer)
+    assert repr(nearer) == "[ModulePointer | Linear -> bob]"
+    assert alice._objects == {} and len(bob._objects) == 2
+    back = nearer.get()
+    assert isinstance(back, nn.Linear) and not isinstance(back.weight, tr.PointerTensor)
+    assert torch.equal(back.weight, net.weight) and torch.equal(back.bias, net.bias)
+    assert isinstance(back.weight, nn.Parameter)
+    assert bob._objects == {}
+
+
 def test_models_move_get_and_are_collected_down_chains(
     fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle, carol: tr.WorkerHandle
 ) -> None:

@@ -248,6 +248,7 @@ def a_model_trained_on_private_data(t: Transcript) -> None:
         t.step(f"step {step}", optimizer.step)
         t.step(f"grad {step}", lambda: model.hidden.weight.grad)
     t.step("get a trained weight", model.hidden.weight.get)
+    gc.collect()  # dead pointers' objects deleted first: the same in every world
     t.step("listing", lambda: _listing(t.fleet, "bob"))
 
 

@@ -212,3 +212,29 @@ def test_replies_travel_in_batches_too() -> None:
     assert decode_reply(decoded[1][2]).value == 3
     with pytest.raises(ProtocolError):
         decode_reply_batch(encode({"replies": [["x", "call", "not bytes"]]}).tobytes())
+
+
+def test_a_new_command_is_its_declaration_and_its_handler() -> None:
+    """As the README's "Adding a command" says: nothing else lists commands."""
+    import torchrelay as tr  # noqa: PLC0415
+    from torchrelay.worker.runtime._commands import HANDLERS, handles  # noqa: PLC0415
+
+    @protocol.command("test.norm")
+    class Norm(protocol.Command):
+        id: protocol.ObjectId
+
+    @handles(Norm)
+    def norm(worker: Any, command: Norm, sender: str) -> float:
+        return float(worker.store.use(command.id, sender).value.norm())
+
+    try:
+        with tr.connect() as fleet:
+            tr.hook(torch)
+            pointer = torch.tensor([3.0, 4.0]).send(fleet.worker("bob"))
+            assert fleet.request("bob", Norm(pointer.id_at_location)) == 5.0
+            with pytest.raises(tr.RemoteError, match="no object"):  # checked like any other
+                fleet.request("bob", Norm(pointer.id_at_location + 1))
+            with pytest.raises(RuntimeError, match="has a handler already"):
+                handles(Norm)(norm)
+    finally:
+        del protocol.COMMANDS["test.norm"], HANDLERS[Norm]

@@ -67,8 +67,8 @@ def test_the_package_imports_one_way_only() -> None:
 
 def test_the_package_and_a_workers_config_load_without_torch() -> None:
     # A worker daemon's supervisor never computes: it must not pay for torch.
-    code = ("import sys, torchrelay, torchrelay.worker._config, torchrelay.broker; "
-            "print('torch' in sys.modules)")
+    code = ("import sys, torchrelay, torchrelay.worker.operations._config, torchrelay.broker, "
+            "torchrelay._cli; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"

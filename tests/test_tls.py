@@ -15,7 +15,7 @@ from tls import TLSListener
 import torchrelay as tr
 from torchrelay.broker import ManagementAPI
 from torchrelay.worker import WorkerProcesses
-from torchrelay.worker._config import ConfigError, WorkerConfig
+from torchrelay.worker.operations._config import ConfigError, WorkerConfig
 
 tr.hook(torch)
 

@@ -15,11 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
+
+from torchrelay.broker import QUEUE_TYPES, default_url
+from torchrelay.worker.operations._config import add_flags
+
+LOCAL_BROKER = "amqp://guest:guest@localhost:5672/"
+"""The local RabbitMQ as guest, as configs/ use it: where commands go when none is named."""
 
 # torch warns on import when NumPy is absent; torchrelay never needs NumPy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
@@ -36,64 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run one worker daemon in the foreground")
-    worker.add_argument("--id", help="the worker's id (its queue is torchrelay.worker.<id>)")
-    worker.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER)")
     worker.add_argument("--config", help="a TOML file with a [worker] table")
-    worker.add_argument("--prefetch", type=int, help="messages delivered ahead (default 128)")
-    worker.add_argument("--heartbeat", type=int, help="AMQP heartbeat in seconds (default 30)")
-    worker.add_argument("--reply-timeout", type=float,
-                        help="seconds to wait for another worker down a chain (default 60)")
-    worker.add_argument("--chunk-size", type=int,
-                        help="bytes; larger messages travel in chunks (default 8 MiB)")
-    worker.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    worker.add_argument("--log-format", choices=["text", "json"],
-                        help="text lines (default), or one JSON object per line")
     worker.add_argument("--dataset", action="append", metavar="PATH:TAG[,TAG]",
                         help="a dataset file the worker loads and offers, private to it "
                              "(repeatable)")
     worker.add_argument("--public-dataset", action="append", metavar="PATH:TAG[,TAG]",
                         help="a dataset file the worker offers as public data (repeatable)")
-    worker.add_argument("--torch-threads", type=int,
-                        help="threads torch may use for one operation (default: one per "
-                             "core; 1 when several workers share the cores)")
     worker.add_argument("--unsupervised", action="store_true",
                         help="serve in this one process, without the supervisor: a crash "
                              "inside torch then takes the worker down (for measuring and "
                              "debugging)")
-    worker.add_argument("--command-timeout", type=float,
-                        help="seconds one command may run before it is stopped (default 60)")
-    worker.add_argument("--stop-grace", type=float,
-                        help="seconds a stopping daemon lets the command in hand finish "
-                             "(default 30)")
-    worker.add_argument("--max-elements", type=int,
-                        help="elements of any tensor a command may make (default 2**28)")
-    worker.add_argument("--max-bytes", type=int,
-                        help="bytes of tensors the worker may hold (default: half the RAM)")
-    worker.add_argument("--presence-interval", type=float,
-                        help="seconds between two heartbeats on torchrelay.events (default 10)")
-    worker.add_argument("--queue-type", choices=["classic", "quorum"],
-                        help="the worker queue's type (default classic; quorum for a cluster)")
-    worker.add_argument("--queue-expires", type=float,
-                        help="seconds the worker's queue outlives its last daemon (a week)")
-    worker.add_argument("--lease", type=float,
-                        help="seconds the objects of a participant that is gone are kept "
-                             "before they are deleted (default 600)")
-    worker.add_argument("--tls-ca-file", help="amqps://: the CA that signed the broker's "
-                                              "certificate (default: the system's)")
-    worker.add_argument("--tls-cert-file", help="amqps://: a client certificate to present")
-    worker.add_argument("--tls-key-file", help="amqps://: the client certificate's key")
-    worker.add_argument("--sender-max-queued", type=int,
-                        help="messages one sender may have waiting in the worker (no limit)")
-    worker.add_argument("--sender-strikes", type=int,
-                        help="commands of one sender past command_timeout or crashing the "
-                             "executor that get it refused for a while (3)")
-    worker.add_argument("--sender-penalty", type=float,
-                        help="seconds those strikes count, and a struck sender is refused "
-                             "(300)")
-    worker.add_argument("--fault-injection", action="store_true", default=None,
-                        help=argparse.SUPPRESS)  # the test suite's (worker/_faults.py)
-    worker.add_argument("--max-list-elements", type=int,
-                        help="elements of a Python list a command may build (default 2**20)")
+    add_flags(worker)  # one per setting, from its declaration in WorkerConfig
 
     demo = commands.add_parser("demo", help="run the remote-execution walkthrough, or the "
                                             "federated digits demo")
@@ -149,15 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     users.add_argument("--role", choices=["worker", "client"], help="add: what it is")
     users.add_argument("--password", help="add: its password (default: a new random one, "
                                           "printed)")
-    users.add_argument("--queue-type", choices=["classic", "quorum"], default="classic",
+    users.add_argument("--queue-type", choices=QUEUE_TYPES, default=QUEUE_TYPES[0],
                        help="add, a worker: its queue's type (quorum for a cluster)")
     users.add_argument("--queue-expires", type=float,
                        help="add, a worker: seconds its queue outlives its last daemon (a week)")
     users.add_argument("--broker", help="an administrator's amqp[s]:// URL naming the virtual "
-                                        "host (default: $TORCHRELAY_BROKER, else guest on "
-                                        "localhost)")
+                                        "host (default: $TORCHRELAY_BROKER; add and remove "
+                                        "need one of them, list falls back to guest on "
+                                        "localhost and says so)")
     users.add_argument("--management-url",
-                       help="the management API (default: port 15672 of the broker's host)")
+                       help="the management API, http[s]://[USER:PASSWORD@]HOST:PORT (default: "
+                            "port 15672 of the broker's host, with the broker's credentials)")
     return parser
 
 
@@ -180,52 +140,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from torchrelay.worker._config import ConfigError, WorkerConfig
+    from torchrelay.worker.operations._config import ConfigError, WorkerConfig, flags_given
 
     try:
         config = WorkerConfig.resolve(
             args.config,
             dataset_flags=args.dataset,
             public_dataset_flags=args.public_dataset,
-            id=args.id,
-            broker=args.broker,
-            prefetch=args.prefetch,
-            heartbeat=args.heartbeat,
-            reply_timeout=args.reply_timeout,
-            chunk_size=args.chunk_size,
-            log_level=args.log_level,
-            log_format=args.log_format,
-            command_timeout=args.command_timeout,
-            stop_grace=args.stop_grace,
-            max_elements=args.max_elements,
-            max_bytes=args.max_bytes,
-            max_list_elements=args.max_list_elements,
-            torch_threads=args.torch_threads,
-            lease=args.lease,
-            queue_type=args.queue_type,
-            queue_expires=args.queue_expires,
-            presence_interval=args.presence_interval,
-            tls_ca_file=args.tls_ca_file,
-            tls_cert_file=args.tls_cert_file,
-            tls_key_file=args.tls_key_file,
-            fault_injection=args.fault_injection,
-            sender_max_queued=args.sender_max_queued,
-            sender_strikes=args.sender_strikes,
-            sender_penalty=args.sender_penalty,
+            **flags_given(args),
         )
     except ConfigError as e:
         print(f"torchrelay worker: {e}", file=sys.stderr)
         return 2
-    from torchrelay.worker._logs import configure_logging
+    from torchrelay.worker.operations._logs import configure_logging
 
     # pika narrates every connection and channel at INFO: the daemon's own lines are
     # what an operator reads (configure_logging keeps pika's from WARNING on).
     configure_logging(config.log_level, config.log_format, config.id, "supervisor")
     if args.unsupervised:
-        from torchrelay.worker._daemon import run_worker
+        from torchrelay.worker.containment._daemon import run_worker
 
         return run_worker(config)
-    from torchrelay.worker._supervisor import supervise
+    from torchrelay.worker.containment._supervisor import supervise
 
     return supervise(config)
 
@@ -320,7 +256,7 @@ def _federated_demo(args: argparse.Namespace) -> int:
 def _broker_url(url: str | None) -> str:
     """The broker a command talks to: `--broker`, else $TORCHRELAY_BROKER, else the
     local RabbitMQ as guest, as configs/ use it."""
-    return url or os.environ.get("TORCHRELAY_BROKER") or "amqp://guest:guest@localhost:5672/"
+    return url or default_url() or LOCAL_BROKER
 
 
 def _status(worker_ids: Sequence[str], url: str) -> int:
@@ -339,8 +275,13 @@ def _status(worker_ids: Sequence[str], url: str) -> int:
 
 def _fleet(args: argparse.Namespace) -> int:
     from torchrelay.broker import BrokerError, redact_url
-    from torchrelay.worker._config import ConfigError
-    from torchrelay.worker._fleet import FleetFile, fleet_down, fleet_status, fleet_up
+    from torchrelay.worker.operations._config import ConfigError
+    from torchrelay.worker.operations._local_fleet import (
+        FleetFile,
+        fleet_down,
+        fleet_status,
+        fleet_up,
+    )
 
     try:
         fleet = FleetFile.read(args.file, args.broker)
@@ -369,14 +310,26 @@ def _fleet(args: argparse.Namespace) -> int:
 
 
 def _users(args: argparse.Namespace) -> int:
-    from torchrelay.broker import ManagementAPI, ManagementError
+    from torchrelay.broker import ManagementAPI, ManagementError, redact_url
     from torchrelay.broker._rabbitmq import _users as users
     from torchrelay.broker._rabbitmq._topology import DEFAULT_QUEUE_EXPIRES, QueueSettings
 
-    api = ManagementAPI(_broker_url(args.broker), args.management_url)
+    url = args.broker or default_url()
+    if url is None and args.action != "list":
+        # Changing users on a guessed broker (guest@localhost) could change the wrong one.
+        print(f"torchrelay users {args.action}: which broker? Pass --broker "
+              "amqp://ADMIN:PASSWORD@HOST/VHOST (or set TORCHRELAY_BROKER)", file=sys.stderr)
+        return 2
     if args.action != "list" and not args.name:
         print(f"torchrelay users {args.action}: name whom", file=sys.stderr)
         return 2
+    try:
+        api = ManagementAPI(_broker_url(url), args.management_url)
+    except ValueError as e:
+        print(f"torchrelay users {args.action}: {e}", file=sys.stderr)
+        return 2
+    print(f"on {redact_url(api.amqp_url)} (virtual host {api.vhost!r}), through {api.base} "
+          f"as {api.user}", file=sys.stderr)
     try:
         if args.action == "add":
             if args.role is None:

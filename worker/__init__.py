@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 from torchrelay.broker._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from ._config import ConfigError, WorkerConfig
-    from ._daemon import run_worker
-    from ._embedded import start_embedded_worker
-    from ._launcher import WorkerProcesses
-    from ._runtime import WorkerRuntime
-    from ._store import ObjectStore, StoredObject
+    from .containment._daemon import run_worker
+    from .operations._config import ConfigError, WorkerConfig
+    from .operations._launcher import WorkerProcesses
+    from .runtime._embedded import start_embedded_worker
+    from .runtime._runtime import WorkerRuntime
+    from .runtime._store import ObjectStore, StoredObject
 
 __all__, __getattr__ = lazy_exports(__name__, __file__)
 

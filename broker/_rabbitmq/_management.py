@@ -27,6 +27,13 @@ class ManagementError(BrokerError):
     """The management API could not be reached, or refused a request."""
 
 
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
 class ManagementAPI:
     """The management API of the RabbitMQ that `amqp_url` points at (or at `base`)."""
 
@@ -34,11 +41,16 @@ class ManagementAPI:
         parts = urllib.parse.urlsplit(amqp_url)
         scheme = "https" if parts.scheme == "amqps" else "http"
         default = f"{scheme}://{parts.hostname or 'localhost'}:{DEFAULT_PORT}"
-        self.base = (base or default).rstrip("/")
-        if urllib.parse.urlsplit(self.base).scheme not in ("http", "https"):
-            raise ValueError(f"the management API is reached over http(s), not {self.base!r}")
-        self.user = urllib.parse.unquote(parts.username or "guest")
-        password = urllib.parse.unquote(parts.password or "guest")
+        given = urllib.parse.urlsplit((base or default).rstrip("/"))
+        if given.scheme not in ("http", "https") or not given.hostname:
+            raise ValueError("the management API is reached over http(s)://host[:port], not "
+                             f"{_without_password(base or default)!r}")
+        # Credentials in the API's URL (http://user:password@host:15672, as curl and the
+        # console take them) are the API's; else those of the AMQP URL.
+        credentials = given if given.username is not None else parts
+        self.base = given._replace(netloc=given.netloc.rpartition("@")[2]).geturl()
+        self.user = urllib.parse.unquote(credentials.username or "guest")
+        password = urllib.parse.unquote(credentials.password or "guest")
         token = base64.b64encode(f"{self.user}:{password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
         self.amqp_url = amqp_url

@@ -28,11 +28,19 @@ from typing import Any, Final
 import pika.exceptions as pe
 
 from .._errors import BrokerError
-from .._names import COMMAND_EXCHANGE, EVENTS_EXCHANGE, PRESENCE_ASK, worker_queue
+from .._names import (
+    COMMAND_EXCHANGE,
+    DEFAULT_QUEUE_EXPIRES,
+    EVENTS_EXCHANGE,
+    PRESENCE_ASK,
+    QUEUE_TYPES,
+    worker_queue,
+)
 
 __all__ = [
     "DEAD_LETTERS",
     "DEFAULT_QUEUE_EXPIRES",
+    "QUEUE_TYPES",
     "REPLY_QUEUE_EXPIRES_MS",
     "QueueSettings",
     "consume_worker_queue",
@@ -44,8 +52,6 @@ __all__ = [
 
 REPLY_QUEUE_EXPIRES_MS: Final = 60_000
 DEAD_LETTERS: Final = "torchrelay.dead"
-DEFAULT_QUEUE_EXPIRES: Final = 7 * 24 * 3600.0
-"""Seconds a worker queue outlives its last consumer: a week."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +62,9 @@ class QueueSettings:
     expires: float | None = DEFAULT_QUEUE_EXPIRES
 
     def __post_init__(self) -> None:
-        if self.queue_type not in ("classic", "quorum"):
-            raise ValueError(f"queue_type is classic or quorum, not {self.queue_type!r}")
+        if self.queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type is {' or '.join(QUEUE_TYPES)}, not "
+                             f"{self.queue_type!r}")
         if self.expires is not None and self.expires <= 0:
             raise ValueError(f"queue expiry must be positive seconds, not {self.expires}")
 

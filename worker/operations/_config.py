@@ -28,12 +28,12 @@
     lease = 600.0             # seconds a gone participant's objects are kept (a reconnect
                               # within it loses nothing), then deleted
     sender_max_queued = 32    # messages one sender may have waiting in the worker's hand
-                              # (default: no limit; see worker/_fairness.py)
+                              # (default: no limit; see worker/runtime/_fairness.py)
     sender_strikes = 3        # commands of one sender past command_timeout (or crashing
     sender_penalty = 300.0    #   the executor) within this many seconds: it is refused
-                              #   for that long after the last (see worker/_fairness.py)
+                              #   for that long after the last (see worker/runtime/_fairness.py)
     fault_injection = false   # the test suite's operations that hold a worker for a given
-                              # time (worker/_faults.py); never on a worker others use
+                              # time (worker/runtime/_faults.py); never on a worker others use
     # tls_ca_file = "ca.pem"      amqps://: the CA that signed the broker's certificate
     #                             (default: the system's); paths relative to this file
     # tls_cert_file = "bob.pem"   amqps://: a client certificate to present, and its key
@@ -44,7 +44,7 @@
     tags = ["#digits", "#train"]
     description = "8x8 digits, bob's share"
     private = true               # the default: nothing derived from it leaves but an
-                                 # aggregate (see [worker.privacy], worker/_privacy.py)
+                                 # aggregate (see [worker.privacy], worker/runtime/_privacy.py)
 
     [worker.privacy]             # the owner's rules for its private data
     k = 2
@@ -61,6 +61,7 @@ the same declaration the daemon reads.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -69,53 +70,95 @@ import typing
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from torchrelay.broker import BROKER_ENV, DEFAULT_CHUNK_SIZE, SHARED_ACCOUNTS
+from torchrelay.broker import (
+    BROKER_ENV,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_QUEUE_EXPIRES,
+    QUEUE_TYPES,
+    SHARED_ACCOUNTS,
+)
 
-from ._datasets import DatasetError, DatasetSpec
-from ._limits import Limits, default_max_bytes
-from ._privacy import PrivacyError, PrivacyPolicy, default_ledger
+from ..runtime._datasets import DatasetError, DatasetSpec
+from ..runtime._leases import DEFAULT_LEASE, DEFAULT_PRESENCE_INTERVAL
+from ..runtime._limits import Limits, default_max_bytes
+from ..runtime._privacy import PrivacyError, PrivacyPolicy, default_ledger
+from ._logs import LOG_FORMATS, LOG_LEVELS
 
 __all__ = ["ConfigError", "WorkerConfig"]
 
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigError(ValueError):
     """A setting that is missing or wrong; the message names it."""
 
 
+_LIMITS: Final = Limits()
+
+
+def _setting(default: Any = dataclasses.MISSING, flag: str | None = None, *,
+             factory: Any = dataclasses.MISSING, shown: str | None = None,
+             choices: tuple[str, ...] | None = None) -> Any:
+    """A setting of the file and, with `flag` (its help), of `torchrelay worker`'s command
+    line as `--its-name`; `shown` says the default where its value would not."""
+    return field(default=default, default_factory=factory,
+                 metadata={"flag": flag, "shown": shown, "choices": choices})
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    id: str
-    broker: str
-    prefetch: int = 128
-    heartbeat: int | None = 30
-    reply_timeout: float = 60.0
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    log_level: str = "INFO"
-    log_format: str = "text"
-    command_timeout: float = 60.0
-    stop_grace: float = 30.0
-    max_elements: int = 1 << 28
-    max_bytes: int = field(default_factory=default_max_bytes)
-    max_list_elements: int = 1 << 20
-    torch_threads: int | None = None
+    """Every setting of a worker daemon, declared once: the TOML file's `[worker]` table
+    is checked against these annotations, and the command line's flags are made from
+    them (`add_flags`)."""
+
+    id: str = _setting(flag="the worker's id (its queue is torchrelay.worker.<id>)")
+    broker: str = _setting(flag=f"amqp[s]:// URL (default: ${BROKER_ENV})")
+    prefetch: int = _setting(128, "messages delivered ahead")
+    heartbeat: int | None = _setting(30, "AMQP heartbeat in seconds")
+    reply_timeout: float = _setting(60.0, "seconds to wait for another worker down a chain")
+    chunk_size: int = _setting(DEFAULT_CHUNK_SIZE, "bytes; larger messages travel in chunks",
+                               shown="8 MiB")
+    log_level: str = _setting("INFO", "how much the daemon logs", choices=LOG_LEVELS)
+    log_format: str = _setting(LOG_FORMATS[0], "text lines, or one JSON object per line",
+                               choices=LOG_FORMATS)
+    command_timeout: float = _setting(_LIMITS.command_timeout,
+                                      "seconds one command may run before it is stopped")
+    stop_grace: float = _setting(30.0, "seconds a stopping daemon lets the command in hand "
+                                       "finish")
+    max_elements: int = _setting(_LIMITS.max_elements,
+                                 "elements of any tensor a command may make", shown="2**28")
+    max_bytes: int = _setting(flag="bytes the worker's objects may hold", factory=default_max_bytes,
+                              shown="half the RAM")
+    max_list_elements: int = _setting(_LIMITS.max_list_elements,
+                                      "elements of a Python list a command may build",
+                                      shown="2**20")
+    torch_threads: int | None = _setting(None, "threads torch may use for one operation "
+                                               "(1 when several workers share the cores)",
+                                         shown="one per core")
     shared_accounts: tuple[str, ...] = SHARED_ACCOUNTS
     clients: tuple[str, ...] | None = None
-    lease: float = 600.0
-    presence_interval: float = 10.0
-    queue_type: str = "classic"
-    queue_expires: float = 7 * 24 * 3600.0
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    sender_max_queued: int | None = None
-    sender_strikes: int = 3
-    sender_penalty: float = 300.0
-    fault_injection: bool = False
+    lease: float = _setting(DEFAULT_LEASE, "seconds the objects of a participant that is "
+                                           "gone are kept before they are deleted")
+    presence_interval: float = _setting(DEFAULT_PRESENCE_INTERVAL,
+                                        "seconds between two heartbeats on torchrelay.events")
+    queue_type: str = _setting(QUEUE_TYPES[0], "the worker queue's type (quorum for a "
+                                               "cluster)", choices=QUEUE_TYPES)
+    queue_expires: float = _setting(DEFAULT_QUEUE_EXPIRES, "seconds the worker's queue "
+                                                           "outlives its last daemon",
+                                    shown="a week")
+    tls_ca_file: str | None = _setting(None, "amqps://: the CA that signed the broker's "
+                                             "certificate", shown="the system's")
+    tls_cert_file: str | None = _setting(None, "amqps://: a client certificate to present")
+    tls_key_file: str | None = _setting(None, "amqps://: the client certificate's key")
+    sender_max_queued: int | None = _setting(None, "messages one sender may have waiting in "
+                                                   "the worker", shown="no limit")
+    sender_strikes: int = _setting(3, "commands of one sender past command_timeout or "
+                                      "crashing the executor that get it refused for a while")
+    sender_penalty: float = _setting(300.0, "seconds those strikes count, and a struck "
+                                            "sender is refused")
+    fault_injection: bool = _setting(False, argparse.SUPPRESS)  # the test suite's only
     datasets: tuple[DatasetSpec, ...] = ()
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
@@ -155,12 +198,14 @@ class WorkerConfig:
             raise ConfigError("fault_injection must be true or false")
         if self.chunk_size < 4096:
             raise ConfigError(f"chunk_size must be at least 4096 bytes, not {self.chunk_size}")
-        if self.log_format not in ("text", "json"):
-            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
-        if self.queue_type not in ("classic", "quorum"):
-            raise ConfigError(f"queue_type must be classic or quorum, not {self.queue_type!r}")
-        if self.log_level.upper() not in _LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format must be {' or '.join(LOG_FORMATS)}, not "
+                              f"{self.log_format!r}")
+        if self.queue_type not in QUEUE_TYPES:
+            raise ConfigError(f"queue_type must be {' or '.join(QUEUE_TYPES)}, not "
+                              f"{self.queue_type!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         for names in ("shared_accounts", "clients"):
             given: Any = getattr(self, names)
             if given is None and names == "clients":
@@ -221,6 +266,35 @@ class WorkerConfig:
                 how = "--id" if required == "id" else f"--broker, set {BROKER_ENV},"
                 raise ConfigError(f"no worker {required}: pass {how} or set it in a config file")
         return cls(**settings)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every setting declared with one (`--reply-timeout` for `reply_timeout`):
+    its type, choices and default from the declaration."""
+    hints = typing.get_type_hints(WorkerConfig)
+    for setting in dataclasses.fields(WorkerConfig):
+        text = setting.metadata.get("flag")
+        if text is None:
+            continue
+        name = "--" + setting.name.replace("_", "-")
+        kind = _accepted_types(hints[setting.name])[0]
+        if kind is bool:  # (None when not given: the file's, or the default, stands)
+            parser.add_argument(name, action="store_true", default=None, help=text)
+            continue
+        shown = setting.metadata.get("shown")
+        if shown is None and setting.default not in (dataclasses.MISSING, None):
+            shown = f"{setting.default:g}" if type(setting.default) is float else str(
+                setting.default)
+        if shown is not None and text is not argparse.SUPPRESS:
+            text = f"{text} (default: {shown})"
+        parser.add_argument(name, type=kind, choices=setting.metadata.get("choices"),
+                            help=text)
+
+
+def flags_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings `add_flags` made flags for, as parsed (None: not given)."""
+    return {setting.name: getattr(args, setting.name)
+            for setting in dataclasses.fields(WorkerConfig) if setting.metadata.get("flag")}
 
 
 def _accepted_types(annotation: Any) -> tuple[type, ...]:

@@ -27,10 +27,10 @@ from torchrelay.broker import (
     open_broker,
 )
 
-from ._config import WorkerConfig
-from ._datasets import DatasetError, load_dataset
-from ._privacy import PrivacyError
-from ._runtime import WorkerRuntime
+from ..operations._config import WorkerConfig
+from ..runtime._datasets import DatasetError, load_dataset
+from ..runtime._privacy import PrivacyError
+from ..runtime._runtime import WorkerRuntime
 
 __all__ = ["run_worker"]
 

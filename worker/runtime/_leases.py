@@ -24,12 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["DEFAULT_LEASE", "Leases"]
+__all__ = ["DEFAULT_LEASE", "DEFAULT_PRESENCE_INTERVAL", "Leases"]
 
 log = logging.getLogger("torchrelay.worker")
 
 DEFAULT_LEASE: Final = 600.0
 """Seconds a participant's objects outlive its last sign of life: ten minutes."""
+DEFAULT_PRESENCE_INTERVAL: Final = 10.0
+"""Seconds between two heartbeats of a worker on the events exchange (how others see
+it is there)."""
 
 _QUEUES_KEPT: Final = 8
 _PARTICIPANTS_KEPT: Final = 100_000

@@ -13,9 +13,11 @@ import logging
 import time
 from typing import Any, Final
 
-__all__ = ["LOG_FORMATS", "JSONFormatter", "configure_logging"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JSONFormatter", "configure_logging"]
 
 LOG_FORMATS: Final = ("text", "json")
+"""text lines, or one JSON object per line for log shippers."""
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 _COMMAND_FIELDS: Final = ("command", "sender", "correlation_id", "objects")
 
 

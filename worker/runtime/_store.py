@@ -81,10 +81,12 @@ class ObjectStore:
         """Data owners (see `_privacy.py`) by storage identity: what a tensor sharing that
         memory derives from, whichever object it is reached through. Forgotten when the
         storage is freed."""
-        self.deleted_early: dict[int, bool] = {}
+        self.deleted_early: dict[int, str] = {}
         """Ids deleted before anything was stored under them (a delete that overtook a
-        late transfer, a given-up command): what arrives for them later is dropped.
-        The most recent `MAX_DELETED_EARLY`, oldest first."""
+        late transfer, a given-up command), and by whom: what arrives for them later,
+        for or from that participant, is dropped — not what arrives for another (a
+        delete of an id one does not hold must not make another's store vanish). The
+        most recent `MAX_DELETED_EARLY`, oldest first."""
         self.read_only: set[int] = set()
         """Storages (by identity) no operation may change in place: its datasets'."""
 
@@ -98,9 +100,13 @@ class ObjectStore:
         return iter(self._objects)
 
     def put(self, object_id: int, value: Any, provenance: frozenset[str],
-            holders: frozenset[str]) -> None:
-        if self.deleted_early and self.deleted_early.pop(object_id, False):
-            return  # its owner let go of it before it arrived: it is garbage already
+            holders: frozenset[str], *, by: str | None = None) -> None:
+        """Store `value` for `holders`; `by`: who asked (see `deleted_early`)."""
+        if self.deleted_early:
+            deleter = self.deleted_early.get(object_id)
+            if deleter is not None and (deleter == by or deleter in holders):
+                del self.deleted_early[object_id]
+                return  # its holder let go of it before it arrived: it is garbage already
         if object_id in self._objects:
             raise ProtocolError(f"id {object_id} is already in use on worker {self.owner!r}")
         self._count_in(object_id, value)
@@ -142,10 +148,10 @@ class ObjectStore:
             self._objects[object_id] = StoredObject(entry.value, entry.provenance | owners,
                                                     entry.holders)
 
-    def delete_early(self, object_id: int) -> None:
-        """Remember that `object_id` was deleted before it existed (see `deleted_early`)."""
+    def delete_early(self, object_id: int, by: str) -> None:
+        """Remember that `by` deleted `object_id` before it existed (see `deleted_early`)."""
         early = self.deleted_early
-        early[object_id] = True
+        early[object_id] = by
         if len(early) > MAX_DELETED_EARLY:
             del early[next(iter(early))]
 

@@ -12,7 +12,7 @@
     loss = train_step(other_data, other_target)  # then: one `run_plan` command
 
 The first call on a worker runs the function as usual and records the
-operations it sends; the worker keeps them as a plan (see `worker/_plans.py`:
+operations it sends; the worker keeps them as a plan (see `worker/runtime/_plans.py`:
 data, not code, every operation allow-listed and checked as a call of its own),
 and later calls send one message where the function sent one per operation.
 Arguments may be pointers on that worker or local tensors (sent along with each
@@ -39,8 +39,8 @@ import torch
 
 from torchrelay.broker import Call, Command, DefinePlan, Delete, Meta, ObjectRef, RunPlan
 
-from ._fleet import Fleet, WorkerHandle
 from ._pointer import PointerTensor, send
+from ._session import Fleet, WorkerHandle
 
 __all__ = ["Plan", "plan"]
 

@@ -39,7 +39,7 @@ from dataclasses import asdict
 from types import FrameType
 from typing import Final
 
-from ._config import WorkerConfig
+from ..operations._config import WorkerConfig
 from ._journal import Journal, create_journal
 from ._mirror import MirrorCopy, Ring
 
@@ -118,7 +118,7 @@ class _Supervisor:
                   *(fd for fd, _, _ in snapshot.shared)]
         try:
             executor = self.executor = subprocess.Popen(
-                [sys.executable, "-m", "torchrelay.worker._executor"],
+                [sys.executable, "-m", "torchrelay.worker.containment._executor"],
                 env={**os.environ, _EXECUTOR_ENV: json.dumps(setup)}, pass_fds=handed,
             )
         finally:

@@ -8,13 +8,12 @@ first error among them, naming the operation that failed. A worker replies only
 once a command's effects have happened down the whole chain, so "all replies
 in" means "every worker is up to date".
 
-Commands to one worker travel together: posted commands wait in the client
-until it waits for something, addresses another worker, has `MAX_QUEUED` of
-them, or `QUEUE_DELAY` has passed (a background thread sees to that, so work
-still starts on the worker while the script computes locally), and then go as
-one message, a batch, which the worker runs in order and answers with one
-message. A training step of a dozen operations and the loss it fetches is one
-message each way.
+Commands to one worker travel together (`_publishing.py`): posted commands wait
+in the client until it waits for something, addresses another worker, has
+`MAX_QUEUED` of them, or `QUEUE_DELAY` has passed, and then go as one message,
+a batch, which the worker runs in order and answers with one message. A
+training step of a dozen operations and the loss it fetches is one message each
+way.
 
 A wait costs one broker round trip. When every command still in flight went to
 the same worker and settles there in order (no pointer chain to forward it down),
@@ -33,10 +32,8 @@ import logging
 import random
 import secrets
 import sys
-import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torchrelay.broker import (
@@ -48,39 +45,35 @@ from torchrelay.broker import (
     Delete,
     Delivery,
     Describe,
+    Endpoint,
     Envelope,
     GoneWatch,
     ProtocolError,
     ReplyTimeout,
     Status,
     TorchRelayError,
-    Transfer,
     UnknownWorker,
     decode_reply,
     decode_reply_batch,
-    encode_batch,
     gone_message,
     new_object_id,
     session_and_number,
 )
 
+from ._data import search
+from ._garbage import Garbage
+from ._pending import Outstanding, Pending
 from ._progress import TerminalProgress
+from ._publishing import Publisher, Unsent
 
 if TYPE_CHECKING:
-    from ._plan import Capture
+    from ._plan_recording import Capture
     from ._pointer import PointerTensor
 
 __all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
 
 log = logging.getLogger("torchrelay.client")
 
-
-MAX_QUEUED = 256
-"""Posted commands to one worker that wait for a ride at most; then they go."""
-
-QUEUE_DELAY = 0.002
-"""Seconds posted commands wait for more to join them, if the script does not wait first
-(the background publisher looks this often)."""
 
 class ObjectDescription(str):
     """A stored object's description; its repr is the text itself, as in a notebook."""
@@ -108,8 +101,6 @@ class WorkerHandle:
 
     def search(self, *tags: str) -> list[Any]:
         """The datasets this worker offers holding all of `tags` (`DatasetPointer`s)."""
-        from ._data import search  # noqa: PLC0415 - one module per idea, no import cycle
-
         return search([self], tags)
 
     def status(self) -> dict[str, Any]:
@@ -119,21 +110,6 @@ class WorkerHandle:
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} on {self.fleet.broker.url}>"
-
-
-@dataclass(slots=True)
-class _Outstanding:
-    worker_id: str
-    command: Command
-    number: int
-    keep: bool
-    """The caller will collect the value."""
-    settles: bool
-    """Its outcome is known on its worker before the worker starts the next command
-    (it is not forwarded down a chain of pointers)."""
-    garbage: list[int] | tuple[()] = ()
-    """The deletes that ride with it (a Delete's own too): if it is lost, they ride
-    again with the next command."""
 
 
 class Fleet:
@@ -157,31 +133,22 @@ class Fleet:
         if not self.endpoint.in_process and sys.stderr.isatty():
             # Transfers of hundreds of MiB take seconds: show them going, in a terminal.
             self.endpoint.progress = TerminalProgress(sys.stderr)
-        self._in_send = 0
         self.endpoint.awaiting = self._awaiting
         self._workers: dict[str, WorkerHandle] = {}
-        self._outstanding: dict[str, _Outstanding] = {}  # in the order sent
-        self._unsettled = 0  # outstanding commands that do not settle in order
-        self._arriving: dict[str, int] = {}  # worker -> transfers in flight towards it
+        self.pending = Pending()
+        """Commands sent and not answered yet, in the order sent (`_pending.py`)."""
         self.capture: Capture | None = None
-        """The recording of a plan under way (`_plan.py`), which sees every command."""
-        self._outstanding_to: dict[str, int] = {}  # worker id -> outstanding commands to it
-        # Commands not yet published, all to one worker, in order. The lock keeps them
-        # in order against the background publisher.
-        self._queued: list[tuple[Command, str, Envelope | None]] = []
-        self._queued_to: str | None = None
-        self._queue_lock = threading.Lock()
-        self._queued_since = 0.0
+        """The recording of a plan under way (`_plan_recording.py`), which sees every command."""
         self._results: dict[str, Any] = {}
         self._errors: list[TorchRelayError] = []
-        self._doomed: dict[str, list[int]] = {}
+        self.garbage = Garbage()
+        """What dead pointers owned, waiting for a ride (`_garbage.py`)."""
         self._live: weakref.WeakSet[PointerTensor] = weakref.WeakSet()
         self._numbers = itertools.count(1)
         # Unique per session: a worker remembers recent correlation ids to skip a
         # command redelivered after a reconnect, and two sessions named "me" must
         # not look alike.
         self._prefix = f"{name}.{secrets.token_hex(4)}."
-        self._doomed_lock = threading.Lock()
         self._random = random.Random()
         self.meta_epoch = 0
         """Bumped by operations that may change a tensor's metadata: pointers' caches
@@ -190,11 +157,10 @@ class Fleet:
         self._forged_replies = 0
         self._presence: dict[str, dict[str, Any]] = {}  # correlation id -> answers by worker
         self._gone = GoneWatch(self.endpoint)
-        self._lost_meanwhile: ConnectionLost | None = None  # found by the background publisher
         atexit.register(_close_at_exit, weakref.ref(self))
-        if not self.endpoint.in_process:  # in-process workers only run while we wait anyway
-            threading.Thread(target=_publish_late, args=(weakref.ref(self),), daemon=True,
-                             name=f"torchrelay-publisher {name}").start()
+        self.publisher = Publisher(self.endpoint, background=None if self.endpoint.in_process
+                                   else f"torchrelay-publisher {name}")
+        """Posted commands waiting to be published, and their publication."""
 
     # -- public ----------------------------------------------------------------
 
@@ -268,10 +234,23 @@ class Fleet:
         except TorchRelayError as e:
             log.warning("while closing: %s", e)
         finally:
-            self.closed = True  # the background publisher sees it and ends
+            self.closed = self.publisher.closed = True  # (its background thread ends)
             self.endpoint.close()
             if self._owns_broker:
                 self.broker.close()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """This session's connection to the broker."""
+        return self._endpoint
+
+    @endpoint.setter
+    def endpoint(self, endpoint: Endpoint) -> None:
+        """(Wrapped, to record or meter what goes through it: everything then does.)"""
+        self._endpoint = endpoint
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            publisher.endpoint = endpoint
 
     def __enter__(self) -> Fleet:
         return self
@@ -293,7 +272,7 @@ class Fleet:
         `settles`: its outcome is known on `worker_id` before the worker starts its
         next command (false for a call forwarded down a chain of pointers).
         """
-        if self._arriving.get(worker_id):
+        if self.pending.arriving(worker_id):
             self._collect()  # what it may use is still on its way there
         self._send(worker_id, command, keep=False, settles=settles)
         if not self.pipelined:
@@ -309,9 +288,9 @@ class Fleet:
         if show_garbage:
             self._flush_deletes()
             self._collect()  # deletes down chains finish after their own replies
-        elif self._outstanding:
-            if self._may_overtake(worker_id):
-                guard = next(iter(self._outstanding.values())).number
+        elif self.pending:
+            if self.pending.may_overtake(worker_id):
+                guard = self.pending.first().number
             else:
                 self._collect()
         correlation_id = self._send(worker_id, command, keep=True, settles=True, guard=guard)
@@ -326,12 +305,12 @@ class Fleet:
         """`request` for several commands at once: sent together (one batch per worker
         when they follow one another), waited for together; their replies in order.
         Raises the first error, once all are in."""
-        if self._outstanding and not (
+        if self.pending and not (
             len({worker_id for worker_id, _ in requests}) == 1
-            and self._may_overtake(requests[0][0])
+            and self.pending.may_overtake(requests[0][0])
         ):
             self._collect()
-        guard = next(iter(self._outstanding.values())).number if self._outstanding else None
+        guard = self.pending.first().number if self.pending else None
         correlation_ids = [self._send(worker_id, command, keep=True, settles=True, guard=guard)
                            for worker_id, command in requests]
         self._collect(raise_errors=False)
@@ -342,12 +321,6 @@ class Fleet:
                 raise result
         return results
 
-    def _may_overtake(self, worker_id: str) -> bool:
-        """Whether a command to `worker_id` may be published behind those in flight."""
-        return not self._unsettled and (
-            self._outstanding_to.get(worker_id, 0) == len(self._outstanding)
-        )
-
     def track(self, pointer: PointerTensor) -> None:
         self._live.add(pointer)
 
@@ -355,8 +328,7 @@ class Fleet:
         """Called when a pointer dies: its target is deleted with the next command to
         its worker (or by the next `sync`, `_objects`, or `close`)."""
         if not self.closed:
-            with self._doomed_lock:  # __del__ may run in any thread
-                self._doomed.setdefault(worker_id, []).append(object_id)
+            self.garbage.add(worker_id, (object_id,))
 
     # -- internals ---------------------------------------------------------------
 
@@ -375,128 +347,50 @@ class Fleet:
             self.capture.saw(worker_id, command, settles)
         number = next(self._numbers)
         correlation_id = f"{self._prefix}{number}"
-        garbage: list[int] | tuple[()] = ()
-        if self._doomed:  # read without the lock: garbage missed now rides with the next
-            with self._doomed_lock:
-                garbage = self._doomed.pop(worker_id, ())
+        garbage = self.garbage.take(worker_id)
         deletes = [*garbage, *command.ids] if type(command) is Delete else garbage
-        self._outstanding[correlation_id] = _Outstanding(worker_id, command, number, keep, settles,
-                                                         deletes)
-        self._outstanding_to[worker_id] = self._outstanding_to.get(worker_id, 0) + 1
-        if not settles:
-            self._unsettled += 1
-        if type(command) is Transfer:
-            self._arriving[command.destination] = self._arriving.get(command.destination, 0) + 1
+        self.pending.add(correlation_id, Outstanding(worker_id, command, number, keep, settles,
+                                                     deletes))
         envelope = None if not garbage and guard is None else Envelope(list(garbage), guard)
         try:
-            with self._queue_lock:
-                if self._queued_to != worker_id:
-                    self._publish_queued()  # in order: what went to another worker goes first
-                    self._queued_to = worker_id
-                self._queued.append((command, correlation_id, envelope))
-                if len(self._queued) >= MAX_QUEUED:
-                    self._publish_queued()
-                elif len(self._queued) == 1:
-                    self._queued_since = time.monotonic()
-        except ConnectionLost as e:  # (failed outside the lock, which failing takes)
+            self._settle_unsent(self.publisher.add(worker_id, (command, correlation_id,
+                                                               envelope)))
+        except ConnectionLost as e:
             self._fail_outstanding(self._lost(e))
         return correlation_id
 
     def _publish(self) -> None:
         try:
-            with self._queue_lock:
-                self._publish_queued()
-        except ConnectionLost as e:  # (failed outside the lock, which failing takes)
+            self._settle_unsent(self.publisher.publish())
+        except ConnectionLost as e:
             self._fail_outstanding(self._lost(e))
 
-    def _publish_if_late(self) -> None:
-        if self._queued and time.monotonic() - self._queued_since >= QUEUE_DELAY:
-            with self._queue_lock:
-                if self._queued:
-                    self._publish_queued(background=True)
-
-    def _publish_queued(self, *, background: bool = False) -> None:
-        """Publish the queued commands (under the queue lock): one alone, several as one
-        batch. From the background publisher, a failure leaves them queued for the
-        script's thread to publish again and report."""
-        lost = self._lost_meanwhile
-        if lost is not None and not background:
-            # The background publisher met a lost connection (and reconnected): what was
-            # in flight is lost, and nothing goes out after it as if it were not.
-            self._lost_meanwhile = None
-            raise lost
-        queued, worker_id = self._queued, self._queued_to
-        if not queued or worker_id is None:
-            return
-        self._queued = []
-        if background:
-            try:
-                self._send_queued(worker_id, queued)
-            except TorchRelayError as e:
-                self._queued = queued + self._queued
-                if isinstance(e, ConnectionLost):  # (the reconnect it made says so once)
-                    self._lost_meanwhile = e
-            return
-        try:
-            self._send_queued(worker_id, queued)
-        except TorchRelayError as e:
-            if isinstance(e, ConnectionLost):
-                raise  # everything outstanding is lost: the caller fails it all
-            for _, correlation_id, _ in queued:  # none of them was sent
-                entry = self._forget(correlation_id)
+    def _settle_unsent(self, unsent: list[Unsent]) -> None:
+        """Commands that could not be published failed; the garbage that rode with them
+        waits for the next ride."""
+        for failed in unsent:
+            for _, correlation_id, envelope in failed.queued:
+                entry = self.pending.forget(correlation_id)
                 if entry is not None:
-                    self._record(correlation_id, entry, e)
-            self._restore_garbage(worker_id, queued)
-
-    def _send_queued(self, worker_id: str,
-                     queued: list[tuple[Command, str, Envelope | None]]) -> None:
-        self._in_send = len(queued)  # outstanding, but not published yet
-        try:
-            if len(queued) == 1:
-                command, correlation_id, envelope = queued[0]
-                self.endpoint.send_command(worker_id, command.name, command.encode(envelope),
-                                           correlation_id)
-            else:
-                self.endpoint.send_command(worker_id, BATCH, encode_batch(queued),
-                                           f"{queued[0][1]}+{len(queued)}")
-        finally:
-            self._in_send = 0
+                    self._record(correlation_id, entry, failed.error)
+                if envelope is not None and envelope.garbage:
+                    self.garbage.add(failed.worker_id, envelope.garbage)
 
     def _awaiting(self) -> bool:
         """Whether replies to what was published are still due (see `Endpoint.awaiting`)."""
-        return len(self._outstanding) - len(self._queued) - self._in_send > 0
-
-    def _restore_garbage(self, worker_id: str,
-                         queued: list[tuple[Command, str, Envelope | None]]) -> None:
-        """Garbage that rode with commands never sent waits for the next ride."""
-        garbage = [i for _, _, envelope in queued if envelope is not None
-                   for i in envelope.garbage]
-        if garbage:
-            with self._doomed_lock:
-                self._doomed.setdefault(worker_id, []).extend(garbage)
-
-    def _forget(self, correlation_id: str) -> _Outstanding | None:
-        entry = self._outstanding.pop(correlation_id, None)
-        if entry is not None:
-            self._outstanding_to[entry.worker_id] -= 1
-            if not entry.settles:
-                self._unsettled -= 1
-            if type(entry.command) is Transfer:
-                self._arriving[entry.command.destination] -= 1
-        return entry
+        return len(self.pending) - self.publisher.unpublished > 0
 
     def _flush_deletes(self) -> None:
         """Send every worker the garbage still waiting for a ride."""
-        while self._doomed:
-            with self._doomed_lock:
-                worker_id, ids = self._doomed.popitem()
+        while (doomed := self.garbage.take_any()) is not None:
+            worker_id, ids = doomed
             self._send(worker_id, Delete(ids), keep=False, settles=False)
 
     def _collect(self, *, raise_errors: bool = True) -> None:
         """Publish what is queued, then receive replies until none is outstanding."""
         self._publish()
         idle_since = time.monotonic()
-        while self._outstanding:
+        while self.pending:
             try:
                 if self._receive(min(self.timeout, GONE_CHECK_SECONDS)):
                     idle_since = time.monotonic()
@@ -512,7 +406,7 @@ class Fleet:
     def _lost(self, error: ConnectionLost) -> ConnectionLost:
         """`error`, naming what was in flight when the connection went: the first
         operation and how many, so a script knows what to redo. (`lost` lists them.)"""
-        entries = list(self._outstanding.values())
+        entries = [entry for _, entry in self.pending]
         if not entries:
             return error
         first = entries[0]
@@ -526,8 +420,7 @@ class Fleet:
     def _fail_if_gone(self) -> None:
         """While waiting in silence: fail at once if a worker we wait for has no daemon
         consuming its queue any more, rather than after the whole timeout."""
-        gone = self._gone.gone({entry.worker_id for entry in self._outstanding.values()},
-                               time.monotonic())
+        gone = self._gone.gone(self.pending.workers(), time.monotonic())
         if gone is not None:
             self._fail_outstanding(UnknownWorker(gone[0], gone_message(gone[1])))
 
@@ -544,14 +437,14 @@ class Fleet:
             self._record_batch(delivery)
         elif delivery.returned and "+" in delivery.correlation_id:
             for member in _members(delivery.correlation_id):  # a batch nobody took
-                entry = self._outstanding.get(member)
+                entry = self.pending.get(member)
                 if entry is not None and self._from_addressee(delivery, entry.worker_id):
-                    self._forget(member)
+                    self.pending.forget(member)
                     self._record(member, entry, self._result(entry, delivery))
         else:
-            entry = self._outstanding.get(delivery.correlation_id)
+            entry = self.pending.get(delivery.correlation_id)
             if entry is not None and self._from_addressee(delivery, entry.worker_id):
-                self._forget(delivery.correlation_id)
+                self.pending.forget(delivery.correlation_id)
                 self._record(delivery.correlation_id, entry, self._result(entry, delivery))
             # else: a late reply to a request that timed out, or a forgery
         return True
@@ -575,7 +468,7 @@ class Fleet:
         its late replies are dropped). For rounds that go on without a slow worker."""
         self._publish()
         deadline = time.monotonic() + timeout
-        while self._outstanding and (left := deadline - time.monotonic()) > 0:
+        while self.pending and (left := deadline - time.monotonic()) > 0:
             try:
                 self._receive(min(left, self.timeout))
             except ConnectionLost as e:
@@ -584,16 +477,14 @@ class Fleet:
         for error in self._errors:
             failures.setdefault(getattr(error, "worker_id", ""), error)
         self._errors.clear()
-        for correlation_id, entry in list(self._outstanding.items()):
+        for correlation_id, entry in self.pending:
             failures.setdefault(entry.worker_id, ReplyTimeout(
                 entry.worker_id, entry.command.describe(), timeout))
-            self._forget(correlation_id)
+            self.pending.forget(correlation_id)
         return failures
 
     def search(self, *tags: str) -> list[Any]:
         """The datasets, on every worker this session knows, holding all of `tags`."""
-        from ._data import search  # noqa: PLC0415 - one module per idea, no import cycle
-
         return search(list(self._workers.values()), tags)
 
     def _record_batch(self, delivery: Delivery) -> None:
@@ -603,13 +494,13 @@ class Fleet:
             self._errors.append(e)
             return
         for correlation_id, _, body in replies:
-            entry = self._outstanding.get(correlation_id)
+            entry = self.pending.get(correlation_id)
             if entry is not None and self._from_addressee(delivery, entry.worker_id):
-                self._forget(correlation_id)
+                self.pending.forget(correlation_id)
                 result = self._decoded(entry, body)
                 self._record(correlation_id, entry, result)
 
-    def _result(self, entry: _Outstanding, delivery: Delivery) -> Any:
+    def _result(self, entry: Outstanding, delivery: Delivery) -> Any:
         """What a reply delivery says: the value, or the error to raise."""
         if delivery.returned:
             return UnknownWorker(entry.worker_id, "no worker consumes its queue")
@@ -618,7 +509,7 @@ class Fleet:
                                  f"{entry.worker_id!r} was {delivery.refused}")
         return self._decoded(entry, delivery.body)
 
-    def _decoded(self, entry: _Outstanding, body: Any) -> Any:
+    def _decoded(self, entry: Outstanding, body: Any) -> Any:
         try:
             reply = decode_reply(body)
         except ProtocolError as e:
@@ -627,38 +518,31 @@ class Fleet:
             return reply.value
         return reply.error.to_exception(entry.worker_id, entry.command.describe())
 
-    def _record(self, correlation_id: str, entry: _Outstanding, result: Any) -> None:
+    def _record(self, correlation_id: str, entry: Outstanding, result: Any) -> None:
         if entry.keep:
             self._results[correlation_id] = result
         elif isinstance(result, TorchRelayError):
             self._errors.append(result)
 
     def _time_out(self) -> None:
-        first = next(iter(self._outstanding.values()))
+        first = self.pending.first()
         reason = f"nothing left to run on {self.broker.url}" if self.endpoint.quiescent else ""
         error = ReplyTimeout(first.worker_id, first.command.describe(), self.timeout, reason)
         self._fail_outstanding(error)
 
     def _fail_outstanding(self, error: TorchRelayError, *, report_later: bool = True) -> None:
         regathered: dict[str, list[int]] = {}
-        for correlation_id, entry in self._outstanding.items():
+        for correlation_id, entry in self.pending:
             if entry.keep:
                 self._results[correlation_id] = error
             if entry.garbage:  # whether they were carried out is unknown: again
                 regathered.setdefault(entry.worker_id, []).extend(entry.garbage)
-        if report_later and not all(entry.keep for entry in self._outstanding.values()):
+        if report_later and not all(entry.keep for _, entry in self.pending):
             self._errors.append(error)
-        self._outstanding.clear()
-        self._outstanding_to.clear()
-        self._unsettled = 0
-        self._arriving.clear()
-        with self._queue_lock:
-            self._queued.clear()  # (each is outstanding: its garbage is regathered)
-            self._lost_meanwhile = None  # (what it was about has just failed)
-        if regathered:
-            with self._doomed_lock:
-                for worker_id, ids in regathered.items():
-                    self._doomed.setdefault(worker_id, []).extend(ids)
+        self.pending.clear()
+        self.publisher.drop()  # (each is outstanding: its garbage is regathered)
+        for worker_id, ids in regathered.items():
+            self.garbage.add(worker_id, ids)
 
     def _raise_errors(self) -> None:
         if not self._errors:
@@ -685,20 +569,6 @@ def _members(batch_id: str) -> list[str]:
         return []
     session, number = numbered
     return [f"{session}.{n}" for n in range(number, number + min(int(count), 4096))]
-
-
-def _publish_late(ref: weakref.ref[Fleet]) -> None:
-    """The background publisher: what waited `QUEUE_DELAY` unpublished goes now.
-
-    It looks on its own clock rather than being woken for every command, so the
-    script's thread pays nothing for it; it holds its fleet only while looking."""
-    while True:
-        time.sleep(QUEUE_DELAY)
-        fleet = ref()
-        if fleet is None or fleet.closed:
-            return
-        fleet._publish_if_late()
-        del fleet
 
 
 def _close_at_exit(ref: weakref.ref[Fleet]) -> None:

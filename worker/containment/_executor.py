@@ -45,11 +45,13 @@ import torch
 
 from torchrelay.broker import TENSOR_DTYPES, EncodeError, Endpoint, decode, encode
 
-from ._config import WorkerConfig
+from ..operations._config import WorkerConfig
+from ..operations._logs import configure_logging
+from ..runtime._datasets import Dataset
+from ..runtime._runtime import WorkerRuntime
+from ..runtime._store import ObjectStore, StoredObject
 from ._daemon import run_worker
-from ._datasets import Dataset
 from ._journal import RAN_OK, RAN_OTHER, Journal, command_key
-from ._logs import configure_logging
 from ._mirror import (
     DELETE,
     DELETE_RECORD,
@@ -70,8 +72,6 @@ from ._mirror import (
     VALUE_RECORD,
     Ring,
 )
-from ._runtime import WorkerRuntime
-from ._store import ObjectStore, StoredObject
 
 __all__ = ["EXECUTOR_ENV", "ExecutorSetup", "main"]
 
@@ -270,9 +270,9 @@ class MirroredStore(ObjectStore):
         return self._objects
 
     def put(self, object_id: int, value: Any, provenance: frozenset[str],
-            holders: frozenset[str]) -> None:
+            holders: frozenset[str], *, by: str | None = None) -> None:
         _share_large(value)  # before it is counted: sharing moves the storage
-        super().put(object_id, value, provenance, holders)
+        super().put(object_id, value, provenance, holders, by=by)
         self.mirror.changed[object_id] = True
 
     def replace(self, object_id: int, value: Any, provenance: frozenset[str],

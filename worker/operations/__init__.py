@@ -1,0 +1,1 @@
+"""Running workers: configuration, fleets of daemons, the launcher, logs."""
