@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import secrets
-import threading
 import time
 from pathlib import Path
 from types import CoroutineType
@@ -163,7 +162,6 @@ class WorkerRuntime:
         self._in_hand: tuple[str, str, float] | None = None  # sender, what, since
         self._origin: str | None = None  # whom the command running acts for
         self._holders: dict[str, dict[str, int]] = {}  # as the last status walked them
-        self._thread = threading.get_ident()  # the one that runs commands
         self.waits = Waits(endpoint, reply_timeout)
         """Commands waiting on other workers (`_waits.py`)."""
         self._recent: dict[tuple[str, str], None] = {}  # insertion-ordered: oldest first
@@ -801,9 +799,10 @@ class WorkerRuntime:
             return None
         try:
             figures = self.figures()
-            holders = (self.by_holder() if threading.get_ident() == self._thread
-                       else dict(self._holders))  # (walking the store under its user: no)
-            figures.update(holders=holders, queued=self.queue.waiting())
+            # Who holds what as the last full status found it: walking the store here
+            # would cost the others' waiting commands that much per status asked for
+            # (and from the keeper thread, the store is in use).
+            figures.update(holders=dict(self._holders), queued=self.queue.waiting())
         except RuntimeError:  # changed under us after all: the usual way then
             return None
         if in_hand is not None:
