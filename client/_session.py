@@ -129,7 +129,7 @@ class Fleet:
         self.timeout = timeout
         self.pipelined = pipelined
         self._owns_broker = owns_broker
-        self.endpoint = broker.connect(name)
+        self._endpoint = broker.connect(name)
         if not self.endpoint.in_process and sys.stderr.isatty():
             # Transfers of hundreds of MiB take seconds: show them going, in a terminal.
             self.endpoint.progress = TerminalProgress(sys.stderr)
@@ -247,10 +247,7 @@ class Fleet:
     @endpoint.setter
     def endpoint(self, endpoint: Endpoint) -> None:
         """(Wrapped, to record or meter what goes through it: everything then does.)"""
-        self._endpoint = endpoint
-        publisher = getattr(self, "publisher", None)
-        if publisher is not None:
-            publisher.endpoint = endpoint
+        self._endpoint = self.publisher.endpoint = endpoint
 
     def __enter__(self) -> Fleet:
         return self

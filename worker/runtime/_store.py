@@ -300,16 +300,8 @@ class ObjectStore:
         held = self._values.pop(object_id, 0) if self._values else 0
         self.bytes -= held
         storages = self._storages
-        if type(value) is torch.Tensor:
-            pointer = value.untyped_storage()._cdata
-            counted = storages.get(pointer)
-            if counted is not None:
-                counted[1] -= 1
-                if not counted[1]:
-                    del storages[pointer]
-                    self.bytes -= counted[0]
-            return
-        for tensor in _tensors_in(value):
+        tensors = (value,) if type(value) is torch.Tensor else _tensors_in(value)
+        for tensor in tensors:
             pointer = tensor.untyped_storage()._cdata
             counted = storages.get(pointer)
             if counted is not None:
