@@ -44,12 +44,12 @@ from torch import nn
 from torchrelay.broker import PrivateDataError
 
 from ._data import DatasetPointer, FederatedDataLoader
+from ._handles import WorkerHandle
 from ._module import ModulePointer, send_module
 from ._optim import SGD, RemoteOptimizer
 from ._plan_recording import Plan
 from ._pointer import PointerTensor
 from ._release import aggregate
-from ._session import WorkerHandle
 
 __all__ = ["FedAvg", "RoundResult"]
 

@@ -418,13 +418,14 @@ def main() -> int:
         runtime.lost_graphs, parked = restore(store, setup)
         ran = {tuple(key.decode(errors="replace").split("\0", 1)): state
                for key, state in finished if b"\0" in key}
-        runtime.remember_finished(
+        runtime.admission.remember_finished(
             list(ran),  # type: ignore[arg-type]
             {key: state == RAN_OK for key, state in ran.items()  # type: ignore[misc]
              if state in (RAN_OK, RAN_OTHER)})
-        runtime.poisoned = {(sender, cid): what for sender, cid, what, _ in setup.poisoned}
+        admission = runtime.admission
+        admission.poisoned = {(sender, cid): what for sender, cid, what, _ in setup.poisoned}
         for sender, _, _, when in setup.poisoned:  # (a sender too often is refused a while)
-            runtime.strikes.add(sender, when)
+            admission.strikes.add(sender, when)
         runtime.settle_interrupted(parked)
         if setup.restarts:
             log.warning("executor restarted (restart %d): %d objects back in %.1f ms, %d of "
