@@ -18,6 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
+from .cluster import cluster
 from .fairness import fairness
 from .faults import faults
 from .federated import fedavg, train_step
@@ -498,6 +499,8 @@ MEASURES: dict[str, Measure] = {
                         "another sends heavy commands back to back"),
     "sidechannels": Measure(sidechannels, True, "what time tells of private values: the "
                             "subnormal attack via the broker, every operation timed"),
+    "cluster": Measure(cluster, False, "a RabbitMQ cluster node stopped mid-pipeline (the "
+                       "worker's, the queue leader): time to the result, what was lost"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.
     "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
                       "restarts, a load run: time to a clear error, what was lost"),

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         RETURNED,
         SHARED_ACCOUNTS,
         TLS_ENV,
+        broker_addresses,
         default_url,
         is_reply_queue_of,
         reply_queue,

@@ -4,6 +4,7 @@ the supervisor of a worker daemon reads them without loading torch)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Final
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "RETURNED",
     "SHARED_ACCOUNTS",
     "TLS_ENV",
+    "broker_addresses",
     "default_url",
     "is_reply_queue_of",
     "reply_queue",
@@ -54,7 +56,8 @@ for trying things out): on them a message's sender is the one it claims. On any
 other account, it is the account's user, as RabbitMQ validates it."""
 
 BROKER_ENV: Final = "TORCHRELAY_BROKER"
-"""Environment variable consulted when no URL is given to the command line."""
+"""Environment variable consulted when no URL is given to the command line (several
+addresses of one cluster: comma-separated)."""
 
 DEFAULT_CHUNK_SIZE: Final = 8 << 20
 """Half of RabbitMQ 4's 16 MiB limit: room for properties, and few messages per GiB."""
@@ -91,3 +94,15 @@ def is_reply_queue_of(queue: str, identity: str) -> bool:
 def default_url() -> str | None:
     """The broker named by `$TORCHRELAY_BROKER`, if any."""
     return os.environ.get(BROKER_ENV) or None
+
+
+def broker_addresses(url: str | Sequence[str]) -> tuple[str, ...]:
+    """The addresses of one broker: a URL, several comma-separated, or a list of them.
+    Several are the nodes of one RabbitMQ cluster, tried in turn: whoever is connected
+    to one that goes away goes on through another."""
+    given = [url] if isinstance(url, str) else list(url)
+    addresses = tuple(part.strip() for text in given for part in text.split(",")
+                      if part.strip())
+    if not addresses:
+        raise ValueError("no broker address given")
+    return addresses

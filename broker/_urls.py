@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import difflib
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._embedded import EmbeddedBroker, WorkerStarter
 from ._errors import UnknownBrokerURL
-from ._names import BROKER_ENV, default_url
+from ._names import BROKER_ENV, broker_addresses, default_url
 from ._rabbitmq import RabbitMQBroker
 from ._transport import Broker
 
@@ -33,14 +33,16 @@ _SCHEMES: dict[str, Callable[..., Broker]] = {
 
 
 def open_broker(
-    url: str | None = None, *, start_worker: WorkerStarter | None = None, **options: Any
+    url: str | Sequence[str] | None = None, *, start_worker: WorkerStarter | None = None,
+    **options: Any,
 ) -> Broker:
-    """The broker for `url`: `memory://` (in-process, the default) or `amqp[s]://`.
+    """The broker for `url`: `memory://` (in-process, the default) or `amqp[s]://` —
+    several of those (a list, or comma-separated) for the nodes of one RabbitMQ cluster.
 
     `start_worker` lets an in-process broker start workers on first use; options
     (`heartbeat`, `prefetch`, `connect_timeout`) go to RabbitMQ.
     """
-    url = url or "memory://"
+    url = ",".join(broker_addresses(url)) if url else "memory://"
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     factory = _SCHEMES.get(scheme)
     if factory is None:

@@ -13,6 +13,7 @@ only allow-listed operations and exchange nothing but msgpack frames.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torchrelay.broker._lazy import lazy_exports
@@ -59,7 +60,7 @@ __version__ = "0.1.0"
 
 
 def connect(
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     *,
     name: str | None = None,
     timeout: float = 30.0,
@@ -72,7 +73,8 @@ def connect(
 
     With no `url`, an in-process broker whose workers start on first use (no
     server needed). With `amqp://user:password@host:port/vhost` (or `amqps://`),
-    RabbitMQ and the worker daemons consuming from it.
+    RabbitMQ and the worker daemons consuming from it; with several (a list, or
+    comma-separated), the nodes of one RabbitMQ cluster, tried in turn.
 
     `timeout` bounds how long to wait with no reply at all; with `pipelined`
     false, every operation waits for its worker's answer. `datasets` gives the

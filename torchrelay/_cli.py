@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from torchrelay.broker import QUEUE_TYPES, default_url
-from torchrelay.worker.operations._config import add_flags
+from torchrelay.worker.operations._config import JoinedFlag, add_flags
 
 LOCAL_BROKER = "amqp://guest:guest@localhost:5672/"
 """The local RabbitMQ as guest, as configs/ use it: where commands go when none is named."""
@@ -57,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                                             "federated digits demo")
     demo.add_argument("which", nargs="?", choices=["walkthrough", "federated"],
                       default="walkthrough")
-    demo.add_argument("--broker", help="amqp[s]:// URL; starts and stops the worker daemons "
-                                       "itself (default: in-process workers)")
+    demo.add_argument(
+        "--broker", action=JoinedFlag,
+        help="amqp[s]:// URL; starts and stops the worker daemons "
+             "itself (default: in-process workers)")
     demo.add_argument("--running", action="store_true",
                       help="use the workers already serving on the broker (`torchrelay fleet "
                            "up configs/fleet.toml`, docker compose) rather than start any; "
@@ -78,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="the live workers, their figures and their queues (or, given ids, "
                        "those workers' status as JSON lines)")
     status.add_argument("workers", nargs="*", help="worker ids (default: every live worker)")
-    status.add_argument("--broker", help="amqp[s]:// URL (default: $TORCHRELAY_BROKER, else "
-                                         "the local RabbitMQ as guest)")
+    status.add_argument(
+        "--broker", action=JoinedFlag,
+        help="amqp[s]:// URL (default: $TORCHRELAY_BROKER, else "
+             "the local RabbitMQ as guest)")
     status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                         help="refresh every SECONDS (2) until Ctrl-C")
@@ -92,8 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     fleet.add_argument("action", choices=["up", "down", "status"])
     fleet.add_argument("file", nargs="?", default="configs/fleet.toml",
                        help="the fleet file (default configs/fleet.toml)")
-    fleet.add_argument("--broker", help="amqp[s]:// URL for every worker (default: the "
-                                        "file's, or $TORCHRELAY_BROKER)")
+    fleet.add_argument(
+        "--broker", action=JoinedFlag,
+        help="amqp[s]:// URL for every worker (default: the "
+             "file's, or $TORCHRELAY_BROKER)")
     fleet.add_argument("--timeout", type=float,
                        help="up: seconds to wait for the daemons (120); down: seconds "
                             "before a daemon still running is killed (40)")
@@ -111,10 +117,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="add, a worker: its queue's type (quorum for a cluster)")
     users.add_argument("--queue-expires", type=float,
                        help="add, a worker: seconds its queue outlives its last daemon (a week)")
-    users.add_argument("--broker", help="an administrator's amqp[s]:// URL naming the virtual "
-                                        "host (default: $TORCHRELAY_BROKER; add and remove "
-                                        "need one of them, list falls back to guest on "
-                                        "localhost and says so)")
+    users.add_argument(
+        "--broker", action=JoinedFlag,
+        help="an administrator's amqp[s]:// URL naming the virtual "
+             "host (default: $TORCHRELAY_BROKER; add and remove "
+             "need one of them, list falls back to guest on "
+             "localhost and says so)")
     users.add_argument("--management-url",
                        help="the management API, http[s]://[USER:PASSWORD@]HOST:PORT (default: "
                             "port 15672 of the broker's host, with the broker's credentials)")

@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import pika.exceptions as pe
@@ -27,13 +27,14 @@ from .._names import (
     PRESENCE_ASK,
     SHARED_ACCOUNTS,
     TLS_ENV,
+    broker_addresses,
     reply_queue,
     worker_queue,
 )
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer
-from ._link import Channels, Link, LinkSettings, tls_context
+from ._link import Channels, Link, LinkSettings, redact_url, tls_context
 from ._publishing import Publisher
 
 __all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
@@ -41,21 +42,16 @@ __all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
 log = logging.getLogger("torchrelay.broker")
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+_RESOURCE_LOCKED = 405
 
 
 class RabbitMQBroker(Broker):
-    """A RabbitMQ server at `url` (`amqp://` or `amqps://`)."""
+    """A RabbitMQ server at `url` (`amqp://` or `amqps://`), or a cluster at several
+    (comma-separated, or a list: tried in turn, see `broker_addresses`)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         heartbeat: int | None = None,
         prefetch: int = 64,
@@ -75,8 +71,16 @@ class RabbitMQBroker(Broker):
         certificate and key to present (`$TORCHRELAY_TLS_CERT_FILE`, `..._KEY_FILE`)."""
         if chunk_size < 4096:
             raise ValueError(f"chunk_size must be at least 4096 bytes, not {chunk_size}")
-        self._url = url
-        self.url = redact_url(url)
+        self._addresses = broker_addresses(url)
+        first = urllib.parse.urlsplit(self._addresses[0])
+        for address in self._addresses[1:]:  # one cluster: one scheme, one user
+            parts = urllib.parse.urlsplit(address)
+            if (parts.scheme, parts.username) != (first.scheme, first.username):
+                raise ValueError(f"the addresses of one broker share their scheme and user: "
+                                 f"{redact_url(address)} is not like "
+                                 f"{redact_url(self._addresses[0])}")
+        url = self._addresses[0]
+        self.url = ",".join(map(redact_url, self._addresses))
         self.heartbeat = heartbeat
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
@@ -108,7 +112,7 @@ class RabbitMQBroker(Broker):
                 f"name is its user's name (connect as {self.user!r}, or with {identity!r}'s "
                 "own user)")
         role = "worker" if serve_worker is not None else "client"
-        settings = LinkSettings(self._url, self.url, f"torchrelay {role} {identity}",
+        settings = LinkSettings(self._addresses, f"torchrelay {role} {identity}",
                                 self.heartbeat, self.connect_timeout, self.tls)
         return RabbitMQEndpoint(self, settings, identity, serve_worker)
 
@@ -175,10 +179,13 @@ class RabbitMQEndpoint(Endpoint):
                                           administered=self._administered,
                                           settings=self._broker.queues)
         except pe.ChannelClosedByBroker as e:
-            raise BrokerError(
-                f"worker {self._serve_worker!r} is already served by another daemon "
-                f"on {self._broker.url} ({e.reply_text})"
-            ) from None
+            if e.reply_code == _RESOURCE_LOCKED:  # another's exclusive consumer
+                raise BrokerError(
+                    f"worker {self._serve_worker!r} is already served by another daemon "
+                    f"on {self._broker.url} ({e.reply_text})"
+                ) from None
+            raise BrokerError(f"worker {self._serve_worker!r} cannot consume its queue on "
+                              f"{self._broker.url}: {e.reply_text}") from None
 
     def _resume_after_cancel(self, channels: Channels) -> None:
         """The broker cancelled our consumer (someone deleted the queue): declare it

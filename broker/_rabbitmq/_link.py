@@ -20,6 +20,7 @@ import logging
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ import tenacity
 
 from .._errors import BrokerError, BrokerUnavailable, ConnectionLost
 
-__all__ = ["Channels", "Link", "LinkSettings", "tls_context"]
+__all__ = ["Channels", "Link", "LinkSettings", "redact_url", "tls_context"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -41,6 +42,18 @@ _CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ChannelClosed, pe.ChannelWrongS
 _REFUSED = (pe.ProbableAuthenticationError, pe.AuthenticationError, pe.ProbableAccessDeniedError)
 _TICK_SECONDS = 0.1
 _DEFAULT_HEARTBEAT = 60  # RabbitMQ's, when we do not ask for one
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs (each of several,
+    comma-separated)."""
+    if "," in url:
+        return ",".join(redact_url(part.strip()) for part in url.split(","))
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def tls_context(
@@ -75,10 +88,10 @@ def _tls_failure(error: BaseException) -> ssl.SSLError | None:
 
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
-    """How to connect: the URL (with credentials) and the connection's tuning."""
+    """How to connect: the broker's addresses (with credentials; several are the nodes
+    of one cluster) and the connection's tuning."""
 
-    url: str
-    shown_url: str
+    urls: tuple[str, ...]
     connection_name: str
     heartbeat: int | None = None
     connect_timeout: float = 15.0
@@ -86,8 +99,9 @@ class LinkSettings:
     """For `amqps://`: verifies the broker's certificate against the CA given (and may
     present a client certificate); None: the system's CAs."""
 
-    def parameters(self) -> pika.URLParameters:
-        params = pika.URLParameters(self.url)
+    def parameters(self, index: int) -> pika.URLParameters:
+        """How to connect to address `index`."""
+        params = pika.URLParameters(self.urls[index])
         if params.ssl_options is not None and self.tls is not None:
             params.ssl_options = pika.SSLOptions(self.tls, params.host)
         params.client_properties = {"connection_name": self.connection_name,
@@ -96,7 +110,14 @@ class LinkSettings:
             params.heartbeat = self.heartbeat
         # Without this a publish blocks forever while the broker is out of memory.
         params.blocked_connection_timeout = 60
+        if len(self.urls) > 1:  # a node that does not answer: on to the next soon
+            params.socket_timeout = min(params.socket_timeout or 10.0, 5.0)
         return params
+
+    def shown(self, index: int | None = None) -> str:
+        """Address `index` (None: every one) without passwords, for messages and logs."""
+        urls = self.urls if index is None else self.urls[index:index + 1]
+        return ",".join(map(redact_url, urls))
 
     @property
     def heartbeat_seconds(self) -> int:
@@ -146,6 +167,7 @@ class Link:
         self._lock = threading.Lock()
         self._closed = False
         self._epoch = 0
+        self._address = 0  # which of the settings' addresses it is connected to
         self._channels = self._connect(reconnecting=False)
         self._stop = threading.Event()
         self._keeper = threading.Thread(
@@ -213,26 +235,47 @@ class Link:
             reraise=True,
         )
         try:
-            return retrying(pika.BlockingConnection, settings.parameters())
+            return retrying(self._connect_to_any)
         except (pe.ProbableAuthenticationError, pe.AuthenticationError) as e:
             raise BrokerUnavailable(
-                f"RabbitMQ at {settings.shown_url} refused the credentials: {e}"
+                f"RabbitMQ at {settings.shown(self._address)} refused the credentials: {e}"
             ) from None
         except pe.ProbableAccessDeniedError as e:
             raise BrokerUnavailable(
-                f"RabbitMQ at {settings.shown_url} denied access: {e}"
+                f"RabbitMQ at {settings.shown(self._address)} denied access: {e}"
             ) from None
         except (pe.AMQPConnectionError, ssl.SSLError) as e:
             failure = _tls_failure(e)
             if failure is not None:
                 raise BrokerUnavailable(
-                    f"TLS with RabbitMQ at {settings.shown_url} failed: {failure} (is the CA "
+                    f"TLS with RabbitMQ at {settings.shown(self._address)} failed: {failure} "
+                    "(is the CA "
                     "file the one that signed the broker's certificate?)"
                 ) from None
             raise BrokerUnavailable(
-                f"cannot reach RabbitMQ at {settings.shown_url} after "
+                f"cannot reach RabbitMQ at {settings.shown()} after "
                 f"{settings.connect_timeout:g} s: {type(e).__name__} {e}"
             ) from None
+
+    def _connect_to_any(self) -> Any:
+        """A connection to the first address that takes one, from the current one on
+        (a cluster's nodes in turn)."""
+        urls = self.settings.urls
+        failure: pe.AMQPConnectionError | None = None
+        for step in range(len(urls)):
+            index = (self._address + step) % len(urls)
+            try:
+                connection = pika.BlockingConnection(self.settings.parameters(index))
+            except pe.AMQPConnectionError as e:
+                self._address = index  # (what the error names)
+                if isinstance(e, _REFUSED) or _tls_failure(e) is not None:
+                    raise  # a node of the cluster says no: the others would too
+                failure = e
+                continue
+            self._address = index
+            return connection
+        assert failure is not None
+        raise failure
 
     def _connect(self, *, reconnecting: bool) -> Channels:
         connection = self._open_connection()
@@ -248,7 +291,7 @@ class Link:
         except pe.ChannelClosedByBroker as e:
             _close_quietly(connection)
             raise BrokerError(
-                f"RabbitMQ at {self.settings.shown_url} refused: {e.reply_text}"
+                f"RabbitMQ at {self.settings.shown(self._address)} refused: {e.reply_text}"
             ) from None
         except BaseException:
             _close_quietly(connection)
@@ -256,8 +299,10 @@ class Link:
         return channels
 
     def _reconnect(self) -> None:
-        name, url = self.settings.connection_name, self.settings.shown_url
+        name, url = self.settings.connection_name, self.settings.shown(self._address)
         log.warning("%s lost its connection to %s; reconnecting", name, url)
+        # To the next node of a cluster first: the one lost may be going down.
+        self._address = (self._address + 1) % len(self.settings.urls)
         _close_quietly(self._channels.connection)
         # Until the broker notices our old connection is dead, it still holds our
         # exclusive consumers: retry for a few heartbeats.
@@ -277,7 +322,7 @@ class Link:
                 log.info("reconnect refused (%s); retrying", e)
                 time.sleep(1.0)
         self.reconnects += 1
-        log.warning("%s reconnected to %s", name, url)
+        log.warning("%s reconnected to %s", name, self.settings.shown(self._address))
 
     def _tick(self, connection: Any) -> None:
         # A standing timer wakes `process_data_events(time_limit=None)` so its caller

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import BrokerError
+from .._names import broker_addresses
 
 __all__ = ["ManagementAPI", "ManagementError"]
 
@@ -38,6 +39,7 @@ class ManagementAPI:
     """The management API of the RabbitMQ that `amqp_url` points at (or at `base`)."""
 
     def __init__(self, amqp_url: str, base: str | None = None, timeout: float = 10.0) -> None:
+        amqp_url = broker_addresses(amqp_url)[0]  # a cluster's: its first node's API
         parts = urllib.parse.urlsplit(amqp_url)
         scheme = "https" if parts.scheme == "amqps" else "http"
         default = f"{scheme}://{parts.hostname or 'localhost'}:{DEFAULT_PORT}"

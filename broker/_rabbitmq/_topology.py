@@ -6,6 +6,8 @@
   quorum queue, a second daemon waits as a standby: single active consumer), with
   manual acks and a prefetch limit; it expires once no daemon has consumed it for
   `queue_expires` seconds, after which commands to that worker come back at once;
+  a quorum queue, replicated on a cluster's nodes, dead-letters a command delivered
+  more than `DELIVERY_LIMIT` times (one that kills whatever takes it cannot loop);
 - queue `torchrelay.reply.<identity>.<token>`, one per endpoint, consumed
   exclusively; it outlives a dropped connection by a minute, so a reconnect
   loses no reply;
@@ -40,6 +42,7 @@ from .._names import (
 __all__ = [
     "DEAD_LETTERS",
     "DEFAULT_QUEUE_EXPIRES",
+    "DELIVERY_LIMIT",
     "QUEUE_TYPES",
     "REPLY_QUEUE_EXPIRES_MS",
     "QueueSettings",
@@ -51,6 +54,10 @@ __all__ = [
 ]
 
 REPLY_QUEUE_EXPIRES_MS: Final = 60_000
+DELIVERY_LIMIT: Final = 20
+"""Deliveries of one command a quorum worker queue allows (x-delivery-limit). Each
+failover of a cluster node delivers what was in flight again; the executor's own
+poisoned-command check refuses a command that crashed it long before this."""
 DEAD_LETTERS: Final = "torchrelay.dead"
 
 
@@ -76,6 +83,7 @@ def worker_queue_arguments(settings: QueueSettings = QueueSettings()) -> dict[st
     if settings.queue_type == "quorum":
         arguments["x-queue-type"] = "quorum"
         arguments["x-single-active-consumer"] = True
+        arguments["x-delivery-limit"] = DELIVERY_LIMIT
     return arguments
 
 log = logging.getLogger("torchrelay.broker")
@@ -119,9 +127,7 @@ def consume_worker_queue(
             raise BrokerError(f"there is no queue {queue}: {_ADMINISTERED}")
         channel.basic_consume(queue, on_message, exclusive=True)
         return
-    channel.exchange_declare(DEAD_LETTERS, "fanout", durable=True)
-    channel.queue_declare(DEAD_LETTERS, durable=True)
-    channel.queue_bind(DEAD_LETTERS, DEAD_LETTERS)
+    _declare_dead_letters(connection, settings)
     arguments = worker_queue_arguments(settings)
     if _declares(connection, queue, arguments):
         channel.queue_declare(queue, durable=True, arguments=arguments)
@@ -133,6 +139,25 @@ def consume_worker_queue(
     channel.queue_bind(queue, COMMAND_EXCHANGE, routing_key=worker_id)
     channel.queue_bind(queue, EVENTS_EXCHANGE, routing_key=PRESENCE_ASK)
     channel.basic_consume(queue, on_message, exclusive=True)
+
+
+def _declare_dead_letters(connection: Any, settings: QueueSettings) -> None:
+    """The dead-letter exchange and queue, replicated on a cluster (quorum, as the worker
+    queues are there). Best effort: a worker serves even when they cannot be declared
+    (declared otherwise already, or a classic one's node down): its refused commands are
+    then dropped rather than kept for inspection."""
+    arguments = {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else {}
+
+    def declare(channel: Any) -> None:
+        channel.exchange_declare(DEAD_LETTERS, "fanout", durable=True)
+        channel.queue_declare(DEAD_LETTERS, durable=True, arguments=arguments)
+        channel.queue_bind(DEAD_LETTERS, DEAD_LETTERS)
+
+    try:
+        _on_own_channel(connection, declare, refused_with=406)  # 406: exists, used as is
+    except pe.ChannelClosedByBroker as e:
+        log.warning("the dead-letter queue %s is unavailable (%s): commands refused for good "
+                    "are dropped, not kept, until it is back", DEAD_LETTERS, e.reply_text)
 
 
 def _exists(connection: Any, passive_declare: Any) -> bool:

@@ -78,6 +78,7 @@ from torchrelay.broker import (
     DEFAULT_QUEUE_EXPIRES,
     QUEUE_TYPES,
     SHARED_ACCOUNTS,
+    broker_addresses,
 )
 
 from ..runtime._datasets import DatasetError, DatasetSpec
@@ -86,7 +87,7 @@ from ..runtime._limits import Limits, default_max_bytes
 from ..runtime._privacy import PrivacyError, PrivacyPolicy, default_ledger
 from ._logs import LOG_FORMATS, LOG_LEVELS
 
-__all__ = ["ConfigError", "WorkerConfig"]
+__all__ = ["ConfigError", "JoinedFlag", "WorkerConfig"]
 
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -100,11 +101,14 @@ _LIMITS: Final = Limits()
 
 def _setting(default: Any = dataclasses.MISSING, flag: str | None = None, *,
              factory: Any = dataclasses.MISSING, shown: str | None = None,
-             choices: tuple[str, ...] | None = None) -> Any:
+             choices: tuple[str, ...] | None = None, repeated: bool = False) -> Any:
     """A setting of the file and, with `flag` (its help), of `torchrelay worker`'s command
-    line as `--its-name`; `shown` says the default where its value would not."""
+    line as `--its-name`; `shown` says the default where its value would not; `repeated`:
+    the flag may be given several times (the values joined with commas, as a list in the
+    file is)."""
     return field(default=default, default_factory=factory,
-                 metadata={"flag": flag, "shown": shown, "choices": choices})
+                 metadata={"flag": flag, "shown": shown, "choices": choices,
+                           "repeated": repeated})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,9 @@ class WorkerConfig:
     them (`add_flags`)."""
 
     id: str = _setting(flag="the worker's id (its queue is torchrelay.worker.<id>)")
-    broker: str = _setting(flag=f"amqp[s]:// URL (default: ${BROKER_ENV})")
+    broker: str = _setting(flag=f"amqp[s]:// URL (default: ${BROKER_ENV}); a cluster: each "
+                                "node's, the flag repeated or comma-separated",
+                           repeated=True)
     prefetch: int = _setting(128, "messages delivered ahead")
     heartbeat: int | None = _setting(30, "AMQP heartbeat in seconds")
     reply_timeout: float = _setting(60.0, "seconds to wait for another worker down a chain")
@@ -180,8 +186,14 @@ class WorkerConfig:
                 f"worker id {self.id!r} must be 1-128 letters, digits, '_', '.' or '-', "
                 "starting with a letter or digit"
             )
-        if not self.broker.startswith(("amqp://", "amqps://")):
-            raise ConfigError(f"broker must be an amqp:// or amqps:// URL, not {self.broker!r}")
+        try:
+            addresses = broker_addresses(self.broker)
+        except ValueError:
+            addresses = ("",)
+        for address in addresses:
+            if not address.startswith(("amqp://", "amqps://")):
+                raise ConfigError("broker must be an amqp:// or amqps:// URL (or several, "
+                                  f"a cluster's), not {address!r}")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch must be at least 1, not {self.prefetch}")
         if self.heartbeat is not None and self.heartbeat < 0:
@@ -221,7 +233,8 @@ class WorkerConfig:
                               strict=True):
             if file is not None and not Path(file).is_file():
                 raise ConfigError(f"{name}: there is no file {file}")
-        user = urllib.parse.unquote(urllib.parse.urlsplit(self.broker).username or "guest")
+        first = broker_addresses(self.broker)[0]
+        user = urllib.parse.unquote(urllib.parse.urlsplit(first).username or "guest")
         if user not in self.shared_accounts and user != self.id:
             raise ConfigError(
                 f"worker {self.id!r} connects as RabbitMQ user {user!r}: with a user of its "
@@ -232,7 +245,9 @@ class WorkerConfig:
         """Where this worker records its privacy releases (see `_privacy.py`)."""
         if self.privacy.ledger is not None:
             return Path(self.privacy.ledger)
-        return default_ledger(self.id, self.broker)
+        # One cluster, one ledger, whichever of its addresses are listed and in what order
+        # (a single address: as it always was).
+        return default_ledger(self.id, min(broker_addresses(self.broker)))
 
     @property
     def limits(self) -> Limits:
@@ -287,8 +302,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                 setting.default)
         if shown is not None and text is not argparse.SUPPRESS:
             text = f"{text} (default: {shown})"
+        if setting.metadata.get("repeated"):
+            parser.add_argument(name, action=JoinedFlag, help=text)
+            continue
         parser.add_argument(name, type=kind, choices=setting.metadata.get("choices"),
                             help=text)
+
+
+class JoinedFlag(argparse.Action):
+    """A flag that may be given several times: its values joined with commas."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, str(values) if given is None else f"{given},{values}")
 
 
 def flags_given(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,6 +368,10 @@ def _read_file(path: Path) -> dict[str, Any]:
     known = {f.name: _accepted_types(hints[f.name]) for f in dataclasses.fields(WorkerConfig)
              if f.name not in ("datasets", "privacy", "shared_accounts", "clients")}
     known["shared_accounts"] = known["clients"] = (list,)
+    if isinstance(section.get("broker"), list):  # a cluster's nodes
+        if not all(isinstance(url, str) for url in section["broker"]):
+            raise ConfigError(f"config file {path}: broker is a URL or a list of URLs")
+        section["broker"] = ",".join(section["broker"])
     policy_given = section.pop("privacy", None)
     unknown = sorted(set(section) - set(known))
     if unknown:
