@@ -42,7 +42,9 @@ __all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
 log = logging.getLogger("torchrelay.broker")
 
 
-_RESOURCE_LOCKED = 405
+_IN_USE = (403, 405)
+"""How RabbitMQ refuses a consumer of a queue another consumes exclusively
+(ACCESS_REFUSED "in exclusive use", or RESOURCE_LOCKED)."""
 
 
 class RabbitMQBroker(Broker):
@@ -179,7 +181,7 @@ class RabbitMQEndpoint(Endpoint):
                                           administered=self._administered,
                                           settings=self._broker.queues)
         except pe.ChannelClosedByBroker as e:
-            if e.reply_code == _RESOURCE_LOCKED:  # another's exclusive consumer
+            if e.reply_code in _IN_USE:  # another daemon's exclusive consumer
                 raise BrokerError(
                     f"worker {self._serve_worker!r} is already served by another daemon "
                     f"on {self._broker.url} ({e.reply_text})"

@@ -58,9 +58,11 @@ class WorkerProcesses:
 
     def spawn(self, worker_id: str, *extra_args: str) -> subprocess.Popen[bytes]:
         """Start one daemon without waiting for it."""
-        argv = [sys.executable, "-m", "torchrelay", "worker", "--id", worker_id,
-                "--broker", self.url, *self.extra_args,
-                *self.worker_args.get(worker_id, ()), *extra_args]
+        own = [*self.extra_args, *self.worker_args.get(worker_id, ()), *extra_args]
+        # (A worker given a broker of its own, a user of its own say, connects there only:
+        # `--broker` given twice would be two addresses of one cluster.)
+        broker = [] if "--broker" in own else ["--broker", self.url]
+        argv = [sys.executable, "-m", "torchrelay", "worker", "--id", worker_id, *broker, *own]
         env = dict(os.environ if self.env is None else self.env)
         env.pop("TORCHRELAY_BROKER", None)
         log = (self.log_dir / f"{worker_id}.log").open("ab")
