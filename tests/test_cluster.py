@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def queue_leader(queue: str) -> int:
     raise RuntimeError(f"no node of the cluster knows queue {queue}")
 
 
+def settled() -> None:
+    """Wait until every quorum queue has its three members online again (a restarted
+    node catches up): a test starts on a whole cluster."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([RABBITMQCTL, "-q", "-n", "hare1@localhost", "list_queues",
+                               "name", "type", "online", "--formatter", "json"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        rows = json.loads(done.stdout) if done.returncode == 0 else None
+        if rows is not None and all(len(row["online"]) == len(PORTS) for row in rows
+                                    if row["type"] == "quorum"):
+            return
+        assert time.monotonic() < deadline, f"the cluster did not settle: {rows}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[None]:
     usable = shutil.which("rabbitmq-server") is not None and (
@@ -108,6 +125,7 @@ def stopped_node(three_nodes: None) -> Iterator[list[int]]:
     for node in stopped:
         cluster("start-node", str(node))
     cluster("start")  # (rejoined, all three running)
+    settled()
 
 
 def stop(stopped: list[int], node: int) -> None:
@@ -149,23 +167,54 @@ def test_fedavg_completes_round_for_round_when_the_node_leading_a_worker_queue_s
     rounds = 6
     with WorkerProcesses(addresses(1), workers, extra_args=["--queue-type", "quorum",
                                                             "--torch-threads", "1"],
-                         worker_args=worker_args, log_dir=tmp_path / "logs"), \
-            tr.connect(addresses(3)) as fleet:
-        datasets = [d for owner in DIGIT_OWNERS for d in fleet.worker(owner).search("#digits")]
-        fedavg = tr.FedAvg(make_model(), F.cross_entropy, aggregator=fleet.worker(AGGREGATOR),
-                           order=anchor_order, progress=False)
-        leader: list[int] = []
+                         worker_args=worker_args, log_dir=tmp_path / "logs"):
+        leader = queue_leader("torchrelay.worker.bob")
+        # The client on another node than the one that stops (losing the client's own
+        # node is the next test's); the daemons on node 1, which may be the leader's.
+        client_node = next(n for n in (2, 3, 1) if n != leader)
+        with tr.connect(addresses(client_node)) as fleet:
+            datasets = [d for owner in DIGIT_OWNERS
+                        for d in fleet.worker(owner).search("#digits")]
+            fedavg = tr.FedAvg(make_model(), F.cross_entropy,
+                               aggregator=fleet.worker(AGGREGATOR), order=anchor_order,
+                               progress=False)
 
-        def evaluate(model: nn.Module) -> dict[str, float]:
-            if len(fedavg.history) == 2:  # after the third round: bob's queue's leader stops
-                leader.append(queue_leader("torchrelay.worker.bob"))
-                stop(stopped_node, leader[0])
-            return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
+            def evaluate(model: nn.Module) -> dict[str, float]:
+                if len(fedavg.history) == 2:  # after the third round: the leader stops
+                    stop(stopped_node, leader)
+                return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
 
-        history = fedavg.fit(datasets, rounds, evaluate)
-    assert leader, "no node was stopped"
+            history = fedavg.fit(datasets, rounds, evaluate)
+    assert stopped_node == [leader]
     assert [r.left_out for r in history] == [{}] * rounds
     assert [r.metrics["accuracy"] for r in history] == _reference_accuracies(rounds)
+
+
+def test_a_client_whose_node_stops_is_told_what_was_in_flight_and_goes_on(
+    stopped_node: list[int], tmp_path: Path,
+) -> None:
+    # Its reply queue (classic: a client's own) goes with its node: the replies to what
+    # it sent are lost, and it is told which operations, then goes on through another.
+    with WorkerProcesses(addresses(1), ["bob"], extra_args=["--queue-type", "quorum"],
+                         log_dir=tmp_path), tr.connect(addresses(2)) as fleet:
+        bob = fleet.worker("bob")
+        x = torch.zeros(1).send(bob)
+        fleet.sync()
+
+        def add_while_the_node_stops() -> None:
+            for step in range(600):
+                x.add_(1)
+                if step == 200:
+                    stop(stopped_node, 2)
+            fleet.sync()
+
+        with pytest.raises(tr.ConnectionLost, match=r"operations? in flight lost") as lost:
+            add_while_the_node_stops()
+        assert lost.value.lost and all(what == ("bob", "call Tensor.add_")
+                                       for what in lost.value.lost)
+        ran = x.get().item()  # those that reached bob ran, once: at most all of them
+        assert 0 < ran <= 600
+        assert (torch.ones(2).send(bob) * 2).get().tolist() == [2.0, 2.0]
 
 
 def test_several_addresses_are_one_broker_in_every_form(three_nodes: None) -> None:

@@ -42,6 +42,10 @@ __all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
 log = logging.getLogger("torchrelay.broker")
 
 
+NACK_RETRY_SECONDS = 15.0
+"""How long a confirmed message the broker refuses is sent again (a cluster electing a
+queue's new leader refuses for about a second)."""
+
 _IN_USE = (403, 405)
 """How RabbitMQ refuses a consumer of a queue another consumes exclusively
 (ACCESS_REFUSED "in exclusive use", or RESOURCE_LOCKED)."""
@@ -215,15 +219,28 @@ class RabbitMQEndpoint(Endpoint):
         confirm: bool = False,
     ) -> None:
         publisher, reply_to = self._publisher, self.reply_queue
-        try:
-            self._link.run(lambda channels: publisher.publish(
-                channels, COMMAND_EXCHANGE, worker_id, type=type, frame=frame,
-                correlation_id=correlation_id, reply_to=reply_to, confirm=confirm,
-            ))
-        except pe.UnroutableError:
-            raise UnknownWorker(worker_id, f"no queue for it on {self._broker.url}") from None
-        except pe.NackError:
-            raise BrokerError(f"RabbitMQ refused a message for worker {worker_id!r}") from None
+        # A confirmed message the broker refuses (nack) was not taken: on a cluster that
+        # is what a quorum queue says while it elects a new leader, for a second or so.
+        # Sent again until it is taken or NACK_RETRY_SECONDS have passed.
+        deadline = time.monotonic() + NACK_RETRY_SECONDS
+        pause = 0.05
+        while True:
+            try:
+                self._link.run(lambda channels: publisher.publish(
+                    channels, COMMAND_EXCHANGE, worker_id, type=type, frame=frame,
+                    correlation_id=correlation_id, reply_to=reply_to, confirm=confirm,
+                ))
+                return
+            except pe.UnroutableError:
+                raise UnknownWorker(worker_id, f"no queue for it on {self._broker.url}") from None
+            except pe.NackError:
+                if time.monotonic() + pause > deadline:
+                    raise BrokerError(f"RabbitMQ refused a message for worker {worker_id!r} "
+                                      f"for {NACK_RETRY_SECONDS:g} s") from None
+                log.info("RabbitMQ refused a message for worker %r; sending it again",
+                         worker_id)
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
         publisher = self._publisher
