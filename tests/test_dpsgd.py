@@ -1,0 +1,153 @@
+"""The DP-SGD mechanism the owner's worker runs (`worker/runtime/_dpsgd.py`), against a
+plain reference written the textbook way: a Python loop over the sampled examples,
+each one's gradient by autograd on a module, clipped, summed, noised, stepped.
+
+Both draw from one seeded generator in the same order (the batch's Bernoulli draws,
+then each parameter's noise), so with the same seed they must agree step for step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from torchrelay.worker.runtime._dpsgd import (
+    DpSgd,
+    DpSgdSettings,
+    clipped_sum,
+    sample_rate,
+    steps_for,
+)
+from torchrelay.worker.runtime._privacy import (
+    BudgetSpent,
+    PrivacyBudget,
+    PrivacyError,
+    PrivacyPolicy,
+    epsilon_of,
+    least_noise,
+)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    return (torch.randn(40, 6, generator=generator) * 3,
+            torch.randint(0, 3, (40,), generator=generator))
+
+
+def reference_step(model: nn.Module, data: torch.Tensor, target: torch.Tensor,
+                   settings: DpSgdSettings, generator: torch.Generator) -> None:
+    """One DP-SGD step, by hand."""
+    q = settings.batch_size / len(data)
+    chosen = [i for i, r in enumerate(torch.rand(len(data), generator=generator)) if r < q]
+    parameters = list(model.parameters())
+    total = [torch.zeros_like(p) for p in parameters]
+    for i in chosen:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(data[i : i + 1]), target[i : i + 1]).backward()
+        grads = [p.grad.detach().clone() for p in parameters]  # type: ignore[union-attr]
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        factor = min(1.0, settings.clip / (norm + 1e-6))
+        total = [t + g * factor for t, g in zip(total, grads, strict=True)]
+    std = settings.noise_multiplier * settings.clip
+    with torch.no_grad():
+        for parameter, t in zip(parameters, total, strict=True):
+            noise = torch.normal(0.0, std, parameter.shape, generator=generator)
+            parameter.sub_(settings.lr * (t + noise) / settings.batch_size)
+
+
+def _functional_loss(model: nn.Module) -> tuple[dict[int, torch.Tensor], object]:
+    names = [name for name, _ in model.named_parameters()]
+    parameters = {i: p.detach().clone() for i, (_, p) in enumerate(model.named_parameters())}
+
+    def loss(values: dict[int, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bound = {names[i]: v for i, v in values.items()}
+        return nn.functional.cross_entropy(torch.func.functional_call(model, bound, (x,)), y)
+
+    return parameters, loss
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.3])
+def test_mechanism_equals_the_reference_step_for_step(noise: float) -> None:
+    data, target = _data()
+    settings = DpSgdSettings(clip=0.7, noise_multiplier=noise, lr=0.5, batch_size=8)
+    reference = _model()
+    parameters, loss = _functional_loss(_model())
+    mechanism = DpSgd(loss, parameters, settings,  # type: ignore[arg-type]
+                      torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(6):
+        mechanism.step(data, target)
+        reference_step(reference, data, target, settings, generator)
+        for p, q in zip(reference.parameters(), mechanism.parameters.values(), strict=True):
+            torch.testing.assert_close(p.detach(), q, atol=1e-5, rtol=1e-5)
+
+
+def test_clipping_bounds_each_example_and_zeroes_what_is_not_finite() -> None:
+    gradients = {0: torch.tensor([[3.0, 4.0], [0.3, 0.4], [math.nan, 1.0], [math.inf, 0.0]]),
+                 1: torch.tensor([[0.0], [0.0], [0.0], [2.0]])}
+    summed = clipped_sum(gradients, 1.0)
+    # [3, 4] -> norm 1 (0.6, 0.8); [0.3, 0.4] as it is; [nan, 1] -> [0, 1]; [inf, 0 | 2] -> [0 | 1]
+    torch.testing.assert_close(summed[0], torch.tensor([0.6 + 0.3 + 0.0, 0.8 + 0.4 + 1.0]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(summed[1], torch.tensor([1.0]), atol=1e-5, rtol=0)
+
+
+def test_an_example_whose_loss_fails_contributes_nothing_and_others_count() -> None:
+    parameters = {0: torch.tensor([1.0, 2.0])}
+
+    def loss(values: dict[int, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # cholesky fails on a matrix that is not positive definite: a value decides
+        matrix = torch.diag(x[0]) * 1.0
+        return (torch.linalg.cholesky(matrix).sum() * values[0]).sum() + 0 * y.sum()
+
+    mechanism = DpSgd(loss, parameters, DpSgdSettings(clip=100.0, noise_multiplier=0.0, lr=1.0,
+                                                      batch_size=1),
+                      torch.Generator().manual_seed(0))
+    gradients = mechanism.per_example_gradients(torch.tensor([[4.0, 9.0], [-1.0, 1.0]]),
+                                                torch.zeros(2))
+    assert torch.equal(gradients[0][0], torch.tensor([5.0, 5.0]))
+    assert torch.isnan(gradients[0][1]).all()
+
+
+def test_steps_and_rates() -> None:
+    assert steps_for(479, 32, 1) == 15 and steps_for(479, 32, 20) == 300
+    assert sample_rate(479, 32) == 32 / 479 and sample_rate(10, 32) == 1.0
+
+
+def test_the_ledger_composes_dp_sgd_steps_with_rdp_and_refuses_past_the_budget(
+        tmp_path: object) -> None:
+    import dp_accounting  # noqa: PLC0415
+    from dp_accounting import rdp  # noqa: PLC0415
+
+    policy = PrivacyPolicy(unit="record", epsilon=3.0, noise_multiplier=1.0)
+    q, z = 32 / 479, least_noise(3.0, 1e-5, 32 / 479, 300)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+                       300)
+    expected = accountant.get_epsilon(1e-5)
+    assert 2.97 < expected <= 3.0
+    ledger = tmp_path / "bob.json"  # type: ignore[operator]
+    budget = PrivacyBudget(policy, ledger)
+    spent = 0.0
+    for _ in range(20):  # training again charges again: 20 rounds of 15 steps
+        spent = budget.charge_steps("bob", q, z, 15)
+    assert spent == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(BudgetSpent, match="budget of 'bob' is spent"):
+        budget.charge_steps("bob", q, z, 15)
+    again = PrivacyBudget(policy, ledger)  # a restart gives nothing back
+    assert again.spent() == pytest.approx(expected, rel=1e-9)
+    assert epsilon_of({}, {(q, z): 300}, 1e-5) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_unit_is_owner_unless_said() -> None:
+    assert PrivacyPolicy().unit == "owner"
+    assert PrivacyPolicy.of({"unit": "record"}).public()["unit"] == "record"
+    with pytest.raises(PrivacyError, match="unit must be one of"):
+        PrivacyPolicy.of({"unit": "person"})
