@@ -67,6 +67,7 @@ if TYPE_CHECKING:
         DefinePlan,
         Delete,
         Describe,
+        DpTrain,
         Envelope,
         Fetch,
         Grant,

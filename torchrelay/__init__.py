@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         RoundResult,
         WorkerHandle,
         aggregate,
+        dp_train,
         hook,
         plan,
     )

@@ -106,6 +106,11 @@ class DpSgd:
              y: torch.Tensor) -> torch.Tensor:
         return self.loss(parameters, x.unsqueeze(0), y.unsqueeze(0))
 
+    def check(self, data: torch.Tensor, target: torch.Tensor) -> None:
+        """Compute per-example gradients of `data` (public examples), letting any failure
+        through: whether the loss can run at all, asked before anything is spent."""
+        self._per_example(self.parameters, data, target)
+
     def run(self, data: torch.Tensor, target: torch.Tensor) -> int:
         """Every step of `settings.epochs` epochs over `data`; how many ran."""
         steps = steps_for(len(data), self.settings.batch_size, self.settings.epochs)
