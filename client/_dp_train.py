@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from torchrelay.broker import DefinePlan, DpTrain
+from torch import nn
+
+from torchrelay.broker import DefinePlan, DpTrain, OperationRefused
 
 from ._data import DatasetPointer
 from ._module import ModulePointer, _tensors
@@ -113,6 +115,13 @@ def record_loss(model_ptr: ModulePointer, dataset_ptr: DatasetPointer,
     example, its target, then the model's parameters; a pointer to it."""
     worker = model_ptr.location
     fleet = worker.fleet
+    for module in model_ptr._module.modules():
+        # The worker refuses it too; said here, before a batch of one fails to record.
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training:
+            raise OperationRefused(
+                f"{type(module).__name__} in training mode takes statistics over the "
+                "batch: they would mix examples; put the model in eval mode "
+                "(model.eval()) or use a per-example normalisation (group or layer norm)")
     data_dtype, data_shape = dataset_ptr.tensors["data"]
     target_dtype, target_shape = dataset_ptr.tensors["target"]
     x = send(torch.zeros((1, *data_shape[1:]), dtype=data_dtype), worker)
