@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from torch import nn
 
 from torchrelay.broker import DefinePlan, DpTrain, OperationRefused

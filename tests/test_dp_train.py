@@ -143,14 +143,13 @@ def test_past_the_budget_the_owner_refuses_before_training(fleet: tr.Fleet) -> N
 
 
 def test_a_loss_may_not_read_private_data_beyond_its_example(fleet: tr.Fleet) -> None:
-    data, target = _dataset(fleet, "bob")
+    data, _target = _dataset(fleet, "bob")
     for hostile in (lambda out, y: F.cross_entropy(out, y) + 0 * data.mean(),  # whole dataset
                     lambda out, y: F.cross_entropy(out + data[0:1, 0:3], y)):  # another record
-        with pytest.raises(tr.PrivateDataError, match="reads object .* private data of bob"):
+        with pytest.raises(tr.PrivateDataError, match=r"reads object .* private data of bob"):
             _train_on(fleet, "bob", hostile)
     public = torch.tensor([0.5, -0.5, 0.0]).send(fleet.worker("bob"))  # a public constant: fine
     _train_on(fleet, "bob", lambda out, y: F.cross_entropy(out + public, y)).get()
-    del data, target
 
 
 def test_a_loss_cannot_cross_examples(fleet: tr.Fleet) -> None:
@@ -182,7 +181,7 @@ def test_a_model_derived_from_private_data_is_refused(fleet: tr.Fleet) -> None:
 
 
 def test_only_the_datasets_as_loaded_and_only_record_owners(fleet: tr.Fleet) -> None:
-    data, target = _dataset(fleet, "bob")
+    data, _target = _dataset(fleet, "bob")
     model = _model().send(fleet.worker("bob"))
     command, _plan, _result = request_for(model, _dataset(fleet, "bob"), F.cross_entropy,
                                           lr=LR, batch_size=BATCH)
@@ -193,7 +192,6 @@ def test_only_the_datasets_as_loaded_and_only_record_owners(fleet: tr.Fleet) -> 
         fleet.request("bob", forged)
     with pytest.raises(tr.PrivateDataError, match="privacy unit 'owner'"):
         _train_on(fleet, "carol")
-    del target
 
 
 def test_the_worker_keeps_its_randomness_unless_started_for_tests(fleet: tr.Fleet) -> None:
