@@ -56,10 +56,13 @@ def reference_step(model: nn.Module, data: torch.Tensor, target: torch.Tensor,
         factor = min(1.0, settings.clip / (norm + 1e-6))
         total = [t + g * factor for t, g in zip(total, grads, strict=True)]
     std = settings.noise_multiplier * settings.clip
+    noise = torch.normal(0.0, std, (sum(p.numel() for p in parameters),), generator=generator)
     with torch.no_grad():
+        offset = 0
         for parameter, t in zip(parameters, total, strict=True):
-            noise = torch.normal(0.0, std, parameter.shape, generator=generator)
-            parameter.sub_(settings.lr * (t + noise) / settings.batch_size)
+            part = noise[offset : offset + parameter.numel()].view_as(parameter)
+            parameter.sub_(settings.lr * (t + part) / settings.batch_size)
+            offset += parameter.numel()
 
 
 def _functional_loss(model: nn.Module) -> tuple[dict[int, torch.Tensor], object]:
@@ -90,13 +93,13 @@ def test_mechanism_equals_the_reference_step_for_step(noise: float) -> None:
 
 
 def test_clipping_bounds_each_example_and_zeroes_what_is_not_finite() -> None:
-    gradients = {0: torch.tensor([[3.0, 4.0], [0.3, 0.4], [math.nan, 1.0], [math.inf, 0.0]]),
-                 1: torch.tensor([[0.0], [0.0], [0.0], [2.0]])}
+    gradients = torch.tensor([[3.0, 4.0, 0.0], [0.3, 0.4, 0.0], [math.nan, 1.0, 0.0],
+                              [math.inf, 0.0, 2.0]])
     summed = clipped_sum(gradients, 1.0)
-    # [3, 4] -> norm 1 (0.6, 0.8); [0.3, 0.4] as it is; [nan, 1] -> [0, 1]; [inf, 0 | 2] -> [0 | 1]
-    torch.testing.assert_close(summed[0], torch.tensor([0.6 + 0.3 + 0.0, 0.8 + 0.4 + 1.0]),
+    # [3, 4, 0] -> norm 1; [0.3, 0.4, 0] as it is; [nan, 1, 0] -> [0, 1, 0]; [inf, 0, 2] ->
+    # [0, 0, 1]
+    torch.testing.assert_close(summed, torch.tensor([0.6 + 0.3, 0.8 + 0.4 + 1.0, 1.0]),
                                atol=1e-5, rtol=0)
-    torch.testing.assert_close(summed[1], torch.tensor([1.0]), atol=1e-5, rtol=0)
 
 
 def test_an_example_whose_loss_fails_contributes_nothing_and_others_count() -> None:
@@ -112,8 +115,30 @@ def test_an_example_whose_loss_fails_contributes_nothing_and_others_count() -> N
                       torch.Generator().manual_seed(0))
     gradients = mechanism.per_example_gradients(torch.tensor([[4.0, 9.0], [-1.0, 1.0]]),
                                                 torch.zeros(2))
-    assert torch.equal(gradients[0][0], torch.tensor([5.0, 5.0]))
-    assert torch.isnan(gradients[0][1]).all()
+    assert torch.equal(gradients[0], torch.tensor([5.0, 5.0]))
+    assert torch.isnan(gradients[1]).all()
+
+
+def test_each_example_is_seen_alone() -> None:
+    """A loss that would mix examples if it saw the batch (`mean` over dim 0) gets the
+    same gradients as when each example is given on its own."""
+    parameters, _ = _functional_loss(_model())
+    model = _model()
+    names = [name for name, _ in model.named_parameters()]
+
+    def mixing(values: dict[int, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bound = {names[i]: v for i, v in values.items()}
+        out = torch.func.functional_call(model, bound, (x,))
+        return nn.functional.cross_entropy(out - out.mean(0) + x.mean(0)[:3], y)
+
+    mechanism = DpSgd(mixing, parameters, DpSgdSettings(clip=1.0, noise_multiplier=1.0, lr=1.0,
+                                                        batch_size=4),
+                      torch.Generator().manual_seed(0))
+    data, target = _data()
+    together = mechanism.per_example_gradients(data[:5], target[:5])
+    alone = torch.cat([mechanism.per_example_gradients(data[i : i + 1], target[i : i + 1])
+                       for i in range(5)])
+    torch.testing.assert_close(together, alone)
 
 
 def test_steps_and_rates() -> None:

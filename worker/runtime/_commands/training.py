@@ -182,7 +182,10 @@ def plan_loss(worker: WorkerRuntime, plan: RecordedPlan, sender: str) -> PerExam
         for object_id in _references((call.args, call.kwargs)):
             if object_id not in made and object_id not in constants:
                 constants[object_id] = _constant(worker, object_id, sender)
-        steps.append((resolve_op(call.op), call.args, call.kwargs, call.result_id))
+        op = resolve_op(call.op)
+        if call.op == "F.cross_entropy" and _plain_cross_entropy(call.args, call.kwargs):
+            op = _class_cross_entropy
+        steps.append((op, call.args, call.kwargs, call.result_id))
         if call.result_id is not None:
             made.add(call.result_id)
     returned = plan.returns[0]
@@ -198,6 +201,26 @@ def plan_loss(worker: WorkerRuntime, plan: RecordedPlan, sender: str) -> PerExam
         return value
 
     return loss
+
+
+_CROSS_ENTROPY_DEFAULTS: Final = {"weight": None, "size_average": None, "ignore_index": -100,
+                                  "reduce": None, "reduction": "mean", "label_smoothing": 0.0}
+
+
+def _plain_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> bool:
+    return len(args) == 2 and all(_CROSS_ENTROPY_DEFAULTS.get(k, k) == v
+                                  for k, v in kwargs.items())
+
+
+def _class_cross_entropy(input: torch.Tensor, target: torch.Tensor,
+                         **kwargs: Any) -> torch.Tensor:
+    """`F.cross_entropy` with its defaults, for class indices: under vmap, torch runs
+    cross_entropy through a Python decomposition, the largest part of a small model's
+    step; log_softmax and gather are batched natively. The same values (an index out
+    of range fails either way, and then the example contributes nothing)."""
+    if input.dim() == 2 and not target.is_floating_point():
+        return -input.log_softmax(1).gather(1, target.unsqueeze(1)).mean()
+    return torch.nn.functional.cross_entropy(input, target, **kwargs)
 
 
 def _refuse_op(number: int, op: str, args: list[Any], kwargs: dict[str, Any]) -> None:
