@@ -78,6 +78,7 @@ WorkerId = Annotated[
 ]
 Identity = Annotated[str, Text(255)]
 Tag = Annotated[str, Text(64)]
+OptimizerName = Annotated[str, Text(16, r"[a-z]+", "lower-case letters")]
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ class DpTrain(Command):
     tensors: list[ObjectId]
     trained: list[ObjectId]
     result_id: ObjectId
-    optimizer: Annotated[str, Text(16)]
+    optimizer: OptimizerName
     lr: float
     batch_size: Annotated[int, Range(1, 1 << 31)]
     epochs: Annotated[int, Range(1, 100_000)]
