@@ -401,6 +401,7 @@ def _plot(table: list[tuple[float, list[Run], list[Run]]], path: Path) -> None:
     final.set(xscale="log", xlabel="epsilon per record (delta 1e-5)",
               ylabel="held-out accuracy after 20 rounds", title="Record-level DP-SGD, FedAvg")
     final.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    final.set_xticks([], minor=True)  # no 2x10^0 and the like between them
     final.legend(loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -176,3 +176,20 @@ def test_the_unit_is_owner_unless_said() -> None:
     assert PrivacyPolicy.of({"unit": "record"}).public()["unit"] == "record"
     with pytest.raises(PrivacyError, match="unit must be one of"):
         PrivacyPolicy.of({"unit": "person"})
+
+
+def test_a_batch_computed_in_chunks_gives_the_same_steps() -> None:
+    """Per-example gradients of a large model's batch are computed in chunks of
+    examples (bounded memory): the steps are the same."""
+    data, target = _data()
+    trained = []
+    for chunk in (None, 3):
+        parameters, loss = _functional_loss(_model())
+        mechanism = DpSgd(loss, parameters,  # type: ignore[arg-type]
+                          DpSgdSettings(clip=0.7, noise_multiplier=1.0, lr=0.5, batch_size=8),
+                          torch.Generator().manual_seed(5))
+        mechanism.chunk = chunk or mechanism.chunk
+        for _ in range(4):
+            mechanism.step(data, target)
+        trained.append(torch.cat([p.flatten() for p in mechanism.parameters.values()]))
+    torch.testing.assert_close(trained[0], trained[1])

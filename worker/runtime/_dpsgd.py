@@ -47,6 +47,10 @@ OPTIMIZERS = ("sgd", "adam")
 CLIP_EPSILON = 1e-6
 """Opacus's guard against a zero norm in the clipping factor."""
 
+CHUNK_BYTES = 64 << 20
+"""About the most memory per-example gradients take at once: a batch whose gradients
+would take more is computed in chunks of examples (the same sum, bounded memory)."""
+
 
 @dataclass(frozen=True, slots=True)
 class DpSgdSettings:
@@ -99,6 +103,9 @@ class DpSgd:
             torch.optim.SGD(tensors, lr=settings.lr) if settings.optimizer == "sgd"
             else torch.optim.Adam(tensors, lr=settings.lr))
         self.size = sum(t.numel() for t in tensors)
+        self.dtype = tensors[0].dtype if tensors else torch.float32
+        # per example: its copy of the parameters, their gradient, the flat gradient
+        self.chunk = max(1, CHUNK_BYTES // max(1, 3 * self.size * self.dtype.itemsize))
         # Each example's loss under vmap, with parameters of its own: vmap keeps examples
         # apart in the forward, and the backward of the losses' sum gives each copy of the
         # parameters its example's gradient alone. (The same as vmap of torch.func.grad,
@@ -127,9 +134,15 @@ class DpSgd:
         q = sample_rate(len(data), settings.batch_size)
         chosen = torch.rand(len(data), generator=self.generator) < q
         index = chosen.nonzero().squeeze(1)
-        summed = clipped_sum(self.per_example_gradients(data.index_select(0, index),
-                                                        target.index_select(0, index)),
-                             settings.clip)
+        summed: torch.Tensor | None = None
+        for start in range(0, len(index), self.chunk):
+            part = index[start : start + self.chunk]
+            partial = clipped_sum(self.per_example_gradients(data.index_select(0, part),
+                                                             target.index_select(0, part)),
+                                  settings.clip)
+            summed = partial if summed is None else summed + partial
+        if summed is None:  # nobody sampled: the noise alone
+            summed = torch.zeros(self.size, dtype=self.dtype)
         # One draw for every coordinate, drawn even at std 0: the same order whatever
         # the settings, which the reference in the tests repeats.
         noise = torch.normal(0.0, settings.noise_multiplier * settings.clip, (self.size,),
@@ -147,7 +160,7 @@ class DpSgd:
         size]`); an example whose gradient fails to compute gets NaN (then 0 when
         clipped)."""
         if len(data) == 0:
-            return torch.zeros((0, self.size))
+            return torch.zeros((0, self.size), dtype=self.dtype)
         try:
             return self._per_example(data, target)
         except Exception:  # values made it fail: one example at a time, then

@@ -51,8 +51,8 @@ from torchrelay.broker import (
 from .._datasets import Dataset
 from .._dpsgd import DpSgd, DpSgdSettings, PerExampleLoss, sample_rate, steps_for
 from .._plans import RecordedPlan
-from .._privacy import BudgetSpent
 from ._registry import handles
+from .privacy import charge_training
 
 if TYPE_CHECKING:
     from .._runtime import WorkerRuntime
@@ -72,17 +72,8 @@ def dp_train(worker: WorkerRuntime, command: DpTrain, sender: str) -> dict[str, 
         raise ValueError(f"dataset {command.dataset} has {len(data)} samples and "
                          f"{len(target)} targets: dp_train needs as many, at least one")
     private = dataset.private
-    if private and policy.unit != "record":
-        raise PrivateDataError(
-            f"{worker.id!r} protects its data as a whole (privacy unit 'owner'): its data "
-            "leaves only as an aggregate of several owners (tr.aggregate); DP-SGD protects "
-            "records, which its owner accepts with unit = \"record\" in [worker.privacy]")
     noise = policy.noise_multiplier if command.noise_multiplier is None else (
         command.noise_multiplier)
-    if private and noise < policy.noise_multiplier:
-        raise PrivateDataError(
-            f"{worker.id!r} accepts a noise multiplier of at least "
-            f"{policy.noise_multiplier:g}, not {noise:g}")
     if command.seed is not None and not worker.fault_injection:
         raise OperationRefused(
             "dp_train with a seed is refused: the worker's randomness is its own (only a "
@@ -111,12 +102,8 @@ def dp_train(worker: WorkerRuntime, command: DpTrain, sender: str) -> dict[str, 
     report: dict[str, Any] = {"epsilon": {}, "delta": {}, "noise_multiplier": noise,
                               "noise_std": noise * settings.clip, "steps": steps,
                               "sample_rate": rate, "clip": settings.clip}
-    if private:
-        try:  # every step paid for before the first runs
-            report["epsilon"][worker.id] = worker.budget.charge_steps(worker.id, rate, noise,
-                                                                      steps)
-        except BudgetSpent as e:
-            raise PrivateDataError(str(e)) from None
+    if private:  # the owner's rules, and every step paid for before the first runs
+        report["epsilon"][worker.id] = charge_training(worker, noise, rate, steps)
         report["delta"][worker.id] = policy.delta
     try:
         mechanism.run(data, target)
