@@ -244,3 +244,21 @@ def test_with_a_test_seed_the_worker_equals_the_reference_step_for_step(
             reference_step(reference, data, target, settings, generator)
         for ours, theirs in zip(trained.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(ours.detach(), theirs.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_fedavg_trains_by_dp_train_when_owners_protect_records(fleet: tr.Fleet) -> None:
+    datasets = [_dataset(fleet, "bob"), _dataset(fleet, "erin")]
+    # secure_worker is trusted by no one: the released models need no trust
+    fedavg = tr.FedAvg(_model(), F.cross_entropy, aggregator=fleet.worker("secure_worker"),
+                       batch_size=BATCH, lr=LR, progress=False)
+    before = [p.detach().clone() for p in fedavg.model.parameters()]
+    history = fedavg.fit(datasets, 2)
+    one_run = epsilon_of({}, {(sample_rate(SAMPLES, BATCH), 1.0): steps_for(SAMPLES, BATCH, 1)},
+                         1e-5)
+    for result in history:
+        assert result.participants == ["bob", "erin"] and not result.left_out
+        assert result.samples == 2 * SAMPLES and result.delta == {"bob": 1e-5, "erin": 1e-5}
+        assert result.epsilon["bob"] >= one_run * 0.999  # a local epoch at least, charged
+    assert history[1].epsilon["erin"] > history[0].epsilon["erin"]
+    assert all(not torch.equal(a, b) for a, b in zip(before, fedavg.model.parameters(),
+                                                     strict=True))

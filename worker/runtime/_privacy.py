@@ -43,6 +43,7 @@ of its records too: both kinds of release are composed in one ledger.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -227,19 +228,39 @@ def epsilon_of(releases: dict[float, int], sampled: dict[tuple[float, float], in
     if any(z == 0 for z in releases) or any(z == 0 for _, z in sampled):
         return math.inf  # a release without noise: no guarantee at all
     try:
-        import dp_accounting  # noqa: PLC0415 - only workers with private data need it
-        from dp_accounting import rdp  # noqa: PLC0415
+        from dp_accounting.rdp import rdp_privacy_accountant  # noqa: PLC0415
     except ImportError:
         raise RuntimeError("accounting privacy needs dp-accounting: pip install "
                            "'torchrelay[privacy]'") from None
+    # RDP composes by adding each event's curve times its count: each kind of event's
+    # curve is computed once (tens of milliseconds, the accountant's whole cost), so a
+    # charge per training round stays cheap however long the ledger.
+    events = [((0.0, z), n) for z, n in releases.items()] + list(sampled.items())
+    total = None
+    for key, count in events:
+        orders, curve = _curve(*key)
+        total = [t + count * c for t, c in zip(total or [0.0] * len(curve), curve,
+                                               strict=True)]
+    epsilon, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
+    return float(epsilon)
+
+
+@functools.lru_cache(maxsize=256)
+def _curve(sample_rate: float, noise_multiplier: float,
+           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The RDP orders and one event's RDP at each: a Gaussian mechanism (`sample_rate`
+    0), or one step Poisson-sampled at `sample_rate` (dp-accounting's own composition
+    of that one event)."""
+    import dp_accounting  # noqa: PLC0415
+    from dp_accounting import rdp  # noqa: PLC0415
+
     _quiet_accountant()
     accountant = rdp.RdpAccountant()
-    for z, count in releases.items():
-        accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier=z), count)
-    for (q, z), count in sampled.items():
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(
-            q, dp_accounting.GaussianDpEvent(noise_multiplier=z)), count)
-    return float(accountant.get_epsilon(delta))
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier=noise_multiplier)
+    accountant.compose(gaussian if sample_rate == 0 else dp_accounting.PoissonSampledDpEvent(
+        sample_rate, gaussian), 1)
+    # The accountant keeps its curve in `_rdp` (dp-accounting 0.4 to 0.6 alike).
+    return tuple(accountant._orders), tuple(accountant._rdp)
 
 
 class _NotConverged(logging.Filter):
