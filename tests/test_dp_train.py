@@ -226,6 +226,14 @@ def test_a_forged_loss_plan_updating_in_place_is_refused(fleet: tr.Fleet) -> Non
     with _refused("statistics over the batch"):
         fleet.request("bob", DpTrain(**{**{k: getattr(command, k) for k in command._names},
                                         "loss": normed.id_at_location}))
+    huge = tr.PointerTensor(bob, fleet.new_id())  # checked as calls are, before it runs
+    fleet.post("bob", DefinePlan(huge.id_at_location, [x, y, *weights], [
+        {"op": "torch.ones", "args": [1 << 40], "kwargs": {}, "result_id": 20},
+        {"op": "Tensor.sum", "args": [tr.broker.ObjectRef(20)], "kwargs": {},
+         "result_id": 21}], [21]))
+    with pytest.raises(tr.RemoteError, match="max_elements"):
+        fleet.request("bob", DpTrain(**{**{k: getattr(command, k) for k in command._names},
+                                        "loss": huge.id_at_location}))
 
 
 def test_with_a_test_seed_the_worker_equals_the_reference_step_for_step(

@@ -48,8 +48,10 @@ from torchrelay.broker import (
     resolve_op,
 )
 
+from .._checks import check_arguments, check_result
 from .._datasets import Dataset
 from .._dpsgd import DpSgd, DpSgdSettings, PerExampleLoss, sample_rate, steps_for
+from .._limits import BudgetExceeded, Limits
 from .._plans import RecordedPlan
 from ._registry import handles
 from .privacy import charge_training
@@ -89,13 +91,13 @@ def dp_train(worker: WorkerRuntime, command: DpTrain, sender: str) -> dict[str, 
         raise TypeError(f"the loss plan takes {len(plan.parameters)} arguments and returns "
                         f"{len(plan.returns)} results: dp_train needs the example, its "
                         f"target and the {len(command.trained)} trained tensors, and a loss")
-    loss = plan_loss(worker, plan, sender)
+    loss = PlanLoss(worker, plan, sender)
     by_id = dict(zip(command.tensors, tensors, strict=True))
     parameters = {key: by_id[i].detach().clone()
                   for key, i in zip(plan.parameters[2:], command.trained, strict=True)}
     seed = command.seed if command.seed is not None else secrets.randbits(63)
     mechanism = DpSgd(loss, parameters, settings, torch.Generator().manual_seed(seed))
-    _try_on_public_examples(mechanism, data, target)
+    _try_on_public_examples(worker, loss, mechanism, data, target)
 
     rate = sample_rate(len(data), settings.batch_size)
     steps = steps_for(len(data), settings.batch_size, settings.epochs)
@@ -157,37 +159,49 @@ def _model_tensors(worker: WorkerRuntime, command: DpTrain, sender: str,
     return tensors
 
 
-def plan_loss(worker: WorkerRuntime, plan: RecordedPlan, sender: str) -> PerExampleLoss:
-    """The plan as a function of (parameters, x, y), for `torch.func`; refuses what could
-    read private data beyond its example (see the module docstring)."""
-    x_id, y_id = plan.parameters[:2]
-    made = set(plan.parameters)
-    constants: dict[int, torch.Tensor] = {}
-    steps: list[tuple[Any, Any, Any, int | None]] = []
-    for number, call in enumerate(plan.calls):
-        _refuse_op(number, call.op, call.args, call.kwargs)
-        for object_id in _references((call.args, call.kwargs)):
-            if object_id not in made and object_id not in constants:
-                constants[object_id] = _constant(worker, object_id, sender)
-        op = resolve_op(call.op)
-        if call.op == "F.cross_entropy" and _plain_cross_entropy(call.args, call.kwargs):
-            op = _class_cross_entropy
-        steps.append((op, call.args, call.kwargs, call.result_id))
-        if call.result_id is not None:
-            made.add(call.result_id)
-    returned = plan.returns[0]
+class PlanLoss:
+    """A loss plan as a function of (parameters, x, y), for `torch.func`; refuses, when
+    made, what could read private data beyond its example (see the module docstring)."""
 
-    def loss(parameters: dict[int, torch.Tensor], x: torch.Tensor,
-             y: torch.Tensor) -> torch.Tensor:
-        scope: dict[int, Any] = {**constants, **parameters, x_id: x, y_id: y}
-        for op, args, kwargs, result_id in steps:
-            result = op(*_bind(args, scope), **_bind(kwargs, scope))
+    def __init__(self, worker: WorkerRuntime, plan: RecordedPlan, sender: str) -> None:
+        self.x, self.y = plan.parameters[:2]
+        made = set(plan.parameters)
+        self.constants: dict[int, torch.Tensor] = {}
+        self.steps: list[tuple[str, Any, Any, Any, int | None]] = []
+        for number, call in enumerate(plan.calls):
+            _refuse_op(number, call.op, call.args, call.kwargs)
+            for object_id in _references((call.args, call.kwargs)):
+                if object_id not in made and object_id not in self.constants:
+                    self.constants[object_id] = _constant(worker, object_id, sender)
+            op = resolve_op(call.op)
+            if call.op == "F.cross_entropy" and _plain_cross_entropy(call.args, call.kwargs):
+                op = _class_cross_entropy
+            self.steps.append((call.op, op, call.args, call.kwargs, call.result_id))
+            if call.result_id is not None:
+                made.add(call.result_id)
+        self.returned = plan.returns[0]
+
+    def __call__(self, parameters: dict[int, torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, limits: Limits | None = None) -> torch.Tensor:
+        """The loss; with `limits`, each operation's arguments and result checked as a
+        call's are (the run on a public example: the private runs repeat its shapes)."""
+        scope: dict[int, Any] = {**self.constants, **parameters, self.x: x, self.y: y}
+        for name, op, args, kwargs, result_id in self.steps:
+            bound_args, bound_kwargs = _bind(args, scope), _bind(kwargs, scope)
+            if limits is not None:
+                check_arguments(name, bound_args, bound_kwargs, limits)
+            result = op(*bound_args, **bound_kwargs)
+            if limits is not None:
+                check_result(name, result, limits)
             if result_id is not None:
                 scope[result_id] = result
-        value: torch.Tensor = scope[returned]
+        value: torch.Tensor = scope[self.returned]
         return value
 
-    return loss
+
+def plan_loss(worker: WorkerRuntime, plan: RecordedPlan, sender: str) -> PerExampleLoss:
+    """The plan as a function of (parameters, x, y) (see `PlanLoss`)."""
+    return PlanLoss(worker, plan, sender)
 
 
 _CROSS_ENTROPY_DEFAULTS: Final = {"weight": None, "size_average": None, "ignore_index": -100,
@@ -267,15 +281,18 @@ def _bind(value: Any, scope: dict[int, Any]) -> Any:
     return value
 
 
-def _try_on_public_examples(mechanism: DpSgd, data: torch.Tensor,
-                            target: torch.Tensor) -> None:
-    """Run the per-example gradients once on two public examples (zeros of the data's
-    shapes): what cannot work fails here, in full view, before anything is spent."""
+def _try_on_public_examples(worker: WorkerRuntime, loss: PlanLoss, mechanism: DpSgd,
+                            data: torch.Tensor, target: torch.Tensor) -> None:
+    """Run the loss once on a public example (zeros of the data's shapes), each operation
+    checked against the worker's limits, then the per-example gradients of two: what
+    cannot work fails here, in full view, before anything is spent."""
     x = torch.zeros((2, *data.shape[1:]), dtype=data.dtype)
     y = torch.zeros((2, *target.shape[1:]), dtype=target.dtype)
     try:
+        with torch.no_grad():
+            loss(mechanism.parameters, x[0:1], y[0:1], worker.limits)
         mechanism.check(x, y)
-    except (OperationRefused, PrivateDataError):
+    except (OperationRefused, PrivateDataError, BudgetExceeded):
         raise
     except Exception as e:
         raise OperationRefused(f"the loss cannot run per example on public examples of the "
