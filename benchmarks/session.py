@@ -65,7 +65,7 @@ class Settings:
     train_steps: int = 600
     train_blocks: int = 6
     fedavg_rounds: int = 20
-    dpsgd_reps: int = 3
+    dpsgd_reps: int = 5
     dpsgd_rounds: int = 20
     load_clients: int = 10
     load_rounds: int = 50
