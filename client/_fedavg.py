@@ -30,7 +30,9 @@ charged by the owner's worker), each owner releases its trained model, and the
 client averages them weighted by sample count — post-processing of releases, no
 further noise and no aggregator needed (the models are public once released, so
 this holds whoever `aggregator` is). Each round reports each owner's ε; the
-per-example loss is recorded once per worker as a plan.
+per-example loss is recorded once per worker as a plan. The owners' runs are sent
+together and waited for together (`round_timeout` does not apply): if one refuses
+(its budget is spent) or fails, that round leaves the model as it was, naming it.
 
 A round waits for its workers at most `round_timeout` seconds: one that has not
 answered by then (or failed) is left out of that round's average and takes part
@@ -245,6 +247,7 @@ class FedAvg:
             reports = fleet.request_many([(w, command) for w, command, *_ in sent])
         except TorchRelayError as e:  # an owner refused (its budget...), or failed
             who = getattr(e, "worker_id", "") or "round"
+            self._loss_plans.pop(who, None)  # recorded again: a restart may have lost it
             return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
                                {who: str(e)})
         samples = sum(n for *_, n in sent)
