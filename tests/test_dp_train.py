@@ -270,3 +270,17 @@ def test_fedavg_trains_by_dp_train_when_owners_protect_records(fleet: tr.Fleet) 
     assert history[1].epsilon["erin"] > history[0].epsilon["erin"]
     assert all(not torch.equal(a, b) for a, b in zip(before, fedavg.model.parameters(),
                                                      strict=True))
+
+
+def test_a_fedavg_round_an_owner_cannot_afford_leaves_the_model_as_it_was(
+        fleet: tr.Fleet) -> None:
+    fedavg = tr.FedAvg(_model(), F.cross_entropy, aggregator=fleet.worker("secure_worker"),
+                       batch_size=BATCH, lr=LR, progress=False)
+    history = fedavg.fit([_dataset(fleet, "dave")], 2)  # dave affords one run at most
+    before = [p.detach().clone() for p in fedavg.model.parameters()]
+    refused = fedavg.fit([_dataset(fleet, "dave")], 1)[-1]
+    assert not refused.updated and refused.epsilon == {}
+    assert "budget of 'dave' is spent" in refused.left_out["dave"]
+    assert all(torch.equal(a, b) for a, b in zip(before, fedavg.model.parameters(),
+                                                 strict=True))
+    assert not history[-1].updated  # the second round already could not be afforded
