@@ -8,11 +8,17 @@ then each parameter's noise), so with the same seed they must agree step for ste
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
+from noninterference import CLIENT, OWNER, _Capture
 from torch import nn
 
+from torchrelay.broker import DefinePlan, Delivery, DpTrain, Store, decode_reply
+from torchrelay.broker import ObjectRef as R
+from torchrelay.worker import WorkerRuntime
+from torchrelay.worker.runtime._datasets import Dataset
 from torchrelay.worker.runtime._dpsgd import (
     DpSgd,
     DpSgdSettings,
@@ -193,3 +199,72 @@ def test_a_batch_computed_in_chunks_gives_the_same_steps() -> None:
             mechanism.step(data, target)
         trained.append(torch.cat([p.flatten() for p in mechanism.parameters.values()]))
     torch.testing.assert_close(trained[0], trained[1])
+
+
+class _RecordingPacer:
+    """Stands for a daemon's pacer: records the schedules a run asks for."""
+
+    def __init__(self) -> None:
+        self.calibrated_keys: list[Any] = []
+        self.paced: list[Any] = []
+
+    def known(self, key: Any) -> bool:
+        return key in self.calibrated_keys
+
+    def calibrated(self, key: Any, benign_seconds: float) -> None:
+        assert benign_seconds > 0
+        self.calibrated_keys.append(key)
+
+    def pace(self, key: Any, started: float) -> None:
+        self.paced.append(key)
+
+
+def _observed_run(data: torch.Tensor, loss_ops: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """What a client sees of a dp_train on a worker whose private dataset is `data`:
+    its reply (what it reports, or the error's type and text), and the schedules the
+    worker's pacer was asked for."""
+    endpoint = _Capture()
+    runtime = WorkerRuntime(OWNER, endpoint, privacy=PrivacyPolicy(unit="record", epsilon=50.0))
+    pacer = _RecordingPacer()
+    runtime.private_execution.pacer = pacer  # type: ignore[assignment]
+    dataset = runtime.add_dataset(Dataset({"data": data, "target": torch.arange(len(data)) % 3},
+                                          ("#x",), ""), "records")
+    weight, bias = torch.zeros(3, 6), torch.zeros(3)
+    replies = []
+    for number, command in enumerate([
+            Store(1, weight), Store(2, bias),
+            DefinePlan(3, [10, 11, 1, 2], loss_ops, [14]),
+            DpTrain(3, dataset, [1, 2], [1, 2], 4, "sgd", 0.5, 8, 1)]):
+        runtime.handle(Delivery(False, command.name, f"t.{number}", CLIENT,
+                                command.encode().tobytes(), endpoint.reply_queue))
+        (frame,) = endpoint.replies
+        endpoint.replies.clear()
+        reply = decode_reply(frame)
+        replies.append(("error", reply.error.type, reply.error.message)
+                       if reply.error is not None else ("ok", repr(reply.value)))
+    return (*replies, tuple(pacer.calibrated_keys), tuple(pacer.paced))
+
+
+def test_what_a_run_shows_and_how_it_is_paced_depend_on_no_value() -> None:
+    """A run on different private values shows the same reply and asks for the same
+    schedule, even when the loss fails on some of the values (a Cholesky factor of a
+    matrix made from the example: not positive definite for entries below -1)."""
+    plain = [{"op": "F.linear", "args": [R(10), R(1), R(2)], "kwargs": {}, "result_id": 12},
+             {"op": "F.cross_entropy", "args": [R(12), R(11)], "kwargs": {}, "result_id": 14}]
+    failing = [{"op": "F.linear", "args": [R(10), R(1), R(2)], "kwargs": {}, "result_id": 12},
+               {"op": "Tensor.__add__", "args": [R(10), 1.0], "kwargs": {}, "result_id": 18},
+               {"op": "torch.diag_embed", "args": [R(18)], "kwargs": {}, "result_id": 15},
+               {"op": "linalg.cholesky", "args": [R(15)], "kwargs": {}, "result_id": 16},
+               {"op": "Tensor.sum", "args": [R(16)], "kwargs": {}, "result_id": 17},
+               {"op": "F.cross_entropy", "args": [R(12), R(11)], "kwargs": {}, "result_id": 13},
+               {"op": "Tensor.__add__", "args": [R(13), R(17)], "kwargs": {}, "result_id": 14}]
+    generator = torch.Generator().manual_seed(0)
+    for loss in (plain, failing):
+        seen = {_observed_run(values, loss) for values in (
+            torch.rand(40, 6, generator=generator) + 1,  # every example positive
+            -torch.rand(40, 6, generator=generator) - 1,  # every example fails the factor
+            torch.randn(40, 6, generator=generator) * 1e30)}
+        assert len(seen) == 1, seen
+        (*replies, calibrated, paced) = next(iter(seen))
+        assert replies[-1][0] == "ok", replies
+        assert len(paced) == 1 and calibrated == paced

@@ -30,6 +30,7 @@ a NaN does — one failing example must not change the others' contributions.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -154,6 +155,22 @@ class DpSgd:
             parameter.grad = gradient[offset : offset + size].view_as(parameter)
             offset += size
         self.optimizer.step()
+
+    def benign_seconds(self, count: int, data: torch.Tensor, target: torch.Tensor) -> float:
+        """How long the clipped gradients of `count` public examples (zeros of `data`'s
+        and `target`'s shapes) take: what a pacer's schedule starts from. Touches
+        neither the parameters nor the generator."""
+        x = torch.zeros((count, *data.shape[1:]), dtype=data.dtype)
+        y = torch.zeros((count, *target.shape[1:]), dtype=target.dtype)
+        runs = []
+        for _ in range(3):  # the least of three: the first warms the kernels up
+            started = time.perf_counter()
+            for start in range(0, count, self.chunk):
+                clipped_sum(self.per_example_gradients(x[start : start + self.chunk],
+                                                       y[start : start + self.chunk]),
+                            self.settings.clip)
+            runs.append(time.perf_counter() - started)
+        return min(runs)
 
     def per_example_gradients(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Each example's gradient, every parameter's flattened in order (`[batch,

@@ -28,12 +28,17 @@ What the client's loss may not do, the worker refuses before spending anything:
 
 The loss is first run on a public example (zeros of the data's shapes): whatever
 fails there fails in full view, and says why. What fails on private values
-later contributes nothing (`_dpsgd.py`), and says nothing.
+later contributes nothing (`_dpsgd.py`), and says nothing. On a worker daemon a
+run ends on the pacer's public schedule (`_pacing.py`) for its size (steps x
+expected batch x the model's parameters), calibrated on zeros: how long it took
+tells of the values only what a schedule's growth tells (a loss that fails on some
+values, its batch computed again example by example, can grow it: one bit).
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 import torch
@@ -52,6 +57,7 @@ from .._checks import check_arguments, check_result
 from .._datasets import Dataset
 from .._dpsgd import DpSgd, DpSgdSettings, PerExampleLoss, sample_rate, steps_for
 from .._limits import BudgetExceeded, Limits
+from .._pacing import bucket
 from .._plans import RecordedPlan
 from ._registry import handles
 from .privacy import charge_training
@@ -107,11 +113,21 @@ def dp_train(worker: WorkerRuntime, command: DpTrain, sender: str) -> dict[str, 
     if private:  # the owner's rules, and every step paid for before the first runs
         report["epsilon"][worker.id] = charge_training(worker, noise, rate, steps)
         report["delta"][worker.id] = policy.delta
+    pacer = worker.private_execution.pacer if private else None
+    # The run's schedule depends on public sizes only: steps, expected batch, model.
+    key = ("dp_train", bucket(steps * settings.batch_size * mechanism.size))
+    if pacer is not None and not pacer.known(key):
+        pacer.calibrated(key, steps * mechanism.benign_seconds(settings.batch_size, data,
+                                                               target))
+    started = time.perf_counter()
     try:
         mechanism.run(data, target)
     except Exception as e:  # not the loss's (it cannot fail here): nothing of values
         raise RuntimeError(f"dp_train failed on worker {worker.id!r} "
                            f"({type(e).__name__})") from None
+    finally:
+        if pacer is not None:  # ends on the schedule, whatever the values made it take
+            pacer.pace(key, started)
     trained = dict(zip(command.trained, mechanism.parameters.values(), strict=True))
     released = tuple(trained.get(i, tensor.detach().clone())
                      for i, tensor in zip(command.tensors, tensors, strict=True))
