@@ -268,3 +268,20 @@ def test_what_a_run_shows_and_how_it_is_paced_depend_on_no_value() -> None:
         (*replies, calibrated, paced) = next(iter(seen))
         assert replies[-1][0] == "ok", replies
         assert len(paced) == 1 and calibrated == paced
+
+
+def test_aggregate_releases_and_dp_sgd_steps_share_one_ledger() -> None:
+    """An owner protecting records may still contribute to aggregates: a release that
+    bounds its whole contribution bounds each record too, and both compose in RDP."""
+    import dp_accounting  # noqa: PLC0415
+    from dp_accounting import rdp  # noqa: PLC0415
+
+    budget = PrivacyBudget(PrivacyPolicy(unit="record", epsilon=100.0, noise_multiplier=2.0))
+    budget.charge("bob")
+    budget.charge_steps("bob", 0.1, 1.5, 40)
+    spent = budget.charge("bob")
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(2.0), 2)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(
+        1.5)), 40)
+    assert spent == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
