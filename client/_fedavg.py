@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchrelay.broker import PrivateDataError, TorchRelayError
+from torchrelay.broker import Command, Fetch, PrivateDataError, TorchRelayError
 
 from ._data import DatasetPointer, FederatedDataLoader
 from ._dp_train import record_loss, release_of, request_for
@@ -243,8 +243,12 @@ class FedAvg:
                 model, dataset, plan, lr=self.lr, batch_size=self.batch_size,
                 epochs=self.local_epochs, noise_multiplier=self.noise_multiplier)
             sent.append((worker.id, command, model, result, len(dataset)))
+        requests: list[tuple[str, Command]] = []
+        for worker_id, command, _, result, _ in sent:
+            # each release fetched right behind its run: the worker runs them in order
+            requests += [(worker_id, command), (worker_id, Fetch(result.id_at_location))]
         try:  # sent together, so that the owners train at the same time
-            reports = fleet.request_many([(w, command) for w, command, *_ in sent])
+            replies = fleet.request_many(requests)
         except TorchRelayError as e:  # an owner refused (its budget...), or failed
             who = getattr(e, "worker_id", "") or "round"
             self._loss_plans.pop(who, None)  # recorded again: a restart may have lost it
@@ -254,10 +258,11 @@ class FedAvg:
         average: torch.Tensor | None = None
         epsilon: dict[str, float] = {}
         delta: dict[str, float] = {}
-        for (_, _, model, result, n), report in zip(sent, reports, strict=True):
-            release = release_of(model, result, report)
-            trained = torch.cat([t.detach().float().flatten()
-                                 for t in _state(release.get())]) * (n / samples)
+        for position, (_, _, model, result, n) in enumerate(sent):
+            result.garbage_collect = False  # fetched
+            release = release_of(model, result, replies[2 * position])
+            trained = torch.cat([t.detach().float().flatten() for t in _state(
+                release.assemble(replies[2 * position + 1]))]) * (n / samples)
             average = trained if average is None else average + trained
             epsilon.update(release.epsilon)
             delta.update(release.delta)

@@ -61,7 +61,11 @@ class Release:
         """The average: a tensor, or for models a module of the contributions' structure
         (parameters and floating-point buffers averaged; other buffers zero). For
         `dp_train`, the trained module."""
-        value = self.value.get()
+        return self.assemble(self.value.get())
+
+    def assemble(self, value: Any) -> Any:
+        """What `get` returns, from the value fetched (for callers that fetch several
+        releases at once)."""
         if self.template is None:
             return value
         module = copy.deepcopy(self.template, memo={
