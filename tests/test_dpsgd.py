@@ -285,3 +285,17 @@ def test_aggregate_releases_and_dp_sgd_steps_share_one_ledger() -> None:
     accountant.compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(
         1.5)), 40)
     assert spent == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_adam_steps_on_the_noised_gradient_too() -> None:
+    data, target = _data()
+    parameters, loss = _functional_loss(_model())
+    before = {k: v.clone() for k, v in parameters.items()}
+    mechanism = DpSgd(loss, parameters,  # type: ignore[arg-type]
+                      DpSgdSettings(clip=1.0, noise_multiplier=1.0, lr=0.01, batch_size=8,
+                                    optimizer="adam"),
+                      torch.Generator().manual_seed(0))
+    assert mechanism.run(data, target) == 5
+    assert all(not torch.equal(before[k], v) for k, v in mechanism.parameters.items())
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        DpSgdSettings(clip=1.0, noise_multiplier=1.0, lr=0.1, batch_size=8, optimizer="lbfgs")
