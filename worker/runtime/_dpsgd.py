@@ -156,21 +156,18 @@ class DpSgd:
             offset += size
         self.optimizer.step()
 
-    def benign_seconds(self, count: int, data: torch.Tensor, target: torch.Tensor) -> float:
-        """How long the clipped gradients of `count` public examples (zeros of `data`'s
-        and `target`'s shapes) take: what a pacer's schedule starts from. Touches
-        neither the parameters nor the generator."""
-        x = torch.zeros((count, *data.shape[1:]), dtype=data.dtype)
-        y = torch.zeros((count, *target.shape[1:]), dtype=target.dtype)
-        runs = []
-        for _ in range(3):  # the least of three: the first warms the kernels up
-            started = time.perf_counter()
-            for start in range(0, count, self.chunk):
-                clipped_sum(self.per_example_gradients(x[start : start + self.chunk],
-                                                       y[start : start + self.chunk]),
-                            self.settings.clip)
-            runs.append(time.perf_counter() - started)
-        return min(runs)
+    def benign_seconds(self, data: torch.Tensor, target: torch.Tensor) -> float:
+        """How long a whole run takes on public data (zeros of `data`'s and `target`'s
+        shapes), on a copy of the parameters and a generator of its own: what a
+        pacer's schedule for a run starts from."""
+        copy = DpSgd(self.loss, {k: v.clone() for k, v in self.parameters.items()},
+                     self.settings, torch.Generator().manual_seed(0))
+        copy.chunk = self.chunk
+        zeros = torch.zeros_like(data), torch.zeros_like(target)
+        copy.step(*zeros)  # warms the kernels up
+        started = time.perf_counter()
+        copy.run(*zeros)
+        return time.perf_counter() - started
 
     def per_example_gradients(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Each example's gradient, every parameter's flattened in order (`[batch,

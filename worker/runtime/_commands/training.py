@@ -30,9 +30,9 @@ The loss is first run on a public example (zeros of the data's shapes): whatever
 fails there fails in full view, and says why. What fails on private values
 later contributes nothing (`_dpsgd.py`), and says nothing. On a worker daemon a
 run ends on the pacer's public schedule (`_pacing.py`) for its size (steps x
-expected batch x the model's parameters), calibrated on zeros: how long it took
-tells of the values only what a schedule's growth tells (a loss that fails on some
-values, its batch computed again example by example, can grow it: one bit).
+expected batch x the model's parameters), calibrated on a run over zeros: how long
+it took tells of the values only what a schedule's growth tells (a loss that fails
+on some values, its batch computed again example by example, can grow it: one bit).
 """
 
 from __future__ import annotations
@@ -117,8 +117,7 @@ def dp_train(worker: WorkerRuntime, command: DpTrain, sender: str) -> dict[str, 
     # The run's schedule depends on public sizes only: steps, expected batch, model.
     key = ("dp_train", bucket(steps * settings.batch_size * mechanism.size))
     if pacer is not None and not pacer.known(key):
-        pacer.calibrated(key, steps * mechanism.benign_seconds(settings.batch_size, data,
-                                                               target))
+        pacer.calibrated(key, mechanism.benign_seconds(data, target))
     started = time.perf_counter()
     try:
         mechanism.run(data, target)
