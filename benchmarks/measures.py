@@ -18,6 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
+from . import dpsgd
 from .cluster import cluster
 from .fairness import fairness
 from .faults import faults
@@ -495,6 +496,8 @@ MEASURES: dict[str, Measure] = {
     "train_step": Measure(train_step, True, "one remote training step (op by op, plan) vs "
                                             "local + pika"),
     "fedavg": Measure(fedavg, True, "FedAvg on the Flower anchor's digits workload vs Flower"),
+    "dpsgd": Measure(dpsgd.measure, True, "record-level DP-SGD run by the owners' workers "
+                     "vs Opacus: accuracy at epsilon 1/3/8, accounting, step, round"),
     "fairness": Measure(fairness, True, "a light participant's get and status while "
                         "another sends heavy commands back to back"),
     "sidechannels": Measure(sidechannels, True, "what time tells of private values: the "

@@ -65,6 +65,8 @@ class Settings:
     train_steps: int = 600
     train_blocks: int = 6
     fedavg_rounds: int = 20
+    dpsgd_reps: int = 5
+    dpsgd_rounds: int = 20
     load_clients: int = 10
     load_rounds: int = 50
     heavy_seconds: float = 10.0
@@ -96,6 +98,8 @@ class Settings:
             train_steps=100,
             train_blocks=2,
             fedavg_rounds=5,
+            dpsgd_reps=1,
+            dpsgd_rounds=5,
             load_clients=4,
             load_rounds=10,
             heavy_seconds=2.0,

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
         DefinePlan,
         Delete,
         Describe,
+        DpTrain,
         Envelope,
         Fetch,
         Grant,

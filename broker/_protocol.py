@@ -40,6 +40,7 @@ __all__ = [
     "DefinePlan",
     "Delete",
     "Describe",
+    "DpTrain",
     "Envelope",
     "Fetch",
     "Grant",
@@ -77,6 +78,7 @@ WorkerId = Annotated[
 ]
 Identity = Annotated[str, Text(255)]
 Tag = Annotated[str, Text(64)]
+OptimizerName = Annotated[str, Text(16, r"[a-z]+", "lower-case letters")]
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -301,6 +303,35 @@ class ChargePrivacy(Command):
 
     def describe(self) -> str:
         return "charge a release to the privacy budget"
+
+
+@command("dp_train")
+class DpTrain(Command):
+    """Train a model on the receiver's dataset `dataset` with DP-SGD run by the
+    receiver (record-level privacy: Poisson sampling at `batch_size / n`, per-example
+    gradients of the plan `loss` clipped to the owner's bound, Gaussian noise of
+    `noise_multiplier` (the owner's least if nil) times it, each step charged to the
+    owner's budget before any runs). `loss` is a plan of one example's loss: its
+    parameters are the example's input and target, as a batch of one, then the
+    model's `trained` tensors in the order given. `tensors` are every floating-point
+    tensor of the model, in the order the release keeps them, under `result_id`; it
+    is released by the owner. `seed` fixes the worker's randomness: accepted only by
+    a worker started for the test suite. Returns the owner's ε spent and the run."""
+
+    loss: ObjectId
+    dataset: ObjectId
+    tensors: list[ObjectId]
+    trained: list[ObjectId]
+    result_id: ObjectId
+    optimizer: OptimizerName
+    lr: float
+    batch_size: Annotated[int, Range(1, 1 << 31)]
+    epochs: Annotated[int, Range(1, 100_000)]
+    noise_multiplier: float | None = None
+    seed: Annotated[int, Range(0, (1 << 63) - 1)] | None = None
+
+    def describe(self) -> str:
+        return "train with DP-SGD"
 
 
 @command("transfer")

@@ -8,6 +8,7 @@ from torchrelay.broker._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._data import DatasetPointer, FederatedDataLoader
+    from ._dp_train import dp_train
     from ._fedavg import FedAvg, RoundResult
     from ._handles import ObjectDescription, WorkerHandle
     from ._hook import hook

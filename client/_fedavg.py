@@ -23,6 +23,17 @@ owner's worker (DP-FedAvg, with central DP at the trusted aggregator). The
 training loss is private then, and not reported; each round reports the ε
 every owner has spent.
 
+When the owners protect records (`unit = "record"` in their privacy policy), a
+round is record-level DP-SGD instead: each owner's local epochs are `dp_train`
+on its own worker (Poisson sampling, per-example clipping and noise, run and
+charged by the owner's worker), each owner releases its trained model, and the
+client averages them weighted by sample count — post-processing of releases, no
+further noise and no aggregator needed (the models are public once released, so
+this holds whoever `aggregator` is). Each round reports each owner's ε; the
+per-example loss is recorded once per worker as a plan. The owners' runs are sent
+together and waited for together (`round_timeout` does not apply): if one refuses
+(its budget is spent) or fails, that round leaves the model as it was, naming it.
+
 A round waits for its workers at most `round_timeout` seconds: one that has not
 answered by then (or failed) is left out of that round's average and takes part
 again in the next. A round with fewer than `min_workers` leaves the model as it
@@ -41,9 +52,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchrelay.broker import PrivateDataError
+from torchrelay.broker import Command, Fetch, PrivateDataError, TorchRelayError
 
 from ._data import DatasetPointer, FederatedDataLoader
+from ._dp_train import record_loss, release_of, request_for
 from ._handles import WorkerHandle
 from ._module import ModulePointer, send_module
 from ._optim import SGD, RemoteOptimizer
@@ -90,6 +102,10 @@ class FedAvg:
     shuffled from `seed`, or, to repeat another system's run exactly, in the
     order `order(round, position, samples)` gives (a permutation of the sample
     indices of the `position`-th dataset in round `round`, both from 1 and 0).
+
+    With owners that protect records, the workers sample the batches themselves
+    (expected size `batch_size`) and train with DP-SGD at learning rate `lr`
+    (default 0.1) and `noise_multiplier` (default: each owner's least).
     """
 
     def __init__(
@@ -107,6 +123,8 @@ class FedAvg:
         round_timeout: float = 60.0,
         progress: bool = True,
         order: SampleOrder | None = None,
+        lr: float | None = None,
+        noise_multiplier: float | None = None,
     ) -> None:
         if local_epochs < 1 or batch_size < 1 or min_workers < 1 or round_timeout <= 0:
             raise ValueError("local_epochs, batch_size, min_workers and round_timeout must "
@@ -123,6 +141,10 @@ class FedAvg:
         self.round_timeout = round_timeout
         self.progress = progress
         self.order = order
+        self.lr = 0.1 if lr is None else lr
+        self.noise_multiplier = noise_multiplier
+        self._loss_plans: dict[str, PointerTensor] = {}
+        """Each worker's per-example loss, recorded once (`dp_train`)."""
         self.history: list[RoundResult] = []
         self._workers: dict[str, _LocalTraining] = {}
 
@@ -156,6 +178,8 @@ class FedAvg:
         started = time.monotonic()
         fleet = self.aggregator.fleet
         number = len(self.history) + 1
+        if any((d.privacy or {}).get("unit") == "record" for d in datasets):
+            return self._record_round(number, started, datasets)
         weights = torch.cat([t.detach().float().flatten() for t in _state(self.model)])
         private = any(d.private for d in datasets)
         sent: dict[str, tuple[PointerTensor, int]] = {}
@@ -202,6 +226,50 @@ class FedAvg:
         return RoundResult(number, sorted(arrived), sum(n for _, n in arrived.values()),
                            math.nan, time.monotonic() - started, left_out,
                            epsilon=release.epsilon, delta=release.delta)
+
+    def _record_round(self, number: int, started: float,
+                      datasets: Sequence[DatasetPointer]) -> RoundResult:
+        """Each owner trains the global model by DP-SGD on its worker and releases it;
+        their average, weighted by sample count, is the next global model."""
+        fleet = self.aggregator.fleet
+        sent = []
+        for dataset in datasets:
+            worker = dataset.location
+            model = send_module(self.model, worker)  # the global weights, public
+            plan = self._loss_plans.get(worker.id)
+            if plan is None:
+                plan = self._loss_plans[worker.id] = record_loss(model, dataset, self.loss)
+            command, _, result = request_for(
+                model, dataset, plan, lr=self.lr, batch_size=self.batch_size,
+                epochs=self.local_epochs, noise_multiplier=self.noise_multiplier)
+            sent.append((worker.id, command, model, result, len(dataset)))
+        requests: list[tuple[str, Command]] = []
+        for worker_id, command, _, result, _ in sent:
+            # each release fetched right behind its run: the worker runs them in order
+            requests += [(worker_id, command), (worker_id, Fetch(result.id_at_location))]
+        try:  # sent together, so that the owners train at the same time
+            replies = fleet.request_many(requests)
+        except TorchRelayError as e:  # an owner refused (its budget...), or failed
+            who = getattr(e, "worker_id", "") or "round"
+            self._loss_plans.pop(who, None)  # recorded again: a restart may have lost it
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               {who: str(e)})
+        samples = sum(n for *_, n in sent)
+        average: torch.Tensor | None = None
+        epsilon: dict[str, float] = {}
+        delta: dict[str, float] = {}
+        for position, (_, _, model, result, n) in enumerate(sent):
+            result.garbage_collect = False  # fetched
+            release = release_of(model, result, replies[2 * position])
+            trained = torch.cat([t.detach().float().flatten() for t in _state(
+                release.assemble(replies[2 * position + 1]))]) * (n / samples)
+            average = trained if average is None else average + trained
+            epsilon.update(release.epsilon)
+            delta.update(release.delta)
+        assert average is not None
+        self._load(average)
+        return RoundResult(number, sorted(w for w, *_ in sent), samples, math.nan,
+                           time.monotonic() - started, epsilon=epsilon, delta=delta)
 
     def _orders(self, loader: FederatedDataLoader, dataset: DatasetPointer, number: int,
                 position: int) -> list[torch.Tensor]:

@@ -38,21 +38,34 @@ Contribution = PointerTensor | ModulePointer
 
 @dataclass
 class Release:
-    """What `aggregate` released: the average (on the aggregator) and what it cost."""
+    """What `aggregate` (or `dp_train`) released: the average on the aggregator (or the
+    trained model on its owner's worker) and what it cost."""
 
     value: PointerTensor
-    """The average, on the aggregator: a tensor, or a tuple of a model's tensors."""
+    """The average, on the aggregator: a tensor, or a tuple of a model's tensors (for
+    `dp_train`, the trained model's)."""
     epsilon: dict[str, float] = field(default_factory=dict)
     """Each contributing owner's ε spent so far (this release included)."""
     delta: dict[str, float] = field(default_factory=dict)
     noise_std: float = 0.0
     """The std of the Gaussian noise added to the weighted sum."""
     template: nn.Module | None = field(default=None, repr=False)
+    noise_multiplier: float | None = None
+    """`dp_train`: the noise multiplier its steps used."""
+    steps: int = 0
+    """`dp_train`: how many DP-SGD steps it ran (each charged)."""
+    sample_rate: float | None = None
+    """`dp_train`: each record's chance to be in a step's batch."""
 
     def get(self) -> Any:
         """The average: a tensor, or for models a module of the contributions' structure
-        (parameters and floating-point buffers averaged; other buffers zero)."""
-        value = self.value.get()
+        (parameters and floating-point buffers averaged; other buffers zero). For
+        `dp_train`, the trained module."""
+        return self.assemble(self.value.get())
+
+    def assemble(self, value: Any) -> Any:
+        """What `get` returns, from the value fetched (for callers that fetch several
+        releases at once)."""
         if self.template is None:
             return value
         module = copy.deepcopy(self.template, memo={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -41,6 +42,7 @@ _SAMPLES: dict[Any, Any] = {
     protocol.WorkerId: "secure_worker",
     protocol.Identity: "alice",
     protocol.Tag: "#digits",
+    protocol.OptimizerName: "adam",
     bool: True,
     float: 0.25,
     list[Any]: [ObjectRef(3), 2.5, "x"],
@@ -52,7 +54,7 @@ _SAMPLES: dict[Any, Any] = {
 
 
 def _sample(annotation: Any) -> Any:
-    if typing.get_origin(annotation) is typing.Union:  # `X | None`: an X
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: an X
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     if annotation in _SAMPLES:
         return _SAMPLES[annotation]

@@ -19,7 +19,7 @@ def test_top_level_api_is_exactly_this() -> None:
         "ObjectNotFound", "OperationRefused", "Plan", "PointerTensor", "PrivateDataError",
         "ProtocolError", "Release", "RemoteError", "ReplyTimeout", "RoundResult",
         "TorchRelayError", "UnknownBrokerURL", "UnknownWorker", "WorkerHandle", "__version__",
-        "aggregate", "connect", "hook", "optim", "plan",
+        "aggregate", "connect", "dp_train", "hook", "optim", "plan",
     ])
     for name in tr.__all__:
         assert hasattr(tr, name), name

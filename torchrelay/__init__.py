@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         RoundResult,
         WorkerHandle,
         aggregate,
+        dp_train,
         hook,
         plan,
     )

@@ -4,6 +4,7 @@
     torchrelay worker --config configs/bob.toml
     torchrelay demo [--broker URL]
     torchrelay demo federated [--broker URL] [--rounds N] [--plot FILE.png]
+                              [--privacy record|owner|none] [--epsilon E]
     torchrelay status bob alice --broker URL
     torchrelay users add bob --role worker [--password P] [--broker ADMIN_URL]
     torchrelay users remove bob | torchrelay users list
@@ -70,11 +71,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="federated: save the loss and accuracy curves there")
     demo.add_argument("--workdir", help="federated: where the workers' data files and "
                                         "configs are written (default: a new temporary folder)")
+    demo.add_argument("--privacy", choices=["record", "owner", "none"], default="record",
+                      help="federated: what the owners' differential privacy protects: each "
+                           "record (DP-SGD run by each owner's worker; the default), each "
+                           "owner's whole share (DP aggregation through secure_worker), or "
+                           "nothing (public shares, the Flower comparison's setting)")
+    demo.add_argument("--epsilon", type=float,
+                      help="federated: the owners' budget at delta 1e-5 (default 3 per "
+                           "record; 250 per owner)")
     demo.add_argument("--public", action="store_true",
-                      help="federated: the shares are public (no differential privacy; "
-                           "the Flower comparison's setting)")
+                      help="federated: the same as --privacy none")
     demo.add_argument("--noise-multiplier", type=float,
-                      help="federated: the owners' noise multiplier (default 0.3)")
+                      help="federated: the owners' noise multiplier (default: with --privacy "
+                           "record, the least that fits the budget over the rounds; with "
+                           "owner, 0.3)")
 
     status = commands.add_parser(
         "status", help="the live workers, their figures and their queues (or, given ids, "
@@ -210,6 +220,7 @@ def _federated_demo(args: argparse.Namespace) -> int:
         DEMO_PRIVACY,
         DIGIT_OWNERS,
         NoDatasets,
+        record_privacy,
         run_federated,
         write_configs,
         write_shares,
@@ -218,6 +229,9 @@ def _federated_demo(args: argparse.Namespace) -> int:
 
     if args.rounds < 1:
         print("torchrelay demo federated: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    if args.epsilon is not None and not args.epsilon > 0:
+        print("torchrelay demo federated: --epsilon must be positive", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT)
     tr.hook(torch)
@@ -235,7 +249,14 @@ def _federated_demo(args: argparse.Namespace) -> int:
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="torchrelay-federated-"))
     files = write_shares(workdir)
-    privacy = None if args.public else dict(DEMO_PRIVACY)
+    unit = "none" if args.public else args.privacy
+    privacy: dict[str, Any] | None = None
+    if unit == "record":
+        privacy = record_privacy(3.0 if args.epsilon is None else args.epsilon, args.rounds)
+    elif unit == "owner":
+        privacy = dict(DEMO_PRIVACY)
+        if args.epsilon is not None:
+            privacy["epsilon"] = args.epsilon
     if privacy is not None and args.noise_multiplier is not None:
         privacy["noise_multiplier"] = args.noise_multiplier
     print(f"The digits' training part, split in three: {', '.join(DIGIT_OWNERS)} each get a "

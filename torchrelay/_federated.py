@@ -9,11 +9,16 @@ the trusted `aggregator` worker average them. The client keeps the held-out
 test set, to say how good each round's model is, and compares the result with
 the same model trained centrally on all the data (what pooling it would give).
 
-By default the shares are private, as a data owner's worker keeps its data:
-nothing derived from them leaves but `tr.aggregate`'s differentially private
-average, through secure_worker, which every owner trusts (`DEMO_PRIVACY`); each
-round prints the ε its owners have spent. With `private=False` they are public
-and FedAvg averages the weights exactly, as Flower does.
+By default the shares are private, as a data owner's worker keeps its data, and
+the owners protect *records* (`record_privacy`): each round, every owner's worker
+trains the global model on its share by DP-SGD it runs itself (`tr.dp_train`:
+Poisson sampling, per-example clipping, Gaussian noise, each step charged to the
+owner's budget of ε 3 per record), and releases it; the client averages the
+released models. With owner-level privacy (`DEMO_PRIVACY`), nothing derived from
+the shares leaves but `tr.aggregate`'s differentially private average, through
+secure_worker, which every owner trusts. Each round prints the ε its owners have
+spent. With `private=False` the shares are public and FedAvg averages the
+weights exactly, as Flower does.
 
 The workload is the one of the Flower anchor (`../shared/anchors/flower`):
 digits / 16, a stratified 20 % test split, three shares of 479, an MLP
@@ -40,10 +45,12 @@ __all__ = [
     "AGGREGATOR",
     "DEMO_PRIVACY",
     "DIGIT_OWNERS",
+    "DP_LEARNING_RATE",
     "FederatedRun",
     "NoDatasets",
     "make_model",
     "permutation",
+    "record_privacy",
     "run_federated",
     "write_configs",
     "write_shares",
@@ -60,6 +67,24 @@ noise that keeps accuracy within a few points, epsilon is large (README, "Privac
 TAG = "#digits"
 BATCH_SIZE = 32
 LEARNING_RATE = 0.1
+DP_LEARNING_RATE = 0.5
+"""DP-SGD's learning rate: the Opacus anchor's (noisy steps average out over more)."""
+SHARE = 479
+"""Records in each owner's share of the 1,437 training digits."""
+
+
+def record_privacy(epsilon: float = 3.0, rounds: int = 20, *, delta: float = 1e-5,
+                   samples: int = SHARE, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+    """The owners' rules for record-level privacy: a budget of `epsilon` per record,
+    with the least noise that lets `rounds` local epochs of DP-SGD fit in it (asked of
+    dp-accounting's RDP accountant, for the steps and sample rate the workers use)."""
+    from torchrelay.worker.runtime._dpsgd import sample_rate, steps_for  # noqa: PLC0415
+    from torchrelay.worker.runtime._privacy import least_noise  # noqa: PLC0415
+
+    noise = least_noise(epsilon, delta, sample_rate(samples, batch_size),
+                        steps_for(samples, batch_size, rounds))
+    return {"unit": "record", "clip": 1.0, "noise_multiplier": noise, "epsilon": epsilon,
+            "delta": delta}
 
 
 @dataclass
@@ -178,6 +203,8 @@ class FederatedRun:
     history: list[RoundResult]
     central_accuracy: float
     seconds: float
+    unit: str | None = None
+    """The owners' privacy unit ("record", "owner"), None for public data."""
 
     @property
     def accuracy(self) -> float:
@@ -210,15 +237,26 @@ def run_federated(
     for dataset in datasets:
         echo(f"  {dataset!r}")
     model = make_model()
+    private = any(d.private for d in datasets)
+    policy = datasets[0].privacy or {}
+    records = policy.get("unit") == "record"
     fedavg = FedAvg(model, nn.functional.cross_entropy, aggregator=fleet.worker(AGGREGATOR),
-                    batch_size=BATCH_SIZE, order=anchor_order, progress=progress)
+                    batch_size=BATCH_SIZE, order=anchor_order, progress=progress,
+                    lr=DP_LEARNING_RATE)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
 
-    private = any(d.private for d in datasets)
-    if private:
-        policy = datasets[0].privacy or {}
+    if records:
+        echo(f"\nThe shares are private: FedAvg with differential privacy per record, {rounds} "
+             f"rounds. Each owner's worker trains on its share by DP-SGD it runs itself "
+             f"(Poisson sampling of batches of {BATCH_SIZE} expected, per-example clipping "
+             f"at {policy.get('clip')}, noise multiplier {policy.get('noise_multiplier'):.4g}, "
+             f"lr {DP_LEARNING_RATE}) and releases its model; the client averages them. "
+             f"Budget: epsilon {policy.get('epsilon')} per record at delta "
+             f"{policy.get('delta')}.")
+        echo(" round  workers  samples  epsilon spent  test accuracy  seconds")
+    elif private:
         echo(f"\nThe shares are private: FedAvg with differential privacy, {rounds} rounds. "
              f"Only {AGGREGATOR}'s noisy average of the clipped updates reaches the client "
              f"(clip {policy.get('clip')}, noise multiplier {policy.get('noise_multiplier')},"
@@ -238,7 +276,8 @@ def run_federated(
             echo(f"        left out: {worker}: {reason}")
     seconds = time.monotonic() - started
     central = train_centrally(digits, rounds)
-    run = FederatedRun(fedavg.history, central, seconds)
+    run = FederatedRun(fedavg.history, central, seconds,
+                       policy.get("unit") if private else None)
     echo(f"\nFederated: test accuracy {run.accuracy:.4f} after {rounds} rounds "
          f"({seconds:.1f} s). Central training on all the data, {rounds} epochs: "
          f"{central:.4f} ({run.accuracy / central:.1%} of it).")
@@ -246,8 +285,10 @@ def run_federated(
         spent = {o: e for r in run.history for o, e in r.epsilon.items()}
         delta = next((d for r in run.history for d in r.delta.values()), math.nan)
         echo("Privacy spent, at delta " + f"{delta:g}: " + ", ".join(
-            f"{owner} epsilon {epsilon:.1f}" for owner, epsilon in sorted(spent.items()))
-            + ". Three owners are few: the noise that keeps accuracy costs a large epsilon.")
+            f"{owner} epsilon {epsilon:.{2 if records else 1}f}"
+            for owner, epsilon in sorted(spent.items()))
+            + (" per record." if records else ". Three owners are few: the noise that keeps "
+               "accuracy costs a large epsilon."))
     if plot is not None:
         _plot(run, plot)
         echo(f"Plot written to {plot}")
@@ -269,6 +310,9 @@ def _plot(run: FederatedRun, path: Path) -> None:
                                 for r in run.history], marker="o", color="tab:red")
         loss_axes.set(xlabel="round", ylabel="epsilon spent (each owner)",
                       title="Privacy spent (delta 1e-05, RDP accountant)")
+        if run.unit == "record":
+            loss_axes.set(ylabel="epsilon spent per record (each owner)",
+                          title="Record-level privacy spent (delta 1e-05, RDP)")
     else:
         loss_axes.plot(rounds, [r.loss for r in run.history], marker="o")
         loss_axes.set(xlabel="round", ylabel="mean training loss on the workers",

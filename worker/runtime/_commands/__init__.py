@@ -7,6 +7,7 @@ its command's name (`@handles(Fetch)`, `_registry.py`):
 - `datasets`: search this worker's datasets, and load them;
 - `privacy`: the guard every way out passes (what may be fetched, moved,
   released) and aggregation, with its privacy accounting;
+- `training`: `dp_train`, DP-SGD run by the data owner's worker itself;
 - `fleet`: describe, grant, status.
 
 Adding a command: declare it in `broker/_protocol.py`, write its handler in the
@@ -14,8 +15,8 @@ family it belongs to under `@handles(TheCommand)`, and the client method that
 sends it. Nothing else lists commands.
 """
 
-from . import datasets, fleet, plans, privacy, tensors, transfers
+from . import datasets, fleet, plans, privacy, tensors, training, transfers
 from ._registry import HANDLERS, Encoded, Handler, handles
 
 __all__ = ["HANDLERS", "Encoded", "Handler", "datasets", "fleet", "handles", "plans",
-           "privacy", "tensors", "transfers"]
+           "privacy", "tensors", "training", "transfers"]

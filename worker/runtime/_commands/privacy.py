@@ -1,8 +1,9 @@
 """Privacy and aggregation: the guard every way out of the worker passes.
 
 What may be fetched (`releasable`), moved (`may_move`) and released (`aggregate`,
-with the budget `charge_privacy` spends) — the rules themselves are the owner's
-policy (`_privacy.py`); a new way out calls these, a new rule changes them.
+with the budget `charge_privacy` spends; a model trained by DP-SGD, with the
+budget `charge_training` spends) — the rules themselves are the owner's policy
+(`_privacy.py`); a new way out calls these, a new rule changes them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ def may_move(worker: WorkerRuntime, object_id: int, owners: frozenset[str],
             f"{', '.join(sorted(owners))}: it may go back to its owner, or leave as an "
             f"aggregate, but not to {destination!r}"
         )
+
+
+def charge_training(worker: WorkerRuntime, noise_multiplier: float, sample_rate: float,
+                    steps: int) -> float:
+    """Whether this worker's data may leave as a model trained by `steps` DP-SGD steps
+    (`training.dp_train`) at `sample_rate` with `noise_multiplier`: only if its owner
+    protects records, at no less than its least noise, within its budget. Charged
+    here, before the first step runs; ε spent after it."""
+    policy = worker.privacy
+    if policy.unit != "record":
+        raise PrivateDataError(
+            f"{worker.id!r} protects its data as a whole (privacy unit 'owner'): its data "
+            "leaves only as an aggregate of several owners (tr.aggregate); DP-SGD protects "
+            "records, which its owner accepts with unit = \"record\" in [worker.privacy]")
+    if noise_multiplier < policy.noise_multiplier:
+        raise PrivateDataError(
+            f"{worker.id!r} accepts a noise multiplier of at least "
+            f"{policy.noise_multiplier:g}, not {noise_multiplier:g}")
+    try:
+        return worker.budget.charge_steps(worker.id, sample_rate, noise_multiplier, steps)
+    except BudgetSpent as e:
+        raise PrivateDataError(str(e)) from None
 
 
 @handles(ChargePrivacy)
