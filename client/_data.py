@@ -24,7 +24,7 @@ from torchrelay.broker import Search
 from ._pointer import PointerTensor
 
 if TYPE_CHECKING:  # (the session imports datasets, not the other way round)
-    from ._session import WorkerHandle
+    from ._handles import WorkerHandle
 
 __all__ = ["DatasetPointer", "FederatedDataLoader", "search"]
 

@@ -54,12 +54,12 @@ from torchrelay.broker import PrivateDataError, TorchRelayError
 
 from ._data import DatasetPointer, FederatedDataLoader
 from ._dp_train import record_loss, release_of, request_for
+from ._handles import WorkerHandle
 from ._module import ModulePointer, send_module
 from ._optim import SGD, RemoteOptimizer
 from ._plan_recording import Plan
 from ._pointer import PointerTensor
 from ._release import aggregate
-from ._session import WorkerHandle
 
 __all__ = ["FedAvg", "RoundResult"]
 

@@ -11,10 +11,10 @@ import copy
 from types import ModuleType
 from typing import Any
 
+from ._handles import WorkerHandle
 from ._module import ModulePointer, send_module
 from ._optim import hook_optimizers
 from ._pointer import PointerTensor, send
-from ._session import WorkerHandle
 
 __all__ = ["hook"]
 

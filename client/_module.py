@@ -29,8 +29,8 @@ from torch import nn
 
 from torchrelay.broker import Fetch, OperationRefused, PointerRef, Transfer
 
+from ._handles import WorkerHandle
 from ._pointer import PointerTensor, send
-from ._session import WorkerHandle
 
 __all__ = ["ModulePointer", "send_module"]
 

@@ -39,8 +39,9 @@ import torch
 
 from torchrelay.broker import Call, Command, DefinePlan, Delete, Meta, ObjectRef, RunPlan
 
+from ._handles import WorkerHandle
 from ._pointer import PointerTensor, send
-from ._session import Fleet, WorkerHandle
+from ._session import Fleet
 
 __all__ = ["Plan", "plan"]
 

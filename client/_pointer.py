@@ -48,7 +48,8 @@ from torchrelay.broker import (
 from torchrelay.broker._allowlist import TENSOR_METHODS
 
 if TYPE_CHECKING:  # (the session imports pointers, not the other way round)
-    from ._session import Fleet, WorkerHandle
+    from ._handles import WorkerHandle
+    from ._session import Fleet
 
 __all__ = ["OPERATORS", "PointerTensor", "remote_call", "send"]
 

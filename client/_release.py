@@ -27,9 +27,9 @@ from torch import nn
 
 from torchrelay.broker import Aggregate
 
+from ._handles import WorkerHandle
 from ._module import ModulePointer, _tensors
 from ._pointer import PointerTensor
-from ._session import WorkerHandle
 
 __all__ = ["Release", "aggregate"]
 

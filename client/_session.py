@@ -1,5 +1,9 @@
 """A client's session: one broker connection, handles to workers, replies in flight.
 
+The session's rooms: commands in flight (`_pending.py`), their replies
+(`_replies.py`), queueing and publishing (`_publishing.py`), dead pointers'
+garbage (`_garbage.py`), workers as the client sees them (`_handles.py`).
+
 Commands that need no answer (operations on pointers, sends, deletes) are
 pipelined: published at once, their replies collected later. A call that waits
 (`get`, `move`, `_objects`, `.shape`...) returns only once every reply still
@@ -37,79 +41,37 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from torchrelay.broker import (
-    BATCH,
     GONE_CHECK_SECONDS,
     Broker,
     Command,
     ConnectionLost,
     Delete,
-    Delivery,
-    Describe,
     Endpoint,
     Envelope,
     GoneWatch,
-    ProtocolError,
     ReplyTimeout,
     Status,
     TorchRelayError,
     UnknownWorker,
-    decode_reply,
-    decode_reply_batch,
     gone_message,
     new_object_id,
-    session_and_number,
 )
 
 from ._data import search
 from ._garbage import Garbage
+from ._handles import WorkerHandle
 from ._pending import Outstanding, Pending
 from ._progress import TerminalProgress
 from ._publishing import Publisher, Unsent
+from ._replies import Replies
 
 if TYPE_CHECKING:
     from ._plan_recording import Capture
     from ._pointer import PointerTensor
 
-__all__ = ["Fleet", "ObjectDescription", "WorkerHandle"]
+__all__ = ["Fleet"]
 
 log = logging.getLogger("torchrelay.client")
-
-
-class ObjectDescription(str):
-    """A stored object's description; its repr is the text itself, as in a notebook."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-class WorkerHandle:
-    """A worker as the client sees it: where pointers point and commands go."""
-
-    __slots__ = ("fleet", "id")
-
-    def __init__(self, fleet: Fleet, worker_id: str) -> None:
-        self.fleet = fleet
-        self.id = worker_id
-
-    @property
-    def _objects(self) -> dict[int, ObjectDescription]:
-        """A snapshot of the worker's store: `{id: short description}`."""
-        described = self.fleet.request(self.id, Describe(), show_garbage=True)
-        return {int(k): ObjectDescription(v) for k, v in described.items()}
-
-    def search(self, *tags: str) -> list[Any]:
-        """The datasets this worker offers holding all of `tags` (`DatasetPointer`s)."""
-        return search([self], tags)
-
-    def status(self) -> dict[str, Any]:
-        """The worker's health and counters."""
-        status: dict[str, Any] = self.fleet.request(self.id, Status(), show_garbage=True)
-        return status
-
-    def __repr__(self) -> str:
-        return f"<Worker {self.id} on {self.fleet.broker.url}>"
 
 
 class Fleet:
@@ -129,7 +91,7 @@ class Fleet:
         self.timeout = timeout
         self.pipelined = pipelined
         self._owns_broker = owns_broker
-        self.endpoint = broker.connect(name)
+        self._endpoint = broker.connect(name)
         if not self.endpoint.in_process and sys.stderr.isatty():
             # Transfers of hundreds of MiB take seconds: show them going, in a terminal.
             self.endpoint.progress = TerminalProgress(sys.stderr)
@@ -139,8 +101,8 @@ class Fleet:
         """Commands sent and not answered yet, in the order sent (`_pending.py`)."""
         self.capture: Capture | None = None
         """The recording of a plan under way (`_plan_recording.py`), which sees every command."""
-        self._results: dict[str, Any] = {}
-        self._errors: list[TorchRelayError] = []
+        self.replies = Replies(self.pending)
+        """What the commands sent were answered (`_replies.py`)."""
         self.garbage = Garbage()
         """What dead pointers owned, waiting for a ride (`_garbage.py`)."""
         self._live: weakref.WeakSet[PointerTensor] = weakref.WeakSet()
@@ -154,8 +116,6 @@ class Fleet:
         """Bumped by operations that may change a tensor's metadata: pointers' caches
         of it are valid for one epoch."""
         self.closed = False
-        self._forged_replies = 0
-        self._presence: dict[str, dict[str, Any]] = {}  # correlation id -> answers by worker
         self._gone = GoneWatch(self.endpoint)
         atexit.register(_close_at_exit, weakref.ref(self))
         self.publisher = Publisher(self.endpoint, background=None if self.endpoint.in_process
@@ -168,7 +128,7 @@ class Fleet:
     def forged(self) -> int:
         """Messages dropped as forged: ones claiming a sender their broker user is not,
         and replies that did not come from the worker asked."""
-        return int(self.endpoint.stats().get("forged", 0)) + self._forged_replies
+        return int(self.endpoint.stats().get("forged", 0)) + self.replies.forged
 
     def workers(self, wait: float = 1.0) -> list[dict[str, Any]]:
         """The workers that are there: each one's status (id, pid, objects, bytes, commands
@@ -177,7 +137,7 @@ class Fleet:
         `wait` seconds, and no longer than a quarter of a second after the last."""
         self._publish()
         correlation_id = f"{self._prefix}presence.{next(self._numbers)}"
-        answers = self._presence[correlation_id] = {}
+        answers = self.replies.presence[correlation_id] = {}
         try:
             self.endpoint.broadcast_command(Status.name, Status().encode(), correlation_id)
             deadline = time.monotonic() + wait
@@ -190,19 +150,8 @@ class Fleet:
                 elif len(answers) > count:
                     last = time.monotonic()
         finally:
-            del self._presence[correlation_id]
+            del self.replies.presence[correlation_id]
         return [answers[w] for w in sorted(answers)]
-
-    def _presence_answer(self, delivery: Delivery) -> None:
-        """A worker's answer to `workers()`: kept if it is a status of the worker it came
-        from (the sender is the broker's word)."""
-        try:
-            reply = decode_reply(delivery.body)
-        except ProtocolError:
-            return
-        value = reply.value
-        if reply.error is None and type(value) is dict and value.get("id") == delivery.sender:
-            self._presence[delivery.correlation_id][delivery.sender] = value
 
     def worker(self, worker_id: str) -> WorkerHandle:
         """A handle to `worker_id`; raises `UnknownWorker` if nothing serves it."""
@@ -247,10 +196,7 @@ class Fleet:
     @endpoint.setter
     def endpoint(self, endpoint: Endpoint) -> None:
         """(Wrapped, to record or meter what goes through it: everything then does.)"""
-        self._endpoint = endpoint
-        publisher = getattr(self, "publisher", None)
-        if publisher is not None:
-            publisher.endpoint = endpoint
+        self._endpoint = self.publisher.endpoint = endpoint
 
     def __enter__(self) -> Fleet:
         return self
@@ -295,8 +241,8 @@ class Fleet:
                 self._collect()
         correlation_id = self._send(worker_id, command, keep=True, settles=True, guard=guard)
         self._collect(raise_errors=False)
-        result = self._results.pop(correlation_id)
-        self._raise_errors()  # an earlier failure first: the reason this one was refused
+        result = self.replies.results.pop(correlation_id)
+        self.replies.raise_errors()  # an earlier failure first: the reason this one was refused
         if isinstance(result, TorchRelayError):
             raise result
         return result
@@ -314,8 +260,9 @@ class Fleet:
         correlation_ids = [self._send(worker_id, command, keep=True, settles=True, guard=guard)
                            for worker_id, command in requests]
         self._collect(raise_errors=False)
-        results = [self._results.pop(correlation_id) for correlation_id in correlation_ids]
-        self._raise_errors()
+        results = [self.replies.results.pop(correlation_id)
+                   for correlation_id in correlation_ids]
+        self.replies.raise_errors()
         for result in results:
             if isinstance(result, TorchRelayError):
                 raise result
@@ -356,14 +303,14 @@ class Fleet:
             self._settle_unsent(self.publisher.add(worker_id, (command, correlation_id,
                                                                envelope)))
         except ConnectionLost as e:
-            self._fail_outstanding(self._lost(e))
+            self._fail_outstanding(self.replies.lost(e))
         return correlation_id
 
     def _publish(self) -> None:
         try:
             self._settle_unsent(self.publisher.publish())
         except ConnectionLost as e:
-            self._fail_outstanding(self._lost(e))
+            self._fail_outstanding(self.replies.lost(e))
 
     def _settle_unsent(self, unsent: list[Unsent]) -> None:
         """Commands that could not be published failed; the garbage that rode with them
@@ -372,7 +319,7 @@ class Fleet:
             for _, correlation_id, envelope in failed.queued:
                 entry = self.pending.forget(correlation_id)
                 if entry is not None:
-                    self._record(correlation_id, entry, failed.error)
+                    self.replies.record(correlation_id, entry, failed.error)
                 if envelope is not None and envelope.garbage:
                     self.garbage.add(failed.worker_id, envelope.garbage)
 
@@ -399,23 +346,9 @@ class Fleet:
                 else:
                     self._fail_if_gone()
             except ConnectionLost as e:
-                self._fail_outstanding(self._lost(e))
+                self._fail_outstanding(self.replies.lost(e))
         if raise_errors:
-            self._raise_errors()
-
-    def _lost(self, error: ConnectionLost) -> ConnectionLost:
-        """`error`, naming what was in flight when the connection went: the first
-        operation and how many, so a script knows what to redo. (`lost` lists them.)"""
-        entries = [entry for _, entry in self.pending]
-        if not entries:
-            return error
-        first = entries[0]
-        lost = ConnectionLost(
-            f"{error}; {len(entries)} operation{'s' if len(entries) > 1 else ''} in flight "
-            f"lost, the first: {first.command.describe()} on worker {first.worker_id!r} "
-            "(whether they ran is unknown: redo them)")
-        lost.lost = [(entry.worker_id, entry.command.describe()) for entry in entries]
-        return lost
+            self.replies.raise_errors()
 
     def _fail_if_gone(self) -> None:
         """While waiting in silence: fail at once if a worker we wait for has no daemon
@@ -429,37 +362,9 @@ class Fleet:
         delivery = self.endpoint.receive(timeout)
         if delivery is None:
             return False
-        if not delivery.is_reply:
-            return True
-        if delivery.correlation_id in self._presence:
-            self._presence_answer(delivery)
-        elif delivery.type == _BATCH_REPLY:
-            self._record_batch(delivery)
-        elif delivery.returned and "+" in delivery.correlation_id:
-            for member in _members(delivery.correlation_id):  # a batch nobody took
-                entry = self.pending.get(member)
-                if entry is not None and self._from_addressee(delivery, entry.worker_id):
-                    self.pending.forget(member)
-                    self._record(member, entry, self._result(entry, delivery))
-        else:
-            entry = self.pending.get(delivery.correlation_id)
-            if entry is not None and self._from_addressee(delivery, entry.worker_id):
-                self.pending.forget(delivery.correlation_id)
-                self._record(delivery.correlation_id, entry, self._result(entry, delivery))
-            # else: a late reply to a request that timed out, or a forgery
+        if delivery.is_reply:
+            self.replies.take(delivery)
         return True
-
-    def _from_addressee(self, delivery: Delivery, worker_id: str) -> bool:
-        """Whether a reply comes from the worker its command went to: anyone who can
-        publish can put a message in our reply queue, but not under another's name
-        (the broker vouches for the sender, see `Broker.verified_identity`)."""
-        if delivery.sender == worker_id:
-            return True
-        self._forged_replies += 1
-        if self._forged_replies == 1:
-            log.warning("dropped a reply to a command for %r that came from %r (further "
-                        "ones are only counted)", worker_id, delivery.sender[:100])
-        return False
 
     def settle(self, timeout: float) -> dict[str, TorchRelayError]:
         """Wait at most `timeout` seconds for everything in flight, and raise nothing:
@@ -472,57 +377,12 @@ class Fleet:
             try:
                 self._receive(min(left, self.timeout))
             except ConnectionLost as e:
-                self._fail_outstanding(self._lost(e))
-        failures: dict[str, TorchRelayError] = {}
-        for error in self._errors:
-            failures.setdefault(getattr(error, "worker_id", ""), error)
-        self._errors.clear()
-        for correlation_id, entry in self.pending:
-            failures.setdefault(entry.worker_id, ReplyTimeout(
-                entry.worker_id, entry.command.describe(), timeout))
-            self.pending.forget(correlation_id)
-        return failures
+                self._fail_outstanding(self.replies.lost(e))
+        return self.replies.give_up(timeout)
 
     def search(self, *tags: str) -> list[Any]:
         """The datasets, on every worker this session knows, holding all of `tags`."""
         return search(list(self._workers.values()), tags)
-
-    def _record_batch(self, delivery: Delivery) -> None:
-        try:
-            replies = decode_reply_batch(delivery.body)
-        except ProtocolError as e:
-            self._errors.append(e)
-            return
-        for correlation_id, _, body in replies:
-            entry = self.pending.get(correlation_id)
-            if entry is not None and self._from_addressee(delivery, entry.worker_id):
-                self.pending.forget(correlation_id)
-                result = self._decoded(entry, body)
-                self._record(correlation_id, entry, result)
-
-    def _result(self, entry: Outstanding, delivery: Delivery) -> Any:
-        """What a reply delivery says: the value, or the error to raise."""
-        if delivery.returned:
-            return UnknownWorker(entry.worker_id, "no worker consumes its queue")
-        if delivery.refused is not None:
-            return ProtocolError(f"the reply to {entry.command.describe()} from worker "
-                                 f"{entry.worker_id!r} was {delivery.refused}")
-        return self._decoded(entry, delivery.body)
-
-    def _decoded(self, entry: Outstanding, body: Any) -> Any:
-        try:
-            reply = decode_reply(body)
-        except ProtocolError as e:
-            return e
-        if reply.error is None:
-            return reply.value
-        return reply.error.to_exception(entry.worker_id, entry.command.describe())
-
-    def _record(self, correlation_id: str, entry: Outstanding, result: Any) -> None:
-        if entry.keep:
-            self._results[correlation_id] = result
-        elif isinstance(result, TorchRelayError):
-            self._errors.append(result)
 
     def _time_out(self) -> None:
         first = self.pending.first()
@@ -530,45 +390,13 @@ class Fleet:
         error = ReplyTimeout(first.worker_id, first.command.describe(), self.timeout, reason)
         self._fail_outstanding(error)
 
-    def _fail_outstanding(self, error: TorchRelayError, *, report_later: bool = True) -> None:
-        regathered: dict[str, list[int]] = {}
-        for correlation_id, entry in self.pending:
-            if entry.keep:
-                self._results[correlation_id] = error
-            if entry.garbage:  # whether they were carried out is unknown: again
-                regathered.setdefault(entry.worker_id, []).extend(entry.garbage)
-        if report_later and not all(entry.keep for _, entry in self.pending):
-            self._errors.append(error)
-        self.pending.clear()
+    def _fail_outstanding(self, error: TorchRelayError) -> None:
+        """Everything in flight failed with `error`; the garbage that rode with it waits
+        for the next ride (whether it was carried out is unknown)."""
+        regathered = self.replies.fail_all(error)
         self.publisher.drop()  # (each is outstanding: its garbage is regathered)
         for worker_id, ids in regathered.items():
             self.garbage.add(worker_id, ids)
-
-    def _raise_errors(self) -> None:
-        if not self._errors:
-            return
-        first, *others = self._errors
-        self._errors.clear()
-        if others:
-            first.add_note(
-                f"{len(others)} later operation{'s' if len(others) > 1 else ''} failed too, "
-                f"the first of them: {others[0]}"
-            )
-        raise first
-
-
-_BATCH_REPLY = f"{BATCH}.reply"
-
-
-def _members(batch_id: str) -> list[str]:
-    """The correlation ids of a batch's commands, from the batch's own: `<first>+<count>`
-    (a batch's commands are numbered one after the other)."""
-    first, _, count = batch_id.rpartition("+")
-    numbered = session_and_number(first)
-    if numbered is None or not count.isdecimal():
-        return []
-    session, number = numbered
-    return [f"{session}.{n}" for n in range(number, number + min(int(count), 4096))]
 
 
 def _close_at_exit(ref: weakref.ref[Fleet]) -> None:

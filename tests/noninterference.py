@@ -481,7 +481,7 @@ class Observer:
         if not ids or not isinstance(values[0], torch.Tensor):
             ids.insert(0, None)  # the first argument is not a tensor: nothing in place
         versions = [t._version for t in tensors]
-        failed = self.runtime.figures()["commands_failed"]
+        failed = self.runtime.presence.figures()["commands_failed"]
         result_id = None if _inplace(case.op) else 1
         reply = self.ask(Call(case.op, wire, dict(case.kwargs), result_id))
         seen: list[Any] = [reply]
@@ -494,7 +494,7 @@ class Observer:
                 entry = store.get(touched)
                 seen.append((_inside(entry.value), sorted(store.owners(entry)),
                              store.describe_one(touched)))
-        status = runtime.figures()
+        status = runtime.presence.figures()
         seen.append((status["objects"], status["tensor_bytes"],
                      status["commands_failed"] - failed))
         for object_id in ids:

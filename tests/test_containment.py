@@ -16,6 +16,7 @@ from test_daemon import stall
 import torchrelay as tr
 from torchrelay.broker import decode_command
 from torchrelay.worker import WorkerProcesses
+from torchrelay.worker.containment import _mirror_codec as codec
 
 tr.hook(torch)
 
@@ -147,3 +148,38 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
         return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_every_mirror_record_reads_back_as_it_was_written() -> None:
+    """One codec for the executor that writes the mirror and both sides that read it."""
+    parts = [
+        *codec.storage_record(7, b"\x01\x02\x03"),
+        codec.shared_record(8, 1 << 20),
+        *codec.provenance_record(1, b"\x92\x90\x90"),
+        *codec.tensor_record(42, 7, 1, dtype_code=3, offset=1, shape=(2, 1), stride=(1, 1),
+                             requires_grad=True, has_graph=False),
+        *codec.value_record(43, 1, b"frame"),
+        codec.delete_record(42),
+        *codec.parked_record(b"bob\0c.1", b"payload"),
+        *codec.unparked_record(b"bob\0c.1"),
+    ]
+    records = list(codec.read_records(memoryview(b"".join(parts))))
+    assert records[:3] == [
+        codec.StorageRecord(7, 3, b"\x01\x02\x03", shared=False),
+        codec.StorageRecord(8, 1 << 20, b"", shared=True),
+        codec.ProvenanceRecord(1, b"\x92\x90\x90", b"".join(parts[3:5])),
+    ]
+    tensor = records[3]
+    assert type(tensor) is codec.TensorRecord
+    assert (tensor.object_id, tensor.key, tensor.provenance_id, tensor.dtype_code,
+            tensor.offset, tensor.shape, tensor.stride, tensor.requires_grad,
+            tensor.has_graph) == (42, 7, 1, 3, 1, (2, 1), (1, 1), True, False)
+    assert tensor.record == b"".join(parts[5:7])
+    assert records[4:] == [
+        codec.ValueRecord(43, 1, b"frame", b"".join(parts[7:9])),
+        codec.DeleteRecord(42),
+        codec.ParkedRecord(b"bob\0c.1", b"payload"),
+        codec.ParkedRecord(b"bob\0c.1", None),
+    ]
+    with pytest.raises(ValueError, match="unknown kind 99"):
+        list(codec.read_records(memoryview(b"\x63")))

@@ -94,11 +94,11 @@ def run_worker(
         endpoint.close()
         raise
     log.info("worker %s serving on %s", config.id, broker.url)
-    runtime.announce("started")
+    runtime.presence.announce("started")
     try:
         _serve(endpoint, runtime, stop, until=lambda: not keep_going())
         _finish_in_flight(endpoint, runtime)
-        runtime.announce("stopped")
+        runtime.presence.announce("stopped")
     except BrokerError as e:
         log.error("worker %s stopped: %s", config.id, e)
         return 1

@@ -52,25 +52,22 @@ from ..runtime._runtime import WorkerRuntime
 from ..runtime._store import ObjectStore, StoredObject
 from ._daemon import run_worker
 from ._journal import RAN_OK, RAN_OTHER, Journal, command_key
-from ._mirror import (
-    DELETE,
-    DELETE_RECORD,
-    DIMENSIONS,
-    KEY,
-    PARKED,
-    PARKED_RECORD,
-    PROVENANCE,
-    PROVENANCE_RECORD,
-    SHARED,
-    SHARED_FROM,
-    STORAGE,
-    STORAGE_RECORD,
-    TENSOR,
-    TENSOR_RECORD,
-    UNPARKED,
-    VALUE,
-    VALUE_RECORD,
-    Ring,
+from ._mirror import KEY, SHARED_FROM, Ring
+from ._mirror_codec import (
+    ParkedRecord,
+    ProvenanceRecord,
+    StorageRecord,
+    TensorRecord,
+    ValueRecord,
+    delete_record,
+    parked_record,
+    provenance_record,
+    read_records,
+    shared_record,
+    storage_record,
+    tensor_record,
+    unparked_record,
+    value_record,
 )
 
 __all__ = ["EXECUTOR_ENV", "ExecutorSetup", "main"]
@@ -152,11 +149,11 @@ class Mirror:
 
     def parked(self, sender: str, correlation_id: str, payload: bytes) -> None:
         key = command_key(sender, correlation_id)
-        self.notes += [PARKED_RECORD.pack(PARKED, len(key), len(payload)), key, payload]
+        self.notes += parked_record(key, payload)
 
     def unparked(self, sender: str, correlation_id: str) -> None:
         key = command_key(sender, correlation_id)
-        self.notes += [PARKED_RECORD.pack(UNPARKED, len(key), 0), key]
+        self.notes += unparked_record(key)
 
     def commit(self) -> None:
         if not (self.changed or self.deleted or self.notes):
@@ -165,7 +162,7 @@ class Mirror:
         parts: list[bytes] = self.notes
         self.notes = []
         for object_id in self.deleted:
-            parts.append(DELETE_RECORD.pack(DELETE, object_id))
+            parts.append(delete_record(object_id))
             self.versions.pop(object_id, None)
             self._let_go(self.storage_of.pop(object_id, None))
         objects = self.store.objects
@@ -190,8 +187,7 @@ class Mirror:
                     frame = encode(value).tobytes()
                 except EncodeError:  # an optimizer, a dataset: not kept across a crash
                     return
-                parts += [VALUE_RECORD.pack(VALUE, object_id, self._provenance(parts, entry),
-                                            len(frame)), frame]
+                parts += value_record(object_id, self._provenance(parts, entry), frame)
             return
         version = value._version
         if not new and self.versions.get(object_id) == version:
@@ -204,14 +200,11 @@ class Mirror:
             self.storage_of[object_id] = identity
             self.users[identity] = self.users.get(identity, 0) + 1
         self.versions[object_id] = version
-        flags = value.requires_grad | ((value.grad_fn is not None) << 1)
-        dimensions = value.dim()
-        parts += [
-            TENSOR_RECORD.pack(TENSOR, object_id, key, self._provenance(parts, entry),
-                               _DTYPE_CODES[value.dtype], dimensions, flags,
-                               value.storage_offset()),
-            DIMENSIONS[dimensions].pack(*value.shape, *value.stride()),
-        ]
+        parts += tensor_record(object_id, key, self._provenance(parts, entry),
+                               dtype_code=_DTYPE_CODES[value.dtype],
+                               offset=int(value.storage_offset()), shape=value.shape,
+                               stride=value.stride(), requires_grad=value.requires_grad,
+                               has_graph=value.grad_fn is not None)
 
     def _storage(self, parts: list[bytes], storage: Any, identity: int, changed: bool) -> int:
         key = self.keys.get(identity)
@@ -222,12 +215,11 @@ class Mirror:
             if key not in self.sent_shared:  # both map its pages: sent once
                 fd, size = storage._share_fd_cpu_()
                 socket.send_fds(self.channel, [KEY.pack(key)], [fd])
-                parts.append(STORAGE_RECORD.pack(SHARED, key, size))
+                parts.append(shared_record(key, size))
                 self.sent_shared.add(key)
         elif changed:
             size = storage.nbytes()
-            parts += [STORAGE_RECORD.pack(STORAGE, key, size),
-                      _string_at(storage.data_ptr(), size) if size else b""]
+            parts += storage_record(key, _string_at(storage.data_ptr(), size) if size else b"")
         return key
 
     def _provenance(self, parts: list[bytes], entry: StoredObject) -> int:
@@ -241,7 +233,7 @@ class Mirror:
             provenance_id = len(self.provenance_ids) + 1
             self.provenance_ids[key] = provenance_id
             body = msgpack.packb([sorted(key[0]), sorted(key[1])])
-            parts += [PROVENANCE_RECORD.pack(PROVENANCE, provenance_id, len(body)), body]
+            parts += provenance_record(provenance_id, body)
         return provenance_id
 
     def _let_go(self, identity: int | None) -> None:
@@ -346,70 +338,48 @@ def restore(store: MirroredStore, setup: ExecutorSetup) -> tuple[set[int], list[
     parked: list[bytes] = []
     if not setup.snapshot_length:
         return lost, parked
+    provenances: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+    objects: list[TensorRecord | ValueRecord] = []
     with mmap.mmap(setup.snapshot, setup.snapshot_length, mmap.MAP_PRIVATE) as page:
         view = memoryview(page)
-        provenances: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
-        objects: list[tuple[int, int, Any]] = []
-        position = 0
-        while position < len(view):
-            kind = view[position]
-            if kind == STORAGE:
-                _, key, size = STORAGE_RECORD.unpack_from(view, position)
-                position += STORAGE_RECORD.size
-                storage = torch.UntypedStorage(size)  # type: ignore[no-untyped-call]
-                if size:
-                    ctypes.memmove(storage.data_ptr(), bytes(view[position : position + size]),
-                                   size)
-                storages[key] = storage
-                position += size
-            elif kind == PROVENANCE:
-                _, provenance_id, length = PROVENANCE_RECORD.unpack_from(view, position)
-                position += PROVENANCE_RECORD.size
-                owners, holders = msgpack.unpackb(view[position : position + length])
-                provenances[provenance_id] = (frozenset(owners), frozenset(holders))
-                mirror.provenance_ids[provenances[provenance_id]] = provenance_id
-                position += length
-            elif kind == TENSOR:
-                _, object_id, key, provenance_id, dtype, dimensions, flags, offset = (
-                    TENSOR_RECORD.unpack_from(view, position))
-                position += TENSOR_RECORD.size
-                sizes = DIMENSIONS[dimensions].unpack_from(view, position)
-                position += DIMENSIONS[dimensions].size
-                objects.append((object_id, provenance_id,
-                                (key, dtype, offset, sizes[:dimensions], sizes[dimensions:],
-                                 flags)))
-            elif kind == VALUE:
-                _, object_id, provenance_id, length = VALUE_RECORD.unpack_from(view, position)
-                position += VALUE_RECORD.size
-                objects.append((object_id, provenance_id,
-                                bytes(view[position : position + length])))
-                position += length
-            elif kind == PARKED:
-                _, key_length, length = PARKED_RECORD.unpack_from(view, position)
-                position += PARKED_RECORD.size + key_length
-                parked.append(bytes(view[position : position + length]))
-                position += length
-            else:
-                raise ValueError(f"snapshot record of unknown kind {kind}")
+        for record in read_records(view):
+            match record:
+                case StorageRecord(key=key, size=size, data=data):
+                    storage = torch.UntypedStorage(size)  # type: ignore[no-untyped-call]
+                    if size:
+                        ctypes.memmove(storage.data_ptr(), data, size)
+                    storages[key] = storage
+                case ProvenanceRecord():
+                    owners, holders = msgpack.unpackb(record.body)
+                    provenance = (frozenset(owners), frozenset(holders))
+                    provenances[record.provenance_id] = provenance
+                    mirror.provenance_ids[provenance] = record.provenance_id
+                case TensorRecord() | ValueRecord():
+                    objects.append(record)
+                case ParkedRecord(payload=bytes() as payload):
+                    parked.append(payload)
+                case _:
+                    raise ValueError(f"a snapshot holds no {type(record).__name__}")
         del view
-    for object_id, provenance_id, fields in objects:
-        if type(fields) is bytes:
-            value = decode(bytearray(fields))
+    for record in objects:
+        object_id = record.object_id
+        if type(record) is ValueRecord:
+            value = decode(bytearray(record.frame))
         else:
-            key, dtype, offset, shape, stride, flags = fields
-            storage = storages[key]
-            value = torch.empty(0, dtype=TENSOR_DTYPES[dtype]).set_(storage, offset, shape,
-                                                                    stride)
-            if flags & 2:
+            assert type(record) is TensorRecord
+            storage = storages[record.key]
+            value = torch.empty(0, dtype=TENSOR_DTYPES[record.dtype_code]).set_(
+                storage, record.offset, record.shape, record.stride)
+            if record.has_graph:
                 lost.add(object_id)  # made by operations whose graph died with the process
-            elif flags & 1:
+            elif record.requires_grad:
                 value.requires_grad_(True)  # a leaf comes back a leaf (its .grad does not)
             identity = storage._cdata
-            mirror.keys[identity] = key
+            mirror.keys[identity] = record.key
             mirror.storage_of[object_id] = identity
             mirror.users[identity] = mirror.users.get(identity, 0) + 1
             mirror.versions[object_id] = value._version
-        ObjectStore.put(store, object_id, value, *provenances[provenance_id])
+        ObjectStore.put(store, object_id, value, *provenances[record.provenance_id])
     return lost, parked
 
 
@@ -448,13 +418,14 @@ def main() -> int:
         runtime.lost_graphs, parked = restore(store, setup)
         ran = {tuple(key.decode(errors="replace").split("\0", 1)): state
                for key, state in finished if b"\0" in key}
-        runtime.remember_finished(
+        runtime.admission.remember_finished(
             list(ran),  # type: ignore[arg-type]
             {key: state == RAN_OK for key, state in ran.items()  # type: ignore[misc]
              if state in (RAN_OK, RAN_OTHER)})
-        runtime.poisoned = {(sender, cid): what for sender, cid, what, _ in setup.poisoned}
+        admission = runtime.admission
+        admission.poisoned = {(sender, cid): what for sender, cid, what, _ in setup.poisoned}
         for sender, _, _, when in setup.poisoned:  # (a sender too often is refused a while)
-            runtime.strikes.add(sender, when)
+            admission.strikes.add(sender, when)
         runtime.settle_interrupted(parked)
         if setup.restarts:
             log.warning("executor restarted (restart %d): %d objects back in %.1f ms, %d of "

@@ -12,25 +12,8 @@ When an executor dies, the supervisor hands the next one a snapshot of the copy
 (a memfd of records) and the descriptors of the shared storages; it rebuilds the
 objects from them before serving.
 
-One ring entry holds one command's records and is applied whole. Records, little
-endian (a record's payload follows its header):
-
-    STORAGE  <B Q Q>            kind, storage key, bytes              + the bytes
-    SHARED   <B Q Q>            kind, storage key, bytes  (its descriptor came first,
-                                on the socket, in a message holding the 8-byte key)
-    TENSOR   <B Q Q Q B B B q>  kind, object id, storage key, provenance id, dtype code,
-                                dimensions, flags (1: requires grad, 2: has a graph),
-                                storage offset                        + shape + strides
-    VALUE    <B Q Q I>          kind, object id, provenance id, length + a codec frame
-    PROVENANCE <B Q I>          kind, provenance id, length           + msgpack list
-    DELETE   <B Q>              kind, object id
-    PARKED   <B H I>            kind, key length, length   + key + what to answer and undo
-    UNPARKED <B H I>            kind, key length, 0        + key
-
-PARKED and UNPARKED are about commands, not objects: a command waiting on another
-worker (keyed as the journal keys it) and what a new executor must answer and undo
-for it if this one dies before it is answered (`_runtime.py` writes the payload).
-A snapshot carries the PARKED ones; the executor that settles them writes UNPARKED.
+One ring entry holds one command's records and is applied whole; the records'
+format is `_mirror_codec.py`'s.
 
 No torch here: the supervisor imports this module.
 """
@@ -45,20 +28,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
+from ._mirror_codec import (
+    DeleteRecord,
+    ParkedRecord,
+    ProvenanceRecord,
+    StorageRecord,
+    TensorRecord,
+    ValueRecord,
+    parked_record,
+    read_records,
+    storage_record,
+)
+
 __all__ = ["SHARED_FROM", "MirrorCopy", "Ring", "Snapshot"]
 
 SHARED_FROM: Final = 64 << 10
 """Storages of more bytes than this are shared (mapped by both processes), not copied."""
 
-STORAGE, SHARED, TENSOR, VALUE, PROVENANCE, DELETE, PARKED, UNPARKED = 1, 2, 3, 4, 5, 6, 7, 8
-STORAGE_RECORD: Final = struct.Struct("<BQQ")
-TENSOR_RECORD: Final = struct.Struct("<BQQQBBBq")
-VALUE_RECORD: Final = struct.Struct("<BQQI")
-PROVENANCE_RECORD: Final = struct.Struct("<BQI")
-DELETE_RECORD: Final = struct.Struct("<BQ")
-PARKED_RECORD: Final = struct.Struct("<BHI")
-DIMENSIONS: Final = tuple(struct.Struct(f"<{2 * n}q") for n in range(65))
 KEY: Final = struct.Struct("<Q")
+"""A shared storage's key, as the message that carries its descriptor holds it."""
 
 
 class Ring:
@@ -171,61 +159,35 @@ class MirrorCopy:
 
     def apply(self, entry: bytes) -> None:
         """Apply one command's records."""
-        view = memoryview(entry)
-        position = 0
-        while position < len(view):
-            kind = view[position]
-            if kind == STORAGE:
-                _, key, size = STORAGE_RECORD.unpack_from(view, position)
-                position += STORAGE_RECORD.size
-                self._drop_shared(key)
-                self.storages[key] = bytes(view[position : position + size])
-                self.largest_key = max(self.largest_key, key)
-                position += size
-            elif kind == SHARED:
-                _, key, size = STORAGE_RECORD.unpack_from(view, position)
-                position += STORAGE_RECORD.size
-                if key not in self.arriving:  # sent before the entry: it is waiting
-                    self.receive_descriptors()
-                fds = self.arriving.get(key)
-                if fds:
-                    self.storages.pop(key, None)
+        for record in read_records(memoryview(entry)):
+            match record:
+                case StorageRecord(key=key, shared=False):
                     self._drop_shared(key)
-                    self.shared[key] = (fds.pop(0), size)
-                    if not fds:
-                        del self.arriving[key]
-                self.largest_key = max(self.largest_key, key)
-            elif kind == TENSOR:
-                _, object_id, key, *_, dimensions, _, _ = TENSOR_RECORD.unpack_from(view, position)
-                end = position + TENSOR_RECORD.size + 16 * dimensions
-                self._set(object_id, bytes(view[position:end]), key)
-                position = end
-            elif kind == VALUE:
-                _, object_id, _, length = VALUE_RECORD.unpack_from(view, position)
-                end = position + VALUE_RECORD.size + length
-                self._set(object_id, bytes(view[position:end]), None)
-                position = end
-            elif kind == PROVENANCE:
-                _, provenance_id, length = PROVENANCE_RECORD.unpack_from(view, position)
-                end = position + PROVENANCE_RECORD.size + length
-                self.provenances[provenance_id] = bytes(view[position:end])
-                position = end
-            elif kind == DELETE:
-                _, object_id = DELETE_RECORD.unpack_from(view, position)
-                position += DELETE_RECORD.size
-                self._forget(object_id)
-            elif kind in (PARKED, UNPARKED):
-                _, key_length, length = PARKED_RECORD.unpack_from(view, position)
-                position += PARKED_RECORD.size
-                key = bytes(view[position : position + key_length])
-                position += key_length
-                if kind == PARKED:
-                    self.parked[key] = bytes(view[position : position + length])
-                    position += length
-                else:
-                    self.parked.pop(key, None)
-            else:
-                raise ValueError(f"mirror record of unknown kind {kind} at byte {position}")
+                    self.storages[key] = record.data
+                    self.largest_key = max(self.largest_key, key)
+                case StorageRecord(key=key):
+                    if key not in self.arriving:  # sent before the entry: it is waiting
+                        self.receive_descriptors()
+                    fds = self.arriving.get(key)
+                    if fds:
+                        self.storages.pop(key, None)
+                        self._drop_shared(key)
+                        self.shared[key] = (fds.pop(0), record.size)
+                        if not fds:
+                            del self.arriving[key]
+                    self.largest_key = max(self.largest_key, key)
+                case TensorRecord():
+                    self._set(record.object_id, record.record, record.key)
+                case ValueRecord():
+                    self._set(record.object_id, record.record, None)
+                case ProvenanceRecord():
+                    self.provenances[record.provenance_id] = record.record
+                case DeleteRecord():
+                    self._forget(record.object_id)
+                case ParkedRecord(payload=None):
+                    self.parked.pop(record.key, None)
+                case ParkedRecord(payload=bytes() as payload):
+                    self.parked[record.key] = payload
 
     def _set(self, object_id: int, record: bytes, key: int | None) -> None:
         if key is not None:  # counted before the old one is let go: it may be the same
@@ -261,11 +223,11 @@ class MirrorCopy:
     def snapshot(self) -> Snapshot:
         parts: list[bytes] = []
         for key, data in self.storages.items():
-            parts += [STORAGE_RECORD.pack(STORAGE, key, len(data)), data]
+            parts += storage_record(key, data)
         parts += self.provenances.values()
         parts += [record for record, _ in self.objects.values()]
         for command, payload in self.parked.items():  # kept until an executor settles them
-            parts += [PARKED_RECORD.pack(PARKED, len(command), len(payload)), command, payload]
+            parts += parked_record(command, payload)
         blob = b"".join(parts)
         fd = os.memfd_create("torchrelay-snapshot")
         view = memoryview(blob)

@@ -155,6 +155,32 @@ class ObjectStore:
         if len(early) > MAX_DELETED_EARLY:
             del early[next(iter(early))]
 
+    def delete_for(self, sender: str, ids: list[int],
+                   missing: list[int] | None = None) -> dict[str, list[int]]:
+        """Delete the objects of `ids` that `sender` holds; the targets of the pointers
+        among them, by worker (to be deleted down their chains).
+
+        Deleting twice is harmless: ids not found go to `missing`, and so do those of
+        others (to `sender` they do not exist). The worker's own objects are no
+        client's to collect."""
+        targets: dict[str, list[int]] = {}
+        for object_id in ids:
+            if object_id in self.owned:
+                continue
+            present = self._objects.get(object_id)
+            if present is not None and not present.usable_by(sender):
+                if missing is not None:
+                    missing.append(object_id)
+                continue
+            entry = self.discard(object_id)
+            if entry is None:
+                self.delete_early(object_id, sender)
+                if missing is not None:
+                    missing.append(object_id)
+            elif type(entry.value) is PointerRef:
+                targets.setdefault(entry.value.location, []).append(entry.value.id_at_location)
+        return targets
+
     def replace(self, object_id: int, value: Any, provenance: frozenset[str],
                 holders: frozenset[str]) -> None:
         old = self._objects.get(object_id)
@@ -300,16 +326,8 @@ class ObjectStore:
         held = self._values.pop(object_id, 0) if self._values else 0
         self.bytes -= held
         storages = self._storages
-        if type(value) is torch.Tensor:
-            pointer = value.untyped_storage()._cdata
-            counted = storages.get(pointer)
-            if counted is not None:
-                counted[1] -= 1
-                if not counted[1]:
-                    del storages[pointer]
-                    self.bytes -= counted[0]
-            return
-        for tensor in _tensors_in(value):
+        tensors = (value,) if type(value) is torch.Tensor else _tensors_in(value)
+        for tensor in tensors:
             pointer = tensor.untyped_storage()._cdata
             counted = storages.get(pointer)
             if counted is not None:

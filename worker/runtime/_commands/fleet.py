@@ -30,5 +30,5 @@ def grant(worker: WorkerRuntime, command: Grant, sender: str) -> None:
 
 @handles(Status)
 def status(worker: WorkerRuntime, command: Status, sender: str) -> dict[str, Any]:
-    holders = worker.by_holder()
-    return {**worker.figures(), "holders": holders}
+    holders = worker.presence.by_holder()
+    return {**worker.presence.figures(), "holders": holders}

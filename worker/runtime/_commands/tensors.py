@@ -87,7 +87,7 @@ def fetch(worker: WorkerRuntime, command: Fetch, sender: str) -> Encoded:
 @handles(Delete)
 def delete(worker: WorkerRuntime, command: Delete, sender: str) -> Any:
     missing: list[int] = []
-    targets = worker.discard(command.ids, sender, missing)
+    targets = worker.store.delete_for(sender, command.ids, missing)
     if targets:
         return worker.then_delete(missing, targets)
     return missing
