@@ -1,0 +1,391 @@
+"""Secure aggregation's commands: an owner's steps of a round, and the aggregator's.
+
+The protocol and an owner's state are `_secagg.py`'s; here its messages travel. The
+client joins each owner to a round (`secagg_join`: the owner checks the client may
+use the contribution, clips and weighs it, and spends it: it is never stored again
+here, so it cannot be fetched, moved or joined to another round) and asks the
+aggregator to run it (`secure_aggregate`). The aggregator drives the owners, one
+step at a time (`secagg_share`, `secagg_mask`, `secagg_commit`, `secagg_unmask`);
+owners meet each other directly (`secagg_introduce`, `secagg_shares`,
+`secagg_view`), each trusting who sent a message only as the broker's validated
+identity, the handler's `sender`. An owner answers a step only from its round's
+aggregator, a peer's message only from an owner of the round, and a round id only
+once. Every refusal is counted (`secagg_refused` in the worker's status).
+
+The aggregator treats an owner that fails a step — gone, or refusing — as one
+that dropped out: the round goes on while at least `threshold` owners remain, and
+releases nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import torch
+
+from torchrelay.broker import (
+    Command,
+    PrivateDataError,
+    SecAggCommit,
+    SecAggIntroduce,
+    SecAggJoin,
+    SecAggMask,
+    SecAggShare,
+    SecAggShares,
+    SecAggUnmask,
+    SecAggView,
+    SecureAggregate,
+    TorchRelayError,
+)
+
+from .._aggregation import clipped
+from .._privacy import BudgetSpent
+from .._secagg import OwnerRound, RoundRefused, RoundTerms, decode, unmask
+from ._registry import handles
+
+if TYPE_CHECKING:
+    from .._runtime import WorkerRuntime
+
+__all__ = ["secure_figures"]
+
+log = logging.getLogger("torchrelay.worker")
+
+MAX_OWNERS: Final = 1024
+"""Owners one round may have (each step costs every owner a message per other)."""
+KEPT_ROUNDS: Final = 64
+"""Rounds an owner keeps the state of (older ones, unfinished, are dropped)."""
+MAX_ENTRIES: Final = 1 << 28
+"""Entries a securely aggregated contribution may have (each costs 8 bytes a mask)."""
+
+
+@dataclass(slots=True)
+class _Rounds:
+    """A worker's rounds: those under way, the ids seen, the refusals."""
+
+    active: OrderedDict[str, tuple[OwnerRound, bool]] = field(default_factory=OrderedDict)
+    """Round id -> this owner's state, and whether its contribution is private."""
+    seen: set[str] = field(default_factory=set)
+    refused: int = 0
+
+    def get(self, round_id: str) -> tuple[OwnerRound, bool]:
+        found = self.active.get(round_id)
+        if found is None:
+            raise RoundRefused(f"no secure aggregation round {round_id} under way here")
+        return found
+
+    def as_aggregator(self, round_id: str, sender: str) -> tuple[OwnerRound, bool]:
+        found = self.get(round_id)
+        if sender != found[0].terms.aggregator:
+            raise RoundRefused(f"{sender!r} is not the aggregator of round {round_id}")
+        return found
+
+    def first_time(self, round_id: str) -> None:
+        if round_id in self.seen:
+            raise RoundRefused(f"round {round_id} was seen already: a replayed round")
+        self.seen.add(round_id)
+
+
+_ROUNDS: weakref.WeakKeyDictionary[WorkerRuntime, _Rounds] = weakref.WeakKeyDictionary()
+
+
+def _rounds(worker: WorkerRuntime) -> _Rounds:
+    rounds = _ROUNDS.get(worker)
+    if rounds is None:
+        rounds = _ROUNDS[worker] = _Rounds()
+    return rounds
+
+
+def secure_figures(worker: WorkerRuntime) -> dict[str, Any]:
+    """What a worker's status says of secure aggregation (nothing until it took part)."""
+    rounds = _ROUNDS.get(worker)
+    return {} if rounds is None else {"secagg_refused": rounds.refused,
+                                      "secagg_rounds": len(rounds.seen)}
+
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+def _counted(handler: H) -> H:
+    """Count the handler's refusals, and send them as `PrivateDataError`s (a client or
+    an aggregator sees a refusal as such, whatever its class here)."""
+
+    def refused(worker: WorkerRuntime, command: Command, sender: str,
+                error: RoundRefused) -> PrivateDataError:
+        _rounds(worker).refused += 1
+        log.warning("secure aggregation: refused %s from %r: %s", command.describe(),
+                    sender[:100], error)
+        return PrivateDataError(str(error))
+
+    async def waiting(worker: WorkerRuntime, command: Command, sender: str,
+                      outcome: Any) -> Any:
+        try:
+            return await outcome
+        except RoundRefused as e:
+            raise refused(worker, command, sender, e) from None
+
+    @functools.wraps(handler)
+    def run(worker: WorkerRuntime, command: Command, sender: str) -> Any:
+        try:
+            outcome = handler(worker, command, sender)
+        except RoundRefused as e:
+            raise refused(worker, command, sender, e) from None
+        if type(outcome) is CoroutineType:
+            return waiting(worker, command, sender, outcome)
+        return outcome
+
+    return run  # type: ignore[return-value]
+
+
+# -- an owner's steps -----------------------------------------------------------------
+
+
+@handles(SecAggJoin)
+@_counted
+def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, Any]:
+    rounds = _rounds(worker)
+    if not 1 <= len(command.participants) <= MAX_OWNERS:
+        raise RoundRefused(f"a round has 1 to {MAX_OWNERS} owners")
+    if len(command.weights) != len(command.participants) or not all(
+            w > 0 for w in command.weights):
+        raise RoundRefused("a round needs a positive weight for each owner")
+    entries = [worker.store.use(i, sender) for i in command.contribution]
+    if not entries or not all(isinstance(e.value, torch.Tensor)
+                              and e.value.is_floating_point() for e in entries):
+        raise RoundRefused("a contribution is floating-point tensors")
+    owners = frozenset().union(*(worker.store.owners(e) for e in entries))
+    if owners - {worker.id}:
+        raise RoundRefused(f"the contribution derives from private data of "
+                           f"{', '.join(sorted(owners - {worker.id}))}: an owner joins a "
+                           "round with its own data only")
+    private = bool(owners)
+    flat = torch.cat([e.value.detach().reshape(-1).to(torch.float64) for e in entries])
+    if flat.numel() > MAX_ENTRIES:
+        raise RoundRefused(f"a contribution of more than {MAX_ENTRIES} entries")
+    total = math.fsum(command.weights)
+    terms = RoundTerms(command.round_id, command.aggregator, tuple(command.participants),
+                       command.threshold, tuple(w / total for w in command.weights),
+                       flat.numel())
+    policy = worker.privacy
+    terms.check(worker.id, policy.threshold if private else None, policy.k if private else 1)
+    weight = terms.weights[terms.point(worker.id) - 1]
+    sigma = 0.0
+    if private:
+        try:
+            worker.budget.check(worker.id)  # no round it could not afford to finish
+        except BudgetSpent as e:
+            raise RoundRefused(f"{e}: it contributes no more") from None
+        flat = clipped(flat, policy.clip)
+        sigma = policy.noise_multiplier * weight * policy.clip
+    rounds.first_time(command.round_id)
+    state = OwnerRound(worker.id, terms, flat * weight, sigma)
+    for object_id in command.contribution:  # spent: in this round and no other
+        worker.store.discard(object_id)
+    rounds.active[command.round_id] = (state, private)
+    while len(rounds.active) > KEPT_ROUNDS:
+        rounds.active.popitem(last=False)
+    return {"digest": terms.digest()}
+
+
+@handles(SecAggShare)
+@_counted
+async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> list[str]:
+    state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
+    reached = []
+    for peer in state.terms.participants:
+        if peer == worker.id:
+            continue
+        try:
+            if not state.knows(peer):
+                answer = await worker.ask(peer, SecAggIntroduce(
+                    command.round_id, **state.introduction()))
+                if not isinstance(answer, dict) or set(answer) != {
+                        "digest", "c_public", "s_public", "sigma"}:
+                    raise RoundRefused(f"{peer!r} answered its introduction with something "
+                                       "else")
+                state.meet(peer, **answer)
+            await worker.ask(peer, SecAggShares(command.round_id, state.sealed_for(peer)))
+        except TorchRelayError as e:  # gone, or refusing: it drops out of the round
+            log.info("secure aggregation round %s: %s not reached: %s", command.round_id,
+                     peer, e)
+            continue
+        reached.append(peer)
+    return reached
+
+
+@handles(SecAggIntroduce)
+@_counted
+def introduce(worker: WorkerRuntime, command: SecAggIntroduce, sender: str) -> dict[str, Any]:
+    state, _ = _rounds(worker).get(command.round_id)
+    state.meet(sender, command.digest, command.c_public, command.s_public, command.sigma)
+    return state.introduction()
+
+
+@handles(SecAggShares)
+@_counted
+def receive_shares(worker: WorkerRuntime, command: SecAggShares, sender: str) -> None:
+    state, _ = _rounds(worker).get(command.round_id)
+    state.receive(sender, command.sealed)
+
+
+@handles(SecAggMask)
+@_counted
+def mask(worker: WorkerRuntime, command: SecAggMask, sender: str) -> dict[str, Any]:
+    state, private = _rounds(worker).as_aggregator(command.round_id, sender)
+    masked = state.masked(command.shared)
+    report: dict[str, Any] = {"masked": masked,
+                              "s_public": state.peers[worker.id].s_public.hex(),
+                              "noise_std": state.noise_std * math.sqrt(
+                                  state.terms.threshold)}
+    if private:  # charged before the masked input leaves
+        policy = worker.privacy
+        if len(command.shared) < policy.k:
+            raise RoundRefused(f"{worker.id!r}'s data is released only in aggregates of at "
+                               f"least {policy.k} data owners; {len(command.shared)} shared")
+        try:
+            report["epsilon"] = worker.budget.charge(worker.id)
+        except BudgetSpent as e:
+            raise RoundRefused(str(e)) from None
+        report["delta"] = policy.delta
+    return report
+
+
+@handles(SecAggCommit)
+@_counted
+def commit(worker: WorkerRuntime, command: SecAggCommit, sender: str) -> None:
+    state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
+    state.commit(command.survivors)
+
+
+@handles(SecAggView)
+@_counted
+def view(worker: WorkerRuntime, command: SecAggView, sender: str) -> str:
+    state, _ = _rounds(worker).get(command.round_id)
+    if sender not in (state.survivors or ()) or sender == worker.id:
+        raise RoundRefused(f"{sender!r} is not a survivor of round {command.round_id}")
+    return state.view()
+
+
+@handles(SecAggUnmask)
+@_counted
+async def reveal(worker: WorkerRuntime, command: SecAggUnmask,
+                 sender: str) -> dict[str, list[Any]]:
+    rounds = _rounds(worker)
+    state, _ = rounds.as_aggregator(command.round_id, sender)
+    if state.survivors is None:
+        raise RoundRefused(f"round {command.round_id}: no survivors named yet")
+    views = {}
+    for peer in state.survivors:
+        if peer != worker.id:
+            try:
+                views[peer] = await worker.ask(peer, SecAggView(command.round_id))
+            except TorchRelayError as e:  # gone since it masked: it cannot confirm
+                log.info("secure aggregation round %s: %s did not confirm: %s",
+                         command.round_id, peer, e)
+    return state.reveal({peer: str(digest) for peer, digest in views.items()})
+
+
+# -- the aggregator's --------------------------------------------------------------------
+
+
+@handles(SecureAggregate)
+@_counted
+async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
+                           sender: str) -> dict[str, Any]:
+    owners = command.participants
+    t = command.threshold
+    if not 1 <= len(owners) <= MAX_OWNERS or list(owners) != sorted(set(owners)):
+        raise RoundRefused(f"a round's owners are 1 to {MAX_OWNERS} distinct names, sorted")
+    if worker.id in owners:
+        raise RoundRefused("the aggregator of a secure round is none of its owners")
+    if len(command.weights) != len(owners) or not all(w > 0 for w in command.weights):
+        raise RoundRefused("a round needs a positive weight for each owner")
+    if not 1 <= t <= len(owners):
+        raise RoundRefused(f"a threshold of {t} for {len(owners)} owners")
+    length = sum(math.prod(shape) for shape in command.shapes)
+    if not 0 < length <= MAX_ENTRIES:
+        raise RoundRefused(f"a contribution has 1 to {MAX_ENTRIES} entries")
+    _rounds(worker).first_time(command.round_id)
+    round_id = command.round_id
+
+    def abort(step: str, left: list[str]) -> RoundRefused:
+        return RoundRefused(f"secure aggregation round {round_id} aborted: {len(left)} owners "
+                            f"left {step}, fewer than the threshold {t}; nothing is released")
+
+    shared = [u for u in owners if await _step(worker, u, SecAggShare(round_id)) is not None]
+    if len(shared) < t:
+        raise abort("after sharing their keys", shared)
+    inputs: dict[str, torch.Tensor] = {}
+    publics: dict[str, bytes] = {}
+    report: dict[str, Any] = {"epsilon": {}, "delta": {}, "noise_std": 0.0}
+    for u in shared:
+        answer = await _step(worker, u, SecAggMask(round_id, shared))
+        masked = answer.get("masked") if isinstance(answer, dict) else None
+        if not (isinstance(masked, torch.Tensor) and masked.dtype == torch.int64
+                and masked.shape == (length,)):
+            continue
+        assert isinstance(answer, dict)
+        try:
+            publics[u] = bytes.fromhex(str(answer["s_public"]))
+        except (KeyError, ValueError):
+            continue
+        inputs[u] = masked
+        if "epsilon" in answer:
+            report["epsilon"][u] = float(answer["epsilon"])
+            report["delta"][u] = float(answer["delta"])
+        report["noise_std"] = max(report["noise_std"], float(answer.get("noise_std", 0.0)))
+    survivors = sorted(inputs)
+    if len(survivors) < t:
+        raise abort("after masking their inputs", survivors)
+    for u in survivors:
+        await _step(worker, u, SecAggCommit(round_id, survivors))
+    revealed = []
+    for u in survivors:
+        answer = await _step(worker, u, SecAggUnmask(round_id))
+        if isinstance(answer, dict):
+            revealed.append(answer)
+    total = torch.stack([inputs[u] for u in survivors]).sum(0)
+    try:
+        encoded = unmask(total, _terms(command), shared=shared, survivors=survivors,
+                         s_publics=publics, revealed=revealed)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RoundRefused(f"secure aggregation round {round_id} aborted: the shares "
+                           f"revealed do not unmask the sum ({e}); nothing is released"
+                           ) from None
+    weights = dict(zip(owners, command.weights, strict=True))
+    total_weight = math.fsum(command.weights)
+    kept = math.fsum(weights[u] for u in survivors) / total_weight
+    average = decode(encoded) / kept
+    parts, offset = [], 0
+    for shape in command.shapes:
+        size = math.prod(shape)
+        parts.append(average[offset: offset + size].view(*shape).to(torch.float32))
+        offset += size
+    value = parts[0] if len(parts) == 1 else tuple(parts)
+    worker.store.put(command.result_id, value, frozenset(), frozenset({sender}))
+    return {**report, "survivors": survivors,
+            "dropped": sorted(set(owners) - set(survivors))}
+
+
+def _terms(command: SecureAggregate) -> RoundTerms:
+    total = math.fsum(command.weights)
+    return RoundTerms(command.round_id, "", tuple(command.participants), command.threshold,
+                      tuple(w / total for w in command.weights),
+                      sum(math.prod(shape) for shape in command.shapes))
+
+
+async def _step(worker: WorkerRuntime, owner: str, step: Command) -> Any:
+    """`owner`'s answer to `step`, or None if it is gone or refuses (it drops out)."""
+    try:
+        answer = await worker.ask(owner, step)
+    except TorchRelayError as e:
+        log.info("secure aggregation: %s dropped out at %s: %s", owner, step.describe(), e)
+        return None
+    return answer if answer is not None else True
