@@ -79,6 +79,7 @@ if TYPE_CHECKING:
         SecAggIntroduce,
         SecAggJoin,
         SecAggMask,
+        SecAggReady,
         SecAggShare,
         SecAggShares,
         SecAggUnmask,

@@ -53,6 +53,7 @@ __all__ = [
     "SecAggIntroduce",
     "SecAggJoin",
     "SecAggMask",
+    "SecAggReady",
     "SecAggShare",
     "SecAggShares",
     "SecAggUnmask",
@@ -387,12 +388,21 @@ class SecAggJoin(Command):
         return "join a secure aggregation round"
 
 
-@command("secagg_share")
-class SecAggShare(Command):
-    """From the round's aggregator: meet the round's other owners and send each its
-    shares of this owner's secrets. Returns the owners reached."""
+@command("secagg_ready")
+class SecAggReady(Command):
+    """From the round's aggregator: whether the receiver joined the round (its public
+    keys). Those that answer are the owners the others meet."""
 
     round_id: RoundId
+
+
+@command("secagg_share")
+class SecAggShare(Command):
+    """From the round's aggregator: meet the round's other owners of `ready` and send
+    each its shares of this owner's secrets. Returns the owners reached."""
+
+    round_id: RoundId
+    ready: list[WorkerId]
 
 
 @command("secagg_introduce")

@@ -14,7 +14,7 @@ import gc
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,17 @@ from safetensors.torch import save_file
 import torchrelay as tr
 from torchrelay.broker import (
     Fetch,
+    SecAggCommit,
     SecAggIntroduce,
     SecAggJoin,
     SecAggMask,
     SecAggShare,
     SecAggUnmask,
     SecureAggregate,
+    worker_queue,
 )
 from torchrelay.worker import WorkerProcesses
+from torchrelay.worker.runtime._secagg import RoundTerms, decode, unmask
 
 tr.hook(torch)
 
@@ -52,7 +55,8 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("secure")
     paths = {}
     for owner in OWNERS:
-        save_file({"data": _data(owner), "target": torch.arange(6)}, str(folder / f"{owner}.safetensors"))
+        save_file({"data": _data(owner), "target": torch.arange(6)},
+                  str(folder / f"{owner}.safetensors"))
         lines = ["[worker]", f'id = "{owner}"', 'broker = "amqp://set-by-flag/"', "",
                  "[[worker.datasets]]", f'path = "{owner}.safetensors"', 'tags = ["#secret"]',
                  "", "[worker.privacy]",
@@ -133,15 +137,6 @@ def test_private_data_leaves_only_securely_with_each_owners_noise(fleet: tr.Flee
     assert not torch.allclose(average, plain, atol=1e-3)  # ... and no less
 
 
-def test_an_owner_lost_before_sharing_is_left_out(daemons: Any, fleet: tr.Fleet,
-                                                  configs: dict[str, Path]) -> None:
-    values = {o: torch.randn(5) for o in OWNERS}
-    pointers = [values[o].send(fleet.worker(o)) for o in OWNERS]
-    release = tr.aggregate(pointers[:4] + [pointers[4]], aggregator=fleet.worker("agg"),
-                           secure=True, threshold=3)
-    assert torch.allclose(release.get(), sum(values.values()) / 5, atol=1e-6)
-
-
 def test_hostile_aggregator_and_participants_are_refused(fleet: tr.Fleet) -> None:
     o1, agg = fleet.worker("o1"), fleet.worker("agg")
     before = _refusals(fleet, "o1")
@@ -157,7 +152,7 @@ def test_hostile_aggregator_and_participants_are_refused(fleet: tr.Fleet) -> Non
         fleet.request("o1", SecAggJoin(round_id, "agg", list(OWNERS), 3, [1.0] * 5,
                                        [y.id_at_location]))
     # not the aggregator: the client asks for the masked input, the shares
-    for step in (SecAggShare(round_id), SecAggMask(round_id, list(OWNERS)),
+    for step in (SecAggShare(round_id, list(OWNERS)), SecAggMask(round_id, list(OWNERS)),
                  SecAggUnmask(round_id)):
         with pytest.raises(tr.PrivateDataError, match="not the aggregator"):
             fleet.request("o1", step)
@@ -177,3 +172,111 @@ def test_hostile_aggregator_and_participants_are_refused(fleet: tr.Fleet) -> Non
         fleet.request("agg", SecureAggregate(round_id, list(OWNERS), 3, [1.0] * 5, [[4]],
                                              fleet.new_id()))
     del agg
+
+
+# -- dropouts: a fleet of its own for each test, owners killed at exact points ----------
+
+
+@pytest.fixture(params=["embedded", "rabbitmq"])
+def lossy(request: pytest.FixtureRequest, configs: dict[str, Path],
+          ) -> Iterator[tuple[tr.Fleet, Callable[[str], None], str | None]]:
+    """A fleet, a way to kill an owner's worker (its daemon and executor, or its queue
+    in process), and the broker's URL (None in process)."""
+    daemons = None if request.param == "embedded" else _start(request, configs)
+    with _connect(daemons, configs) as session:
+        def kill(owner: str) -> None:
+            if daemons is None:
+                broker: Any = session.broker
+                endpoint = broker._queues[worker_queue(owner)]
+                endpoint.closed = True
+                broker.detach(endpoint)
+                broker._start_worker = None  # gone, not started again on first use
+            else:
+                executor = int(session.worker(owner).status()["executor_pid"])
+                for pid in (daemons.processes[owner].pid, executor):
+                    os.kill(pid, signal.SIGKILL)
+
+        yield session, kill, None if daemons is None else daemons.url
+
+
+def _contributions(fleet: tr.Fleet, owners: tuple[str, ...] = OWNERS,
+                   ) -> tuple[dict[str, torch.Tensor], list[tr.PointerTensor]]:
+    values = {o: torch.randn(7, dtype=torch.float64).float() for o in owners}
+    return values, [values[o].send(fleet.worker(o)) for o in owners]
+
+
+def test_owners_lost_before_masking_are_left_out_and_too_few_release_nothing(
+        lossy: tuple[tr.Fleet, Callable[[str], None], str | None]) -> None:
+    fleet, kill, _ = lossy
+    agg = fleet.worker("agg")
+    values, pointers = _contributions(fleet)
+    for pointer in pointers:
+        fleet.request(pointer.location.id, SecAggJoin(
+            "1" * 32, "agg", list(OWNERS), 3, [1.0] * 5, [pointer.id_at_location]))
+        pointer.garbage_collect = False
+    kill("o5")  # joined, then lost before it shared its keys: left out
+    report = fleet.request("agg", SecureAggregate("1" * 32, list(OWNERS), 3, [1.0] * 5,
+                                                  [[7]], (result := fleet.new_id())))
+    assert report["survivors"] == ["o1", "o2", "o3", "o4"] and report["dropped"] == ["o5"]
+    average = tr.PointerTensor(agg, result).get()
+    assert torch.allclose(average, sum(values[o] for o in OWNERS[:4]) / 4, atol=1e-6)
+    # three of five lost: fewer than the threshold; the round aborts, nothing released
+    values, pointers = _contributions(fleet, OWNERS[:4])
+    for pointer in pointers:
+        fleet.request(pointer.location.id, SecAggJoin(
+            "2" * 32, "agg", list(OWNERS), 3, [1.0] * 5, [pointer.id_at_location]))
+        pointer.garbage_collect = False
+    kill("o3")
+    kill("o4")
+    before = set(agg._objects)
+    with pytest.raises(tr.PrivateDataError, match=r"only 2 owners are still there.*nothing is "
+                       "released"):
+        fleet.request("agg", SecureAggregate("2" * 32, list(OWNERS), 3, [1.0] * 5, [[7]],
+                                             fleet.new_id()))
+    assert set(agg._objects) == before
+
+
+def test_an_owner_lost_after_masking_is_unmasked_from_the_others_shares(
+        lossy: tuple[tr.Fleet, Callable[[str], None], str | None]) -> None:
+    fleet, kill, url = lossy
+    if url is None:
+        values, pointers = _contributions(fleet)
+        # In process, o5 is lost the moment it has sent its masked input, under the
+        # aggregator worker itself.
+        endpoint: Any = fleet.broker._queues[worker_queue("o5")]  # type: ignore[attr-defined]
+        handler = endpoint.handler
+
+        def then_lost(delivery: Any) -> None:
+            handler(delivery)
+            if delivery.type == SecAggMask.name:
+                kill("o5")
+
+        endpoint.handler = then_lost
+        release = tr.aggregate(pointers, aggregator=fleet.worker("agg"), secure=True)
+        assert release.dropped == []  # its input is in the sum
+        with pytest.raises(tr.UnknownWorker):
+            fleet.worker("o5").status()  # and it was gone before the shares were revealed
+        assert torch.allclose(release.get(), sum(values.values()) / 5, atol=1e-6)
+        return
+    # On daemons, the test is the aggregator (a shared account: the sender is who it
+    # says), so that o5's daemon dies exactly after its masked input came.
+    with tr.connect(url, name="tester", timeout=60) as us:
+        round_id = "3" * 32
+        values, pointers = _contributions(us)
+        for pointer in pointers:
+            us.request(pointer.location.id, SecAggJoin(
+                round_id, "tester", list(OWNERS), 3, [1.0] * 5, [pointer.id_at_location]))
+            pointer.garbage_collect = False
+        shared = [o for o in OWNERS
+                  if us.request(o, SecAggShare(round_id, list(OWNERS))) is not None]
+        masked = {o: us.request(o, SecAggMask(round_id, shared)) for o in OWNERS}
+        kill("o5")
+        for o in OWNERS[:4]:
+            us.request(o, SecAggCommit(round_id, list(OWNERS)))
+        revealed = [us.request(o, SecAggUnmask(round_id)) for o in OWNERS[:4]]
+    terms = RoundTerms(round_id, "tester", OWNERS, 3, (0.2,) * 5, 7)
+    total = unmask(torch.stack([m["masked"] for m in masked.values()]).sum(0), terms,
+                   shared=list(OWNERS), survivors=list(OWNERS),
+                   s_publics={o: bytes.fromhex(m["s_public"]) for o, m in masked.items()},
+                   revealed=revealed)
+    assert torch.allclose(decode(total).float(), sum(values.values()) / 5, atol=1e-6)

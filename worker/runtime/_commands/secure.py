@@ -5,7 +5,7 @@ client joins each owner to a round (`secagg_join`: the owner checks the client m
 use the contribution, clips and weighs it, and spends it: it is never stored again
 here, so it cannot be fetched, moved or joined to another round) and asks the
 aggregator to run it (`secure_aggregate`). The aggregator drives the owners, one
-step at a time (`secagg_share`, `secagg_mask`, `secagg_commit`, `secagg_unmask`);
+step at a time (`secagg_ready`, `secagg_share`, `secagg_mask`, `secagg_commit`, `secagg_unmask`);
 owners meet each other directly (`secagg_introduce`, `secagg_shares`,
 `secagg_view`), each trusting who sent a message only as the broker's validated
 identity, the handler's `sender`. An owner answers a step only from its round's
@@ -38,6 +38,7 @@ from torchrelay.broker import (
     SecAggIntroduce,
     SecAggJoin,
     SecAggMask,
+    SecAggReady,
     SecAggShare,
     SecAggShares,
     SecAggUnmask,
@@ -194,13 +195,28 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
     return {"digest": terms.digest()}
 
 
+@handles(SecAggReady)
+@_counted
+def ready(worker: WorkerRuntime, command: SecAggReady, sender: str) -> dict[str, Any]:
+    state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
+    return state.introduction()
+
+
 @handles(SecAggShare)
 @_counted
 async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> list[str]:
     state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
+    if worker.id not in command.ready or not set(command.ready) <= set(
+            state.terms.participants):
+        raise RoundRefused("the owners ready must be of the round, this owner among them")
+    if len(set(command.ready)) < state.terms.threshold:
+        raise RoundRefused(f"only {len(set(command.ready))} owners are ready, fewer than "
+                           f"the threshold {state.terms.threshold}: nothing is released")
     reached = []
     for peer in state.terms.participants:
-        if peer == worker.id:
+        # Only those the aggregator just heard from: one gone costs one wait, not one
+        # per owner.
+        if peer == worker.id or peer not in command.ready:
             continue
         try:
             if not state.knows(peer):
@@ -316,12 +332,17 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
     round_id = command.round_id
 
     def abort(step: str, left: list[str]) -> RoundRefused:
-        return RoundRefused(f"secure aggregation round {round_id} aborted: {len(left)} owners "
-                            f"left {step}, fewer than the threshold {t}; nothing is released")
+        return RoundRefused(f"secure aggregation round {round_id} aborted: only {len(left)} "
+                            f"owners {step}, fewer than the threshold {t}; nothing is "
+                            "released")
 
-    shared = [u for u in owners if await _step(worker, u, SecAggShare(round_id)) is not None]
+    ready = [u for u in owners if await _step(worker, u, SecAggReady(round_id)) is not None]
+    if len(ready) < t:
+        raise abort("are still there", ready)
+    shared = [u for u in ready
+              if await _step(worker, u, SecAggShare(round_id, ready)) is not None]
     if len(shared) < t:
-        raise abort("after sharing their keys", shared)
+        raise abort("shared their keys", shared)
     inputs: dict[str, torch.Tensor] = {}
     publics: dict[str, bytes] = {}
     report: dict[str, Any] = {"epsilon": {}, "delta": {}, "noise_std": 0.0}
@@ -343,7 +364,7 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
         report["noise_std"] = max(report["noise_std"], float(answer.get("noise_std", 0.0)))
     survivors = sorted(inputs)
     if len(survivors) < t:
-        raise abort("after masking their inputs", survivors)
+        raise abort("sent masked inputs", survivors)
     for u in survivors:
         await _step(worker, u, SecAggCommit(round_id, survivors))
     revealed = []
