@@ -123,6 +123,8 @@ class FedAvg:
         order: SampleOrder | None = None,
         lr: float | None = None,
         noise_multiplier: float | None = None,
+        secure: bool = False,
+        threshold: int | None = None,
     ) -> None:
         if local_epochs < 1 or batch_size < 1 or min_workers < 1 or round_timeout <= 0:
             raise ValueError("local_epochs, batch_size, min_workers and round_timeout must "
@@ -141,6 +143,10 @@ class FedAvg:
         self.order = order
         self.lr = 0.1 if lr is None else lr
         self.noise_multiplier = noise_multiplier
+        self.secure = secure
+        """Average by secure aggregation: `aggregator` learns the sum and nothing else
+        (`_secure.py`), with `threshold` owners that must stay to the round's end."""
+        self.threshold = threshold
         self._loss_plans: dict[str, PointerTensor] = {}
         """Each worker's per-example loss, recorded once (`dp_train`)."""
         self.history: list[RoundResult] = []
@@ -185,7 +191,8 @@ class FedAvg:
             local = self._local_state(dataset, loader, private)
             orders = self._orders(loader, dataset, number, position)
             update = local.train(local.data, local.target, weights, *orders)
-            sent[dataset.location.id] = (update.move_later(self.aggregator), len(dataset))
+            sent[dataset.location.id] = (update if self.secure  # stays with its owner
+                                         else update.move_later(self.aggregator), len(dataset))
         # All of it goes now, and is waited for together: what a worker has not done
         # in time does not hold the round up.
         failures = fleet.settle(self.round_timeout)
@@ -198,6 +205,9 @@ class FedAvg:
                                left_out | {"round": f"{len(arrived)} of the min_workers "
                                                     f"{self.min_workers} took part"})
         samples = sum(n for _, n in arrived.values())
+        if self.secure:
+            return self._secure_round(number, started, weights if private else None, arrived,
+                                      left_out)
         if private:
             return self._private_round(number, started, weights, arrived, left_out)
         total = None
@@ -224,6 +234,32 @@ class FedAvg:
         return RoundResult(number, sorted(arrived), sum(n for _, n in arrived.values()),
                            math.nan, time.monotonic() - started, left_out,
                            epsilon=release.epsilon, delta=release.delta)
+
+    def _secure_round(self, number: int, started: float, weights: torch.Tensor | None,
+                      arrived: dict[str, tuple[PointerTensor, int]],
+                      left_out: dict[str, str]) -> RoundResult:
+        """Average the updates by secure aggregation: private ones are the owners'
+        differences to `weights` (each owner adds its share of the noise), public ones
+        the new weights and the loss."""
+        try:
+            release = aggregate([update for update, _ in arrived.values()],
+                                [n for _, n in arrived.values()], aggregator=self.aggregator,
+                                secure=True, threshold=self.threshold)
+        except PrivateDataError as e:  # too few survivors, or an owner refused
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               left_out | {"round": str(e)})
+        average = release.get()
+        took_part = sorted(set(arrived) - set(release.dropped))
+        samples = sum(n for w, (_, n) in arrived.items() if w in took_part)
+        left_out |= {w: "dropped out of the secure aggregation round" for w in release.dropped}
+        if weights is not None:
+            self._load(weights + average)
+            return RoundResult(number, took_part, samples, math.nan,
+                               time.monotonic() - started, left_out,
+                               epsilon=release.epsilon, delta=release.delta)
+        self._load(average[:-1])
+        return RoundResult(number, took_part, samples, float(average[-1]),
+                           time.monotonic() - started, left_out)
 
     def _record_round(self, number: int, started: float,
                       datasets: Sequence[DatasetPointer]) -> RoundResult:

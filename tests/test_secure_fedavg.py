@@ -1,0 +1,90 @@
+"""FedAvg by secure aggregation on the digits (the Flower anchor's workload): the
+aggregator, trusted by no one, learns only each round's sum. On public shares every
+round's accuracy is the plain run's (the fixed point's error is far below what moves
+a prediction); on private ones each owner adds its share of the noise, and accuracy
+stays within the DP run's margin."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fedavg import NON_PRIVATE_ACCURACY, ROUNDS, _dataset_args, _reference_accuracies
+from torch import nn
+
+import torchrelay as tr
+from torchrelay._federated import (
+    AGGREGATOR,
+    BATCH_SIZE,
+    DEMO_PRIVACY,
+    DIGIT_OWNERS,
+    DP_LEARNING_RATE,
+    accuracy,
+    anchor_order,
+    load_digits,
+    make_model,
+    write_shares,
+)
+
+tr.hook(torch)
+
+SECURE_PRIVACY: dict[str, Any] = {**DEMO_PRIVACY, "trusted": [], "secure_aggregation": True}
+
+
+@pytest.fixture(scope="module")
+def shares(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_shares(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module", params=["embedded", "rabbitmq"])
+def digits_fleet(request: pytest.FixtureRequest, shares: dict[str, Path]) -> Iterator[tr.Fleet]:
+    url = None
+    if request.param == "rabbitmq":
+        daemons = request.getfixturevalue("daemons_factory")(
+            (*DIGIT_OWNERS, AGGREGATOR), "--torch-threads", "1",
+            worker_args=_dataset_args(shares))
+        url = daemons.url
+    with tr.connect(url, datasets={o: [{"path": str(p), "tags": ["#digits"], "private": False}]
+                                   for o, p in shares.items()}) as fleet:
+        yield fleet
+
+
+def _evaluate(model: nn.Module) -> dict[str, float]:
+    digits = load_digits()
+    return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
+
+
+def test_secure_fedavg_reaches_the_plain_runs_accuracy(digits_fleet: tr.Fleet) -> None:
+    fleet = digits_fleet
+    datasets = [d for owner in DIGIT_OWNERS for d in fleet.worker(owner).search("#digits")]
+    fedavg = tr.FedAvg(make_model(), F.cross_entropy, aggregator=fleet.worker(AGGREGATOR),
+                       order=anchor_order, progress=False, secure=True)
+    history = fedavg.fit(datasets, ROUNDS, _evaluate)
+    plain = _reference_accuracies(ROUNDS)
+    assert all(abs(r.metrics["accuracy"] - p) <= 0.005
+               for r, p in zip(history, plain, strict=True))
+    assert all(r.participants == sorted(DIGIT_OWNERS) and r.samples == 1437
+               and not r.left_out for r in history)
+    assert history[0].loss > history[-1].loss > 0
+    assert fleet.worker(AGGREGATOR)._objects == {}  # each round's sum fetched, nothing kept
+
+
+def test_secure_fedavg_with_private_shares_adds_the_owners_noise(
+        shares: dict[str, Path]) -> None:
+    datasets = {o: [f"{p}:#digits"] for o, p in shares.items()}  # private: the default
+    with tr.connect(datasets=datasets,
+                    privacy=dict.fromkeys(DIGIT_OWNERS, SECURE_PRIVACY)) as fleet:
+        found = [d for owner in DIGIT_OWNERS for d in fleet.worker(owner).search("#digits")]
+        fedavg = tr.FedAvg(make_model(), F.cross_entropy, aggregator=fleet.worker(AGGREGATOR),
+                           batch_size=BATCH_SIZE, order=anchor_order, progress=False,
+                           lr=DP_LEARNING_RATE, secure=True)
+        history = fedavg.fit(found, ROUNDS, _evaluate)
+    assert history[-1].metrics["accuracy"] >= NON_PRIVATE_ACCURACY - 0.10
+    assert all(set(r.epsilon) == set(DIGIT_OWNERS) for r in history)
+    assert 0 < history[-1].epsilon["bob"] <= DEMO_PRIVACY["epsilon"]
+    assert all(math.isnan(r.loss) for r in history)  # the loss is private too
