@@ -18,7 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
-from . import dpsgd
+from . import dpsgd, secagg
 from .fairness import fairness
 from .faults import faults
 from .federated import fedavg, train_step
@@ -501,6 +501,8 @@ MEASURES: dict[str, Measure] = {
                         "another sends heavy commands back to back"),
     "sidechannels": Measure(sidechannels, True, "what time tells of private values: the "
                             "subnormal attack via the broker, every operation timed"),
+    "secagg": Measure(secagg.measure, False, "secure aggregation vs a plain round: the "
+                      "digits FedAvg at 3 owners, one aggregate at 3 and 10"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.
     "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
                       "restarts, a load run: time to a clear error, what was lost"),

@@ -20,13 +20,23 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from torchrelay.broker import PrivateDataError, SecAggJoin, SecureAggregate, TorchRelayError
+from torchrelay.broker import (
+    Command,
+    PrivateDataError,
+    SecAggJoin,
+    SecureAggregate,
+    TorchRelayError,
+)
 
 from ._handles import WorkerHandle
 from ._module import ModulePointer
 from ._pointer import PointerTensor
 from ._release import Release, floating
+
+if TYPE_CHECKING:
+    from ._session import Fleet
 
 __all__ = ["secure_aggregate"]
 
@@ -67,15 +77,13 @@ def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
     shapes = [list(p._metadata()[1]) for p in by_owner[owners[0]][0]]
     weighed = [by_owner[o][1] for o in owners]
     refused: dict[str, str] = {}
-    for owner in owners:
-        tensors = by_owner[owner][0]
-        try:
-            fleet.request(owner, SecAggJoin(round_id, aggregator.id, owners, t, weighed,
-                                             [p.id_at_location for p in tensors]))
-        except TorchRelayError as e:  # gone, or refusing: it drops out of the round
-            refused[owner] = str(e)
-            log.warning("secure aggregation: %s did not join: %s", owner, e)
-        for pointer in tensors:  # spent there (joined), or kept there as it is (not)
+    joins = _each(fleet, [(owner, SecAggJoin(round_id, aggregator.id, owners, t, weighed, [
+        p.id_at_location for p in by_owner[owner][0]])) for owner in owners])
+    for owner, joined in zip(owners, joins, strict=True):
+        if isinstance(joined, TorchRelayError):  # gone, or refusing: it drops out
+            refused[owner] = str(joined)
+            log.warning("secure aggregation: %s did not join: %s", owner, joined)
+        for pointer in by_owner[owner][0]:  # spent there (joined), or kept as it is (not)
             pointer.garbage_collect = owner in refused
     result = fleet.new_id()
     try:
@@ -86,3 +94,13 @@ def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
         raise PrivateDataError(f"{e}{why}") from None
     return Release(PointerTensor(aggregator, result), report["epsilon"], report["delta"],
                    report["noise_std"], template, dropped=list(report["dropped"]))
+
+
+def _each(fleet: Fleet, requests: list[tuple[str, Command]]) -> list[Any]:
+    """Each command's reply, or its error: sent together and waited for together (the
+    session's `request_many`, but one owner's failure is its own: it drops out)."""
+    fleet._collect()  # nothing of ours still in flight: none of these is held behind it
+    sent = [fleet._send(worker_id, command, keep=True, settles=True)
+            for worker_id, command in requests]
+    fleet._collect(raise_errors=False)
+    return [fleet.replies.results.pop(correlation_id) for correlation_id in sent]

@@ -255,6 +255,8 @@ class OwnerRound:
     revealed: dict[str, str] = field(default_factory=dict)
     """Owner -> which of its secrets' shares this owner revealed ("b" or "s")."""
     noise_std: float = 0.0
+    sent: set[str] = field(default_factory=set)
+    """The owners this owner sent their shares of its secrets."""
 
     def __post_init__(self) -> None:
         if self.contribution.numel() != self.terms.length:
@@ -320,6 +322,7 @@ class OwnerRound:
             raise RoundRefused(f"{peer!r}'s keys are not known in round {self.terms.round_id}")
         (_, b_share), (_, s_share) = self._outgoing[self.terms.point(peer) - 1]
         key, associated = self._channel(self.me, peer, peer)
+        self.sent.add(peer)
         return _seal(key, share_to_bytes(b_share) + share_to_bytes(s_share),
                      associated).hex()
 

@@ -220,14 +220,18 @@ async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> lis
             continue
         try:
             if not state.knows(peer):
+                # Its answer: its keys, and (it knows ours now) its shares for us.
                 answer = await worker.ask(peer, SecAggIntroduce(
                     command.round_id, **state.introduction()))
                 if not isinstance(answer, dict) or set(answer) != {
-                        "digest", "c_public", "s_public", "sigma"}:
+                        "digest", "c_public", "s_public", "sigma", "sealed"}:
                     raise RoundRefused(f"{peer!r} answered its introduction with something "
                                        "else")
+                sealed = str(answer.pop("sealed"))
                 state.meet(peer, **answer)
-            await worker.ask(peer, SecAggShares(command.round_id, state.sealed_for(peer)))
+                state.receive(peer, sealed)
+            if peer not in state.sent:
+                await worker.ask(peer, SecAggShares(command.round_id, state.sealed_for(peer)))
         except TorchRelayError as e:  # gone, or refusing: it drops out of the round
             log.info("secure aggregation round %s: %s not reached: %s", command.round_id,
                      peer, e)
@@ -241,7 +245,7 @@ async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> lis
 def introduce(worker: WorkerRuntime, command: SecAggIntroduce, sender: str) -> dict[str, Any]:
     state, _ = _rounds(worker).get(command.round_id)
     state.meet(sender, command.digest, command.c_public, command.s_public, command.sigma)
-    return state.introduction()
+    return {**state.introduction(), "sealed": state.sealed_for(sender)}
 
 
 @handles(SecAggShares)
