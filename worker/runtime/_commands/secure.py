@@ -44,11 +44,11 @@ from torchrelay.broker import (
     SecAggUnmask,
     SecAggView,
     SecureAggregate,
-    TorchRelayError,
 )
 
 from .._aggregation import clipped
 from .._privacy import BudgetSpent
+from .._records import Gather
 from .._secagg import OwnerRound, RoundRefused, RoundTerms, decode, unmask
 from ._registry import handles
 
@@ -212,32 +212,24 @@ async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> lis
     if len(set(command.ready)) < state.terms.threshold:
         raise RoundRefused(f"only {len(set(command.ready))} owners are ready, fewer than "
                            f"the threshold {state.terms.threshold}: nothing is released")
-    reached = []
-    for peer in state.terms.participants:
-        # Only those the aggregator just heard from: one gone costs one wait, not one
-        # per owner.
-        if peer == worker.id or peer not in command.ready:
-            continue
-        try:
-            if not state.knows(peer):
-                # Its answer: its keys, and (it knows ours now) its shares for us.
-                answer = await worker.ask(peer, SecAggIntroduce(
-                    command.round_id, **state.introduction()))
-                if not isinstance(answer, dict) or set(answer) != {
-                        "digest", "c_public", "s_public", "sigma", "sealed"}:
-                    raise RoundRefused(f"{peer!r} answered its introduction with something "
-                                       "else")
-                sealed = str(answer.pop("sealed"))
-                state.meet(peer, **answer)
-                state.receive(peer, sealed)
-            if peer not in state.sent:
-                await worker.ask(peer, SecAggShares(command.round_id, state.sealed_for(peer)))
-        except TorchRelayError as e:  # gone, or refusing: it drops out of the round
-            log.info("secure aggregation round %s: %s not reached: %s", command.round_id,
-                     peer, e)
-            continue
-        reached.append(peer)
-    return reached
+    # Only those the aggregator just heard from: one gone costs one wait, not one per
+    # owner. Every peer at once: introductions first (each answer carries the peer's
+    # shares for this owner), then this owner's shares to those that did not get them.
+    peers = [p for p in state.terms.participants if p != worker.id and p in command.ready]
+    strangers = [p for p in peers if not state.knows(p)]
+    answers = await _each(worker, strangers, lambda _: SecAggIntroduce(
+        command.round_id, **state.introduction()))
+    for peer, answer in answers.items():
+        if not isinstance(answer, dict) or set(answer) != {
+                "digest", "c_public", "s_public", "sigma", "sealed"}:
+            raise RoundRefused(f"{peer!r} answered its introduction with something else")
+        sealed = str(answer.pop("sealed"))
+        state.meet(peer, **answer)
+        state.receive(peer, sealed)
+    unsent = [p for p in peers if state.knows(p) and p not in state.sent]
+    delivered = await _each(worker, unsent, lambda peer: SecAggShares(
+        command.round_id, state.sealed_for(peer)))
+    return [p for p in peers if state.knows(p) and (p in delivered or p not in unsent)]
 
 
 @handles(SecAggIntroduce)
@@ -301,14 +293,8 @@ async def reveal(worker: WorkerRuntime, command: SecAggUnmask,
     state, _ = rounds.as_aggregator(command.round_id, sender)
     if state.survivors is None:
         raise RoundRefused(f"round {command.round_id}: no survivors named yet")
-    views = {}
-    for peer in state.survivors:
-        if peer != worker.id:
-            try:
-                views[peer] = await worker.ask(peer, SecAggView(command.round_id))
-            except TorchRelayError as e:  # gone since it masked: it cannot confirm
-                log.info("secure aggregation round %s: %s did not confirm: %s",
-                         command.round_id, peer, e)
+    views = await _each(worker, [p for p in state.survivors if p != worker.id],
+                        lambda _: SecAggView(command.round_id))
     return state.reveal({peer: str(digest) for peer, digest in views.items()})
 
 
@@ -340,18 +326,17 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
                             f"owners {step}, fewer than the threshold {t}; nothing is "
                             "released")
 
-    ready = [u for u in owners if await _step(worker, u, SecAggReady(round_id)) is not None]
+    ready = list(await _each(worker, owners, lambda _: SecAggReady(round_id)))
     if len(ready) < t:
         raise abort("are still there", ready)
-    shared = [u for u in ready
-              if await _step(worker, u, SecAggShare(round_id, ready)) is not None]
+    shared = sorted(await _each(worker, ready, lambda _: SecAggShare(round_id, ready)))
     if len(shared) < t:
         raise abort("shared their keys", shared)
     inputs: dict[str, torch.Tensor] = {}
     publics: dict[str, bytes] = {}
     report: dict[str, Any] = {"epsilon": {}, "delta": {}, "noise_std": 0.0}
-    for u in shared:
-        answer = await _step(worker, u, SecAggMask(round_id, shared))
+    answers = await _each(worker, shared, lambda _: SecAggMask(round_id, shared))
+    for u, answer in answers.items():
         masked = answer.get("masked") if isinstance(answer, dict) else None
         if not (isinstance(masked, torch.Tensor) and masked.dtype == torch.int64
                 and masked.shape == (length,)):
@@ -369,13 +354,10 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
     survivors = sorted(inputs)
     if len(survivors) < t:
         raise abort("sent masked inputs", survivors)
-    for u in survivors:
-        await _step(worker, u, SecAggCommit(round_id, survivors))
-    revealed = []
-    for u in survivors:
-        answer = await _step(worker, u, SecAggUnmask(round_id))
-        if isinstance(answer, dict):
-            revealed.append(answer)
+    await _each(worker, survivors, lambda _: SecAggCommit(round_id, survivors))
+    revealed = [answer for answer in (await _each(
+        worker, survivors, lambda _: SecAggUnmask(round_id))).values()
+        if isinstance(answer, dict)]
     total = torch.stack([inputs[u] for u in survivors]).sum(0)
     try:
         encoded = unmask(total, _terms(command), shared=shared, survivors=survivors,
@@ -406,11 +388,15 @@ def _terms(command: SecureAggregate) -> RoundTerms:
                       sum(math.prod(shape) for shape in command.shapes))
 
 
-async def _step(worker: WorkerRuntime, owner: str, step: Command) -> Any:
-    """`owner`'s answer to `step`, or None if it is gone or refuses (it drops out)."""
-    try:
-        answer = await worker.ask(owner, step)
-    except TorchRelayError as e:
-        log.info("secure aggregation: %s dropped out at %s: %s", owner, step.describe(), e)
-        return None
-    return answer if answer is not None else True
+async def _each(worker: WorkerRuntime, owners: list[str],
+                make: Callable[[str], Command]) -> dict[str, Any]:
+    """Each owner's answer to its command, all asked at once; those gone or refusing
+    are left out (they drop out of the round)."""
+    outcomes = await Gather([worker.ask(owner, make(owner)) for owner in owners])
+    answers = {}
+    for owner, outcome in zip(owners, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            log.info("secure aggregation: %s left out: %s", owner, outcome)
+        else:
+            answers[owner] = outcome
+    return answers
