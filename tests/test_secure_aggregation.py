@@ -174,6 +174,26 @@ def test_hostile_aggregator_and_participants_are_refused(fleet: tr.Fleet) -> Non
     del agg
 
 
+def test_an_owner_told_other_terms_is_refused_by_the_others_and_left_out(
+        fleet: tr.Fleet) -> None:
+    values = {o: torch.randn(4) for o in OWNERS}
+    pointers = {o: values[o].send(fleet.worker(o)) for o in OWNERS}
+    before = {o: _refusals(fleet, o) for o in OWNERS}
+    round_id = "9" * 32
+    for owner, pointer in pointers.items():  # o5 is told it weighs five times the others
+        weights = [1.0, 1.0, 1.0, 1.0, 5.0 if owner == "o5" else 1.0]
+        fleet.request(owner, SecAggJoin(round_id, "agg", list(OWNERS), 3, weights,
+                                        [pointer.id_at_location]))
+        pointer.garbage_collect = False
+    report = fleet.request("agg", SecureAggregate(round_id, list(OWNERS), 3, [1.0] * 5, [[4]],
+                                                  (result := fleet.new_id())))
+    assert report["dropped"] == ["o5"]
+    average = tr.PointerTensor(fleet.worker("agg"), result).get()
+    assert torch.allclose(average, sum(values[o] for o in OWNERS[:4]) / 4, atol=1e-6)
+    # each of o1..o4 refused o5's introduction, and o5 refused each of theirs
+    assert [_refusals(fleet, o) - before[o] for o in OWNERS] == [1, 1, 1, 1, 4]
+
+
 # -- dropouts: a fleet of its own for each test, owners killed at exact points ----------
 
 

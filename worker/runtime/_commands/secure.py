@@ -329,7 +329,10 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
     ready = list(await _each(worker, owners, lambda _: SecAggReady(round_id)))
     if len(ready) < t:
         raise abort("are still there", ready)
-    shared = sorted(await _each(worker, ready, lambda _: SecAggShare(round_id, ready)))
+    reached = {u: set(answer) for u, answer in (await _each(
+        worker, ready, lambda _: SecAggShare(round_id, ready))).items()
+        if isinstance(answer, list)}
+    shared = sorted(_complete(reached))
     if len(shared) < t:
         raise abort("shared their keys", shared)
     inputs: dict[str, torch.Tensor] = {}
@@ -386,6 +389,18 @@ def _terms(command: SecureAggregate) -> RoundTerms:
     return RoundTerms(command.round_id, "", tuple(command.participants), command.threshold,
                       tuple(w / total for w in command.weights),
                       sum(math.prod(shape) for shape in command.shapes))
+
+
+def _complete(reached: dict[str, set[str]]) -> set[str]:
+    """The owners that swapped shares with every other one kept (each says whom it
+    reached): the owner that reached fewest of the others goes first — one told other
+    terms (that every other refused) costs only itself its place."""
+    kept = set(reached)
+    while True:
+        lacking = [u for u in kept if not kept - {u} <= reached[u]]
+        if not lacking:
+            return kept
+        kept.discard(min(lacking, key=lambda u: (len(reached[u] & kept), u)))
 
 
 async def _each(worker: WorkerRuntime, owners: list[str],
