@@ -53,11 +53,11 @@ __all__ = [
     "SecAggIntroduce",
     "SecAggJoin",
     "SecAggMask",
-    "SecAggReady",
     "SecAggShare",
     "SecAggShares",
     "SecAggUnmask",
     "SecAggView",
+    "SecAggViewIs",
     "SecureAggregate",
     "Status",
     "Store",
@@ -388,18 +388,11 @@ class SecAggJoin(Command):
         return "join a secure aggregation round"
 
 
-@command("secagg_ready")
-class SecAggReady(Command):
-    """From the round's aggregator: whether the receiver joined the round (its public
-    keys). Those that answer are the owners the others meet."""
-
-    round_id: RoundId
-
-
 @command("secagg_share")
 class SecAggShare(Command):
-    """From the round's aggregator: meet the round's other owners of `ready` and send
-    each its shares of this owner's secrets. Returns the owners reached."""
+    """From the round's aggregator: meet the round's other owners of `ready` (those
+    the aggregator still counts on) and send each its shares of this owner's secrets.
+    Returns the owners reached."""
 
     round_id: RoundId
     ready: list[WorkerId]
@@ -448,6 +441,15 @@ class SecAggView(Command):
     """From an owner of the round to another: the digest of what the receiver was told."""
 
     round_id: RoundId
+
+
+@command("secagg_view_is")
+class SecAggViewIs(Command):
+    """From an owner of the round to another, once told the survivors: the digest of
+    what it was told (so that the receiver, unmasking, need not ask)."""
+
+    round_id: RoundId
+    digest: HexText
 
 
 @command("secagg_unmask")

@@ -249,7 +249,7 @@ def test_owners_lost_before_masking_are_left_out_and_too_few_release_nothing(
     kill("o3")
     kill("o4")
     before = set(agg._objects)
-    with pytest.raises(tr.PrivateDataError, match=r"only 2 owners are still there.*nothing is "
+    with pytest.raises(tr.PrivateDataError, match=r"only 2 owners shared their keys.*nothing is "
                        "released"):
         fleet.request("agg", SecureAggregate("2" * 32, list(OWNERS), 3, [1.0] * 5, [[7]],
                                              fleet.new_id()))

@@ -257,6 +257,8 @@ class OwnerRound:
     noise_std: float = 0.0
     sent: set[str] = field(default_factory=set)
     """The owners this owner sent their shares of its secrets."""
+    views: dict[str, str] = field(default_factory=dict)
+    """What the other survivors said they were told (`view`), as they told it."""
 
     def __post_init__(self) -> None:
         if self.contribution.numel() != self.terms.length:

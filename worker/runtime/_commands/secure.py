@@ -5,7 +5,7 @@ client joins each owner to a round (`secagg_join`: the owner checks the client m
 use the contribution, clips and weighs it, and spends it: it is never stored again
 here, so it cannot be fetched, moved or joined to another round) and asks the
 aggregator to run it (`secure_aggregate`). The aggregator drives the owners, one
-step at a time (`secagg_ready`, `secagg_share`, `secagg_mask`, `secagg_commit`, `secagg_unmask`);
+step at a time (`secagg_share`, `secagg_mask`, `secagg_commit`, `secagg_unmask`);
 owners meet each other directly (`secagg_introduce`, `secagg_shares`,
 `secagg_view`), each trusting who sent a message only as the broker's validated
 identity, the handler's `sender`. An owner answers a step only from its round's
@@ -38,11 +38,11 @@ from torchrelay.broker import (
     SecAggIntroduce,
     SecAggJoin,
     SecAggMask,
-    SecAggReady,
     SecAggShare,
     SecAggShares,
     SecAggUnmask,
     SecAggView,
+    SecAggViewIs,
     SecureAggregate,
 )
 
@@ -195,13 +195,6 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
     return {"digest": terms.digest()}
 
 
-@handles(SecAggReady)
-@_counted
-def ready(worker: WorkerRuntime, command: SecAggReady, sender: str) -> dict[str, Any]:
-    state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
-    return state.introduction()
-
-
 @handles(SecAggShare)
 @_counted
 async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> list[str]:
@@ -274,6 +267,19 @@ def mask(worker: WorkerRuntime, command: SecAggMask, sender: str) -> dict[str, A
 def commit(worker: WorkerRuntime, command: SecAggCommit, sender: str) -> None:
     state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
     state.commit(command.survivors)
+    view = SecAggViewIs(command.round_id, state.view())
+    for peer in command.survivors:  # told now, so that unmasking need not ask
+        if peer != worker.id:
+            worker.tell(peer, view)
+
+
+@handles(SecAggViewIs)
+@_counted
+def view_is(worker: WorkerRuntime, command: SecAggViewIs, sender: str) -> None:
+    state, _ = _rounds(worker).get(command.round_id)
+    if sender == worker.id or sender not in state.terms.participants:
+        raise RoundRefused(f"{sender!r} is not an other owner of round {command.round_id}")
+    state.views.setdefault(sender, command.digest)  # its first word is the one that counts
 
 
 @handles(SecAggView)
@@ -293,8 +299,12 @@ async def reveal(worker: WorkerRuntime, command: SecAggUnmask,
     state, _ = rounds.as_aggregator(command.round_id, sender)
     if state.survivors is None:
         raise RoundRefused(f"round {command.round_id}: no survivors named yet")
-    views = await _each(worker, [p for p in state.survivors if p != worker.id],
-                        lambda _: SecAggView(command.round_id))
+    # What the others were told: pushed by each when told (`view_is`); asked of those
+    # whose word has not come yet.
+    views = {p: d for p, d in state.views.items() if p in state.survivors}
+    views |= await _each(worker, [p for p in state.survivors
+                                  if p != worker.id and p not in views],
+                         lambda _: SecAggView(command.round_id))
     return state.reveal({peer: str(digest) for peer, digest in views.items()})
 
 
@@ -326,9 +336,8 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
                             f"owners {step}, fewer than the threshold {t}; nothing is "
                             "released")
 
-    ready = list(await _each(worker, owners, lambda _: SecAggReady(round_id)))
-    if len(ready) < t:
-        raise abort("are still there", ready)
+    # Every owner shares at once; one gone costs each a wait for it at the same time.
+    ready = list(owners)
     reached = {u: set(answer) for u, answer in (await _each(
         worker, ready, lambda _: SecAggShare(round_id, ready))).items()
         if isinstance(answer, list)}
