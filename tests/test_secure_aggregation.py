@@ -194,6 +194,44 @@ def test_an_owner_told_other_terms_is_refused_by_the_others_and_left_out(
     assert [_refusals(fleet, o) - before[o] for o in OWNERS] == [1, 1, 1, 1, 4]
 
 
+def test_a_hostile_aggregator_gets_no_share_that_unmasks_an_input(daemons: Any) -> None:
+    if daemons is None:
+        pytest.skip("the test plays the aggregator: a second identity, RabbitMQ's shared "
+                    "account")
+    with tr.connect(daemons.url, name="evil", timeout=60) as evil:
+        before = {o: _refusals(evil, o) for o in OWNERS}
+        pointers = [torch.randn(4).send(evil.worker(o)) for o in OWNERS]
+        round_id = "e" * 32
+        for pointer in pointers:
+            evil.request(pointer.location.id, SecAggJoin(
+                round_id, "evil", list(OWNERS), 3, [1.0] * 5, [pointer.id_at_location]))
+            pointer.garbage_collect = False
+        for owner in OWNERS:
+            evil.request(owner, SecAggShare(round_id, list(OWNERS)))
+        for owner in OWNERS:
+            evil.request(owner, SecAggMask(round_id, list(OWNERS)))
+        # To o1, o5 "dropped" (its pairwise masks would come off); to the others, it
+        # survived (its self-mask would come off): together, o5's input in the clear.
+        evil.request("o1", SecAggCommit(round_id, list(OWNERS[:4])))
+        for owner in OWNERS[1:]:
+            evil.request(owner, SecAggCommit(round_id, list(OWNERS)))
+        for owner in OWNERS:
+            with pytest.raises(tr.PrivateDataError, match="inconsistent participant lists"):
+                evil.request(owner, SecAggUnmask(round_id))
+        # told other survivors now, to get the other share of o5: refused
+        with pytest.raises(tr.PrivateDataError, match="named other survivors"):
+            evil.request("o2", SecAggCommit(round_id, list(OWNERS[:4])))
+        with pytest.raises(tr.PrivateDataError, match="replay"):  # its masked input again
+            evil.request("o3", SecAggMask(round_id, list(OWNERS)))
+        fresh = torch.randn(4).send(evil.worker("o4"))
+        with pytest.raises(tr.PrivateDataError, match="replayed round"):
+            evil.request("o4", SecAggJoin(round_id, "evil", list(OWNERS), 3, [1.0] * 5,
+                                          [fresh.id_at_location]))
+        del fresh
+        after = [_refusals(evil, o) - before[o] for o in OWNERS]
+        assert after == [1, 2, 2, 2, 1]
+
+
 # -- dropouts: a fleet of its own for each test, owners killed at exact points ----------
 
 

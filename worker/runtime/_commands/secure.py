@@ -152,6 +152,8 @@ def _counted(handler: H) -> H:
 @_counted
 def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, Any]:
     rounds = _rounds(worker)
+    if command.round_id in rounds.seen:  # before anything else is looked at
+        raise RoundRefused(f"round {command.round_id} was seen already: a replayed round")
     if not 1 <= len(command.participants) <= MAX_OWNERS:
         raise RoundRefused(f"a round has 1 to {MAX_OWNERS} owners")
     if len(command.weights) != len(command.participants) or not all(
@@ -286,8 +288,10 @@ def view_is(worker: WorkerRuntime, command: SecAggViewIs, sender: str) -> None:
 @_counted
 def view(worker: WorkerRuntime, command: SecAggView, sender: str) -> str:
     state, _ = _rounds(worker).get(command.round_id)
-    if sender not in (state.survivors or ()) or sender == worker.id:
-        raise RoundRefused(f"{sender!r} is not a survivor of round {command.round_id}")
+    # Any other owner may ask: one told other survivors than this one must hear the
+    # difference, not a refusal it could take for a dropout.
+    if sender == worker.id or sender not in state.terms.participants:
+        raise RoundRefused(f"{sender!r} is not an other owner of round {command.round_id}")
     return state.view()
 
 
