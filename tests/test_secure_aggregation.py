@@ -32,6 +32,7 @@ from torchrelay.broker import (
     SecAggShare,
     SecAggUnmask,
     SecureAggregate,
+    Transfer,
     worker_queue,
 )
 from torchrelay.worker import WorkerProcesses
@@ -145,8 +146,13 @@ def test_hostile_aggregator_and_participants_are_refused(fleet: tr.Fleet) -> Non
     join = SecAggJoin(round_id, "agg", list(OWNERS), 3, [1.0] * 5, [x.id_at_location])
     fleet.request("o1", join)
     x.garbage_collect = False
-    with pytest.raises(tr.ObjectNotFound):  # the contribution is spent
+    with pytest.raises(tr.ObjectNotFound):  # the contribution is spent: not fetched,
         fleet.request("o1", Fetch(x.id_at_location))
+    with pytest.raises(tr.ObjectNotFound):  # ... not moved elsewhere,
+        fleet.request("o1", Transfer(x.id_at_location, "agg", fleet.new_id()))
+    with pytest.raises(tr.ObjectNotFound):
+        fleet.request("o1", SecAggJoin("ef" * 16, "agg", list(OWNERS), 3, [1.0] * 5,
+                                       [x.id_at_location]))  # ... nor in another round
     y = torch.ones(4).send(o1)
     with pytest.raises(tr.PrivateDataError, match="replayed round"):
         fleet.request("o1", SecAggJoin(round_id, "agg", list(OWNERS), 3, [1.0] * 5,

@@ -267,7 +267,11 @@ def mask(worker: WorkerRuntime, command: SecAggMask, sender: str) -> dict[str, A
 @handles(SecAggCommit)
 @_counted
 def commit(worker: WorkerRuntime, command: SecAggCommit, sender: str) -> None:
-    state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
+    state, private = _rounds(worker).as_aggregator(command.round_id, sender)
+    if private and len(command.survivors) < worker.privacy.k:  # the sum covers only them
+        raise RoundRefused(f"{worker.id!r}'s data is released only in aggregates of at "
+                           f"least {worker.privacy.k} data owners; {len(command.survivors)} "
+                           "survived")
     state.commit(command.survivors)
     view = SecAggViewIs(command.round_id, state.view())
     for peer in command.survivors:  # told now, so that unmasking need not ask
