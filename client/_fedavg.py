@@ -284,6 +284,8 @@ class FedAvg:
             return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
                                {who: str(e)})
         samples = sum(n for *_, n in sent)
+        if self.secure:
+            return self._secure_record_round(number, started, sent, reports)
         average: torch.Tensor | None = None
         epsilon: dict[str, float] = {}
         delta: dict[str, float] = {}
@@ -298,6 +300,34 @@ class FedAvg:
         self._load(average)
         return RoundResult(number, sorted(w for w, *_ in sent), samples, math.nan,
                            time.monotonic() - started, epsilon=epsilon, delta=delta)
+
+    def _secure_record_round(self, number: int, started: float, sent: list[Any],
+                             reports: list[Any]) -> RoundResult:
+        """The owners' DP-SGD models, summed by secure aggregation as they are (an owner
+        with `secure_aggregation` keeps its model: it leaves only in the sum)."""
+        from ._secure import secure_aggregate  # noqa: PLC0415 (beside _release's)
+
+        model = sent[0][2]
+        shapes = [list(p._metadata()[1]) for p in model.pointers()
+                  if p._metadata()[0].is_floating_point]
+        epsilon: dict[str, float] = {}
+        delta: dict[str, float] = {}
+        for report in reports:
+            epsilon.update(report["epsilon"])
+            delta.update(report["delta"])
+        try:
+            release = secure_aggregate([result for _, _, _, result, _ in sent],
+                                       [n for *_, n in sent], self.aggregator,
+                                       self.threshold, shapes=shapes, template=model._module)
+        except PrivateDataError as e:
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               {"round": str(e)}, epsilon=epsilon, delta=delta)
+        self._load(torch.cat([t.detach().float().flatten() for t in _state(release.get())]))
+        took_part = sorted(w for w, *_ in sent if w not in release.dropped)
+        return RoundResult(number, took_part, sum(n for w, *_, n in sent if w in took_part),
+                           math.nan, time.monotonic() - started,
+                           dict.fromkeys(release.dropped, "dropped out of the secure "
+                                         "aggregation round"), epsilon=epsilon, delta=delta)
 
     def _orders(self, loader: FederatedDataLoader, dataset: DatasetPointer, number: int,
                 position: int) -> list[torch.Tensor]:

@@ -22,6 +22,8 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 from torchrelay.broker import (
     Command,
     PrivateDataError,
@@ -45,12 +47,14 @@ log = logging.getLogger("torchrelay.client")
 
 def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
                      weights: Sequence[float] | None, aggregator: WorkerHandle | None,
-                     threshold: int | None = None) -> Release:
-    """See the module docstring; `aggregate`'s arguments."""
+                     threshold: int | None = None, *,
+                     shapes: list[list[int]] | None = None,
+                     template: nn.Module | None = None) -> Release:
+    """See the module docstring; `aggregate`'s arguments. `shapes` and `template`: of a
+    contribution that is one pointer to a model's tensors together (`dp_train`'s)."""
     if aggregator is None:
         raise ValueError("secure aggregation needs an aggregator: aggregate(..., "
                          "aggregator=worker, secure=True)")
-    template = None
     by_owner: dict[str, tuple[list[PointerTensor], float]] = {}
     for number, contribution in enumerate(contributions):
         if isinstance(contribution, ModulePointer):
@@ -74,7 +78,8 @@ def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
     t = threshold if threshold is not None else n // 2 + 1
     fleet = aggregator.fleet
     round_id = secrets.token_hex(16)
-    shapes = [list(p._metadata()[1]) for p in by_owner[owners[0]][0]]
+    if shapes is None:
+        shapes = [list(p._metadata()[1]) for p in by_owner[owners[0]][0]]
     weighed = [by_owner[o][1] for o in owners]
     refused: dict[str, str] = {}
     joins = _each(fleet, [(owner, SecAggJoin(round_id, aggregator.id, owners, t, weighed, [

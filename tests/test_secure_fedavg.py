@@ -28,11 +28,13 @@ from torchrelay._federated import (
     anchor_order,
     load_digits,
     make_model,
+    record_privacy,
     write_shares,
 )
 
 tr.hook(torch)
 
+RECORD_ROUNDS = 5
 SECURE_PRIVACY: dict[str, Any] = {**DEMO_PRIVACY, "trusted": [], "secure_aggregation": True}
 
 
@@ -88,3 +90,27 @@ def test_secure_fedavg_with_private_shares_adds_the_owners_noise(
     assert all(set(r.epsilon) == set(DIGIT_OWNERS) for r in history)
     assert 0 < history[-1].epsilon["bob"] <= DEMO_PRIVACY["epsilon"]
     assert all(math.isnan(r.loss) for r in history)  # the loss is private too
+
+
+def test_secure_fedavg_of_record_private_owners_sums_their_dp_sgd_models(
+        shares: dict[str, Path]) -> None:
+    # Owners that protect records and let their data out only in secure aggregates:
+    # each trains by DP-SGD, keeps its model, and only the sum of the models leaves.
+    policy = {**record_privacy(epsilon=8.0, rounds=RECORD_ROUNDS + 1), "k": 2,
+              "secure_aggregation": True}
+    datasets = {o: [f"{p}:#digits"] for o, p in shares.items()}
+    with tr.connect(datasets=datasets, privacy=dict.fromkeys(DIGIT_OWNERS, policy)) as fleet:
+        found = [d for owner in DIGIT_OWNERS for d in fleet.worker(owner).search("#digits")]
+        fedavg = tr.FedAvg(make_model(), F.cross_entropy, aggregator=fleet.worker(AGGREGATOR),
+                           batch_size=BATCH_SIZE, progress=False, lr=DP_LEARNING_RATE,
+                           secure=True)
+        history = fedavg.fit(found, RECORD_ROUNDS, _evaluate)
+        # one owner's DP-SGD model alone does not leave
+        alone = tr.dp_train(make_model().send(fleet.worker("bob")), found[0],
+                            F.cross_entropy, lr=DP_LEARNING_RATE, batch_size=BATCH_SIZE)
+        with pytest.raises(tr.PrivateDataError):
+            alone.get()
+    assert all(r.participants == sorted(DIGIT_OWNERS) for r in history)
+    assert all(set(r.epsilon) == set(DIGIT_OWNERS) for r in history)
+    assert history[-1].epsilon["bob"] <= 8.0
+    assert history[-1].metrics["accuracy"] >= 0.5  # it learns (at epsilon 8, few rounds)

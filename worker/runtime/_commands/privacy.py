@@ -63,9 +63,9 @@ def charge_training(worker: WorkerRuntime, noise_multiplier: float, sample_rate:
     """Whether this worker's data may leave as a model trained by `steps` DP-SGD steps
     (`training.dp_train`) at `sample_rate` with `noise_multiplier`: only if its owner
     protects records, at no less than its least noise, within its budget. Charged
-    here, before the first step runs; ε spent after it."""
+    here, before the first step runs; ε spent after it. (An owner that lets its data
+    out only in secure aggregates keeps the model: `training.dp_train`.)"""
     policy = worker.privacy
-    _only_secure(worker, "a model trained by DP-SGD does not leave as it is")
     if policy.unit != "record":
         raise PrivateDataError(
             f"{worker.id!r} protects its data as a whole (privacy unit 'owner'): its data "

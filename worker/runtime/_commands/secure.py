@@ -71,18 +71,23 @@ MAX_ENTRIES: Final = 1 << 28
 class _Rounds:
     """A worker's rounds: those under way, the ids seen, the refusals."""
 
-    active: OrderedDict[str, tuple[OwnerRound, bool]] = field(default_factory=OrderedDict)
-    """Round id -> this owner's state, and whether its contribution is private."""
+    active: OrderedDict[str, tuple[OwnerRound, bool, bool]] = field(
+        default_factory=OrderedDict)
+    """Round id -> this owner's state, whether its contribution is charged to its budget
+    (private, not DP already), and whether it derives from its private data at all."""
     seen: set[str] = field(default_factory=set)
     refused: int = 0
+    trained: set[int] = field(default_factory=set)
+    """Models DP-SGD trained here and kept (unit record, secure aggregation only): DP
+    already, each joins a round as it is, neither clipped nor noised nor charged again."""
 
-    def get(self, round_id: str) -> tuple[OwnerRound, bool]:
+    def get(self, round_id: str) -> tuple[OwnerRound, bool, bool]:
         found = self.active.get(round_id)
         if found is None:
             raise RoundRefused(f"no secure aggregation round {round_id} under way here")
         return found
 
-    def as_aggregator(self, round_id: str, sender: str) -> tuple[OwnerRound, bool]:
+    def as_aggregator(self, round_id: str, sender: str) -> tuple[OwnerRound, bool, bool]:
         found = self.get(round_id)
         if sender != found[0].terms.aggregator:
             raise RoundRefused(f"{sender!r} is not the aggregator of round {round_id}")
@@ -102,6 +107,11 @@ def _rounds(worker: WorkerRuntime) -> _Rounds:
     if rounds is None:
         rounds = _ROUNDS[worker] = _Rounds()
     return rounds
+
+
+def trained_by_dp_sgd(worker: WorkerRuntime, object_id: int) -> None:
+    """`object_id` is a model `dp_train` trained here and kept (see `_Rounds.trained`)."""
+    _rounds(worker).trained.add(object_id)
 
 
 def secure_figures(worker: WorkerRuntime) -> dict[str, Any]:
@@ -160,16 +170,19 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
             w > 0 for w in command.weights):
         raise RoundRefused("a round needs a positive weight for each owner")
     entries = [worker.store.use(i, sender) for i in command.contribution]
-    if not entries or not all(isinstance(e.value, torch.Tensor)
-                              and e.value.is_floating_point() for e in entries):
+    tensors = [t for e in entries for t in (e.value if type(e.value) is tuple else (e.value,))]
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                              for t in tensors):
         raise RoundRefused("a contribution is floating-point tensors")
     owners = frozenset().union(*(worker.store.owners(e) for e in entries))
     if owners - {worker.id}:
         raise RoundRefused(f"the contribution derives from private data of "
                            f"{', '.join(sorted(owners - {worker.id}))}: an owner joins a "
                            "round with its own data only")
-    private = bool(owners)
-    flat = torch.cat([e.value.detach().reshape(-1).to(torch.float64) for e in entries])
+    owned = bool(owners)
+    # A model DP-SGD trained here is DP already (unit record): summed as it is.
+    private = owned and not set(command.contribution) <= rounds.trained
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
     if flat.numel() > MAX_ENTRIES:
         raise RoundRefused(f"a contribution of more than {MAX_ENTRIES} entries")
     total = math.fsum(command.weights)
@@ -177,7 +190,7 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
                        command.threshold, tuple(w / total for w in command.weights),
                        flat.numel())
     policy = worker.privacy
-    terms.check(worker.id, policy.threshold if private else None, policy.k if private else 1)
+    terms.check(worker.id, policy.threshold if owned else None, policy.k if owned else 1)
     weight = terms.weights[terms.point(worker.id) - 1]
     sigma = 0.0
     if private:
@@ -191,7 +204,8 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
     state = OwnerRound(worker.id, terms, flat * weight, sigma)
     for object_id in command.contribution:  # spent: in this round and no other
         worker.store.discard(object_id)
-    rounds.active[command.round_id] = (state, private)
+        rounds.trained.discard(object_id)
+    rounds.active[command.round_id] = (state, private, owned)
     while len(rounds.active) > KEPT_ROUNDS:
         rounds.active.popitem(last=False)
     return {"digest": terms.digest()}
@@ -200,7 +214,7 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
 @handles(SecAggShare)
 @_counted
 async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> list[str]:
-    state, _ = _rounds(worker).as_aggregator(command.round_id, sender)
+    state, *_ = _rounds(worker).as_aggregator(command.round_id, sender)
     if worker.id not in command.ready or not set(command.ready) <= set(
             state.terms.participants):
         raise RoundRefused("the owners ready must be of the round, this owner among them")
@@ -230,7 +244,7 @@ async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> lis
 @handles(SecAggIntroduce)
 @_counted
 def introduce(worker: WorkerRuntime, command: SecAggIntroduce, sender: str) -> dict[str, Any]:
-    state, _ = _rounds(worker).get(command.round_id)
+    state, *_ = _rounds(worker).get(command.round_id)
     state.meet(sender, command.digest, command.c_public, command.s_public, command.sigma)
     return {**state.introduction(), "sealed": state.sealed_for(sender)}
 
@@ -238,14 +252,18 @@ def introduce(worker: WorkerRuntime, command: SecAggIntroduce, sender: str) -> d
 @handles(SecAggShares)
 @_counted
 def receive_shares(worker: WorkerRuntime, command: SecAggShares, sender: str) -> None:
-    state, _ = _rounds(worker).get(command.round_id)
+    state, *_ = _rounds(worker).get(command.round_id)
     state.receive(sender, command.sealed)
 
 
 @handles(SecAggMask)
 @_counted
 def mask(worker: WorkerRuntime, command: SecAggMask, sender: str) -> dict[str, Any]:
-    state, private = _rounds(worker).as_aggregator(command.round_id, sender)
+    state, private, owned = _rounds(worker).as_aggregator(command.round_id, sender)
+    if owned and len(command.shared) < worker.privacy.k:
+        raise RoundRefused(f"{worker.id!r}'s data is released only in aggregates of at "
+                           f"least {worker.privacy.k} data owners; {len(command.shared)} "
+                           "shared")
     masked = state.masked(command.shared)
     report: dict[str, Any] = {"masked": masked,
                               "s_public": state.peers[worker.id].s_public.hex(),
@@ -253,9 +271,6 @@ def mask(worker: WorkerRuntime, command: SecAggMask, sender: str) -> dict[str, A
                                   state.terms.threshold)}
     if private:  # charged before the masked input leaves
         policy = worker.privacy
-        if len(command.shared) < policy.k:
-            raise RoundRefused(f"{worker.id!r}'s data is released only in aggregates of at "
-                               f"least {policy.k} data owners; {len(command.shared)} shared")
         try:
             report["epsilon"] = worker.budget.charge(worker.id)
         except BudgetSpent as e:
@@ -267,8 +282,8 @@ def mask(worker: WorkerRuntime, command: SecAggMask, sender: str) -> dict[str, A
 @handles(SecAggCommit)
 @_counted
 def commit(worker: WorkerRuntime, command: SecAggCommit, sender: str) -> None:
-    state, private = _rounds(worker).as_aggregator(command.round_id, sender)
-    if private and len(command.survivors) < worker.privacy.k:  # the sum covers only them
+    state, _, owned = _rounds(worker).as_aggregator(command.round_id, sender)
+    if owned and len(command.survivors) < worker.privacy.k:  # the sum covers only them
         raise RoundRefused(f"{worker.id!r}'s data is released only in aggregates of at "
                            f"least {worker.privacy.k} data owners; {len(command.survivors)} "
                            "survived")
@@ -282,7 +297,7 @@ def commit(worker: WorkerRuntime, command: SecAggCommit, sender: str) -> None:
 @handles(SecAggViewIs)
 @_counted
 def view_is(worker: WorkerRuntime, command: SecAggViewIs, sender: str) -> None:
-    state, _ = _rounds(worker).get(command.round_id)
+    state, *_ = _rounds(worker).get(command.round_id)
     if sender == worker.id or sender not in state.terms.participants:
         raise RoundRefused(f"{sender!r} is not an other owner of round {command.round_id}")
     state.views.setdefault(sender, command.digest)  # its first word is the one that counts
@@ -291,7 +306,7 @@ def view_is(worker: WorkerRuntime, command: SecAggViewIs, sender: str) -> None:
 @handles(SecAggView)
 @_counted
 def view(worker: WorkerRuntime, command: SecAggView, sender: str) -> str:
-    state, _ = _rounds(worker).get(command.round_id)
+    state, *_ = _rounds(worker).get(command.round_id)
     # Any other owner may ask: one told other survivors than this one must hear the
     # difference, not a refusal it could take for a dropout.
     if sender == worker.id or sender not in state.terms.participants:
@@ -304,7 +319,7 @@ def view(worker: WorkerRuntime, command: SecAggView, sender: str) -> str:
 async def reveal(worker: WorkerRuntime, command: SecAggUnmask,
                  sender: str) -> dict[str, list[Any]]:
     rounds = _rounds(worker)
-    state, _ = rounds.as_aggregator(command.round_id, sender)
+    state, *_ = rounds.as_aggregator(command.round_id, sender)
     if state.survivors is None:
         raise RoundRefused(f"round {command.round_id}: no survivors named yet")
     # What the others were told: pushed by each when told (`view_is`); asked of those
