@@ -31,6 +31,7 @@ from torchrelay._federated import (
     record_privacy,
     write_shares,
 )
+from torchrelay.broker import Call, Delete, ObjectRef
 
 tr.hook(torch)
 
@@ -114,3 +115,29 @@ def test_secure_fedavg_of_record_private_owners_sums_their_dp_sgd_models(
     assert all(set(r.epsilon) == set(DIGIT_OWNERS) for r in history)
     assert history[-1].epsilon["bob"] <= 8.0
     assert history[-1].metrics["accuracy"] >= 0.5  # it learns (at epsilon 8, few rounds)
+
+
+def test_an_id_reused_for_other_data_is_no_dp_sgd_model(shares: dict[str, Path]) -> None:
+    # A kept DP-SGD model joins as it is; an id that held one, deleted and reused for
+    # data derived from the private share, joins as private data: clipped, noised,
+    # charged.
+    policy = {**record_privacy(epsilon=8.0, rounds=2), "noise_multiplier": 5.0, "k": 2,
+              "secure_aggregation": True}
+    datasets = {o: [f"{p}:#digits"] for o, p in shares.items()}
+    with tr.connect(datasets=datasets, privacy=dict.fromkeys(DIGIT_OWNERS, policy)) as fleet:
+        bob = fleet.worker("bob")
+        (dataset,) = bob.search("#digits")
+        model = tr.dp_train(make_model().send(bob), dataset, F.cross_entropy,
+                            lr=DP_LEARNING_RATE, batch_size=BATCH_SIZE)
+        kept = model.value.id_at_location
+        fleet.request("bob", Delete([kept]))
+        data = dataset["data"]
+        fleet.request("bob", Call("Tensor.__getitem__", [ObjectRef(data.id_at_location), 0],
+                                  {}, kept))  # one private record, under the model's id
+        model.value.garbage_collect = False
+        others = [torch.randn(64).send(fleet.worker(o)) for o in ("alice", "carol")]
+        release = tr.aggregate([tr.PointerTensor(bob, kept), *others],
+                               aggregator=fleet.worker(AGGREGATOR), secure=True)
+        assert release.dropped == [] and "bob" in release.epsilon
+        assert release.noise_std == pytest.approx(5.0 * 1.0 / 3)  # z x weight x clip
+        release.get()

@@ -63,6 +63,7 @@ MAX_OWNERS: Final = 1024
 """Owners one round may have (each step costs every owner a message per other)."""
 KEPT_ROUNDS: Final = 64
 """Rounds an owner keeps the state of (older ones, unfinished, are dropped)."""
+_NOTHING: Final = object()
 MAX_ENTRIES: Final = 1 << 28
 """Entries a securely aggregated contribution may have (each costs 8 bytes a mask)."""
 
@@ -77,9 +78,11 @@ class _Rounds:
     (private, not DP already), and whether it derives from its private data at all."""
     seen: set[str] = field(default_factory=set)
     refused: int = 0
-    trained: set[int] = field(default_factory=set)
-    """Models DP-SGD trained here and kept (unit record, secure aggregation only): DP
-    already, each joins a round as it is, neither clipped nor noised nor charged again."""
+    trained: OrderedDict[int, Any] = field(default_factory=OrderedDict)
+    """Models DP-SGD trained here and kept (unit record, secure aggregation only), by id:
+    DP already, each joins a round as it is, neither clipped nor noised nor charged
+    again. The value is kept beside its id: an id deleted and reused for other data is
+    not the model any more (the last `KEPT_ROUNDS` are remembered)."""
 
     def get(self, round_id: str) -> tuple[OwnerRound, bool, bool]:
         found = self.active.get(round_id)
@@ -111,7 +114,10 @@ def _rounds(worker: WorkerRuntime) -> _Rounds:
 
 def trained_by_dp_sgd(worker: WorkerRuntime, object_id: int) -> None:
     """`object_id` is a model `dp_train` trained here and kept (see `_Rounds.trained`)."""
-    _rounds(worker).trained.add(object_id)
+    trained = _rounds(worker).trained
+    trained[object_id] = worker.store.get(object_id).value
+    while len(trained) > KEPT_ROUNDS:
+        trained.popitem(last=False)
 
 
 def secure_figures(worker: WorkerRuntime) -> dict[str, Any]:
@@ -181,7 +187,9 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
                            "round with its own data only")
     owned = bool(owners)
     # A model DP-SGD trained here is DP already (unit record): summed as it is.
-    private = owned and not set(command.contribution) <= rounds.trained
+    private = owned and not all(
+        rounds.trained.get(i, _NOTHING) is e.value
+        for i, e in zip(command.contribution, entries, strict=True))
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
     if flat.numel() > MAX_ENTRIES:
         raise RoundRefused(f"a contribution of more than {MAX_ENTRIES} entries")
@@ -204,7 +212,7 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
     state = OwnerRound(worker.id, terms, flat * weight, sigma)
     for object_id in command.contribution:  # spent: in this round and no other
         worker.store.discard(object_id)
-        rounds.trained.discard(object_id)
+        rounds.trained.pop(object_id, None)
     rounds.active[command.round_id] = (state, private, owned)
     while len(rounds.active) > KEPT_ROUNDS:
         rounds.active.popitem(last=False)
