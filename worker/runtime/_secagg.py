@@ -300,7 +300,8 @@ class OwnerRound:
             keys = bytes.fromhex(c_public), bytes.fromhex(s_public)
         except ValueError:
             raise RoundRefused("public keys are 32 bytes in hex") from None
-        if not all(len(k) == 32 for k in keys) or not (math.isfinite(sigma) and sigma >= 0):
+        if not all(len(k) == 32 for k in keys) or not (
+                type(sigma) in (int, float) and math.isfinite(sigma) and sigma >= 0):
             raise RoundRefused("public keys are 32 bytes in hex, sigma a number from 0")
         known = self.peers.get(peer)
         if known is not None:

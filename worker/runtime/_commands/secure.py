@@ -229,9 +229,9 @@ async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> lis
     if len(set(command.ready)) < state.terms.threshold:
         raise RoundRefused(f"only {len(set(command.ready))} owners are ready, fewer than "
                            f"the threshold {state.terms.threshold}: nothing is released")
-    # Only those the aggregator just heard from: one gone costs one wait, not one per
-    # owner. Every peer at once: introductions first (each answer carries the peer's
-    # shares for this owner), then this owner's shares to those that did not get them.
+    # Every peer the aggregator still counts on, at once: introductions first (each
+    # answer carries the peer's shares for this owner), then this owner's shares to
+    # those that did not get them in an introduction of their own.
     peers = [p for p in state.terms.participants if p != worker.id and p in command.ready]
     strangers = [p for p in peers if not state.knows(p)]
     answers = await _each(worker, strangers, lambda _: SecAggIntroduce(
