@@ -18,7 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
-from . import dpsgd
+from . import dpsgd, secagg
 from .cluster import cluster
 from .fairness import fairness
 from .faults import faults
@@ -504,6 +504,8 @@ MEASURES: dict[str, Measure] = {
                             "subnormal attack via the broker, every operation timed"),
     "cluster": Measure(cluster, False, "a RabbitMQ cluster node stopped mid-pipeline (the "
                        "worker's, the queue leader): time to the result, what was lost"),
+    "secagg": Measure(secagg.measure, False, "secure aggregation vs a plain round: the "
+                      "digits FedAvg at 3 owners, one aggregate at 3 and 10"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.
     "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
                       "restarts, a load run: time to a clear error, what was lost"),

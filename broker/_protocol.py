@@ -49,6 +49,16 @@ __all__ = [
     "Pull",
     "RunPlan",
     "Search",
+    "SecAggCommit",
+    "SecAggIntroduce",
+    "SecAggJoin",
+    "SecAggMask",
+    "SecAggShare",
+    "SecAggShares",
+    "SecAggUnmask",
+    "SecAggView",
+    "SecAggViewIs",
+    "SecureAggregate",
     "Status",
     "Store",
     "Transfer",
@@ -79,6 +89,9 @@ WorkerId = Annotated[
 Identity = Annotated[str, Text(255)]
 Tag = Annotated[str, Text(64)]
 OptimizerName = Annotated[str, Text(16, r"[a-z]+", "lower-case letters")]
+RoundId = Annotated[str, Text(32, r"[0-9a-f]{32}", "32 hexadecimal digits")]
+HexText = Annotated[str, Text(1024, r"[0-9a-f]*", "hexadecimal digits")]
+Dimension = Annotated[int, Range(0, 1 << 40)]
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -332,6 +345,119 @@ class DpTrain(Command):
 
     def describe(self) -> str:
         return "train with DP-SGD"
+
+
+# Secure aggregation (`worker/runtime/_secagg.py`): the client's join to each owner and
+# its `secure_aggregate` to the aggregator, the aggregator's steps to each owner, and
+# what owners say to each other directly (the broker vouches for who sent it).
+
+
+@command("secure_aggregate")
+class SecureAggregate(Command):
+    """To the aggregator: run secure aggregation round `round_id` among `participants`
+    (sorted; each joined it already, with the same terms), and keep the weighted
+    average of the survivors' contributions — tensors of `shapes` — under
+    `result_id`. Nothing is released if fewer than `threshold` survive. Returns who
+    took part, who dropped out, and each owner's epsilon."""
+
+    round_id: RoundId
+    participants: list[WorkerId]
+    threshold: Annotated[int, Range(1, 1 << 16)]
+    weights: list[float]
+    shapes: list[list[Dimension]]
+    result_id: ObjectId
+
+    def describe(self) -> str:
+        return f"secure aggregate of {len(self.participants)} owners"
+
+
+@command("secagg_join")
+class SecAggJoin(Command):
+    """To an owner: take part in round `round_id` with the tensors `contribution` (the
+    sender's to use), on these terms (`secure_aggregate`'s): clip and weigh them, make
+    this round's keys and secrets. Refused for a round already seen."""
+
+    round_id: RoundId
+    aggregator: WorkerId
+    participants: list[WorkerId]
+    threshold: Annotated[int, Range(1, 1 << 16)]
+    weights: list[float]
+    contribution: list[ObjectId]
+
+    def describe(self) -> str:
+        return "join a secure aggregation round"
+
+
+@command("secagg_share")
+class SecAggShare(Command):
+    """From the round's aggregator: meet the round's other owners of `ready` (those
+    the aggregator still counts on) and send each its shares of this owner's secrets.
+    Returns the owners reached."""
+
+    round_id: RoundId
+    ready: list[WorkerId]
+
+
+@command("secagg_introduce")
+class SecAggIntroduce(Command):
+    """From an owner of the round to another: its public keys, the noise it needs and
+    the digest of the terms it was told. Answered with the receiver's."""
+
+    round_id: RoundId
+    digest: HexText
+    c_public: HexText
+    s_public: HexText
+    sigma: float
+
+
+@command("secagg_shares")
+class SecAggShares(Command):
+    """From an owner of the round to another: the receiver's shares of the sender's
+    secrets, encrypted to the receiver."""
+
+    round_id: RoundId
+    sealed: HexText
+
+
+@command("secagg_mask")
+class SecAggMask(Command):
+    """From the round's aggregator: send the masked input, `shared` being the owners
+    that shared their secrets. Charges the owner's budget first."""
+
+    round_id: RoundId
+    shared: list[WorkerId]
+
+
+@command("secagg_commit")
+class SecAggCommit(Command):
+    """From the round's aggregator: `survivors` sent masked inputs (told once)."""
+
+    round_id: RoundId
+    survivors: list[WorkerId]
+
+
+@command("secagg_view")
+class SecAggView(Command):
+    """From an owner of the round to another: the digest of what the receiver was told."""
+
+    round_id: RoundId
+
+
+@command("secagg_view_is")
+class SecAggViewIs(Command):
+    """From an owner of the round to another, once told the survivors: the digest of
+    what it was told (so that the receiver, unmasking, need not ask)."""
+
+    round_id: RoundId
+    digest: HexText
+
+
+@command("secagg_unmask")
+class SecAggUnmask(Command):
+    """From the round's aggregator: reveal the shares that unmask the survivors' sum,
+    once the other survivors confirm they were told the same."""
+
+    round_id: RoundId
 
 
 @command("transfer")

@@ -125,6 +125,8 @@ class FedAvg:
         order: SampleOrder | None = None,
         lr: float | None = None,
         noise_multiplier: float | None = None,
+        secure: bool = False,
+        threshold: int | None = None,
     ) -> None:
         if local_epochs < 1 or batch_size < 1 or min_workers < 1 or round_timeout <= 0:
             raise ValueError("local_epochs, batch_size, min_workers and round_timeout must "
@@ -143,6 +145,10 @@ class FedAvg:
         self.order = order
         self.lr = 0.1 if lr is None else lr
         self.noise_multiplier = noise_multiplier
+        self.secure = secure
+        """Average by secure aggregation: `aggregator` learns the sum and nothing else
+        (`_secure.py`), with `threshold` owners that must stay to the round's end."""
+        self.threshold = threshold
         self._loss_plans: dict[str, PointerTensor] = {}
         """Each worker's per-example loss, recorded once (`dp_train`)."""
         self.history: list[RoundResult] = []
@@ -187,7 +193,8 @@ class FedAvg:
             local = self._local_state(dataset, loader, private)
             orders = self._orders(loader, dataset, number, position)
             update = local.train(local.data, local.target, weights, *orders)
-            sent[dataset.location.id] = (update.move_later(self.aggregator), len(dataset))
+            sent[dataset.location.id] = (update if self.secure  # stays with its owner
+                                         else update.move_later(self.aggregator), len(dataset))
         # All of it goes now, and is waited for together: what a worker has not done
         # in time does not hold the round up.
         failures = fleet.settle(self.round_timeout)
@@ -200,6 +207,9 @@ class FedAvg:
                                left_out | {"round": f"{len(arrived)} of the min_workers "
                                                     f"{self.min_workers} took part"})
         samples = sum(n for _, n in arrived.values())
+        if self.secure:
+            return self._secure_round(number, started, weights if private else None, arrived,
+                                      left_out)
         if private:
             return self._private_round(number, started, weights, arrived, left_out)
         total = None
@@ -227,6 +237,32 @@ class FedAvg:
                            math.nan, time.monotonic() - started, left_out,
                            epsilon=release.epsilon, delta=release.delta)
 
+    def _secure_round(self, number: int, started: float, weights: torch.Tensor | None,
+                      arrived: dict[str, tuple[PointerTensor, int]],
+                      left_out: dict[str, str]) -> RoundResult:
+        """Average the updates by secure aggregation: private ones are the owners'
+        differences to `weights` (each owner adds its share of the noise), public ones
+        the new weights and the loss."""
+        try:
+            release = aggregate([update for update, _ in arrived.values()],
+                                [n for _, n in arrived.values()], aggregator=self.aggregator,
+                                secure=True, threshold=self.threshold)
+        except PrivateDataError as e:  # too few survivors, or an owner refused
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               left_out | {"round": str(e)})
+        average = release.get()
+        took_part = sorted(set(arrived) - set(release.dropped))
+        samples = sum(n for w, (_, n) in arrived.items() if w in took_part)
+        left_out |= {w: "dropped out of the secure aggregation round" for w in release.dropped}
+        if weights is not None:
+            self._load(weights + average)
+            return RoundResult(number, took_part, samples, math.nan,
+                               time.monotonic() - started, left_out,
+                               epsilon=release.epsilon, delta=release.delta)
+        self._load(average[:-1])
+        return RoundResult(number, took_part, samples, float(average[-1]),
+                           time.monotonic() - started, left_out)
+
     def _record_round(self, number: int, started: float,
                       datasets: Sequence[DatasetPointer]) -> RoundResult:
         """Each owner trains the global model by DP-SGD on its worker and releases it;
@@ -245,8 +281,10 @@ class FedAvg:
             sent.append((worker.id, command, model, result, len(dataset)))
         requests: list[tuple[str, Command]] = []
         for worker_id, command, _, result, _ in sent:
-            # each release fetched right behind its run: the worker runs them in order
-            requests += [(worker_id, command), (worker_id, Fetch(result.id_at_location))]
+            requests.append((worker_id, command))
+            if not self.secure:  # (securely, the models leave only in their sum)
+                # each release fetched right behind its run: the worker runs them in order
+                requests.append((worker_id, Fetch(result.id_at_location)))
         try:  # sent together, so that the owners train at the same time
             replies = fleet.request_many(requests)
         except TorchRelayError as e:  # an owner refused (its budget...), or failed
@@ -255,6 +293,8 @@ class FedAvg:
             return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
                                {who: str(e)})
         samples = sum(n for *_, n in sent)
+        if self.secure:
+            return self._secure_record_round(number, started, sent, replies)
         average: torch.Tensor | None = None
         epsilon: dict[str, float] = {}
         delta: dict[str, float] = {}
@@ -270,6 +310,34 @@ class FedAvg:
         self._load(average)
         return RoundResult(number, sorted(w for w, *_ in sent), samples, math.nan,
                            time.monotonic() - started, epsilon=epsilon, delta=delta)
+
+    def _secure_record_round(self, number: int, started: float, sent: list[Any],
+                             reports: list[Any]) -> RoundResult:
+        """The owners' DP-SGD models, summed by secure aggregation as they are (an owner
+        with `secure_aggregation` keeps its model: it leaves only in the sum)."""
+        from ._secure import secure_aggregate  # noqa: PLC0415 (beside _release's)
+
+        model = sent[0][2]
+        shapes = [list(p._metadata()[1]) for p in model.pointers()
+                  if p._metadata()[0].is_floating_point]
+        epsilon: dict[str, float] = {}
+        delta: dict[str, float] = {}
+        for report in reports:
+            epsilon.update(report["epsilon"])
+            delta.update(report["delta"])
+        try:
+            release = secure_aggregate([result for _, _, _, result, _ in sent],
+                                       [n for *_, n in sent], self.aggregator,
+                                       self.threshold, shapes=shapes, template=model._module)
+        except PrivateDataError as e:
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               {"round": str(e)}, epsilon=epsilon, delta=delta)
+        self._load(torch.cat([t.detach().float().flatten() for t in _state(release.get())]))
+        took_part = sorted(w for w, *_ in sent if w not in release.dropped)
+        return RoundResult(number, took_part, sum(n for w, *_, n in sent if w in took_part),
+                           math.nan, time.monotonic() - started,
+                           dict.fromkeys(release.dropped, "dropped out of the secure "
+                                         "aggregation round"), epsilon=epsilon, delta=delta)
 
     def _orders(self, loader: FederatedDataLoader, dataset: DatasetPointer, number: int,
                 position: int) -> list[torch.Tensor]:

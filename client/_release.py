@@ -31,7 +31,7 @@ from ._handles import WorkerHandle
 from ._module import ModulePointer, _tensors
 from ._pointer import PointerTensor
 
-__all__ = ["Release", "aggregate"]
+__all__ = ["Release", "aggregate", "floating"]
 
 Contribution = PointerTensor | ModulePointer
 
@@ -56,6 +56,8 @@ class Release:
     """`dp_train`: how many DP-SGD steps it ran (each charged)."""
     sample_rate: float | None = None
     """`dp_train`: each record's chance to be in a step's batch."""
+    dropped: list[str] = field(default_factory=list)
+    """A secure aggregate's owners that dropped out of its round (left out of it)."""
 
     def get(self) -> Any:
         """The average: a tensor, or for models a module of the contributions' structure
@@ -74,7 +76,7 @@ class Release:
         done: dict[int, Any] = {}
         for is_parameter, table, name, pointer in _tensors(module):
             if id(pointer) not in done:
-                if _floating(pointer):
+                if floating(pointer):
                     tensor = next(averaged)
                     done[id(pointer)] = (nn.Parameter(tensor, requires_grad=True)
                                          if is_parameter else tensor)
@@ -90,13 +92,23 @@ def aggregate(
     weights: Sequence[float] | None = None,
     *,
     aggregator: WorkerHandle | None = None,
+    secure: bool = False,
+    threshold: int | None = None,
 ) -> Release:
     """Average `contributions` on `aggregator` (default: where they are); see the module
-    docstring. `weights` (positive; default equal) weigh them."""
+    docstring. `weights` (positive; default equal) weigh them. With `secure`, the
+    aggregator learns the sum and nothing else (`_secure.py`); `threshold`: the owners
+    that must survive the round (default: a majority)."""
     if not contributions:
         raise ValueError("aggregate needs at least one contribution")
     if weights is not None and len(weights) != len(contributions):
         raise ValueError(f"{len(weights)} weights for {len(contributions)} contributions")
+    if secure:
+        from ._secure import secure_aggregate  # noqa: PLC0415 (it imports this module)
+
+        return secure_aggregate(contributions, weights, aggregator, threshold)
+    if threshold is not None:
+        raise ValueError("a threshold is for secure aggregation (secure=True)")
     template = None
     parts: list[list[PointerTensor]] = []
     for contribution in contributions:
@@ -104,7 +116,7 @@ def aggregate(
             if aggregator is not None:
                 contribution.move(aggregator)
             template = template or contribution._module
-            parts.append([p for p in contribution.pointers() if _floating(p)])
+            parts.append([p for p in contribution.pointers() if floating(p)])
         elif isinstance(contribution, PointerTensor):
             moved = contribution if aggregator is None else contribution.move(aggregator)
             parts.append([moved])
@@ -128,5 +140,5 @@ def aggregate(
                    report["noise_std"], template)
 
 
-def _floating(pointer: PointerTensor) -> bool:
+def floating(pointer: PointerTensor) -> bool:
     return pointer._metadata()[0].is_floating_point

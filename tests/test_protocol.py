@@ -43,6 +43,8 @@ _SAMPLES: dict[Any, Any] = {
     protocol.Identity: "alice",
     protocol.Tag: "#digits",
     protocol.OptimizerName: "adam",
+    protocol.RoundId: "0123456789abcdef0123456789abcdef",
+    protocol.HexText: "00ff",
     bool: True,
     float: 0.25,
     list[Any]: [ObjectRef(3), 2.5, "x"],

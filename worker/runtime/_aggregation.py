@@ -37,7 +37,7 @@ import torch
 
 from torchrelay.broker import PrivateDataError
 
-__all__ = ["AggregationPlan"]
+__all__ = ["AggregationPlan", "clipped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,7 @@ class AggregationPlan:
                 owner = self.owners[index]
                 policy = policies[owner]
                 bound = float(policy["clip"])
-                flat = _clipped(flat, bound)
+                flat = clipped(flat, bound)
                 sigma = max(sigma, float(policy["noise_multiplier"]) * weight * bound)
                 report["epsilon"][owner] = float(policy["epsilon_spent"])
                 report["delta"][owner] = float(policy["delta"])
@@ -119,7 +119,7 @@ class AggregationPlan:
         return (parts[0] if len(parts) == 1 else tuple(parts)), report
 
 
-def _clipped(flat: torch.Tensor, bound: float) -> torch.Tensor:
+def clipped(flat: torch.Tensor, bound: float) -> torch.Tensor:
     """`flat` (float64) with its non-finite entries 0, scaled to an L2 norm of at most
     `bound`; the same work whatever the values."""
     finite = torch.where(torch.isfinite(flat), flat, torch.zeros((), dtype=flat.dtype))

@@ -27,6 +27,7 @@ from torchrelay.broker import (
     is_reply_queue_of,
 )
 
+from ._commands.secure import secure_figures
 from ._leases import Leases
 
 if TYPE_CHECKING:
@@ -147,6 +148,7 @@ class Presence:
                             + worker.scheduler.waits.forged_replies
                             + worker.admission.misdirected)
         status.update(self._facts)
+        status.update(secure_figures(worker))
         if worker.admission.poisoned:
             status["commands_poisoned"] = len(worker.admission.poisoned)
         pacer = worker.private_execution.pacer

@@ -39,6 +39,10 @@ of its records too: both kinds of release are composed in one ledger.
                                # leaks data, off unless the owner opts in
     ledger = "bob.privacy.json"  # where releases are recorded, so a restart does not
                                # reset the budget (default: under $XDG_STATE_HOME)
+    secure_aggregation = false # true: its data leaves only in secure aggregates (no
+                               # aggregator sees its contribution; `_secagg.py`)
+    threshold = 3              # the least Shamir threshold of a secure round it joins
+                               # (default: a majority of the round's owners)
 """
 
 from __future__ import annotations
@@ -78,6 +82,11 @@ class PrivacyPolicy:
     release_scalars: bool = False
     ledger: str | None = None
     unit: str = "owner"
+    secure_aggregation: bool = False
+    """Release only in secure aggregates: no aggregator, trusted or not, sees this
+    owner's contribution (`_secagg.py`)."""
+    threshold: int | None = None
+    """The least threshold of a secure round this owner joins (None: a majority)."""
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -101,6 +110,12 @@ class PrivacyPolicy:
             raise PrivacyError("privacy release_scalars must be true or false")
         if self.ledger is not None and not (isinstance(self.ledger, str) and self.ledger):
             raise PrivacyError("privacy ledger must be a file path")
+        if type(self.secure_aggregation) is not bool:
+            raise PrivacyError("privacy secure_aggregation must be true or false")
+        if self.threshold is not None and not (type(self.threshold) is int
+                                               and self.threshold >= 2):
+            raise PrivacyError("privacy threshold must be a whole number from 2, not "
+                               f"{self.threshold!r}")
 
     @classmethod
     def of(cls, table: dict[str, Any]) -> PrivacyPolicy:
@@ -121,7 +136,8 @@ class PrivacyPolicy:
         """What others may know of it (all of it: nothing here is secret)."""
         return {"k": self.k, "clip": self.clip, "noise_multiplier": self.noise_multiplier,
                 "epsilon": self.epsilon, "delta": self.delta, "trusted": list(self.trusted),
-                "release_scalars": self.release_scalars, "unit": self.unit}
+                "release_scalars": self.release_scalars, "unit": self.unit,
+                "secure_aggregation": self.secure_aggregation, "threshold": self.threshold}
 
 
 def _number(value: object) -> bool:

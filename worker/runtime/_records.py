@@ -13,8 +13,8 @@ import msgpack
 
 from torchrelay.broker import Call, Command, Delivery, Frame, Store
 
-__all__ = ["Containment", "Incoming", "Job", "ParkedCommand", "Request", "Task", "Waiting",
-           "log_fields", "made_by"]
+__all__ = ["Containment", "Gather", "GatherPart", "Incoming", "Job", "ParkedCommand",
+           "Request", "Task", "Waiting", "log_fields", "made_by"]
 
 
 class Request:
@@ -29,6 +29,22 @@ class Request:
 
     def __await__(self) -> Generator[Request, Any, Any]:
         return (yield self)
+
+
+class Gather:
+    """Awaited by a handler: send every one of `requests` at once, and resume with their
+    outcomes in order — each the reply's value, or the exception that ended its wait
+    (returned, not raised: one worker's failure is the handler's to weigh). A round of
+    secure aggregation asks every owner at once rather than one after another."""
+
+    __slots__ = ("requests",)
+
+    def __init__(self, requests: list[Request]) -> None:
+        self.requests = requests
+
+    def __await__(self) -> Generator[Gather, Any, list[Any]]:
+        outcomes: list[Any] = yield self
+        return outcomes
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +102,25 @@ class Incoming:
 
 
 @dataclass(slots=True)
-class Waiting:
+class GatherPart:
+    """One request of a `Gather`: where its outcome goes, and how many are still out."""
+
     task: Task
+    outcomes: list[Any]
+    index: int
+    left: list[int]
+    """Shared by the parts of one gather: [requests still waiting]."""
+
+    def done(self, value: Any, error: BaseException | None) -> bool:
+        """Record this part's outcome; whether it was the last."""
+        self.outcomes[self.index] = error if error is not None else value
+        self.left[0] -= 1
+        return self.left[0] == 0
+
+
+@dataclass(slots=True)
+class Waiting:
+    task: Task | GatherPart
     request: Request
     deadline: float
 

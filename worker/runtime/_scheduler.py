@@ -1,6 +1,7 @@
 """Handlers that wait on other workers, run as coroutines without blocking the worker.
 
-A handler that needs another worker returns a coroutine that awaits `Request`s.
+A handler that needs another worker returns a coroutine that awaits `Request`s (or a
+`Gather` of several, sent at once and resumed when all have ended).
 The scheduler sends each request, files the coroutine under the request's
 correlation id (`_waits.py`) and resumes it with the reply, or with the error
 that ended the wait; meanwhile the worker serves others, so chains with cycles
@@ -17,7 +18,7 @@ from torchrelay.broker import Delivery, Endpoint, Envelope, TorchRelayError, Tra
 
 from ._answers import Answers
 from ._parking import Parking
-from ._records import Task
+from ._records import Gather, GatherPart, Request, Task
 from ._waits import Waits
 
 __all__ = ["Scheduler"]
@@ -35,6 +36,7 @@ class Scheduler:
         """The requests in flight, by correlation id."""
         self._prefix = f"{worker_id}.{secrets.token_hex(4)}."  # unique per run, as a client's
         self._numbers = 0
+        self._gathered: list[Any] = []
 
     def __len__(self) -> int:
         """Commands waiting on other workers."""
@@ -58,6 +60,11 @@ class Scheduler:
             except Exception as e:
                 self._ended(task, None, e)
                 return
+            if type(request) is Gather:
+                if not self._gather(task, request):
+                    return  # waits for them
+                value, error = self._gathered, None
+                continue
             correlation_id = self.next_correlation_id()
             try:
                 self.endpoint.send_command(
@@ -83,21 +90,61 @@ class Scheduler:
                 self.parking.park(task, request)
             return
 
+    def _gather(self, task: Task, gather: Gather) -> bool:
+        """Send every request of `gather` for `task`; whether all ended at once (then
+        their outcomes are `_gathered`)."""
+        requests = gather.requests
+        outcomes: list[Any] = [None] * len(requests)
+        left = [len(requests)]
+        parts = [GatherPart(task, outcomes, index, left) for index in range(len(requests))]
+        waiting: Request | None = None
+        for part, request in zip(parts, requests, strict=True):
+            if type(request) is not Request:
+                part.done(None, TypeError("a gather holds requests only"))
+                continue
+            correlation_id = self.next_correlation_id()
+            try:
+                self.endpoint.send_command(
+                    request.worker_id, request.command.name,
+                    request.command.encode(None if task.origin is None
+                                           else Envelope(origin=task.origin)),
+                    correlation_id, confirm=request.confirm)
+            except Exception as e:  # unroutable, broker down: that request's outcome
+                part.done(None, e)
+                continue
+            self.waits.add(correlation_id, part, request)
+            waiting = waiting or request
+        if left[0] == 0:
+            self._gathered = outcomes
+            return True
+        if self.parking is not None and waiting is not None:
+            self.parking.park(task, waiting)
+        return False
+
+    def _resume(self, task: Task | GatherPart, value: Any,
+                error: BaseException | None) -> None:
+        if type(task) is GatherPart:
+            if task.done(value, error):
+                self.advance(task.task, task.outcomes, None)
+        else:
+            assert type(task) is Task
+            self.advance(task, value, error)
+
     def resume(self, delivery: Delivery) -> None:
         """A reply came: resume whoever waited for it (late and forged ones are dropped)."""
         resumed = self.waits.answered(delivery)
         if resumed is not None:
-            self.advance(*resumed)
+            self._resume(*resumed)
 
     def expire(self, now: float) -> None:
         """Fail the waits whose reply is overdue, or whose worker is gone."""
         for task, value, error in self.waits.overdue(now):
-            self.advance(task, value, error)
+            self._resume(task, value, error)
 
     def fail_all(self, error: TorchRelayError) -> None:
         """Fail every wait (the connection that would carry replies is gone)."""
         for task in self.waits.end_all():
-            self.advance(task, None, error)
+            self._resume(task, None, error)
 
     def _ended(self, task: Task, value: Any, error: Exception | None) -> None:
         if self.parking is not None:

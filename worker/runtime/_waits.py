@@ -28,13 +28,13 @@ from torchrelay.broker import (
     gone_message,
 )
 
-from ._records import Request, Task, Waiting
+from ._records import GatherPart, Request, Task, Waiting
 
 __all__ = ["Waits"]
 
 log = logging.getLogger("torchrelay.worker")
 
-Resumed = tuple[Task, Any, BaseException | None]
+Resumed = tuple[Task | GatherPart, Any, BaseException | None]
 """A waiting task, and the value or the error to resume it with."""
 
 
@@ -54,7 +54,7 @@ class Waits:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, correlation_id: str, task: Task, request: Request) -> None:
+    def add(self, correlation_id: str, task: Task | GatherPart, request: Request) -> None:
         """`task` sent `request` under `correlation_id` and waits for its reply."""
         self._waiting[correlation_id] = Waiting(task, request,
                                                 time.monotonic() + self.reply_timeout)
@@ -118,7 +118,7 @@ class Waits:
                 for cid in [cid for cid, w in self._waiting.items()
                             if w.request.worker_id == worker_id]]
 
-    def end_all(self) -> list[Task]:
+    def end_all(self) -> list[Task | GatherPart]:
         """Every waiting task, no longer waiting (the connection replies would take is
         gone)."""
         waiting, self._waiting = self._waiting, {}

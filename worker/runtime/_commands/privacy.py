@@ -38,6 +38,7 @@ def may_move(worker: WorkerRuntime, object_id: int, owners: frozenset[str],
              destination: str) -> None:
     """Refuse to send private-derived data anywhere its owners do not trust."""
     if owners == {worker.id}:
+        _only_secure(worker, f"object {object_id} cannot move to {destination!r}")
         if destination not in worker.privacy.trusted:
             trusted = ", ".join(worker.privacy.trusted) or "no worker"
             raise PrivateDataError(
@@ -62,7 +63,8 @@ def charge_training(worker: WorkerRuntime, noise_multiplier: float, sample_rate:
     """Whether this worker's data may leave as a model trained by `steps` DP-SGD steps
     (`training.dp_train`) at `sample_rate` with `noise_multiplier`: only if its owner
     protects records, at no less than its least noise, within its budget. Charged
-    here, before the first step runs; ε spent after it."""
+    here, before the first step runs; ε spent after it. (An owner that lets its data
+    out only in secure aggregates keeps the model: `training.dp_train`.)"""
     policy = worker.privacy
     if policy.unit != "record":
         raise PrivateDataError(
@@ -79,6 +81,13 @@ def charge_training(worker: WorkerRuntime, noise_multiplier: float, sample_rate:
         raise PrivateDataError(str(e)) from None
 
 
+def _only_secure(worker: WorkerRuntime, what: str) -> None:
+    if worker.privacy.secure_aggregation:
+        raise PrivateDataError(
+            f"{worker.id!r}'s data leaves only in secure aggregates (secure_aggregation "
+            f"in its [worker.privacy]): {what}; use tr.aggregate(..., secure=True)")
+
+
 @handles(ChargePrivacy)
 def charge_privacy(worker: WorkerRuntime, command: ChargePrivacy, sender: str) -> dict[str, Any]:
     if sender != worker.id and sender not in worker.privacy.trusted:
@@ -86,6 +95,7 @@ def charge_privacy(worker: WorkerRuntime, command: ChargePrivacy, sender: str) -
             f"worker {sender!r} is not trusted by {worker.id!r}: it cannot release "
             f"{worker.id!r}'s data"
         )
+    _only_secure(worker, "an aggregator that sees its contribution cannot release it")
     if command.contributors < worker.privacy.k:
         raise PrivateDataError(
             f"{worker.id!r}'s data is released only in aggregates of at least "

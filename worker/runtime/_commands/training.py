@@ -61,6 +61,7 @@ from .._pacing import bucket
 from .._plans import RecordedPlan
 from ._registry import handles
 from .privacy import charge_training
+from .secure import trained_by_dp_sgd
 
 if TYPE_CHECKING:
     from .._runtime import WorkerRuntime
@@ -130,9 +131,15 @@ def dp_train(worker: WorkerRuntime, command: DpTrain, sender: str) -> dict[str, 
     trained = dict(zip(command.trained, mechanism.parameters.values(), strict=True))
     released = tuple(trained.get(i, tensor.detach().clone())
                      for i, tensor in zip(command.tensors, tensors, strict=True))
-    # Released by its owner: it derives from no one's private data any more.
+    # Released by its owner: it derives from no one's private data any more — unless
+    # the owner lets its data out only in secure aggregates: then the model stays its
+    # own, DP already, to leave only summed with others' as it is (`secure.py`).
+    held = private and policy.secure_aggregation
     worker.store.put(command.result_id, released[0] if len(released) == 1 else released,
-                     frozenset(), frozenset({sender}), by=sender)
+                     frozenset({worker.id}) if held else frozenset(), frozenset({sender}),
+                     by=sender)
+    if held:
+        trained_by_dp_sgd(worker, command.result_id)
     return report
 
 
