@@ -212,7 +212,7 @@ class _RecordingPacer:
         return key in self.calibrated_keys
 
     def calibrated(self, key: Any, benign_seconds: float) -> None:
-        assert benign_seconds > 0
+        del benign_seconds  # (how long it took is the machine's, not the test's)
         self.calibrated_keys.append(key)
 
     def pace(self, key: Any, started: float) -> None:
