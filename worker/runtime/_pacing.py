@@ -42,6 +42,9 @@ MAX: Final = 3600.0
 """A schedule does not grow past this (a command past `command_timeout` is stopped)."""
 FORGIVE_AFTER: Final = 256
 """Runs within schedule after which it is halved (no lower than it started)."""
+SLACK: Final = 3.0
+"""A new schedule is this many times its benign run: a small operation's time varies
+by more than its own length with the machine's load, caches and page faults."""
 _SPIN: Final = 1e-3
 """Waits shorter than this spin rather than sleep (a sleep can overshoot by as much)."""
 
@@ -74,9 +77,11 @@ class Pacer:
     def known(self, key: Key) -> bool:
         return key in self._schedules
 
-    def calibrated(self, key: Key, benign_seconds: float) -> None:
-        """A new schedule for `key`, from a run on benign arguments."""
-        self._schedules[key] = _Schedule(3.0 * benign_seconds)
+    def calibrated(self, key: Key, benign_seconds: float, slack: float = SLACK) -> None:
+        """A new schedule for `key`, `slack` times a run on benign arguments."""
+        if not slack >= 1.0:
+            raise ValueError(f"a schedule's slack is at least 1, not {slack!r}")
+        self._schedules[key] = _Schedule(slack * benign_seconds)
 
     def pace(self, key: Key, started: float) -> None:
         """Return at `started` (a `time.perf_counter()`) plus `key`'s schedule, the
