@@ -21,6 +21,8 @@ from typing import Any
 
 import pika
 
+from torchrelay.broker import stamp
+
 from .processes import ChildFailed, free_port, run_module
 from .report import Skipped
 
@@ -34,16 +36,18 @@ _PIPELINED = "pipelined"
 class EchoServer:
     """The bare pika echo server (`benchmarks.echo_server`) as a child process."""
 
-    def __init__(self, url: str, queue: str, prefetch: int = ECHO_PREFETCH) -> None:
+    def __init__(self, url: str, queue: str, prefetch: int = ECHO_PREFETCH,
+                 env: dict[str, str] | None = None) -> None:
         self.url = url
         self.queue = queue
         self.prefetch = prefetch
+        self.env = env
         self.process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> EchoServer:
         argv = [sys.executable, "-m", "benchmarks.echo_server", self.url, self.queue,
                 str(self.prefetch)]
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=self.env)
         assert self.process.stdout is not None
         if self.process.stdout.readline().strip() != "ready":
             self.__exit__(None, None, None)
@@ -79,13 +83,16 @@ class PikaEcho:
         if props.correlation_id == _PIPELINED:
             self._counted += 1
         else:
+            stamp("received", props.correlation_id)
             self._replies[props.correlation_id] = body
 
     def call(self, body: bytes) -> bytes:
         """One request/reply round trip."""
         correlation_id = uuid.uuid4().hex
         props = pika.BasicProperties(reply_to=self.reply_queue, correlation_id=correlation_id)
+        stamp("publish", correlation_id)
         self.channel.basic_publish("", self.queue, body, props)
+        stamp("published", correlation_id)
         while correlation_id not in self._replies:
             self.connection.process_data_events(time_limit=None)
         return self._replies.pop(correlation_id)

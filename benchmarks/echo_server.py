@@ -10,10 +10,14 @@ benchmark leaves no orphan behind (its queue is auto-delete).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
 import pika
+
+# Stamps only when the benchmark's breakdown traces this process (`TORCHRELAY_TRACE`).
+from torchrelay.broker._trace import stamp
 
 
 def serve(url: str, queue: str, prefetch: int) -> None:
@@ -24,9 +28,13 @@ def serve(url: str, queue: str, prefetch: int) -> None:
     channel.basic_qos(prefetch_count=prefetch)
 
     def echo(ch: Any, method: Any, props: Any, body: bytes) -> None:
+        stamp("received", props.correlation_id)
         reply = pika.BasicProperties(correlation_id=props.correlation_id)
+        stamp("publish", props.correlation_id)
         ch.basic_publish("", props.reply_to, body, reply)
+        stamp("published", props.correlation_id)
         ch.basic_ack(method.delivery_tag)
+        stamp("worker.done")
 
     def watch_parent() -> None:
         if os.getppid() != parent:
@@ -34,6 +42,10 @@ def serve(url: str, queue: str, prefetch: int) -> None:
         else:
             connection.call_later(1.0, watch_parent)
 
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)  # exits as from the end: a traced run writes its stamps
+
+    signal.signal(signal.SIGTERM, stop)
     channel.basic_consume(queue, echo)
     connection.call_later(1.0, watch_parent)
     print("ready", flush=True)

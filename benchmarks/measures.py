@@ -18,7 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
-from . import dpsgd, secagg
+from . import breakdown, dpsgd, secagg
 from .cluster import cluster
 from .fairness import fairness
 from .faults import faults
@@ -488,6 +488,8 @@ class Measure:
 MEASURES: dict[str, Measure] = {
     "sync": Measure(sync_op, True, "small ops that wait (sync, get, move) vs bare pika"),
     "pipelined": Measure(pipelined, True, "N small ops then one sync, ops/s vs bare pika"),
+    "breakdown": Measure(breakdown.measure, False, "where one sync x+x spends its time, "
+                         "layer by layer, beside a bare pika round trip"),
     "transfer": Measure(transfer, True, "send+get 1 MiB .. 1 GiB, MiB/s and peak RSS"),
     "move": Measure(move, True, "move 64 MiB bob->alice: time and bytes via the client"),
     "embedded": Measure(embedded, False, "small sync op on the embedded broker vs local"),

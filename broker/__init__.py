@@ -111,6 +111,7 @@ if TYPE_CHECKING:
         is_plain_ok,
         session_and_number,
     )
+    from ._trace import stamp
     from ._transport import Broker, Delivery, Endpoint
     from ._urls import open_broker
 

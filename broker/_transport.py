@@ -104,6 +104,11 @@ class Endpoint(ABC):
         """A delivery that has arrived already, or None, without waiting."""
         return self.receive(0)
 
+    def take_received(self) -> Delivery | None:
+        """A delivery read from the connection already, or None, without reading it
+        again (where reading has a cost of its own: a system call per look)."""
+        return self.poll()
+
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a command once it has been executed."""

@@ -43,6 +43,7 @@ from torchrelay.broker import (
     format_pointer,
     is_inplace,
     resolve_op,
+    stamp,
     wire_name,
 )
 from torchrelay.broker._allowlist import TENSOR_METHODS
@@ -392,6 +393,7 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Point
 
     Returns a pointer to the result, or for an in-place operation its target.
     """
+    stamp("client.call")
     finder = _LocationFinder()
     wire_args = [
         # The usual arguments (pointers and numbers) without a recursive call each.

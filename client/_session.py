@@ -55,6 +55,7 @@ from torchrelay.broker import (
     UnknownWorker,
     gone_message,
     new_object_id,
+    stamp,
 )
 
 from ._data import search
@@ -304,6 +305,7 @@ class Fleet:
                                                                envelope)))
         except ConnectionLost as e:
             self._fail_outstanding(self.replies.lost(e))
+        stamp("client.queued", correlation_id)
         return correlation_id
 
     def _publish(self) -> None:
@@ -347,6 +349,7 @@ class Fleet:
                     self._fail_if_gone()
             except ConnectionLost as e:
                 self._fail_outstanding(self.replies.lost(e))
+        stamp("client.settled")
         if raise_errors:
             self.replies.raise_errors()
 

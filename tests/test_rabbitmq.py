@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import torchrelay as tr
-from torchrelay.broker import COMMAND_EXCHANGE, ManagementAPI, worker_queue
+from torchrelay.broker import APP_ID, COMMAND_EXCHANGE, ManagementAPI, worker_queue
+from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
 tr.hook(torch)
@@ -177,3 +178,24 @@ def test_hostile_envelopes_do_not_take_a_daemon_down(session_daemons: WorkerProc
     with tr.connect(url) as fleet:
         assert torch.equal(torch.tensor([1.0]).send(fleet.worker("bob")).get(),
                            torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize(("type_", "correlation_id", "reply_to"), [
+    ("call", "me.1a2b.1", "torchrelay.reply.me.1a2b"),
+    ("call.reply", "x" * 200, None),
+    ("batch", "é.7+3", "q"),
+])
+def test_small_message_properties_encode_as_pika_does(
+    type_: str, correlation_id: str, reply_to: str | None
+) -> None:
+    """The publisher's pre-encoded properties are byte for byte pika's own encoding."""
+    headers = {"sender": "bob-ünï"}
+    ours = SmallMessageProperties("guest", headers)
+    ours.type, ours.correlation_id, ours.reply_to = type_, correlation_id, reply_to
+    pikas = pika.BasicProperties(app_id=APP_ID, user_id="guest", headers=headers,
+                                 delivery_mode=1, type=type_, correlation_id=correlation_id,
+                                 reply_to=reply_to)
+    assert b"".join(ours.encode()) == b"".join(pikas.encode())
+    with pytest.raises(pika.exceptions.ShortStringTooLong):
+        ours.correlation_id = "x" * 256
+        ours.encode()

@@ -37,6 +37,7 @@ from typing import Any, Final
 from .._chunks import Reassembler
 from .._codec import tensor_buffer
 from .._names import RETURNED
+from .._trace import stamp
 from .._transport import Delivery
 
 __all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch",
@@ -222,6 +223,7 @@ class Consumer:
                 None if is_reply else props.reply_to, method.delivery_tag, method.redelivered,
                 self.epoch,
             )
+            stamp("received", delivery.correlation_id)
             if not is_reply:
                 if self.urgent is not None and self.urgent(channel, delivery):
                     channel.basic_ack(method.delivery_tag)  # answered already

@@ -31,6 +31,7 @@ from .._names import (
     reply_queue,
     worker_queue,
 )
+from .._trace import stamp
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer
@@ -224,12 +225,14 @@ class RabbitMQEndpoint(Endpoint):
         # Sent again until it is taken or NACK_RETRY_SECONDS have passed.
         deadline = time.monotonic() + NACK_RETRY_SECONDS
         pause = 0.05
+        stamp("publish", correlation_id)
         while True:
             try:
                 self._link.run(lambda channels: publisher.publish(
                     channels, COMMAND_EXCHANGE, worker_id, type=type, frame=frame,
                     correlation_id=correlation_id, reply_to=reply_to, confirm=confirm,
                 ))
+                stamp("published", correlation_id)
                 return
             except pe.UnroutableError:
                 raise UnknownWorker(worker_id, f"no queue for it on {self._broker.url}") from None
@@ -244,9 +247,11 @@ class RabbitMQEndpoint(Endpoint):
 
     def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
         publisher = self._publisher
+        stamp("publish", correlation_id)
         self._link.run(lambda channels: publisher.publish(
             channels, "", reply_to, type=type, frame=frame, correlation_id=correlation_id
         ))
+        stamp("published", correlation_id)
 
     def _urgent(self, channel: Any, delivery: Delivery) -> bool:
         """Answer a command at once if our owner can (`answer_now`), under the lock."""
@@ -263,6 +268,10 @@ class RabbitMQEndpoint(Endpoint):
         self._publisher.publish(self._channels, "", delivery.reply_to, type=kind, frame=frame,
                                 correlation_id=delivery.correlation_id)
         return True
+
+    def take_received(self) -> Delivery | None:
+        consumer = self._consumer
+        return self._link.run(lambda channels: consumer.take())
 
     def poll(self) -> Delivery | None:
         def poll(channels: Channels) -> Delivery | None:

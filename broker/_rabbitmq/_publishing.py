@@ -15,6 +15,7 @@ the link's lock, with the `Channels` it hands out.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -25,7 +26,7 @@ from .._codec import Frame
 from .._names import APP_ID, COMMAND_EXCHANGE, EVENTS_EXCHANGE
 from ._link import Channels
 
-__all__ = ["Publisher"]
+__all__ = ["Publisher", "SmallMessageProperties"]
 
 # Transient even for transfers between workers: their safety comes from the
 # destination's confirmation (the source keeps its copy until then), and a
@@ -33,6 +34,45 @@ __all__ = ["Publisher"]
 _TRANSIENT: Final = 1
 _SET_APART_BYTES: Final = 1 << 20
 """A dead-lettered message keeps its body up to this size (its size is always said)."""
+
+
+def _short_string(value: str) -> bytes:
+    encoded = value.encode()
+    if len(encoded) > 255:
+        raise pika.exceptions.ShortStringTooLong(encoded)
+    return bytes((len(encoded),)) + encoded
+
+
+class SmallMessageProperties(pika.BasicProperties):  # type: ignore[misc]
+    """A publisher's properties for messages in one piece: its own (headers, user id,
+    app id, transient) encoded once, the rest (`type`, `correlation_id`, `reply_to`)
+    set per message, and nothing else. pika encodes properties field by field in
+    Python for every message, a third of a small message's publication. The bytes
+    are pika's own encoding of the same fields (a test compares them)."""
+
+    _FLAGS: Final = (pika.BasicProperties.FLAG_HEADERS
+                     | pika.BasicProperties.FLAG_DELIVERY_MODE
+                     | pika.BasicProperties.FLAG_CORRELATION_ID
+                     | pika.BasicProperties.FLAG_TYPE | pika.BasicProperties.FLAG_USER_ID
+                     | pika.BasicProperties.FLAG_APP_ID)
+
+    def __init__(self, user: str, headers: dict[str, Any]) -> None:
+        super().__init__(app_id=APP_ID, user_id=user, headers=headers,
+                         delivery_mode=_TRANSIENT)
+        table: list[bytes] = []
+        pika.data.encode_table(table, headers)
+        self._head = b"".join(table) + bytes((_TRANSIENT,))
+        self._tail = _short_string(user) + _short_string(APP_ID)
+
+    def encode(self) -> list[bytes]:
+        if self.reply_to is None:
+            flags = self._FLAGS
+            reply = b""
+        else:
+            flags = self._FLAGS | pika.BasicProperties.FLAG_REPLY_TO
+            reply = _short_string(self.reply_to)
+        return [struct.pack(">H", flags), self._head, _short_string(self.correlation_id),
+                reply, _short_string(self.type), self._tail]
 
 
 class Publisher:
@@ -49,9 +89,7 @@ class Publisher:
         self._user = user
         # One properties object, refilled for every small message: pika encodes it
         # during basic_publish, and building one costs as much as the rest.
-        self._properties = pika.BasicProperties(
-            app_id=APP_ID, user_id=user, headers=self._headers, delivery_mode=_TRANSIENT
-        )
+        self._properties = SmallMessageProperties(user, self._headers)
 
     def publish(
         self,

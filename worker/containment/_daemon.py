@@ -116,15 +116,17 @@ def _serve(
 ) -> None:
     """Handle deliveries until `stop` is set (or `until()` is true).
 
-    Everything that has arrived is taken before each command runs, so that the next
-    command is the fairest sender's (`_fairness.py`), not merely the oldest."""
+    Everything read from the connection is taken before each command runs, so that
+    the next command is the fairest sender's (`_fairness.py`), not merely the oldest.
+    The connection is read once per command (a wait, or a look when commands are
+    queued): not again to see that nothing else came meanwhile."""
     next_expiry = time.monotonic() + _POLL_SECONDS
     while not stop.is_set() and not until():
         try:
             delivery = endpoint.poll() if runtime.queued else endpoint.receive(_POLL_SECONDS)
             while delivery is not None:
                 _guarded(runtime.accept, delivery)
-                delivery = endpoint.poll()
+                delivery = endpoint.take_received()
             if runtime.queued:
                 _guarded(runtime.step)
         except ConnectionLost as e:

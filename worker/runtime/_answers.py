@@ -24,6 +24,7 @@ from torchrelay.broker import (
     TorchRelayError,
     encode_reply_batch,
     session_and_number,
+    stamp,
 )
 
 from ._commands import Encoded
@@ -88,6 +89,7 @@ class Answers:
                 error, with_traceback=not isinstance(error, TorchRelayError)
             )
             frame = Reply(error=info).encode()
+        stamp("worker.encoded")
         self._send(job.reply_to, job.name, job.correlation_id, frame)
 
     def _send(self, reply_to: str, name: str, correlation_id: str, frame: Frame) -> None:

@@ -44,6 +44,7 @@ from torchrelay.broker import (
     decode_batch,
     is_plain_ok,
     new_object_id,
+    stamp,
     worker_queue,
 )
 
@@ -187,6 +188,7 @@ class WorkerRuntime:
             items = [unreadable(delivery, ProtocolError(delivery.refused))]
         elif delivery.type != BATCH:
             items = [read_command(delivery)]
+            stamp("worker.decoded")
         else:
             try:
                 items = decode_batch(delivery.body)
@@ -212,6 +214,7 @@ class WorkerRuntime:
         held[sender] = held.get(sender, 0) + 1
         for item in items:  # (in the order of whom it acts for: see Envelope.origin)
             self.queue.push(item.envelope.origin or sender, (incoming, item))
+        stamp("worker.admitted")
 
     def step(self) -> bool:
         """Run the next command, the fairest sender's (`_fairness.py`); whether one ran."""
@@ -222,6 +225,7 @@ class WorkerRuntime:
         return True
 
     def _run_job(self, sender: str, incoming: Incoming, item: Batched) -> None:
+        stamp("worker.started")
         incoming.started = True
         self.answers.incoming = incoming
         self._origin = sender  # (the queue's key: whom it acts for)
@@ -292,6 +296,7 @@ class WorkerRuntime:
                                        incoming.replies, incoming.owed)
         if not incoming.held:
             self.endpoint.ack(delivery)
+        stamp("worker.done")
 
     # -- one command ---------------------------------------------------------------
 

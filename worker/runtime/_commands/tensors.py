@@ -28,6 +28,7 @@ from torchrelay.broker import (
     Store,
     is_inplace,
     resolve_op,
+    stamp,
 )
 
 from .._checks import check_arguments, check_result
@@ -114,10 +115,12 @@ def call(worker: WorkerRuntime, command: Call, sender: str) -> Any:
     kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
     if resolver.location is None:
         owners = resolver.provenance
+        stamp("worker.resolved")
         result = execute(worker, command, op, args=args, kwargs=kwargs, owners=owners)
         if command.result_id is not None:
             worker.store.put(command.result_id, result, owners, _holders(command, sender),
                              by=sender)
+            stamp("worker.stored")
         elif owners and command.args and type(command.args[0]) is ObjectRef:
             worker.store.add_owners(command.args[0].id, owners)  # changed in place
         return None
@@ -145,7 +148,9 @@ def execute(worker: WorkerRuntime, call: Call, op: Any, *, args: list[Any],
         )
     if not owners:
         check_arguments(call.op, args, kwargs, worker.limits)
+        stamp("worker.checked")
         result = op(*args, **kwargs)
+        stamp("worker.ran")
         check_result(call.op, result, worker.limits)
         return result
     touched = _changeable(call.op, args, kwargs)
