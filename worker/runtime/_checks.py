@@ -33,9 +33,18 @@ def check_result(op: str, value: Any, limits: Limits) -> None:
 
 
 def check_arguments(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:
-    """Refuse arguments on which `op` is known to crash, never return, or explode."""
-    check_shapes(op, args, kwargs, limits)
-    check_values(op, args, kwargs, limits)
+    """Refuse arguments on which `op` is known to crash, never return, or explode:
+    `check_shapes`, then `check_values` (one lookup of `op`'s checks: this runs for
+    every operation of every plan)."""
+    check = _CHECKS.get(op)
+    reads_values = check is not None and check in _READ_VALUES
+    if check is not None and not reads_values:
+        check(op, args, kwargs, limits)
+    if _has_large_number(args) or (kwargs and _has_large_number(kwargs.values())):
+        _estimate_result(op, args, kwargs, limits)
+    if reads_values:
+        assert check is not None
+        check(op, args, kwargs, limits)
 
 
 def check_shapes(op: str, args: list[Any], kwargs: dict[str, Any], limits: Limits) -> None:

@@ -12,7 +12,8 @@ that its intermediate results stay inside the run instead of being stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torchrelay.broker import (
     Call,
@@ -32,6 +33,11 @@ class RecordedPlan:
     parameters: tuple[int, ...]
     calls: tuple[Call, ...]
     returns: tuple[int, ...]
+    ops: tuple[Any, ...] = field(init=False, repr=False, compare=False)
+    """Each call's operation, looked up once (a plan runs hundreds of them per run)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(resolve_op(call.op) for call in self.calls))
 
     def __repr__(self) -> str:
         ops = sorted({call.op for call in self.calls})

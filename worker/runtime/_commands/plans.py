@@ -12,7 +12,6 @@ from torchrelay.broker import (
     DefinePlan,
     OperationRefused,
     RunPlan,
-    resolve_op,
 )
 
 from .._limits import BudgetExceeded
@@ -45,8 +44,7 @@ def run_plan(worker: WorkerRuntime, command: RunPlan, sender: str) -> None:
     resolver.scope = scope
     budget = worker.store.max_bytes
     held = worker.store.bytes
-    for number, call in enumerate(plan.calls):
-        op = resolve_op(call.op)
+    for number, (call, op) in enumerate(zip(plan.calls, plan.ops, strict=True)):
         args = resolver.arguments(call.args)
         kwargs = resolver.resolve(call.kwargs) if call.kwargs else {}
         if resolver.location is not None:
