@@ -1,6 +1,8 @@
 """Where the time of one small operation goes, layer by layer, beside bare pika's.
 
-`y = x + x; fleet.sync()` on a daemon started for this measure with
+`y = x + x; fleet.sync()` (and `(x + x).get()`, whose call and fetch go as one
+batch: its "journal commit" segment holds the fetch, from the call's reply to
+the batch's) on a daemon started for this measure with
 `TORCHRELAY_TRACE` set, and the bare pika echo round trip on an echo server
 traced the same way: every layer stamps the moment it is done with a command
 (`torchrelay.broker._trace`; CLOCK_MONOTONIC, one clock for all processes of
@@ -89,6 +91,8 @@ def measure(session: Session) -> MeasureResult:
             x = send(torch.ones(4), fleet.worker(worker_id))
             progress(f"breakdown: {iterations} traced `y = x + x; fleet.sync()`")
             ours = _traced(lambda: _sync_add(fleet, x), iterations)
+            progress(f"breakdown: {iterations} traced `(x + x).get()`")
+            got = _traced(lambda: _get_add(x), iterations)
         finally:
             fleet.close()
     with EchoServer(session.url, queue, env=env):
@@ -100,16 +104,22 @@ def measure(session: Session) -> MeasureResult:
             echo.close()
     remote = _remote_stamps(folder)
     ours_rows, ours_raw = _segments(OURS, ours, remote)
+    get_rows, get_raw = _segments(OURS, got, remote)
     pika_rows, pika_raw = _segments(PIKA, bare, remote)
-    rows = [Row(f"B ours  {label}", text) for label, text in ours_rows]
+    rows = [Row(f"B sync  {label}", text, get_text)
+            for (label, text), (_, get_text) in zip(ours_rows, get_rows, strict=True)]
     rows += [Row(f"B pika  {label}", text) for label, text in pika_rows]
-    return MeasureResult(rows=rows, raw={"ours": ours_raw, "pika": pika_raw,
+    return MeasureResult(rows=rows, raw={"sync": ours_raw, "get": get_raw, "pika": pika_raw,
                                          "iterations": iterations})
 
 
 def _sync_add(fleet: tr.Fleet, x: Any) -> None:
     y = x + x  # noqa: F841 (dropped at return: garbage that rides with the next command)
     fleet.sync()
+
+
+def _get_add(x: Any) -> None:
+    (x + x).get()
 
 
 def _traced(step: Any, iterations: int) -> list[list[_trace.Stamp]]:

@@ -192,6 +192,7 @@ class WorkerRuntime:
         else:
             try:
                 items = decode_batch(delivery.body)
+                stamp("worker.decoded")
                 replies = []  # the answers to a batch's commands go back together
             except ProtocolError as e:
                 log.warning("refused a malformed batch from %s: %s", delivery.sender, e)
