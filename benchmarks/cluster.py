@@ -11,7 +11,6 @@ node's stop (once `rabbitmqctl stop` returned) to the client's result.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import tempfile
@@ -39,22 +38,13 @@ def _addresses(first: int) -> str:
     return ",".join(f"amqp://guest:guest@localhost:{port}/" for port in ports)
 
 
-def _cluster(*args: str) -> None:
-    subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                   check=True)
+def _cluster(*args: str) -> str:
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          check=True).stdout
 
 
 def _leader(queue: str) -> int:
-    ctl = shutil.which("rabbitmqctl") or "rabbitmqctl"
-    for node in (1, 2, 3):
-        done = subprocess.run([ctl, "-q", "-n", f"hare{node}@localhost", "list_queues",
-                               "name", "leader", "--formatter", "json"],
-                              capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode == 0:
-            for row in json.loads(done.stdout):
-                if row["name"] == queue:
-                    return int(row["leader"].split("@")[0].removeprefix("hare"))
-    raise RuntimeError(f"no node knows queue {queue}")
+    return int(_cluster("leader", queue))
 
 
 def _scenario(measure: str, which: Callable[[], int], log_dir: Path) -> Row:

@@ -6,6 +6,7 @@
 #   scripts/rabbitmq-cluster.sh stop     stops all three and removes their data
 #   scripts/rabbitmq-cluster.sh status   the cluster's status
 #   scripts/rabbitmq-cluster.sh stop-node N / start-node N   one node (N = 1..3)
+#   scripts/rabbitmq-cluster.sh leader QUEUE   the node (1..3) leading quorum queue QUEUE
 #
 # The nodes share the `rabbitmq` user's Erlang cookie and run as that user, with data
 # folders of their own under $TORCHRELAY_CLUSTER_DIR (default /tmp/torchrelay-cluster):
@@ -45,6 +46,21 @@ status = json.load(sys.stdin)
 sys.exit(0 if sys.argv[1] in status.get("running_nodes", []) else 1)' "$(node "$1")"
 }
 
+leader() {  # the node (1..3) that leads quorum queue $1, as the first node up says
+  local i
+  for i in "${nodes[@]}"; do
+    if ctl "$i" list_queues name leader --formatter json 2>/dev/null | python3 -c '
+import json, sys
+for row in json.load(sys.stdin):
+    if row["name"] == sys.argv[1]:
+        print(row["leader"].split("@")[0].removeprefix("hare"))
+        sys.exit(0)
+sys.exit(1)' "$1"; then return 0; fi
+  done
+  echo "no node of the cluster knows queue $1" >&2
+  return 1
+}
+
 case "${1:-}" in
   start)
     command -v rabbitmq-server >/dev/null || { echo "rabbitmq-server is not installed" >&2; exit 1; }
@@ -68,5 +84,6 @@ case "${1:-}" in
   status) ctl 1 cluster_status ;;
   stop-node) ctl "$2" stop ;;
   start-node) start_node "$2" ;;
-  *) echo "usage: $0 start|stop|status|stop-node N|start-node N" >&2; exit 2 ;;
+  leader) leader "$2" ;;
+  *) echo "usage: $0 start|stop|status|stop-node N|start-node N|leader QUEUE" >&2; exit 2 ;;
 esac

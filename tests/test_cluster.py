@@ -74,15 +74,7 @@ def cluster(*args: str) -> str:
 
 def queue_leader(queue: str) -> int:
     """The node (1..3) leading `queue`, as the cluster says."""
-    for node in (1, 2, 3):
-        done = subprocess.run([RABBITMQCTL, "-q", "-n", f"hare{node}@localhost",
-                               "list_queues", "name", "leader", "--formatter", "json"],
-                              capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode == 0:
-            for row in json.loads(done.stdout):
-                if row["name"] == queue:
-                    return int(row["leader"].split("@")[0].removeprefix("hare"))
-    raise RuntimeError(f"no node of the cluster knows queue {queue}")
+    return int(cluster("leader", queue))
 
 
 def settled() -> None:
