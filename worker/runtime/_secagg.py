@@ -114,9 +114,10 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
     return key.private_bytes_raw()
 
 
-def agree(private: bytes, public: bytes, info: bytes) -> bytes:
+def agree(private: bytes | X25519PrivateKey, public: bytes, info: bytes) -> bytes:
     """A 32-byte key two parties share: HKDF-SHA256 of their X25519 agreement, bound
-    to `info` (what it is for, the round, the pair)."""
+    to `info` (what it is for, the round, the pair). `private` as a key object where
+    one is at hand: reading one from its bytes costs as much as the agreement."""
     hashes = _crypto()
     from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: PLC0415
         X25519PrivateKey,
@@ -124,8 +125,9 @@ def agree(private: bytes, public: bytes, info: bytes) -> bytes:
     )
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: PLC0415
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public))
+        key = X25519PrivateKey.from_private_bytes(private) if isinstance(
+            private, bytes) else private
+        shared = key.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as e:
         raise RoundRefused(f"a public key that is not an X25519 key: {e}") from None
     return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(shared)
@@ -182,8 +184,8 @@ def _open(key: bytes, sealed: bytes, associated: bytes) -> bytes:
                            "for another round") from None
 
 
-def pairwise_mask(private: bytes, public: bytes, round_id: str, *, me: str, peer: str,
-                  length: int) -> torch.Tensor:
+def pairwise_mask(private: bytes | X25519PrivateKey, public: bytes, round_id: str, *,
+                  me: str, peer: str, length: int) -> torch.Tensor:
     """What `me` adds for the pair (me, peer): +PRG(s) if me sorts first, -PRG(s) if
     not, s agreed by X25519 (either side's private key, the other's public key)."""
     first, second = sorted((me, peer))
@@ -290,6 +292,7 @@ class OwnerRound:
         self._c = new_private_key()
         self._s = new_private_key()
         self._b = secrets.token_bytes(32)
+        self._channels: dict[str, bytes] = {}
         n, t = len(self.terms.participants), self.terms.threshold
         self._outgoing = list(zip(split(self._b, t, n),
                                   split(private_bytes(self._s), t, n), strict=True))
@@ -370,8 +373,13 @@ class OwnerRound:
         return peer in self.peers
 
     def _channel(self, sender: str, recipient: str, peer: str) -> tuple[bytes, bytes]:
-        key = agree(private_bytes(self._c), self.peers[peer].c_public,
-                    f"torchrelay secagg shares|{self.terms.round_id}".encode())
+        # One key per pair and round, both ways (the direction is in the associated
+        # data): agreed once, not again for each message.
+        key = self._channels.get(peer)
+        if key is None:
+            key = self._channels[peer] = agree(
+                self._c, self.peers[peer].c_public,
+                f"torchrelay secagg shares|{self.terms.round_id}".encode())
         return key, f"{self.terms.round_id}|{sender}|{recipient}".encode()
 
     def sealed_for(self, peer: str) -> str:
@@ -440,7 +448,7 @@ class OwnerRound:
             value = value + torch.randn(length, generator=generator,
                                         dtype=torch.float64) * self.noise_std
         y = encode(value) + expand(self._b, length)
-        s_private = private_bytes(self._s)
+        s_private = self._s
         for v in shared:
             if v != self.me:
                 y += pairwise_mask(s_private, self.peers[v].s_public, self.terms.round_id,

@@ -230,7 +230,8 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
     rounds.active[command.round_id] = (state, private, owned)
     while len(rounds.active) > KEPT_ROUNDS:
         rounds.active.popitem(last=False)
-    return {"digest": terms.digest()}
+    # Its shapes, which the client needs for the aggregator: told here, not asked apart.
+    return {"digest": terms.digest(), "shapes": [list(t.shape) for t in tensors]}
 
 
 @handles(SecAggShare)
@@ -437,7 +438,9 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
         offset += size
     value = parts[0] if len(parts) == 1 else tuple(parts)
     worker.store.put(command.result_id, value, frozenset(), frozenset({sender}))
-    return {**report, "survivors": survivors,
+    # The average is public, and the asker's: it comes back with the report (no fetch
+    # after), and stays here under `result_id` for whoever holds the pointer.
+    return {**report, "survivors": survivors, "average": value,
             "dropped": sorted(set(owners) - set(survivors))}
 
 
