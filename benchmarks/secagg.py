@@ -10,14 +10,19 @@
   there) against the secure one (keys, shares, masked inputs, unmasking), the median
   of `REPS`; and the messages and bytes each owner sends for each, counted on the
   in-process broker (the same protocol, every message seen).
-- **Flower 1.42's SecAgg+ workflow**: not run here (it needs Flower's ServerApp /
-  ClientApp engine with its secure-aggregation mods; the anchor runs the legacy
-  direct-gRPC API only); the row says so.
+- **Flower 1.42's SecAgg+ workflow** on the same workload and rounds, as reference
+  rows: `flower_secaggplus.py` runs plain FedAvg and SecAgg+ in Flower's Simulation
+  Engine, which needs ray, kept out of torchrelay's environment: it runs with the
+  interpreter `$FLOWER_SIM_PYTHON` names (a venv with `flwr[simulation]==1.42.0`,
+  torch and scikit-learn); without it the row says how to get one.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,12 +43,14 @@ from torchrelay._federated import (
 )
 from torchrelay.broker import EmbeddedBroker
 
-from .report import MeasureResult, Row, Target, at_most, skipped
+from .report import MeasureResult, Row, Target, at_most, failed, skipped
 from .session import Session
 from .stats import millis, progress
 
 ROUNDS = 10
 REPS = 5
+FLOWER_ENV = "FLOWER_SIM_PYTHON"
+FLOWER_TIMEOUT_S = 900.0
 SIZE = 64 * 32 + 32 + 32 * 10 + 10
 """The digits MLP's parameters: what one owner's update holds."""
 
@@ -151,12 +158,48 @@ def _measure(session: Session) -> MeasureResult:
                 note="messages and bytes each owner sends (replies included), counted on "
                      "the in-process broker"),
         ]
-    result.rows.append(skipped(
-        "20 Flower 1.42 SecAgg+ round, digits",
-        "not run here: Flower's SecAgg+ is a ServerApp/ClientApp workflow "
-        "(SecAggPlusWorkflow + secaggplus_mod); the anchor's Flower run is the legacy "
-        "direct-gRPC API, which has no secure aggregation"))
+    result.rows += _flower(raw, secure)
     return result
+
+
+def _flower(raw: dict[str, Any], ours: float) -> list[Row]:
+    """Flower's SecAgg+ and plain rounds, run by `flower_secaggplus.py` in its venv."""
+    measure = "20 Flower 1.42 SecAgg+ round, digits, 3 owners: median"
+    python = os.environ.get(FLOWER_ENV)
+    if not python:
+        return [skipped(measure, f"not measured: set {FLOWER_ENV} to a Python with "
+                                 "flwr[simulation]==1.42.0, torch and scikit-learn (python3 "
+                                 "-m venv /tmp/flwr-secagg-venv; pip install torch==2.13.0 "
+                                 "'flwr[simulation]==1.42.0' scikit-learn); ray is not in "
+                                 "torchrelay's dev extra")]
+    progress(f"secagg: Flower 1.42 plain and SecAgg+ in its Simulation Engine ({python})")
+    script = Path(__file__).with_name("flower_secaggplus.py")
+    try:
+        done = subprocess.run([python, str(script), "--rounds", str(ROUNDS)],
+                              capture_output=True, text=True, timeout=FLOWER_TIMEOUT_S,
+                              check=False)
+        line = next((text for text in done.stdout.splitlines()
+                     if text.startswith("FLOWER_SECAGGPLUS ")), None)
+        if line is None:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"exit {done.returncode}: {last[:300]}")
+        flower = json.loads(line.split(" ", 1)[1])
+    except (OSError, subprocess.TimeoutExpired, RuntimeError, ValueError) as e:
+        return [failed(measure, f"not measured: {e}")]
+    raw["flower_secaggplus"] = flower
+    plain, secagg = flower["plain"], flower["secaggplus"]
+    return [
+        Row(measure, millis(secagg["median_s"]), f"Flower plain {millis(plain['median_s'])}",
+            secagg["median_s"] / plain["median_s"], None,
+            note=f"reference: flwr {flower['flwr']} Simulation Engine (ray), 3 supernodes, "
+                 f"SecAggPlusWorkflow (3 shares, threshold 2) + secaggplus_mod, "
+                 f"{flower['rounds']} rounds (the first left out); accuracy "
+                 f"{secagg['accuracy']:.4f} (plain {plain['accuracy']:.4f})"),
+        Row("20 secure FedAvg round vs Flower's SecAgg+ round", millis(ours),
+            f"Flower SecAgg+ {millis(secagg['median_s'])}", ours / secagg["median_s"], None,
+            note="torchrelay on RabbitMQ daemons against Flower's simulation, same "
+                 "workload and rounds"),
+    ]
 
 
 __all__ = ["measure"]

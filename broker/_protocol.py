@@ -91,6 +91,8 @@ Tag = Annotated[str, Text(64)]
 OptimizerName = Annotated[str, Text(16, r"[a-z]+", "lower-case letters")]
 RoundId = Annotated[str, Text(32, r"[0-9a-f]{32}", "32 hexadecimal digits")]
 HexText = Annotated[str, Text(1024, r"[0-9a-f]*", "hexadecimal digits")]
+Signature = Annotated[str, Text(128, r"[0-9a-f]{128}", "hexadecimal digits of an Ed25519 "
+                                                      "signature")]
 Dimension = Annotated[int, Range(0, 1 << 40)]
 
 
@@ -401,13 +403,15 @@ class SecAggShare(Command):
 @command("secagg_introduce")
 class SecAggIntroduce(Command):
     """From an owner of the round to another: its public keys, the noise it needs and
-    the digest of the terms it was told. Answered with the receiver's."""
+    the digest of the terms it was told, signed by its long-term key when owners pin
+    theirs. Answered with the receiver's."""
 
     round_id: RoundId
     digest: HexText
     c_public: HexText
     s_public: HexText
     sigma: float
+    signature: Signature | None = None
 
 
 @command("secagg_shares")
@@ -446,10 +450,12 @@ class SecAggView(Command):
 @command("secagg_view_is")
 class SecAggViewIs(Command):
     """From an owner of the round to another, once told the survivors: the digest of
-    what it was told (so that the receiver, unmasking, need not ask)."""
+    what it was told (so that the receiver, unmasking, need not ask), signed as an
+    introduction is."""
 
     round_id: RoundId
     digest: HexText
+    signature: Signature | None = None
 
 
 @command("secagg_unmask")

@@ -58,11 +58,20 @@ class Release:
     """`dp_train`: each record's chance to be in a step's batch."""
     dropped: list[str] = field(default_factory=list)
     """A secure aggregate's owners that dropped out of its round (left out of it)."""
+    fetched: Any = field(default=None, repr=False, compare=False)
+    """The value, when it came with the release (a secure aggregate's): `get` returns
+    it rather than fetch it, and deletes the aggregator's copy as a fetch would."""
 
     def get(self) -> Any:
         """The average: a tensor, or for models a module of the contributions' structure
         (parameters and floating-point buffers averaged; other buffers zero). For
         `dp_train`, the trained module."""
+        if self.fetched is not None:  # the aggregator's copy goes, as a fetch takes it
+            value, self.fetched = self.fetched, None
+            if self.value.garbage_collect:
+                self.value.garbage_collect = False
+                self.value.fleet.doom(self.value.location.id, self.value.id_at_location)
+            return self.assemble(value)
         return self.assemble(self.value.get())
 
     def assemble(self, value: Any) -> Any:

@@ -78,8 +78,6 @@ def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
     t = threshold if threshold is not None else n // 2 + 1
     fleet = aggregator.fleet
     round_id = secrets.token_hex(16)
-    if shapes is None:
-        shapes = [list(p._metadata()[1]) for p in by_owner[owners[0]][0]]
     weighed = [by_owner[o][1] for o in owners]
     refused: dict[str, str] = {}
     joins = _each(fleet, [(owner, SecAggJoin(round_id, aggregator.id, owners, t, weighed, [
@@ -88,17 +86,24 @@ def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
         if isinstance(joined, TorchRelayError):  # gone, or refusing: it drops out
             refused[owner] = str(joined)
             log.warning("secure aggregation: %s did not join: %s", owner, joined)
+        elif shapes is None:  # each owner says its contribution's, with its join
+            shapes = [list(shape) for shape in joined["shapes"]]
         for pointer in by_owner[owner][0]:  # spent there (joined), or kept as it is (not)
             pointer.garbage_collect = owner in refused
+    why = "".join(f"; {o} did not join: {m}" for o, m in refused.items())
+    if shapes is None:
+        raise PrivateDataError(f"secure aggregation round {round_id} aborted: no owner "
+                               f"joined it; nothing is released{why}")
     result = fleet.new_id()
     try:
         report = fleet.request(aggregator.id, SecureAggregate(round_id, owners, t, weighed,
                                                               shapes, result))
     except PrivateDataError as e:
-        why = "".join(f"; {o} did not join: {m}" for o, m in refused.items())
         raise PrivateDataError(f"{e}{why}") from None
-    return Release(PointerTensor(aggregator, result), report["epsilon"], report["delta"],
-                   report["noise_std"], template, dropped=list(report["dropped"]))
+    release = Release(PointerTensor(aggregator, result), report["epsilon"], report["delta"],
+                      report["noise_std"], template, dropped=list(report["dropped"]))
+    release.fetched = report["average"]
+    return release
 
 
 def _each(fleet: Fleet, requests: list[tuple[str, Command]]) -> list[Any]:

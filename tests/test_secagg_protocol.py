@@ -3,12 +3,15 @@
 Shamir against Wikipedia's worked example and at random; X25519 agreement both
 ways; the ChaCha20 PRG; fixed point in Z/2^64; then whole rounds of five owners
 run by hand — the right sum with and without dropouts — and each refusal an
-owner owes a hostile aggregator or peer.
+owner owes a hostile aggregator or peer; with owners' long-term keys pinned, each
+key message its sender's key did not sign (a broker not trusted).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +32,15 @@ from torchrelay.worker.runtime._secagg import (
     unmask,
 )
 from torchrelay.worker.runtime._shamir import PRIME, reconstruct, split
+from torchrelay.worker.runtime._signing import (
+    KeyFileError,
+    Pinning,
+    SigningKey,
+    new_key_file,
+    public_key_text,
+    read_public_key,
+    signed_message,
+)
 
 
 def test_shamir_known_vector() -> None:
@@ -208,3 +220,151 @@ def test_noise_shares_sum_to_the_noise() -> None:
         sums.append(_run(rounds, terms, OWNERS[:3], OWNERS[:3], OWNERS[:3]))
     # three survivors' shares of std 1/sqrt(3): the sum's std is 1
     assert torch.cat(sums).std().item() == pytest.approx(1.0, abs=0.05)
+
+
+# -- pinned long-term keys: a broker that is not trusted ------------------------------
+
+
+def _signing_key() -> SigningKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PrivateKey,
+    )
+    return SigningKey(Ed25519PrivateKey.generate())
+
+
+def _pinned_round(keys: dict[str, SigningKey], pinned: dict[str, bytes],
+                  t: int = 3) -> tuple[RoundTerms, dict[str, OwnerRound],
+                                       dict[str, torch.Tensor]]:
+    terms = RoundTerms(secrets.token_hex(16), "agg", OWNERS, t, (0.2,) * 5, 6)
+    values = {o: torch.randn(6, dtype=torch.float64) for o in OWNERS}
+    rounds = {o: OwnerRound(o, terms, values[o] * 0.2, 0.0, Pinning(keys[o], pinned))
+              for o in OWNERS}
+    return terms, rounds, values
+
+
+def _pinned() -> tuple[dict[str, SigningKey], dict[str, bytes]]:
+    keys = {o: _signing_key() for o in OWNERS}
+    return keys, {o: k.public for o, k in keys.items()}
+
+
+def test_pinned_keys_a_signed_round_gives_the_sum() -> None:
+    keys, pinned = _pinned()
+    terms, rounds, values = _pinned_round(keys, pinned)
+    _share(rounds)
+    inputs = {u: rounds[u].masked(list(OWNERS)) for u in OWNERS}
+    survivors = list(OWNERS[:4])  # o5 "lost" after masking
+    for u in survivors:
+        rounds[u].commit(survivors)
+    for u in survivors:  # each tells the others what it was told, signed
+        for v in survivors:
+            if u != v:
+                rounds[v].hear(u, *rounds[u].signed_view())
+    revealed = [rounds[u].reveal(rounds[u].views) for u in survivors]
+    total = torch.stack([inputs[u] for u in survivors]).sum(0)
+    publics = {u: rounds[u].peers[u].s_public for u in survivors}
+    result = decode(unmask(total, terms, shared=list(OWNERS), survivors=survivors,
+                           s_publics=publics, revealed=revealed))
+    assert torch.allclose(result, sum(values[o] * 0.2 for o in survivors), atol=1e-8)
+    assert all(rounds[u].tainted is None for u in OWNERS)
+
+
+def test_pinned_keys_refuse_a_forged_introduction_and_release_nothing() -> None:
+    keys, pinned = _pinned()
+    terms, rounds, _ = _pinned_round(keys, pinned)
+    # The broker's word says o2 sent it, o2's round keys, but another key signed them:
+    # "the right user_id, the wrong signing key".
+    forger = OwnerRound("o2", terms, torch.zeros(6, dtype=torch.float64), 0.0,
+                        Pinning(_signing_key(), pinned))
+    with pytest.raises(RoundRefused, match="not signed by its pinned key"):
+        rounds["o1"].meet("o2", **forger.introduction())
+    assert rounds["o1"].tainted is not None
+    # Tainted: the rest of the round is refused, whatever is asked, so nothing is released.
+    with pytest.raises(RoundRefused, match="releases nothing"):
+        rounds["o1"].meet("o2", **rounds["o2"].introduction())
+    with pytest.raises(RoundRefused, match="releases nothing"):
+        rounds["o1"].sealed_for("o3")
+    with pytest.raises(RoundRefused, match="releases nothing"):
+        rounds["o1"].masked(list(OWNERS))
+    with pytest.raises(RoundRefused, match="releases nothing"):
+        rounds["o1"].reveal({})
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "another owner's", "another round's",
+                                     "sigma changed"])
+def test_pinned_keys_refuse_what_the_sender_did_not_sign(forgery: str) -> None:
+    keys, pinned = _pinned()
+    terms, rounds, _ = _pinned_round(keys, pinned)
+    introduction = rounds["o2"].introduction()
+    if forgery == "unsigned":
+        introduction["signature"] = None
+    elif forgery == "another owner's":  # o3's keys, rightly signed by o3, told as o2's
+        introduction = rounds["o3"].introduction()
+    elif forgery == "another round's":  # o2's signed keys of an earlier round, replayed
+        earlier = RoundTerms(secrets.token_hex(16), *dataclasses.astuple(terms)[1:])
+        introduction = OwnerRound("o2", earlier, torch.zeros(6, dtype=torch.float64), 0.0,
+                                  Pinning(keys["o2"], pinned)).introduction()
+        introduction["digest"] = terms.digest()
+    else:  # a smaller noise than o2 needs, to thin the sum's
+        introduction["sigma"] = 1.0
+    with pytest.raises(RoundRefused, match="unsigned" if forgery == "unsigned"
+                       else "not signed by its pinned key"):
+        rounds["o1"].meet("o2", **introduction)
+    assert rounds["o1"].tainted is not None
+
+
+def test_pinned_keys_refuse_unknown_owners_and_forged_views() -> None:
+    keys, pinned = _pinned()
+    terms = RoundTerms(secrets.token_hex(16), "agg", OWNERS, 3, (0.2,) * 5, 6)
+    without_o5 = {o: k for o, k in pinned.items() if o != "o5"}
+    with pytest.raises(RoundRefused, match="o5: no key pinned"):
+        OwnerRound("o1", terms, torch.zeros(6, dtype=torch.float64), 0.0,
+                   Pinning(keys["o1"], without_o5))
+    _, rounds, _ = _pinned_round(keys, pinned)
+    _share(rounds)
+    for u in OWNERS:
+        rounds[u].masked(list(OWNERS))
+        rounds[u].commit(list(OWNERS))
+    view, _ = rounds["o2"].signed_view()
+    forged = Pinning(_signing_key(), pinned).sign(
+        signed_message("view", rounds["o2"].terms.round_id, "o2", [view]))
+    with pytest.raises(RoundRefused, match=r"view .* not signed by its pinned key"):
+        rounds["o1"].hear("o2", view, forged)
+    with pytest.raises(RoundRefused, match="releases nothing"):
+        rounds["o1"].reveal({v: rounds[v].view() for v in OWNERS[1:]})
+    # Unpinned owners (the broker believed) sign nothing and check nothing, as before.
+    assert Pinning(None, None).sign(b"x") is None
+    assert Pinning(None, None).doubts("o2", b"x", None) is None
+
+
+def test_key_files_and_pinned_key_text(tmp_path: Path) -> None:
+    public = new_key_file(tmp_path / "o1.key")
+    assert (tmp_path / "o1.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "o1.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    key = SigningKey.load(tmp_path / "o1.key")
+    assert public_key_text(key.public) == public and read_public_key(public) == key.public
+    with pytest.raises(FileExistsError):  # a key is never overwritten
+        new_key_file(tmp_path / "o1.key")
+    for wrong in ("", "not base64!", public[:-4], 12):
+        with pytest.raises(KeyFileError, match="public key"):
+            read_public_key(wrong)
+    (tmp_path / "x25519.key").write_bytes(_x25519_pem())
+    with pytest.raises(KeyFileError, match="not an Ed25519 key"):
+        SigningKey.load(tmp_path / "x25519.key")
+    with pytest.raises(KeyFileError, match="keygen"):
+        SigningKey.load(tmp_path / "missing.key")
+    other = new_key_file(tmp_path / "o2.key")
+    key_file = str(tmp_path / "o1.key")
+    assert Pinning.of("o1", key_file, {"o1": public, "o2": other}).peers == {
+        "o1": key.public, "o2": read_public_key(other)}
+    with pytest.raises(KeyFileError, match="another key"):  # a shared table, a wrong entry
+        Pinning.of("o1", key_file, {"o1": other})
+
+
+def _x25519_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: PLC0415
+        X25519PrivateKey,
+    )
+    return X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())

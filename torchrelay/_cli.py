@@ -9,6 +9,7 @@
     torchrelay users add bob --role worker [--password P] [--broker ADMIN_URL]
     torchrelay users remove bob | torchrelay users list
     torchrelay fleet up|down|status [configs/fleet.toml] [--broker URL]
+    torchrelay keygen --out alice.key [--id alice] [--show]
 """
 
 from __future__ import annotations
@@ -136,6 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     users.add_argument("--management-url",
                        help="the management API, http[s]://[USER:PASSWORD@]HOST:PORT (default: "
                             "port 15672 of the broker's host, with the broker's credentials)")
+    keygen = commands.add_parser(
+        "keygen", help="make a data owner's Ed25519 key pair, for secure aggregation through "
+                       "a broker that is not trusted (signing_key and peer_keys in "
+                       "[worker.privacy])")
+    keygen.add_argument("--out", required=True, metavar="FILE.key",
+                        help="where the private key goes (PEM, readable by you only; an "
+                             "existing file is never overwritten)")
+    keygen.add_argument("--id", help="the owner's worker id, to name the printed line "
+                                     "(default: the file's name without its suffix)")
+    keygen.add_argument("--show", action="store_true",
+                        help="make nothing: print the public key of the key in --out")
     return parser
 
 
@@ -151,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _users(args)
     if args.command == "fleet":
         return _fleet(args)
+    if args.command == "keygen":
+        return _keygen(args)
     url = _broker_url(args.broker)
     if args.workers:
         return _status(args.workers, url)
@@ -335,6 +349,37 @@ def _fleet(args: argparse.Namespace) -> int:
     except (ConfigError, BrokerError) as e:
         print(f"torchrelay fleet {args.action}: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from torchrelay.worker.runtime._signing import (
+        KeyFileError,
+        SigningKey,
+        new_key_file,
+        public_key_text,
+    )
+
+    path = Path(args.out)
+    owner = args.id or path.stem
+    try:
+        if args.show:
+            public = public_key_text(SigningKey.load(path).public)
+        else:
+            public = new_key_file(path)
+            print(f"wrote {path}: {owner}'s Ed25519 private key. Keep it to {owner}'s worker "
+                  f"(in its [worker.privacy]: signing_key = \"{path.name}\"). The line for "
+                  "the other owners' [worker.privacy.peer_keys]:")
+    except FileExistsError:
+        print(f"torchrelay keygen: {path} exists; a key is never overwritten (--show prints "
+              "its public key)", file=sys.stderr)
+        return 2
+    except (KeyFileError, OSError) as e:
+        print(f"torchrelay keygen: {e}", file=sys.stderr)
+        return 2
+    print(f'{owner} = "{public}"')
     return 0
 
 

@@ -53,6 +53,9 @@
     epsilon = 10.0
     delta = 1e-5
     trusted = ["secure_worker"]
+    signing_key = "bob.key"      # secure aggregation through a broker not trusted (see
+    [worker.privacy.peer_keys]   # worker/runtime/_signing.py): bob's Ed25519 key, and the
+    alice = "q0T5...base64="     # other owners' public keys (`torchrelay keygen`)
 
 Later sources win: file < `TORCHRELAY_BROKER` < command-line flags. Each
 setting's type is its field's annotation here, so the file is checked against
@@ -85,6 +88,7 @@ from ..runtime._datasets import DatasetError, DatasetSpec
 from ..runtime._leases import DEFAULT_LEASE, DEFAULT_PRESENCE_INTERVAL
 from ..runtime._limits import Limits, default_max_bytes
 from ..runtime._privacy import PrivacyError, PrivacyPolicy, default_ledger
+from ..runtime._signing import KeyFileError
 from ._logs import LOG_FORMATS, LOG_LEVELS
 
 __all__ = ["ConfigError", "JoinedFlag", "WorkerConfig"]
@@ -233,6 +237,11 @@ class WorkerConfig:
                               strict=True):
             if file is not None and not Path(file).is_file():
                 raise ConfigError(f"{name}: there is no file {file}")
+        if self.privacy.signing_key is not None or self.privacy.peer_keys is not None:
+            try:
+                self.privacy.pinning(self.id)
+            except KeyFileError as e:
+                raise ConfigError(f"privacy {e}") from None
         first = broker_addresses(self.broker)[0]
         user = urllib.parse.unquote(urllib.parse.urlsplit(first).username or "guest")
         if user not in self.shared_accounts and user != self.id:
@@ -347,6 +356,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     if privacy is not None:
         if not isinstance(privacy, dict):
             raise ConfigError(f"config file {path}: privacy is a [worker.privacy] table")
+        if isinstance(privacy.get("signing_key"), str):  # relative to the file
+            privacy = {**privacy, "signing_key": str(path.parent / privacy["signing_key"])}
         try:
             policy = PrivacyPolicy.of(privacy)
         except (PrivacyError, TypeError) as e:

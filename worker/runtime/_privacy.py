@@ -43,6 +43,11 @@ of its records too: both kinds of release are composed in one ledger.
                                # aggregator sees its contribution; `_secagg.py`)
     threshold = 3              # the least Shamir threshold of a secure round it joins
                                # (default: a majority of the round's owners)
+    signing_key = "bob.key"    # secure aggregation through a broker not trusted: its
+                               # Ed25519 key (`torchrelay keygen`), signing its round keys
+    [worker.privacy.peer_keys] # ... and the other owners' public keys: it joins rounds
+    alice = "q0T5...base64="   # only with them, and believes only what they signed
+                               # (`_signing.py`)
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ._signing import KeyFileError, Pinning
 
 __all__ = ["UNITS", "BudgetSpent", "PrivacyBudget", "PrivacyError", "PrivacyPolicy",
            "default_ledger", "epsilon_of", "least_noise"]
@@ -87,6 +94,14 @@ class PrivacyPolicy:
     owner's contribution (`_secagg.py`)."""
     threshold: int | None = None
     """The least threshold of a secure round this owner joins (None: a majority)."""
+    signing_key: str | None = None
+    """This owner's long-term Ed25519 private key, a PEM file: it signs its keys in every
+    secure round (`_signing.py`)."""
+    peer_keys: tuple[tuple[str, str], ...] | None = None
+    """Other owners' pinned Ed25519 public keys (base64), by worker id: a secure round
+    with an owner not listed is refused, and a key message is believed only signed by
+    its sender's key (None: the broker's `user_id` is believed). Pairs, sorted: a
+    frozen policy holds no dict."""
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -116,6 +131,23 @@ class PrivacyPolicy:
                                                and self.threshold >= 2):
             raise PrivacyError("privacy threshold must be a whole number from 2, not "
                                f"{self.threshold!r}")
+        if self.signing_key is not None and not (isinstance(self.signing_key, str)
+                                                 and self.signing_key):
+            raise PrivacyError("privacy signing_key must be a key file's path")
+        if self.peer_keys is not None and not all(
+                isinstance(name, str) and name for name, _ in self.peer_keys):
+            raise PrivacyError("privacy peer_keys is a table of worker ids and public keys")
+        if self.signing_key is not None or self.peer_keys is not None:
+            try:  # a key that cannot be used is said at start, not at a round
+                self.pinning(None)
+            except KeyFileError as e:
+                raise PrivacyError(f"privacy {e}") from None
+
+    def pinning(self, me: str | None) -> Pinning:
+        """The keys of `signing_key` and `peer_keys`, read (`me`: the worker's id, whose
+        own entry in `peer_keys`, if any, must be its key's)."""
+        return Pinning.of(me or "", self.signing_key,
+                          None if self.peer_keys is None else dict(self.peer_keys))
 
     @classmethod
     def of(cls, table: dict[str, Any]) -> PrivacyPolicy:
@@ -130,6 +162,15 @@ class PrivacyPolicy:
             if not isinstance(trusted, list | tuple):
                 raise PrivacyError("privacy trusted must be a list of worker ids")
             values["trusted"] = tuple(trusted)
+        if values.get("peer_keys") is not None:
+            # A TOML table (a dict), or its JSON form after `asdict` (a list of pairs).
+            pinned = values["peer_keys"]
+            pairs = pinned.items() if isinstance(pinned, dict) else pinned
+            try:
+                values["peer_keys"] = tuple(sorted((name, key) for name, key in pairs))
+            except (TypeError, ValueError):
+                raise PrivacyError("privacy peer_keys is a table of worker ids and public "
+                                   "keys") from None
         return cls(**values)
 
     def public(self) -> dict[str, Any]:

@@ -39,6 +39,16 @@ step 2): with at least t owners' noise in the sum, its std is at least sigma —
 under the stated assumption that the owners whose noise counts do not collude with
 the aggregator to remove it. Each owner charges its own budget before it masks.
 
+A broker that is not trusted: with owners' long-term Ed25519 keys pinned in their
+configs (`_signing.py`), an owner signs its introduction (its keys, bound to the
+round, its name, the terms and its noise) and its view, and believes another's only
+signed by that owner's pinned key; it joins no round with an owner whose key it
+has not pinned. One key message that is unsigned or signed by another key is the
+sign of an active attacker (the broker's user_id vouched for it): the owner
+refuses the rest of the round (`tainted`) — no masked input, no shares revealed —
+so the round releases nothing, as Bonawitz et al.'s owners abort on a signature
+that does not verify.
+
 Everything here is pure (no I/O): the handlers (`_commands/secure.py`) move its
 messages.
 """
@@ -57,6 +67,7 @@ import torch
 from torchrelay.broker import PrivateDataError
 
 from ._shamir import reconstruct, share_from_bytes, share_to_bytes, split
+from ._signing import Pinning, signed_message
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -103,9 +114,10 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
     return key.private_bytes_raw()
 
 
-def agree(private: bytes, public: bytes, info: bytes) -> bytes:
+def agree(private: bytes | X25519PrivateKey, public: bytes, info: bytes) -> bytes:
     """A 32-byte key two parties share: HKDF-SHA256 of their X25519 agreement, bound
-    to `info` (what it is for, the round, the pair)."""
+    to `info` (what it is for, the round, the pair). `private` as a key object where
+    one is at hand: reading one from its bytes costs as much as the agreement."""
     hashes = _crypto()
     from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: PLC0415
         X25519PrivateKey,
@@ -113,8 +125,9 @@ def agree(private: bytes, public: bytes, info: bytes) -> bytes:
     )
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: PLC0415
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public))
+        key = X25519PrivateKey.from_private_bytes(private) if isinstance(
+            private, bytes) else private
+        shared = key.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as e:
         raise RoundRefused(f"a public key that is not an X25519 key: {e}") from None
     return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(shared)
@@ -171,8 +184,8 @@ def _open(key: bytes, sealed: bytes, associated: bytes) -> bytes:
                            "for another round") from None
 
 
-def pairwise_mask(private: bytes, public: bytes, round_id: str, *, me: str, peer: str,
-                  length: int) -> torch.Tensor:
+def pairwise_mask(private: bytes | X25519PrivateKey, public: bytes, round_id: str, *,
+                  me: str, peer: str, length: int) -> torch.Tensor:
     """What `me` adds for the pair (me, peer): +PRG(s) if me sorts first, -PRG(s) if
     not, s agreed by X25519 (either side's private key, the other's public key)."""
     first, second = sorted((me, peer))
@@ -249,6 +262,8 @@ class OwnerRound:
     """Clipped and weighed, float64, flat."""
     sigma: float
     """The noise std this owner's contribution needs in the sum (0: not private)."""
+    pinning: Pinning | None = None
+    """Its long-term key and the other owners' pinned ones (None: neither)."""
     peers: dict[str, _Peer] = field(default_factory=dict)
     shared: tuple[str, ...] | None = None
     survivors: tuple[str, ...] | None = None
@@ -259,14 +274,25 @@ class OwnerRound:
     """The owners this owner sent their shares of its secrets."""
     views: dict[str, str] = field(default_factory=dict)
     """What the other survivors said they were told (`view`), as they told it."""
+    tainted: str | None = None
+    """Why this owner refuses the rest of the round: a key message that its sender's
+    pinned key did not sign (None: no such message came)."""
 
     def __post_init__(self) -> None:
         if self.contribution.numel() != self.terms.length:
             raise RoundRefused(f"the contribution has {self.contribution.numel()} entries, "
                                f"the round {self.terms.length}")
+        pinned = None if self.pinning is None else self.pinning.peers
+        unknown = [] if pinned is None else [
+            p for p in self.terms.participants if p != self.me and p not in pinned]
+        if unknown:
+            raise RoundRefused(f"{', '.join(unknown)}: no key pinned in {self.me}'s "
+                               "[worker.privacy] peer_keys; it joins secure rounds only with "
+                               "owners it can authenticate")
         self._c = new_private_key()
         self._s = new_private_key()
         self._b = secrets.token_bytes(32)
+        self._channels: dict[str, bytes] = {}
         n, t = len(self.terms.participants), self.terms.threshold
         self._outgoing = list(zip(split(self._b, t, n),
                                   split(private_bytes(self._s), t, n), strict=True))
@@ -277,21 +303,53 @@ class OwnerRound:
 
     # -- step 2: meeting the others, worker to worker ------------------------------
 
+    def _sign(self, kind: str, fields: list[str]) -> str | None:
+        if self.pinning is None:
+            return None
+        return self.pinning.sign(signed_message(kind, self.terms.round_id, self.me, fields))
+
+    def _believe(self, peer: str, kind: str, fields: list[str],
+                 signature: str | None) -> None:
+        """Refuse, and taint the round, unless `peer`'s pinned key signed `fields` (when
+        keys are pinned)."""
+        if self.pinning is None:
+            return
+        doubt = self.pinning.doubts(
+            peer, signed_message(kind, self.terms.round_id, peer, fields), signature)
+        if doubt is not None:
+            self.tainted = (f"{peer}'s {kind} for round {self.terms.round_id} came "
+                            f"{doubt}: a forged key message (the broker's word for its "
+                            f"sender is not to be believed); {self.me!r} releases nothing "
+                            "in this round")
+            raise RoundRefused(self.tainted)
+
+    def _untainted(self) -> None:
+        if self.tainted is not None:
+            raise RoundRefused(self.tainted)
+
     def introduction(self) -> dict[str, Any]:
         """What this owner tells another of itself (`meet`'s arguments)."""
         me = self.peers[self.me]
-        return {"digest": self.terms.digest(), "c_public": me.c_public.hex(),
-                "s_public": me.s_public.hex(), "sigma": self.sigma}
+        fields = [self.terms.digest(), me.c_public.hex(), me.s_public.hex(),
+                  float(self.sigma).hex()]
+        return {"digest": fields[0], "c_public": fields[1], "s_public": fields[2],
+                "sigma": self.sigma, "signature": self._sign("keys", fields)}
 
     def meet(self, peer: str, digest: str, c_public: str, s_public: str,
-             sigma: float) -> None:
-        """`peer` (the broker's word for who sent it) introduced itself."""
+             sigma: float, *, signature: str | None = None) -> None:
+        """`peer` (the broker's word for who sent it) introduced itself; with keys pinned,
+        believed only with `peer`'s signature."""
+        self._untainted()
         if self.shared is not None:
             raise RoundRefused(f"round {self.terms.round_id}: keys come before the masked "
                                "inputs")
         if peer == self.me or peer not in self.terms.participants:
             raise RoundRefused(f"{peer!r} is not an other owner of round "
                                f"{self.terms.round_id}")
+        if not (type(sigma) in (int, float) and math.isfinite(sigma)):
+            raise RoundRefused("sigma is a number")
+        self._believe(peer, "keys", [digest, c_public, s_public, float(sigma).hex()],
+                      signature)
         if digest != self.terms.digest():
             raise RoundRefused(f"{peer!r} was told other terms for round "
                                f"{self.terms.round_id} (owners, threshold or weights): "
@@ -315,12 +373,18 @@ class OwnerRound:
         return peer in self.peers
 
     def _channel(self, sender: str, recipient: str, peer: str) -> tuple[bytes, bytes]:
-        key = agree(private_bytes(self._c), self.peers[peer].c_public,
-                    f"torchrelay secagg shares|{self.terms.round_id}".encode())
+        # One key per pair and round, both ways (the direction is in the associated
+        # data): agreed once, not again for each message.
+        key = self._channels.get(peer)
+        if key is None:
+            key = self._channels[peer] = agree(
+                self._c, self.peers[peer].c_public,
+                f"torchrelay secagg shares|{self.terms.round_id}".encode())
         return key, f"{self.terms.round_id}|{sender}|{recipient}".encode()
 
     def sealed_for(self, peer: str) -> str:
         """`peer`'s shares of this owner's b and s, encrypted to it (hex)."""
+        self._untainted()
         if peer not in self.peers or peer == self.me:
             raise RoundRefused(f"{peer!r}'s keys are not known in round {self.terms.round_id}")
         (_, b_share), (_, s_share) = self._outgoing[self.terms.point(peer) - 1]
@@ -331,6 +395,7 @@ class OwnerRound:
 
     def receive(self, peer: str, sealed: str) -> None:
         """`peer` (the broker's word) sent this owner its shares."""
+        self._untainted()
         if self.shared is not None:
             raise RoundRefused(f"round {self.terms.round_id}: shares come before the masked "
                                "inputs")
@@ -357,6 +422,7 @@ class OwnerRound:
 
     def masked(self, shared: list[str]) -> torch.Tensor:
         """y_u over U2 = `shared` (see the module docstring)."""
+        self._untainted()
         if self.shared is not None:
             raise RoundRefused(f"round {self.terms.round_id}: this owner's masked input was "
                                "sent already (a replay)")
@@ -382,7 +448,7 @@ class OwnerRound:
             value = value + torch.randn(length, generator=generator,
                                         dtype=torch.float64) * self.noise_std
         y = encode(value) + expand(self._b, length)
-        s_private = private_bytes(self._s)
+        s_private = self._s
         for v in shared:
             if v != self.me:
                 y += pairwise_mask(s_private, self.peers[v].s_public, self.terms.round_id,
@@ -393,6 +459,7 @@ class OwnerRound:
     # -- steps 4 and 5: the survivors, and the shares that unmask them -----------------
 
     def commit(self, survivors: list[str]) -> None:
+        self._untainted()
         if self.shared is None:
             raise RoundRefused(f"round {self.terms.round_id}: no masked input was sent yet")
         if self.survivors is not None:
@@ -416,9 +483,25 @@ class OwnerRound:
         return _digest({"terms": self.terms.digest(), "shared": list(self.shared or ()),
                         "survivors": list(self.survivors)})
 
+    def signed_view(self) -> tuple[str, str | None]:
+        """`view`, and this owner's signature of it (None with no signing key)."""
+        view = self.view()
+        return view, self._sign("view", [view])
+
+    def hear(self, peer: str, view: str, signature: str | None = None) -> None:
+        """Another survivor `peer` said what it was told (its first word counts); with
+        keys pinned, believed only with its signature."""
+        self._untainted()
+        if peer == self.me or peer not in self.terms.participants:
+            raise RoundRefused(f"{peer!r} is not an other owner of round "
+                               f"{self.terms.round_id}")
+        self._believe(peer, "view", [view], signature)
+        self.views.setdefault(peer, view)
+
     def reveal(self, views: dict[str, str]) -> dict[str, list[Any]]:
         """The shares that unmask the sum, given the other survivors' `views` (those that
         answered): {owner: [kind, point, share hex]}."""
+        self._untainted()
         mine = self.view()
         differing = sorted(v for v, d in views.items() if d != mine)
         if differing:

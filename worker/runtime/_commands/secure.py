@@ -50,6 +50,7 @@ from .._aggregation import clipped
 from .._privacy import BudgetSpent
 from .._records import Gather
 from .._secagg import OwnerRound, RoundRefused, RoundTerms, decode, unmask
+from .._signing import KeyFileError, Pinning
 from ._registry import handles
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class _Rounds:
     (private, not DP already), and whether it derives from its private data at all."""
     seen: set[str] = field(default_factory=set)
     refused: int = 0
+    pinning: Pinning | None = None
+    """The worker's long-term key and its pinned peers' (`_signing.py`), once read."""
     trained: OrderedDict[int, Any] = field(default_factory=OrderedDict)
     """Models DP-SGD trained here and kept (unit record, secure aggregation only), by id:
     DP already, each joins a round as it is, neither clipped nor noised nor charged
@@ -110,6 +113,17 @@ def _rounds(worker: WorkerRuntime) -> _Rounds:
     if rounds is None:
         rounds = _ROUNDS[worker] = _Rounds()
     return rounds
+
+
+def _pinning(worker: WorkerRuntime, rounds: _Rounds) -> Pinning | None:
+    """The worker's keys, read once (a daemon's config checked them at start)."""
+    policy = worker.privacy
+    if rounds.pinning is None and (policy.signing_key, policy.peer_keys) != (None, None):
+        try:
+            rounds.pinning = policy.pinning(worker.id)
+        except KeyFileError as e:
+            raise RoundRefused(f"{worker.id!r} cannot take part: {e}") from None
+    return rounds.pinning
 
 
 def trained_by_dp_sgd(worker: WorkerRuntime, object_id: int) -> None:
@@ -209,14 +223,15 @@ def join(worker: WorkerRuntime, command: SecAggJoin, sender: str) -> dict[str, A
         flat = clipped(flat, policy.clip)
         sigma = policy.noise_multiplier * weight * policy.clip
     rounds.first_time(command.round_id)
-    state = OwnerRound(worker.id, terms, flat * weight, sigma)
+    state = OwnerRound(worker.id, terms, flat * weight, sigma, _pinning(worker, rounds))
     for object_id in command.contribution:  # spent: in this round and no other
         worker.store.discard(object_id)
         rounds.trained.pop(object_id, None)
     rounds.active[command.round_id] = (state, private, owned)
     while len(rounds.active) > KEPT_ROUNDS:
         rounds.active.popitem(last=False)
-    return {"digest": terms.digest()}
+    # Its shapes, which the client needs for the aggregator: told here, not asked apart.
+    return {"digest": terms.digest(), "shapes": [list(t.shape) for t in tensors]}
 
 
 @handles(SecAggShare)
@@ -238,7 +253,7 @@ async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> lis
         command.round_id, **state.introduction()))
     for peer, answer in answers.items():
         if not isinstance(answer, dict) or set(answer) != {
-                "digest", "c_public", "s_public", "sigma", "sealed"}:
+                "digest", "c_public", "s_public", "sigma", "signature", "sealed"}:
             raise RoundRefused(f"{peer!r} answered its introduction with something else")
         sealed = str(answer.pop("sealed"))
         state.meet(peer, **answer)
@@ -253,7 +268,8 @@ async def share(worker: WorkerRuntime, command: SecAggShare, sender: str) -> lis
 @_counted
 def introduce(worker: WorkerRuntime, command: SecAggIntroduce, sender: str) -> dict[str, Any]:
     state, *_ = _rounds(worker).get(command.round_id)
-    state.meet(sender, command.digest, command.c_public, command.s_public, command.sigma)
+    state.meet(sender, command.digest, command.c_public, command.s_public, command.sigma,
+               signature=command.signature)
     return {**state.introduction(), "sealed": state.sealed_for(sender)}
 
 
@@ -296,7 +312,7 @@ def commit(worker: WorkerRuntime, command: SecAggCommit, sender: str) -> None:
                            f"least {worker.privacy.k} data owners; {len(command.survivors)} "
                            "survived")
     state.commit(command.survivors)
-    view = SecAggViewIs(command.round_id, state.view())
+    view = SecAggViewIs(command.round_id, *state.signed_view())
     for peer in command.survivors:  # told now, so that unmasking need not ask
         if peer != worker.id:
             worker.tell(peer, view)
@@ -306,20 +322,19 @@ def commit(worker: WorkerRuntime, command: SecAggCommit, sender: str) -> None:
 @_counted
 def view_is(worker: WorkerRuntime, command: SecAggViewIs, sender: str) -> None:
     state, *_ = _rounds(worker).get(command.round_id)
-    if sender == worker.id or sender not in state.terms.participants:
-        raise RoundRefused(f"{sender!r} is not an other owner of round {command.round_id}")
-    state.views.setdefault(sender, command.digest)  # its first word is the one that counts
+    state.hear(sender, command.digest, command.signature)
 
 
 @handles(SecAggView)
 @_counted
-def view(worker: WorkerRuntime, command: SecAggView, sender: str) -> str:
+def view(worker: WorkerRuntime, command: SecAggView, sender: str) -> dict[str, str | None]:
     state, *_ = _rounds(worker).get(command.round_id)
     # Any other owner may ask: one told other survivors than this one must hear the
     # difference, not a refusal it could take for a dropout.
     if sender == worker.id or sender not in state.terms.participants:
         raise RoundRefused(f"{sender!r} is not an other owner of round {command.round_id}")
-    return state.view()
+    digest, signature = state.signed_view()
+    return {"view": digest, "signature": signature}
 
 
 @handles(SecAggUnmask)
@@ -332,11 +347,14 @@ async def reveal(worker: WorkerRuntime, command: SecAggUnmask,
         raise RoundRefused(f"round {command.round_id}: no survivors named yet")
     # What the others were told: pushed by each when told (`view_is`); asked of those
     # whose word has not come yet.
-    views = {p: d for p, d in state.views.items() if p in state.survivors}
-    views |= await _each(worker, [p for p in state.survivors
-                                  if p != worker.id and p not in views],
-                         lambda _: SecAggView(command.round_id))
-    return state.reveal({peer: str(digest) for peer, digest in views.items()})
+    asked = await _each(worker, [p for p in state.survivors
+                                 if p != worker.id and p not in state.views],
+                        lambda _: SecAggView(command.round_id))
+    for peer, answer in asked.items():
+        if isinstance(answer, dict) and set(answer) == {"view", "signature"}:
+            signature = answer["signature"]
+            state.hear(peer, str(answer["view"]), None if signature is None else str(signature))
+    return state.reveal({p: d for p, d in state.views.items() if p in state.survivors})
 
 
 # -- the aggregator's --------------------------------------------------------------------
@@ -420,7 +438,9 @@ async def secure_aggregate(worker: WorkerRuntime, command: SecureAggregate,
         offset += size
     value = parts[0] if len(parts) == 1 else tuple(parts)
     worker.store.put(command.result_id, value, frozenset(), frozenset({sender}))
-    return {**report, "survivors": survivors,
+    # The average is public, and the asker's: it comes back with the report (no fetch
+    # after), and stays here under `result_id` for whoever holds the pointer.
+    return {**report, "survivors": survivors, "average": value,
             "dropped": sorted(set(owners) - set(survivors))}
 
 
