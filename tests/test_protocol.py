@@ -45,6 +45,7 @@ _SAMPLES: dict[Any, Any] = {
     protocol.OptimizerName: "adam",
     protocol.RoundId: "0123456789abcdef0123456789abcdef",
     protocol.HexText: "00ff",
+    protocol.Signature: "ab" * 64,
     bool: True,
     float: 0.25,
     list[Any]: [ObjectRef(3), 2.5, "x"],
