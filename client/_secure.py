@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from torchrelay.broker import (
-    Command,
     PrivateDataError,
     SecAggJoin,
     SecureAggregate,
@@ -38,7 +37,7 @@ from ._pointer import PointerTensor
 from ._release import Release, floating
 
 if TYPE_CHECKING:
-    from ._session import Fleet
+    pass
 
 __all__ = ["secure_aggregate"]
 
@@ -80,7 +79,7 @@ def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
     round_id = secrets.token_hex(16)
     weighed = [by_owner[o][1] for o in owners]
     refused: dict[str, str] = {}
-    joins = _each(fleet, [(owner, SecAggJoin(round_id, aggregator.id, owners, t, weighed, [
+    joins = fleet.outcomes([(owner, SecAggJoin(round_id, aggregator.id, owners, t, weighed, [
         p.id_at_location for p in by_owner[owner][0]])) for owner in owners])
     for owner, joined in zip(owners, joins, strict=True):
         if isinstance(joined, TorchRelayError):  # gone, or refusing: it drops out
@@ -105,12 +104,3 @@ def secure_aggregate(contributions: Sequence[PointerTensor | ModulePointer],
     release.fetched = report["average"]
     return release
 
-
-def _each(fleet: Fleet, requests: list[tuple[str, Command]]) -> list[Any]:
-    """Each command's reply, or its error: sent together and waited for together (the
-    session's `request_many`, but one owner's failure is its own: it drops out)."""
-    fleet._collect()  # nothing of ours still in flight: none of these is held behind it
-    sent = [fleet._send(worker_id, command, keep=True, settles=True)
-            for worker_id, command in requests]
-    fleet._collect(raise_errors=False)
-    return [fleet.replies.results.pop(correlation_id) for correlation_id in sent]

@@ -269,6 +269,17 @@ class Fleet:
                 raise result
         return results
 
+    def outcomes(self, requests: list[tuple[str, Command]]) -> list[Any]:
+        """Each command's reply or its error (a `TorchRelayError`, returned, not raised):
+        sent together once everything before them took effect, and waited for together.
+        For rounds in which one worker's failure is its own (it drops out), not the
+        caller's. Raises an earlier command's error, before sending anything."""
+        self._collect()  # nothing of ours still in flight: none of these is held behind it
+        correlation_ids = [self._send(worker_id, command, keep=True, settles=True)
+                           for worker_id, command in requests]
+        self._collect(raise_errors=False)
+        return [self.replies.results.pop(correlation_id) for correlation_id in correlation_ids]
+
     def track(self, pointer: PointerTensor) -> None:
         self._live.add(pointer)
 
