@@ -194,10 +194,11 @@ def train_step(session: Session) -> MeasureResult:
 # -- FedAvg on the anchor's workload -----------------------------------------------------
 
 
-def _local_loop(rounds: int) -> tuple[list[float], list[float]]:
-    """The anchor's one-process loop: seconds and test accuracy of each round."""
+def local_loop(rounds: int, owners: int = len(DIGIT_OWNERS)) -> tuple[list[float], list[float]]:
+    """The anchor's one-process loop (its training data split in `owners` shares, as
+    `write_shares` splits it): seconds and test accuracy of each round."""
     digits = load_digits()
-    parts = torch.tensor_split(permutation(len(digits.train_data), seed=0), len(DIGIT_OWNERS))
+    parts = torch.tensor_split(permutation(len(digits.train_data), seed=0), owners)
     shares = [(digits.train_data[p], digits.train_target[p]) for p in parts]
     model, local = make_model(), make_model()
     seconds, accuracies = [], []
@@ -223,7 +224,7 @@ def _local_loop(rounds: int) -> tuple[list[float], list[float]]:
     return seconds, accuracies
 
 
-def _fedavg_run(fleet: Fleet, owners: list[str], aggregator: str,
+def fedavg_run(fleet: Fleet, owners: list[str], aggregator: str,
                 rounds: int) -> tuple[list[float], list[float]]:
     digits = load_digits()
     datasets = [d for owner in owners for d in fleet.worker(owner).search("#digits")]
@@ -249,12 +250,12 @@ def _fedavg(session: Session, rounds: int) -> MeasureResult:
     folder = Path(session.log_dir())
     shares = write_shares(folder)
     progress("fedavg: the one-process loop")
-    loop_s, loop_accuracy = _local_loop(rounds)
+    loop_s, loop_accuracy = local_loop(rounds)
     progress("fedavg: embedded")
     with tr.connect(name=session.name("fedavg-embedded"), datasets={
             owner: [{"path": str(path), "tags": ["#digits"], "private": False}]
             for owner, path in shares.items()}) as fleet:
-        embedded_s, embedded_accuracy = _fedavg_run(fleet, list(DIGIT_OWNERS), AGGREGATOR,
+        embedded_s, embedded_accuracy = fedavg_run(fleet, list(DIGIT_OWNERS), AGGREGATOR,
                                                     rounds)
     progress("fedavg: RabbitMQ, four daemons")
     started = time.perf_counter()
@@ -263,7 +264,7 @@ def _fedavg(session: Session, rounds: int) -> MeasureResult:
         f"fed-{owner}": ["--public-dataset", f"{path}:#digits"]  # the anchor has no DP
         for owner, path in shares.items()})
     with tr.connect(session.url, name=session.name("fedavg-client")) as fleet:
-        rabbit_s, rabbit_accuracy = _fedavg_run(fleet, ids[:3], ids[3], rounds)
+        rabbit_s, rabbit_accuracy = fedavg_run(fleet, ids[:3], ids[3], rounds)
     rabbit_total = time.perf_counter() - started
     central = train_centrally(load_digits(), rounds)
 
