@@ -17,10 +17,14 @@ each N:
 Memory per additional owner: (the hosts' RSS with N owners - with 1) / (N - 1),
 each after the same FedAvg rounds. Round figures are medians over the rounds;
 round 1 records each owner's plan and is slower. Nothing here asserts timings.
+
+    PYTHONPATH=. python -m benchmarks --only owners --json owners.json
+    PYTHONPATH=. python -m benchmarks.owners owners.json --plot docs/scaling-owners.png
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -256,3 +260,58 @@ def _measure(session: Session, folder: Path) -> MeasureResult:
         except Exception as e:
             result.rows.append(not_measured(f"{label}: vs Flower Simulation Engine", e))
     return result
+
+
+# -- the README's plot ------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.owners")
+    parser.add_argument("json", type=Path, help="what `python -m benchmarks --only owners "
+                                                "--json FILE` wrote")
+    parser.add_argument("--plot", type=Path, required=True, help="the PNG to write")
+    args = parser.parse_args()
+    raw = json.loads(args.json.read_text())["raw"]["owners"]
+    _plot(raw, args.plot)
+    print(f"plot written to {args.plot}")
+
+
+def _plot(raw: dict[str, Any], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 - the demo extra's
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot  # noqa: PLC0415
+
+    counts = sorted(int(k) for k, v in raw.items() if k.isdigit() and "loop_s" in v)
+    figure, (rounds, rss) = pyplot.subplots(1, 2, figsize=(11, 4))
+    for key, label, style in (("rabbitmq_s", "torchrelay, RabbitMQ (hosted daemons)", "o-"),
+                              ("embedded_s", "torchrelay, embedded", "s--"),
+                              ("loop_s", "one-process loop", "^:"),
+                              ("flower_simulation", "Flower 1.42 Simulation Engine", "x-")):
+        shown = [(n, raw[str(n)][key]) for n in counts if key in raw[str(n)]]
+        values = [(n, v["median_round_s"] if isinstance(v, dict) else median(v))
+                  for n, v in shown]
+        if values:
+            rounds.plot([n for n, _ in values], [1000 * v for _, v in values], style,
+                        label=label)
+    rounds.set(xscale="log", yscale="log", xlabel="data owners",
+               ylabel="FedAvg round, median (ms)", title="Round time against owners")
+    rounds.legend(loc="upper left", fontsize=8)
+    hosted = [(n, raw[str(n)]["rss"]) for n in counts if "rss" in raw[str(n)]]
+    rss.plot([n for n, _ in hosted], [v / (1 << 20) for _, v in hosted], "o-",
+             label="hosts' RSS, all owners + aggregator")
+    rss.plot([n for n, _ in hosted], [n * 250 for n, _ in hosted], ":",
+             label="a supervised daemon per owner (~250 MiB each)")
+    rss.set(xscale="log", yscale="log", xlabel="data owners", ylabel="RSS (MiB)",
+            title="Memory against owners")
+    rss.legend(loc="upper left", fontsize=8)
+    for axes in (rounds, rss):
+        axes.set_xticks(counts, [str(n) for n in counts])
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+if __name__ == "__main__":
+    main()
