@@ -45,6 +45,7 @@ import torchrelay as tr
 from torchrelay._federated import write_shares
 from torchrelay.worker import WorkerProcesses
 
+from . import plots
 from .federated import fedavg_run, local_loop
 from .processes import rss_bytes
 from .report import MeasureResult, Row, Skipped, Target, at_most, failed, not_measured
@@ -277,11 +278,7 @@ def main() -> None:
 
 
 def _plot(raw: dict[str, Any], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415 - the demo extra's
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot  # noqa: PLC0415
-
+    pyplot = plots.pyplot()
     counts = sorted(int(k) for k, v in raw.items() if k.isdigit() and "loop_s" in v)
     figure, (rounds, rss) = pyplot.subplots(1, 2, figsize=(11, 4))
     for key, label, style in (("rabbitmq_s", "torchrelay, RabbitMQ (hosted daemons)", "o-"),
@@ -307,10 +304,7 @@ def _plot(raw: dict[str, Any], path: Path) -> None:
     rss.legend(loc="upper left", fontsize=8)
     for axes in (rounds, rss):
         axes.set_xticks(counts, [str(n) for n in counts])
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    plots.save(figure, path)
 
 
 if __name__ == "__main__":
