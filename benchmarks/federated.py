@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import json
 import tempfile
 import time
@@ -30,6 +31,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import torchrelay as tr
 from torchrelay._federated import (
@@ -194,15 +196,14 @@ def train_step(session: Session) -> MeasureResult:
 # -- FedAvg on the anchor's workload -----------------------------------------------------
 
 
-def local_loop(rounds: int, owners: int = len(DIGIT_OWNERS)) -> tuple[list[float], list[float]]:
+def loop_rounds(owners: int = len(DIGIT_OWNERS)) -> Iterator[tuple[float, float]]:
     """The anchor's one-process loop (its training data split in `owners` shares, as
-    `write_shares` splits it): seconds and test accuracy of each round."""
+    `write_shares` splits it), a round at a time: seconds and test accuracy of each."""
     digits = load_digits()
     parts = torch.tensor_split(permutation(len(digits.train_data), seed=0), owners)
     shares = [(digits.train_data[p], digits.train_target[p]) for p in parts]
     model, local = make_model(), make_model()
-    seconds, accuracies = [], []
-    for number in range(1, rounds + 1):
+    for number in itertools.count(1):
         start = time.perf_counter()
         updates = []
         for position, (data, target) in enumerate(shares):
@@ -219,19 +220,32 @@ def local_loop(rounds: int, owners: int = len(DIGIT_OWNERS)) -> tuple[list[float
         total = sum(n for _, n in updates)
         model.load_state_dict({key: sum(state[key] * (n / total) for state, n in updates)
                                for key in model.state_dict()})
-        seconds.append(time.perf_counter() - start)
-        accuracies.append(accuracy(model, digits.test_data, digits.test_target))
-    return seconds, accuracies
+        seconds = time.perf_counter() - start
+        yield seconds, accuracy(model, digits.test_data, digits.test_target)
 
 
-def fedavg_run(fleet: Fleet, owners: list[str], aggregator: str,
-                rounds: int) -> tuple[list[float], list[float]]:
+def local_loop(rounds: int, owners: int = len(DIGIT_OWNERS)) -> tuple[list[float], list[float]]:
+    """`rounds` rounds of the one-process loop: their seconds, and their accuracies."""
+    done = list(itertools.islice(loop_rounds(owners), rounds))
+    return [s for s, _ in done], [a for _, a in done]
+
+
+def fedavg_run(fleet: Fleet, owners: list[str], aggregator: str, rounds: int,
+               between: Callable[[], object] | None = None) -> tuple[list[float], list[float]]:
+    """FedAvg over the `#digits` datasets of `owners`: each round's seconds and accuracy.
+    `between` runs before each round (what a comparison interleaves with it)."""
     digits = load_digits()
     datasets = [d for owner in owners for d in fleet.worker(owner).search("#digits")]
     fedavg = tr.FedAvg(make_model(), F.cross_entropy, aggregator=fleet.worker(aggregator),
                        order=anchor_order, progress=False)
-    history = fedavg.fit(datasets, rounds, lambda model: {
-        "accuracy": accuracy(model, digits.test_data, digits.test_target)})
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
+
+    for _ in range(rounds):
+        if between is not None:
+            between()
+        history = fedavg.fit(datasets, 1, evaluate)
     del fedavg
     return [r.seconds for r in history], [r.metrics["accuracy"] for r in history]
 

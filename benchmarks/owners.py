@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from torchrelay._federated import write_shares
 from torchrelay.worker import WorkerProcesses
 
 from . import plots
-from .federated import fedavg_run, local_loop
+from .federated import fedavg_run, loop_rounds
 from .processes import rss_bytes
 from .report import MeasureResult, Row, Skipped, Target, at_most, failed, not_measured
 from .session import Session
@@ -98,8 +98,10 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def _hosted_run(session: Session, folder: Path, owners: int, rounds: int) -> HostedRun:
-    """FedAvg over `owners` hosted workers and a hosted aggregator, on RabbitMQ."""
+def _hosted_run(session: Session, folder: Path, owners: int, rounds: int,
+                between: Callable[[], object] | None = None) -> HostedRun:
+    """FedAvg over `owners` hosted workers and a hosted aggregator, on RabbitMQ;
+    `between` runs before each round."""
     ids = [session.name(f"owner{i}of{owners}") for i in range(owners)]
     aggregator = session.name(f"aggregator{owners}")
     session.known_queues.update(f"torchrelay.worker.{w}" for w in (*ids, aggregator))
@@ -118,7 +120,7 @@ def _hosted_run(session: Session, folder: Path, owners: int, rounds: int) -> Hos
         startup = time.perf_counter() - started
         with tr.connect(session.url, name=session.name(f"owners-client-{owners}"),
                         timeout=120) as fleet:
-            seconds, accuracies = fedavg_run(fleet, ids, aggregator, rounds)
+            seconds, accuracies = fedavg_run(fleet, ids, aggregator, rounds, between)
         rss = sum(_tree_rss(p.pid) for p in daemons.processes.values())
         processes = len(daemons.processes)
         statuses = daemons.stop_all()
@@ -198,69 +200,87 @@ def _measure(session: Session, folder: Path) -> MeasureResult:
     single = _hosted_run(session, folder, 1, rounds)
     result.raw["1"] = {"rss": single.rss}
     for owners in s.owner_counts:
-        raw: dict[str, Any] = {}
-        result.raw[str(owners)] = raw
-        progress(f"owners: {owners}, the one-process loop")
-        loop_s, loop_accuracy = local_loop(rounds, owners)
-        loop = median(loop_s)
-        raw.update(loop_s=loop_s, loop_accuracy=loop_accuracy)
-        progress(f"owners: {owners}, embedded")
-        embedded_s, embedded_accuracy = _embedded_run(folder, owners, rounds)
-        raw.update(embedded_s=embedded_s, embedded_accuracy=embedded_accuracy)
-        label = f"12 FedAvg, {owners} owners"
-        last = owners == max(s.owner_counts)
-        try:
-            progress(f"owners: {owners}, RabbitMQ, hosted")
-            hosted = _hosted_run(session, folder, owners, rounds)
-            ours = median(hosted.seconds)
-            extra = (hosted.rss - single.rss) / (owners - 1) if owners > 1 else None
-            raw.update(rabbitmq_s=hosted.seconds, rabbitmq_accuracy=hosted.accuracies,
+        result.rows += _at(session, folder, owners, rounds, single,
+                           last=owners == max(s.owner_counts), raw=result.raw)
+    return result
+
+
+def _at(session: Session, folder: Path, owners: int, rounds: int, single: HostedRun, *,
+        last: bool, raw: dict[str, Any]) -> list[Row]:
+    """The rows of one number of owners; its raw figures into `raw[str(owners)]`."""
+    s = session.settings
+    figures: dict[str, Any] = {}
+    raw[str(owners)] = figures
+    label = f"12 FedAvg, {owners} owners"
+    rows: list[Row] = []
+    # The loop's rounds interleave with the RabbitMQ run's, a round each in turn: on a
+    # shared machine, both then see the same load.
+    loop_source, loop_s, loop_accuracy = loop_rounds(owners), [], []
+
+    def loop_round() -> None:
+        seconds, accuracy = next(loop_source)
+        loop_s.append(seconds)
+        loop_accuracy.append(accuracy)
+
+    hosted: HostedRun | None = None
+    try:
+        progress(f"owners: {owners}, RabbitMQ (hosted), interleaved with the one-process loop")
+        hosted = _hosted_run(session, folder, owners, rounds, between=loop_round)
+    except Exception as e:
+        rows.append(failed(f"{label}: RabbitMQ round", e))
+    while len(loop_s) < rounds:
+        loop_round()
+    loop = median(loop_s)
+    figures.update(loop_s=loop_s, loop_accuracy=loop_accuracy)
+    progress(f"owners: {owners}, embedded")
+    embedded_s, embedded_accuracy = _embedded_run(folder, owners, rounds)
+    figures.update(embedded_s=embedded_s, embedded_accuracy=embedded_accuracy)
+    if hosted is not None:
+        ours = median(hosted.seconds)
+        extra = (hosted.rss - single.rss) / (owners - 1) if owners > 1 else None
+        figures.update(rabbitmq_s=hosted.seconds, rabbitmq_accuracy=hosted.accuracies,
                        rss=hosted.rss, rss_per_extra_owner=extra, processes=hosted.processes,
                        startup_s=hosted.startup_s)
-            same = sum(a != b or c != b for a, b, c in zip(
-                hosted.accuracies, loop_accuracy, embedded_accuracy, strict=True))
-            result.rows.append(Row(
-                f"{label}: RabbitMQ round, median", millis(ours),
-                f"one-process loop {millis(loop)}", ours / loop,
-                at_most(3) if owners == 100 else None,
-                note=f"{hosted.processes - 1} host(s) of <= {OWNERS_PER_HOST} owners + the "
-                     f"aggregator's; round 1 {hosted.seconds[0]:.2f} s (records the plans); "
-                     f"start-up {hosted.startup_s:.1f} s; rounds whose accuracy differs from "
-                     f"the loop's or embedded: {same}"))
-            result.rows.append(Row(
-                f"{label}: hosts' RSS", memory(hosted.rss),
-                f"1 owner {memory(single.rss)}",
-                note=f"{hosted.processes} processes, after {rounds} rounds"))
-            if extra is not None:
-                result.rows.append(Row(
-                    f"{label}: RSS per additional owner", memory(extra),
-                    target=_MEMORY_TARGET if last else None, checked=extra,
-                    note=f"({memory(hosted.rss)} - {memory(single.rss)}) / {owners - 1}"))
-        except Exception as e:
-            hosted = None
-            result.rows.append(failed(f"{label}: RabbitMQ round", e))
-        result.rows.append(Row(
-            f"{label}: embedded round, median", millis(median(embedded_s)),
-            f"one-process loop {millis(loop)}", median(embedded_s) / loop,
-            note=f"all {owners} owners' workers and the aggregator in the client's process"))
-        try:
-            progress(f"owners: {owners}, Flower's Simulation Engine")
-            flower = _flower_simulation(owners, rounds, s.flower_timeout_s)
-            raw["flower_simulation"] = flower
-            theirs = flower["median_round_s"]
-            ours_text = "-" if hosted is None else millis(median(hosted.seconds))
-            result.rows.append(Row(
-                f"{label}: vs Flower Simulation Engine, round median", ours_text,
-                f"flower {millis(theirs)}",
-                None if hosted is None else median(hosted.seconds) / theirs,
-                at_most(1) if owners == 100 else None,
-                note=f"flwr 1.42 run_simulation, Ray, {owners} clients; total incl. start-up "
-                     f"{flower['total_incl_startup_s']:.1f} s; same accuracy every round: "
-                     + ("yes" if all(abs(a - b) < 1e-6 for a, b in zip(
-                         flower["accuracy_per_round"], loop_accuracy, strict=True)) else "no")))
-        except Exception as e:
-            result.rows.append(not_measured(f"{label}: vs Flower Simulation Engine", e))
-    return result
+        differ = sum(a != b or c != b for a, b, c in zip(
+            hosted.accuracies, loop_accuracy, embedded_accuracy, strict=True))
+        rows.append(Row(
+            f"{label}: RabbitMQ round, median", millis(ours),
+            f"one-process loop {millis(loop)}", ours / loop, at_most(3) if owners == 100 else None,
+            note=f"{hosted.processes - 1} host(s) of <= {OWNERS_PER_HOST} owners + the "
+                 f"aggregator's; loop rounds interleaved; round 1 {hosted.seconds[0]:.2f} s "
+                 f"(records the plans); start-up {hosted.startup_s:.1f} s; rounds whose "
+                 f"accuracy differs from the loop's or embedded: {differ}"))
+        rows.append(Row(f"{label}: hosts' RSS", memory(hosted.rss),
+                        f"1 owner {memory(single.rss)}",
+                        note=f"{hosted.processes} processes, after {rounds} rounds"))
+        if extra is not None:
+            rows.append(Row(
+                f"{label}: RSS per additional owner", memory(extra),
+                target=_MEMORY_TARGET if last else None, checked=extra,
+                note=f"({memory(hosted.rss)} - {memory(single.rss)}) / {owners - 1}"))
+    rows.append(Row(
+        f"{label}: embedded round, median", millis(median(embedded_s)),
+        f"one-process loop {millis(loop)}", median(embedded_s) / loop,
+        note=f"all {owners} owners' workers and the aggregator in the client's process"))
+    try:
+        progress(f"owners: {owners}, Flower's Simulation Engine")
+        flower = _flower_simulation(owners, rounds, s.flower_timeout_s)
+        figures["flower_simulation"] = flower
+        theirs = flower["median_round_s"]
+        same = all(abs(a - b) < 1e-6 for a, b in zip(flower["accuracy_per_round"],
+                                                     loop_accuracy, strict=True))
+        rows.append(Row(
+            f"{label}: vs Flower Simulation Engine, round median",
+            "-" if hosted is None else millis(median(hosted.seconds)),
+            f"flower {millis(theirs)}",
+            None if hosted is None else median(hosted.seconds) / theirs,
+            at_most(1) if owners == 100 else None,
+            note=f"flwr 1.42 run_simulation, Ray, {owners} clients; total incl. start-up "
+                 f"{flower['total_incl_startup_s']:.1f} s; same accuracy every round: "
+                 f"{'yes' if same else 'no'}"))
+    except Exception as e:
+        rows.append(not_measured(f"{label}: vs Flower Simulation Engine", e))
+    return rows
 
 
 # -- the README's plot ------------------------------------------------------------------------
