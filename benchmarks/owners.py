@@ -318,7 +318,7 @@ def _plot(raw: dict[str, Any], path: Path) -> None:
     rss.plot([n for n, _ in hosted], [v / (1 << 20) for _, v in hosted], "o-",
              label="hosts' RSS, all owners + aggregator")
     rss.plot([n for n, _ in hosted], [n * 250 for n, _ in hosted], ":",
-             label="a supervised daemon per owner (~250 MiB each)")
+             label="a supervised daemon per owner (estimate: ~250 MiB each)")
     rss.set(xscale="log", yscale="log", xlabel="data owners", ylabel="RSS (MiB)",
             title="Memory against owners")
     rss.legend(loc="upper left", fontsize=8)
