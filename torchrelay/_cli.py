@@ -2,6 +2,7 @@
 
     torchrelay worker --id bob --broker amqp://guest:guest@localhost:5672/
     torchrelay worker --config configs/bob.toml
+    torchrelay worker --unsupervised --config a.toml --config b.toml   # one process, two workers
     torchrelay demo [--broker URL]
     torchrelay demo federated [--broker URL] [--rounds N] [--plot FILE.png]
                               [--privacy record|owner|none] [--epsilon E]
