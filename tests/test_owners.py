@@ -188,6 +188,23 @@ def test_sigterm_stops_every_hosted_worker_cleanly(vhost_factory: Any, tmp_path:
         daemons.stop_all()
 
 
+def test_a_hosted_worker_that_cannot_start_stops_the_others(vhost_factory: Any,
+                                                            tmp_path: Path) -> None:
+    (tmp_path / "broken.csv").write_text("a,b\nx,y\n")  # refused when the worker loads it
+    good = _config(tmp_path, "starts")
+    bad = _config(tmp_path, "cannot", "broken.csv")
+    daemons = WorkerProcesses(vhost_factory(), [], log_dir=tmp_path)
+    try:
+        process = daemons.spawn_host("host", ["starts", "cannot"], "--config", str(good),
+                                     "--config", str(bad))
+        assert process.wait(timeout=60) == 2  # the failure's status, not half a host
+        log = daemons.log_tail("host", 100)
+        assert "worker cannot cannot start" in log
+        assert "worker starts stopped" in log
+    finally:
+        daemons.stop_all()
+
+
 # -- what a host refuses, before it connects anywhere -------------------------------------
 
 
