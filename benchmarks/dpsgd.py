@@ -64,6 +64,7 @@ from torchrelay.worker.runtime._dpsgd import (
 )
 from torchrelay.worker.runtime._plans import RecordedPlan
 
+from . import plots
 from .report import MeasureResult, Row, Target, at_most, not_measured
 from .session import Session
 from .stats import median, micros, millis, progress
@@ -374,11 +375,7 @@ def main() -> None:
 
 
 def _plot(table: list[tuple[float, list[Run], list[Run]]], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot  # noqa: PLC0415
-
+    pyplot = plots.pyplot()
     figure, (curve, final) = pyplot.subplots(1, 2, figsize=(11, 4))
     for epsilon, ours, theirs in table:
         middle = sorted(ours, key=lambda r: r.accuracy[-1])[len(ours) // 2]
@@ -403,10 +400,7 @@ def _plot(table: list[tuple[float, list[Run], list[Run]]], path: Path) -> None:
     final.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
     final.set_xticks([], minor=True)  # no 2x10^0 and the like between them
     final.legend(loc="lower right")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    plots.save(figure, path)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import json
 import tempfile
 import time
@@ -30,6 +31,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import torchrelay as tr
 from torchrelay._federated import (
@@ -194,14 +196,14 @@ def train_step(session: Session) -> MeasureResult:
 # -- FedAvg on the anchor's workload -----------------------------------------------------
 
 
-def _local_loop(rounds: int) -> tuple[list[float], list[float]]:
-    """The anchor's one-process loop: seconds and test accuracy of each round."""
+def loop_rounds(owners: int = len(DIGIT_OWNERS)) -> Iterator[tuple[float, float]]:
+    """The anchor's one-process loop (its training data split in `owners` shares, as
+    `write_shares` splits it), a round at a time: seconds and test accuracy of each."""
     digits = load_digits()
-    parts = torch.tensor_split(permutation(len(digits.train_data), seed=0), len(DIGIT_OWNERS))
+    parts = torch.tensor_split(permutation(len(digits.train_data), seed=0), owners)
     shares = [(digits.train_data[p], digits.train_target[p]) for p in parts]
     model, local = make_model(), make_model()
-    seconds, accuracies = [], []
-    for number in range(1, rounds + 1):
+    for number in itertools.count(1):
         start = time.perf_counter()
         updates = []
         for position, (data, target) in enumerate(shares):
@@ -218,19 +220,32 @@ def _local_loop(rounds: int) -> tuple[list[float], list[float]]:
         total = sum(n for _, n in updates)
         model.load_state_dict({key: sum(state[key] * (n / total) for state, n in updates)
                                for key in model.state_dict()})
-        seconds.append(time.perf_counter() - start)
-        accuracies.append(accuracy(model, digits.test_data, digits.test_target))
-    return seconds, accuracies
+        seconds = time.perf_counter() - start
+        yield seconds, accuracy(model, digits.test_data, digits.test_target)
 
 
-def _fedavg_run(fleet: Fleet, owners: list[str], aggregator: str,
-                rounds: int) -> tuple[list[float], list[float]]:
+def local_loop(rounds: int, owners: int = len(DIGIT_OWNERS)) -> tuple[list[float], list[float]]:
+    """`rounds` rounds of the one-process loop: their seconds, and their accuracies."""
+    done = list(itertools.islice(loop_rounds(owners), rounds))
+    return [s for s, _ in done], [a for _, a in done]
+
+
+def fedavg_run(fleet: Fleet, owners: list[str], aggregator: str, rounds: int,
+               between: Callable[[], object] | None = None) -> tuple[list[float], list[float]]:
+    """FedAvg over the `#digits` datasets of `owners`: each round's seconds and accuracy.
+    `between` runs before each round (what a comparison interleaves with it)."""
     digits = load_digits()
     datasets = [d for owner in owners for d in fleet.worker(owner).search("#digits")]
     fedavg = tr.FedAvg(make_model(), F.cross_entropy, aggregator=fleet.worker(aggregator),
                        order=anchor_order, progress=False)
-    history = fedavg.fit(datasets, rounds, lambda model: {
-        "accuracy": accuracy(model, digits.test_data, digits.test_target)})
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"accuracy": accuracy(model, digits.test_data, digits.test_target)}
+
+    for _ in range(rounds):
+        if between is not None:
+            between()
+        history = fedavg.fit(datasets, 1, evaluate)
     del fedavg
     return [r.seconds for r in history], [r.metrics["accuracy"] for r in history]
 
@@ -249,12 +264,12 @@ def _fedavg(session: Session, rounds: int) -> MeasureResult:
     folder = Path(session.log_dir())
     shares = write_shares(folder)
     progress("fedavg: the one-process loop")
-    loop_s, loop_accuracy = _local_loop(rounds)
+    loop_s, loop_accuracy = local_loop(rounds)
     progress("fedavg: embedded")
     with tr.connect(name=session.name("fedavg-embedded"), datasets={
             owner: [{"path": str(path), "tags": ["#digits"], "private": False}]
             for owner, path in shares.items()}) as fleet:
-        embedded_s, embedded_accuracy = _fedavg_run(fleet, list(DIGIT_OWNERS), AGGREGATOR,
+        embedded_s, embedded_accuracy = fedavg_run(fleet, list(DIGIT_OWNERS), AGGREGATOR,
                                                     rounds)
     progress("fedavg: RabbitMQ, four daemons")
     started = time.perf_counter()
@@ -263,7 +278,7 @@ def _fedavg(session: Session, rounds: int) -> MeasureResult:
         f"fed-{owner}": ["--public-dataset", f"{path}:#digits"]  # the anchor has no DP
         for owner, path in shares.items()})
     with tr.connect(session.url, name=session.name("fedavg-client")) as fleet:
-        rabbit_s, rabbit_accuracy = _fedavg_run(fleet, ids[:3], ids[3], rounds)
+        rabbit_s, rabbit_accuracy = fedavg_run(fleet, ids[:3], ids[3], rounds)
     rabbit_total = time.perf_counter() - started
     central = train_centrally(load_digits(), rounds)
 

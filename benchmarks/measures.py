@@ -18,7 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
-from . import breakdown, dpsgd, secagg
+from . import breakdown, dpsgd, owners, secagg
 from .cluster import cluster
 from .fairness import fairness
 from .faults import faults
@@ -508,6 +508,9 @@ MEASURES: dict[str, Measure] = {
                        "worker's, the queue leader): time to the result, what was lost"),
     "secagg": Measure(secagg.measure, False, "secure aggregation vs a plain round: the "
                       "digits FedAvg at 3 owners, one aggregate at 3 and 10"),
+    "owners": Measure(owners.measure, False, "FedAvg at 3, 10, 30 and 100 data owners: "
+                      "hosted daemons on RabbitMQ, embedded, the one-process loop, Flower's "
+                      "Simulation Engine; memory per additional owner"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.
     "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
                       "restarts, a load run: time to a clear error, what was lost"),

@@ -73,6 +73,9 @@ class Settings:
     fairness_seconds: float = 60.0
     sidechannel_repetitions: int = 7
     sidechannel_budget_s: float = 400.0
+    owner_counts: tuple[int, ...] = (3, 10, 30, 100)
+    owner_rounds: int = 20
+    flower_timeout_s: float = 900.0
     restart_broker: bool = False
     """Run the broker-restart faults (they restart the RabbitMQ node for everyone)."""
 
@@ -106,6 +109,9 @@ class Settings:
             fairness_seconds=10.0,
             sidechannel_repetitions=3,
             sidechannel_budget_s=60.0,
+            owner_counts=(3, 10),
+            owner_rounds=3,
+            flower_timeout_s=300.0,
         )
 
 

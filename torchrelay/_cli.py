@@ -2,6 +2,7 @@
 
     torchrelay worker --id bob --broker amqp://guest:guest@localhost:5672/
     torchrelay worker --config configs/bob.toml
+    torchrelay worker --unsupervised --config a.toml --config b.toml   # one process, two workers
     torchrelay demo [--broker URL]
     torchrelay demo federated [--broker URL] [--rounds N] [--plot FILE.png]
                               [--privacy record|owner|none] [--epsilon E]
@@ -43,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run one worker daemon in the foreground")
-    worker.add_argument("--config", help="a TOML file with a [worker] table")
+    worker.add_argument("--config", action="append",
+                        help="a TOML file with a [worker] table; several (repeated), with "
+                             "--unsupervised: one process hosts a worker for each")
     worker.add_argument("--dataset", action="append", metavar="PATH:TAG[,TAG]",
                         help="a dataset file the worker loads and offers, private to it "
                              "(repeatable)")
@@ -52,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--unsupervised", action="store_true",
                         help="serve in this one process, without the supervisor: a crash "
                              "inside torch then takes the worker down (for measuring and "
-                             "debugging)")
+                             "debugging, and to host several workers in one process: many "
+                             "data owners on one machine)")
     add_flags(worker)  # one per setting, from its declaration in WorkerConfig
 
     demo = commands.add_parser("demo", help="run the remote-execution walkthrough, or the "
@@ -172,23 +176,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from torchrelay.worker.operations._config import ConfigError, WorkerConfig, flags_given
+    from torchrelay.worker.operations._config import ConfigError
 
     try:
-        config = WorkerConfig.resolve(
-            args.config,
-            dataset_flags=args.dataset,
-            public_dataset_flags=args.public_dataset,
-            **flags_given(args),
-        )
+        configs = _worker_configs(args)
     except ConfigError as e:
         print(f"torchrelay worker: {e}", file=sys.stderr)
         return 2
     from torchrelay.worker.operations._logs import configure_logging
 
+    config = configs[0]
     # pika narrates every connection and channel at INFO: the daemon's own lines are
     # what an operator reads (configure_logging keeps pika's from WARNING on).
-    configure_logging(config.log_level, config.log_format, config.id, "supervisor")
+    configure_logging(config.log_level, config.log_format,
+                      config.id if len(configs) == 1 else None, "supervisor")
+    if len(configs) > 1:
+        from torchrelay.worker.containment._host import host_workers
+
+        try:
+            return host_workers(configs)
+        except ConfigError as e:
+            print(f"torchrelay worker: {e}", file=sys.stderr)
+            return 2
     if args.unsupervised:
         from torchrelay.worker.containment._daemon import run_worker
 
@@ -196,6 +205,30 @@ def _worker(args: argparse.Namespace) -> int:
     from torchrelay.worker.containment._supervisor import supervise
 
     return supervise(config)
+
+
+def _worker_configs(args: argparse.Namespace) -> list[Any]:
+    """The workers one `torchrelay worker` serves: one per `--config` file, or one per
+    id of `--id` (repeated or comma-separated) with the one file's settings; the other
+    flags apply to each. Several only `--unsupervised`: they share one process."""
+    from torchrelay.worker.operations._config import ConfigError, WorkerConfig, flags_given
+
+    files: list[str | None] = args.config or [None]
+    flags = flags_given(args)
+    ids = [i for i in (flags.pop("id") or "").split(",") if i] or [None]
+    if len(files) > 1 and ids != [None]:
+        raise ConfigError("--id with several --config files: each file names its worker")
+    configs = [WorkerConfig.resolve(file, dataset_flags=args.dataset,
+                                    public_dataset_flags=args.public_dataset, id=worker_id,
+                                    **flags)
+               for file in files for worker_id in ids]
+    if len(configs) > 1 and not args.unsupervised:
+        raise ConfigError(
+            f"{len(configs)} workers in one process share it: a crash inside torch in one "
+            "takes them all down, and no command past command_timeout is stopped. Pass "
+            "--unsupervised to host them so (about 2 MiB each, against ~250 MiB for a "
+            "supervised daemon each), or start a daemon for each")
+    return configs
 
 
 def _demo(url: str | None, *, running: bool = False) -> int:

@@ -32,7 +32,7 @@ from ..runtime._datasets import DatasetError, load_dataset
 from ..runtime._privacy import PrivacyError
 from ..runtime._runtime import WorkerRuntime
 
-__all__ = ["run_worker"]
+__all__ = ["run_worker", "stop_on_signals"]
 
 log = logging.getLogger("torchrelay.worker")
 
@@ -68,7 +68,7 @@ def run_worker(
         log.warning("this CPU cannot flush subnormal numbers to zero: operations on them "
                     "take longer, which a client can time")
     if threading.current_thread() is threading.main_thread():
-        _stop_on_signals(stop)
+        stop_on_signals(stop)
     broker = open_broker(config.broker, heartbeat=config.heartbeat, prefetch=config.prefetch,
                          chunk_size=config.chunk_size,
                          max_message_bytes=min(16 << 30, config.max_bytes),
@@ -171,7 +171,9 @@ def _finish_in_flight(endpoint: Endpoint, runtime: WorkerRuntime) -> None:
         _guarded(runtime.handle, delivery)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stop` (from the main thread only, as Python allows)."""
+
     def request_stop(signum: int, frame: FrameType | None) -> None:
         log.info("received %s; finishing the command in hand", signal.Signals(signum).name)
         stop.set()

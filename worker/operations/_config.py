@@ -121,7 +121,9 @@ class WorkerConfig:
     is checked against these annotations, and the command line's flags are made from
     them (`add_flags`)."""
 
-    id: str = _setting(flag="the worker's id (its queue is torchrelay.worker.<id>)")
+    id: str = _setting(flag="the worker's id (its queue is torchrelay.worker.<id>); several "
+                            "(repeated or comma-separated), with --unsupervised: one process "
+                            "hosts them all", repeated=True)
     broker: str = _setting(flag=f"amqp[s]:// URL (default: ${BROKER_ENV}); a cluster: each "
                                 "node's, the flag repeated or comma-separated",
                            repeated=True)

@@ -1,7 +1,9 @@
 """Starting and stopping worker daemons as child processes (the demo, tests, benchmarks).
 
 Each daemon is `python -m torchrelay worker --id <id> --broker <url>`, exactly
-what a user runs; `start` returns once every one of them answers.
+what a user runs; `start` returns once every one of them answers. `spawn_host`
+starts one process hosting several workers (`--unsupervised`, see
+`containment/_host.py`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class WorkerProcesses:
         """Start each daemon in a session of its own (it outlives this process's
         terminal), as `torchrelay fleet up` does."""
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        """Each daemon by its worker's id, or a host by the name `spawn_host` gave it."""
+        self.hosted: dict[str, str] = {}
+        """A hosted worker's id -> its host's name."""
 
     def start(self, timeout: float = 60.0) -> None:
         for worker_id in self.worker_ids:
@@ -63,14 +68,29 @@ class WorkerProcesses:
         # `--broker` given twice would be two addresses of one cluster.)
         broker = [] if "--broker" in own else ["--broker", self.url]
         argv = [sys.executable, "-m", "torchrelay", "worker", "--id", worker_id, *broker, *own]
-        env = dict(os.environ if self.env is None else self.env)
-        env.pop("TORCHRELAY_BROKER", None)
-        log = (self.log_dir / f"{worker_id}.log").open("ab")
-        with log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=self.detach)
+        process = self._popen(worker_id, argv)
         self.processes[worker_id] = process
         return process
+
+    def spawn_host(self, name: str, worker_ids: Sequence[str],
+                   *args: str) -> subprocess.Popen[bytes]:
+        """Start one process hosting `worker_ids`, without waiting for it: `args` name
+        them (`--config FILE` each, or `--id a,b,c`); stopped as one, by `name`."""
+        broker = [] if "--broker" in (*self.extra_args, *args) else ["--broker", self.url]
+        argv = [sys.executable, "-m", "torchrelay", "worker", "--unsupervised", *broker,
+                *self.extra_args, *args]
+        process = self._popen(name, argv)
+        self.processes[name] = process
+        self.hosted.update(dict.fromkeys(worker_ids, name))
+        return process
+
+    def _popen(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        env = dict(os.environ if self.env is None else self.env)
+        env.pop("TORCHRELAY_BROKER", None)
+        log = (self.log_dir / f"{name}.log").open("ab")
+        with log:
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=self.detach)
 
     def restart(self, worker_id: str, timeout: float = 60.0) -> None:
         """Start a daemon again once it has ended (stopped, killed, crashed); return once
@@ -123,22 +143,25 @@ class WorkerProcesses:
             endpoint.close()
 
     def _check_alive(self, worker_id: str, deadline: float, timeout: float) -> None:
-        process = self.processes[worker_id]
+        name = self.hosted.get(worker_id, worker_id)
+        process = self.processes[name]
         if process.poll() is not None:
             raise BrokerError(
-                f"worker daemon {worker_id!r} exited with status {process.returncode}:\n"
-                + self.log_tail(worker_id)
+                f"worker daemon {name!r} exited with status {process.returncode}:\n"
+                + self.log_tail(name)
             )
         if time.monotonic() > deadline:
             raise BrokerError(
-                f"worker daemon {worker_id!r} did not start within {timeout:g} s:\n"
-                + self.log_tail(worker_id)
+                f"worker daemon {name!r} did not start {worker_id!r} within {timeout:g} s:\n"
+                + self.log_tail(name)
             )
 
     def stop(self, worker_id: str, timeout: float = 30.0, *, signalled: bool = False) -> int:
         """SIGTERM one daemon (unless `signalled` already) and wait for it; its exit
-        status (killed if it hangs). One signal only: a second means "stop now"."""
+        status (killed if it hangs). One signal only: a second means "stop now". A host
+        is stopped by its name, with every worker it hosts."""
         process = self.processes.pop(worker_id)
+        self.hosted = {w: host for w, host in self.hosted.items() if host != worker_id}
         if process.poll() is None:
             if not signalled:
                 process.send_signal(signal.SIGTERM)

@@ -25,7 +25,7 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, worker, process, message, and a
     command's fields when the record has them."""
 
-    def __init__(self, worker_id: str, role: str) -> None:
+    def __init__(self, worker_id: str | None, role: str) -> None:
         super().__init__()
         self.worker_id = worker_id
         self.role = role
@@ -34,7 +34,8 @@ class JSONFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                     + f".{int(record.msecs):03d}Z",
-            "level": record.levelname, "logger": record.name, "worker": self.worker_id,
+            "level": record.levelname, "logger": record.name,
+            "worker": self.worker_id or record.threadName,
             "process": self.role, "pid": record.process, "message": record.getMessage(),
         }
         for field in _COMMAND_FIELDS:
@@ -45,15 +46,17 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str, log_format: str, worker_id: str, role: str) -> None:
+def configure_logging(level: str, log_format: str, worker_id: str | None, role: str) -> None:
     """Log to stderr at `level` in `log_format`; pika's chatter only from WARNING on,
     unless `level` is DEBUG. `role` ("supervisor", "executor") tells the processes of
-    one daemon apart."""
+    one daemon apart. With `worker_id` None (a process hosting several workers, each
+    in a thread named after it) every line names its thread."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JSONFormatter(worker_id, role))
     else:
         tag = "" if role == "supervisor" else f" [{role} %(process)d]"
+        tag += " [%(threadName)s]" if worker_id is None else ""
         handler.setFormatter(logging.Formatter(
             f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
     root = logging.getLogger()

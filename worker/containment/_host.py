@@ -1,0 +1,100 @@
+"""Several workers in one daemon process: what a hundred data owners on one machine need.
+
+A supervised daemon costs about 250 MiB idle (an executor with torch, and its
+supervisor), most of it torch itself; a hundred owners would take 25 GiB. A host
+pays for torch once: each worker it serves runs `run_worker` in a thread of its
+own, exactly as a daemon of its own would — its own RabbitMQ connection and
+queue, its own `WorkerRuntime`, `ObjectStore`, identity, privacy policy, budget
+and ledger file, built from its own `WorkerConfig`. Nothing mutable is shared
+between them but the process: no store, no cache, no connection. A command
+reaches a worker only through that worker's queue, and a pointer names its
+worker, so one hosted worker's objects are as far from another's as from a
+worker on another machine (a pointer to A's object sent to B's queue is an
+unknown object there).
+
+What hosting gives up, stated plainly: **containment**. The supervisor exists
+because a native crash or a loop inside a kernel can only be contained by
+another process; here the process is shared, so a command that crashes torch
+takes every hosted worker down, with the objects they held in memory, and a
+command past `command_timeout` is not stopped (nobody can kill a thread). That
+is why `torchrelay worker` hosts several workers only when told `--unsupervised`.
+Everything enforced per command (the allow-list, the checks, limits on bytes
+and elements, privacy, pacing) is enforced as before; what is lost is the
+recovery from what gets through. The threads also share the interpreter's lock:
+the hosted workers' Python work runs one at a time (torch kernels release it).
+
+The host serves all its workers or none: one that cannot start, or stops
+because of an error, stops the others (each finishing the command in hand), so
+an operator never has half a host running. SIGTERM or SIGINT stops them all,
+each as a daemon of its own would stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from ..operations._config import ConfigError, WorkerConfig
+from ._daemon import run_worker, stop_on_signals
+
+__all__ = ["host_workers"]
+
+log = logging.getLogger("torchrelay.worker")
+
+_JOIN_SECONDS = 0.5
+
+
+def host_workers(configs: Sequence[WorkerConfig], stop: threading.Event | None = None) -> int:
+    """Serve every worker of `configs` in this process, each in a thread of its own,
+    until `stop` is set or a signal arrives; the exit status (the worst of theirs)."""
+    check_hosted(configs)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        stop_on_signals(stop)
+    statuses: dict[str, int] = {}
+
+    def serve(config: WorkerConfig) -> None:
+        try:
+            statuses[config.id] = run_worker(config, stop)
+        except BaseException:
+            log.exception("worker %s failed", config.id)
+            statuses[config.id] = 1
+        if statuses[config.id] != 0 and not stop.is_set():
+            log.error("worker %s ended with status %d: stopping the other workers this "
+                      "process hosts", config.id, statuses[config.id])
+            stop.set()
+
+    # Each thread is named after its worker: log lines say whose they are.
+    threads = [threading.Thread(target=serve, args=(config,), name=config.id)
+               for config in configs]
+    for thread in threads:
+        thread.start()
+    log.info("hosting %d workers in one process: %s", len(configs),
+             ", ".join(c.id for c in configs))
+    for thread in threads:
+        while thread.is_alive():  # (a timed join: signals reach the main thread meanwhile)
+            thread.join(_JOIN_SECONDS)
+    return max(statuses.values(), default=0)
+
+
+def check_hosted(configs: Sequence[WorkerConfig]) -> None:
+    """Refuse a set of workers one process cannot host side by side: the same id twice
+    (two consumers of one queue), one ledger file for two (two budgets written over each
+    other), or different torch thread counts (a setting of the process)."""
+    if not configs:
+        raise ConfigError("no worker to host")
+    seen: dict[str, str] = {}
+    for config in configs:
+        if config.id in seen:
+            raise ConfigError(f"worker {config.id!r} is listed twice")
+        ledger = str(config.ledger.resolve())
+        if ledger in seen.values():
+            other = next(w for w, file in seen.items() if file == ledger)
+            raise ConfigError(f"workers {other!r} and {config.id!r} would share the privacy "
+                              f"ledger {ledger}: give each its own ([worker.privacy] ledger)")
+        seen[config.id] = ledger
+    threads = {config.torch_threads for config in configs}
+    if len(threads) > 1:
+        raise ConfigError("torch_threads is a setting of the whole process: the hosted "
+                          f"workers ask for {sorted(threads, key=str)}; give them one value")
