@@ -66,7 +66,7 @@ from torchrelay.worker.runtime._plans import RecordedPlan
 
 from . import plots
 from .report import MeasureResult, Row, Target, at_most, not_measured
-from .session import Session
+from .session import Session, one_torch_thread
 from .stats import median, micros, millis, progress
 
 EPSILONS = (1.0, 3.0, 8.0)
@@ -248,12 +248,8 @@ def step_seconds(steps: int = 2000, blocks: int = 4) -> tuple[list[float], list[
 
 
 def measure(session: Session) -> MeasureResult:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the anchor's setting
-    try:
+    with one_torch_thread():
         return _measure(session)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _measure(session: Session) -> MeasureResult:

@@ -49,7 +49,7 @@ from torchrelay.client import Fleet
 
 from .processes import run_module
 from .report import MeasureResult, Row, Skipped, Target, at_least, at_most, not_measured
-from .session import Session, send
+from .session import Session, one_torch_thread, send
 from .stats import median, micros, millis, percentile, progress
 
 ANCHOR_RESULTS = (Path(__file__).resolve().parents[2] / "shared" / "anchors" / "flower"
@@ -251,13 +251,8 @@ def fedavg_run(fleet: Fleet, owners: list[str], aggregator: str, rounds: int,
 
 
 def fedavg(session: Session) -> MeasureResult:
-    rounds = session.settings.fedavg_rounds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the anchor's setting, for the loop and embedded workers
-    try:
-        return _fedavg(session, rounds)
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread():
+        return _fedavg(session, session.settings.fedavg_rounds)
 
 
 def _fedavg(session: Session, rounds: int) -> MeasureResult:

@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import torchrelay as tr
 from torchrelay._federated import write_shares
 from torchrelay.worker import WorkerProcesses
@@ -49,7 +47,7 @@ from . import plots
 from .federated import fedavg_run, loop_rounds
 from .processes import rss_bytes
 from .report import MeasureResult, Row, Skipped, Target, at_most, failed, not_measured
-from .session import Session
+from .session import Session, one_torch_thread
 from .stats import median, memory, millis, progress
 
 FLOWER_PYTHON_ENV = "TORCHRELAY_FLOWER_PYTHON"
@@ -183,13 +181,8 @@ def _flower_simulation(clients: int, rounds: int, timeout: float) -> dict[str, A
 
 
 def measure(session: Session) -> MeasureResult:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the anchor's setting, for the loop and embedded workers
-    try:
-        with tempfile.TemporaryDirectory(prefix="torchrelay-owners-") as folder:
-            return _measure(session, Path(folder))
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), tempfile.TemporaryDirectory(prefix="torchrelay-owners-") as folder:
+        return _measure(session, Path(folder))
 
 
 def _measure(session: Session, folder: Path) -> MeasureResult:

@@ -44,7 +44,7 @@ from torchrelay._federated import (
 from torchrelay.broker import EmbeddedBroker
 
 from .report import MeasureResult, Row, Target, at_most, failed, skipped
-from .session import Session
+from .session import Session, one_torch_thread
 from .stats import millis, progress
 
 ROUNDS = 10
@@ -102,12 +102,8 @@ def _traffic(count: int, *, secure: bool) -> tuple[float, float]:
 
 
 def measure(session: Session) -> MeasureResult:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the anchor's setting
-    try:
+    with one_torch_thread():
         return _measure(session)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _measure(session: Session) -> MeasureResult:
