@@ -18,7 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
-from . import dpsgd, secagg
+from . import dpsgd, large_model, secagg
 from .cluster import cluster
 from .fairness import fairness
 from .faults import faults
@@ -506,6 +506,9 @@ MEASURES: dict[str, Measure] = {
                        "worker's, the queue leader): time to the result, what was lost"),
     "secagg": Measure(secagg.measure, False, "secure aggregation vs a plain round: the "
                       "digits FedAvg at 3 owners, one aggregate at 3 and 10"),
+    "large_model": Measure(large_model.measure, False, "FedAvg of models of 10 KB to 1 GB "
+                           "across 3 owners: round time vs bare pika's rate, bytes per owner, "
+                           "peak RSS per process; Flower's gRPC limit at 400 MB"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.
     "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
                       "restarts, a load run: time to a clear error, what was lost"),

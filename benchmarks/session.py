@@ -73,6 +73,9 @@ class Settings:
     fairness_seconds: float = 60.0
     sidechannel_repetitions: int = 7
     sidechannel_budget_s: float = 400.0
+    large_sizes: tuple[str, ...] = ("10 KB", "1 MB", "10 MB", "100 MB", "400 MB", "1 GB")
+    """Model sizes of the large-model FedAvg (`large_model.SIZES`); 1 GB where it fits."""
+    large_rounds: int = 3
     restart_broker: bool = False
     """Run the broker-restart faults (they restart the RabbitMQ node for everyone)."""
 
@@ -106,6 +109,8 @@ class Settings:
             fairness_seconds=10.0,
             sidechannel_repetitions=3,
             sidechannel_budget_s=60.0,
+            large_sizes=("10 KB", "1 MB", "100 MB", "400 MB"),
+            large_rounds=2,
         )
 
 
