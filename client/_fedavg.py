@@ -1,8 +1,8 @@
 """FedAvg through a trusted aggregator: models go to the data, only their average comes back.
 
 Each round, every worker with data loads the global model's weights into its
-copy of the model, tensor by tensor and in place (a message of their own, freed
-before training needs memory for gradients), and trains it on its own dataset
+copy of the model, piece by piece and in place (messages of about 64 MiB, each
+freed once copied in), and trains it on its own dataset
 for `local_epochs` (batches cut on the worker, a remote optimizer, its state
 reset as a new optimizer's, its gradients freed at the end); then its weights
 (parameters and buffers, and the mean training loss) go straight to the
@@ -64,7 +64,7 @@ from ._optim import SGD, RemoteOptimizer
 from ._plan_recording import Plan
 from ._pointer import PointerTensor
 from ._release import aggregate
-from ._streamed_sum import streamed_sum
+from ._streamed_sum import WAVE_BYTES, pieces, streamed_sum
 
 __all__ = ["FedAvg", "RoundResult"]
 
@@ -72,6 +72,9 @@ Loss = Callable[[Any, Any], Any]
 MakeOptimizer = Callable[[list[PointerTensor]], RemoteOptimizer]
 SampleOrder = Callable[[int, int, int], torch.Tensor]
 _Sent = TypeVar("_Sent")
+LOAD_BYTES = 4 * WAVE_BYTES
+"""About how much of the global weights one message to an owner carries: a fraction of a
+large model (the owner holds it beside the model for a moment), few publishes."""
 
 
 @dataclass
@@ -219,9 +222,9 @@ class FedAvg:
             fresh = dataset.location.id not in self._workers
             local = self._local_state(dataset, loader, False)
             if not fresh:  # (a copy just sent holds these weights already)
-                local.load(state)
-            # Published now, as a message of its own: its tensors are freed on the worker
-            # once copied into the model, before training needs the memory for gradients.
+                local.load(state, fleet.flush)
+            # Published now: what is loaded is freed on the worker before training needs
+            # the memory for gradients.
             fleet.flush()
             orders = self._orders(loader, dataset, number, position)
             trained[dataset.location.id] = (list(local.train_public(local.data, local.target,
@@ -443,10 +446,24 @@ class _LocalTraining:
         self.train = Plan(self.local_round)
         self.train_public = Plan(self.public_round)
 
-    def load(self, state: list[torch.Tensor]) -> None:
-        """Copy the global weights into the worker's model in place, tensor by tensor."""
-        for remote, tensor in zip(_state(self.model), state, strict=True):
-            remote.data.copy_(tensor)
+    def load(self, state: list[torch.Tensor], flush: Callable[[], None]) -> None:
+        """Copy the global weights into the worker's model in place, piece by piece,
+        `flush`ing about every `LOAD_BYTES`: each message is freed on the worker once
+        copied in, so it never holds a second copy of the model."""
+        remote_state = _state(self.model)
+        queued = 0
+        for piece in pieces([t.numel() for t in state], WAVE_BYTES // 4):
+            remote, tensor = remote_state[piece.tensor], state[piece.tensor]
+            if piece.start == 0 and piece.stop == tensor.numel():
+                remote.data.copy_(tensor)
+            else:
+                remote.data.view(-1)[piece.start : piece.stop].copy_(
+                    tensor.view(-1)[piece.start : piece.stop])
+            queued += (piece.stop - piece.start) * tensor.element_size()
+            if queued >= LOAD_BYTES:
+                flush()
+                queued = 0
+        flush()
 
     def public_round(self, data: Any, target: Any, *batches: Any) -> Any:
         """Train the loaded model on `batches`; its tensors (views: no copy) and the mean
