@@ -18,7 +18,7 @@ import torch
 import torchrelay as tr
 from torchrelay.client import Fleet, PointerTensor, WorkerHandle
 
-from . import breakdown, dpsgd, owners, secagg
+from . import breakdown, dpsgd, large_model, owners, secagg
 from .cluster import cluster
 from .fairness import fairness
 from .faults import faults
@@ -511,6 +511,9 @@ MEASURES: dict[str, Measure] = {
     "owners": Measure(owners.measure, False, "FedAvg at 3, 10, 30 and 100 data owners: "
                       "hosted daemons on RabbitMQ, embedded, the one-process loop, Flower's "
                       "Simulation Engine; memory per additional owner"),
+    "large_model": Measure(large_model.measure, False, "FedAvg of models of 10 KB to 1 GB "
+                           "across 3 owners: round time vs bare pika's rate, bytes per owner, "
+                           "peak RSS per process; Flower's gRPC limit at 400 MB"),
     # Last: its daemons are killed, and with --restart-broker the broker restarts.
     "faults": Measure(faults, False, "workers killed mid-command and mid-move, broker "
                       "restarts, a load run: time to a clear error, what was lost"),

@@ -89,6 +89,9 @@ class Settings:
     owner_counts: tuple[int, ...] = (3, 10, 30, 100)
     owner_rounds: int = 20
     flower_timeout_s: float = 900.0
+    large_sizes: tuple[str, ...] = ("10 KB", "1 MB", "10 MB", "100 MB", "400 MB", "1 GB")
+    """Model sizes of the large-model FedAvg (`large_model.SIZES`); 1 GB where it fits."""
+    large_rounds: int = 3
     restart_broker: bool = False
     """Run the broker-restart faults (they restart the RabbitMQ node for everyone)."""
 
@@ -125,6 +128,8 @@ class Settings:
             owner_counts=(3, 10),
             owner_rounds=3,
             flower_timeout_s=300.0,
+            large_sizes=("10 KB", "1 MB", "100 MB", "400 MB"),
+            large_rounds=2,
         )
 
 

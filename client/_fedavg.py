@@ -1,22 +1,24 @@
 """FedAvg through a trusted aggregator: models go to the data, only their average comes back.
 
 Each round, every worker with data loads the global model's weights into its
-copy of the model and trains it on its own dataset for `local_epochs` (batches
-cut on the worker, a remote optimizer, its state reset as a new optimizer's);
-then its weights (parameters and buffers, flattened into one tensor, with the
-mean training loss at the end) go straight to the aggregator worker, which
-averages them weighted by sample count. Only that average is fetched, and
-becomes the next global model. No weights of any one worker pass through the
-client.
+copy of the model, piece by piece and in place (messages of about 64 MiB, each
+freed once copied in), and trains it on its own dataset
+for `local_epochs` (batches cut on the worker, a remote optimizer, its state
+reset as a new optimizer's, its gradients freed at the end); then its weights
+(parameters and buffers, and the mean training loss) go straight to the
+aggregator worker, which averages them weighted by sample count, piece by piece
+as they come (`_streamed_sum.py`: no process ever holds more than the model and
+about one more copy of it, whatever its size). Only that average is fetched,
+and becomes the next global model. No weights of any one worker pass through
+the client.
 
 A worker's local round is a `Plan`: the first round runs it operation by
-operation and records it, later rounds send it as one command (the global
-weights and the batch orders its only arguments), so a round costs each worker
-two messages (the run, and the move of its result) whatever the number of
-batches.
+operation and records it, later rounds send it as one command (the batch orders
+its only arguments) whatever the number of batches.
 
 When the datasets are private (their workers say so), what moves to the
-aggregator is each worker's update (its new weights minus the global ones) and
+aggregator is each worker's update (its new weights minus the global ones,
+flattened into one tensor: clipping bounds the norm of all of it) and
 only `tr.aggregate` brings their average back: each update clipped to its
 owner's bound, Gaussian noise added, each owner's (ε, δ) budget charged by the
 owner's worker (DP-FedAvg, with central DP at the trusted aggregator). The
@@ -47,7 +49,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -62,12 +64,17 @@ from ._optim import SGD, RemoteOptimizer
 from ._plan_recording import Plan
 from ._pointer import PointerTensor
 from ._release import aggregate
+from ._streamed_sum import WAVE_BYTES, pieces, streamed_sum
 
 __all__ = ["FedAvg", "RoundResult"]
 
 Loss = Callable[[Any, Any], Any]
 MakeOptimizer = Callable[[list[PointerTensor]], RemoteOptimizer]
 SampleOrder = Callable[[int, int, int], torch.Tensor]
+_Sent = TypeVar("_Sent")
+LOAD_BYTES = 4 * WAVE_BYTES
+"""About how much of the global weights one message to an owner carries: a fraction of a
+large model (the owner holds it beside the model for a moment), few publishes."""
 
 
 @dataclass
@@ -182,12 +189,13 @@ class FedAvg:
     def _round(self, loader: FederatedDataLoader,
                datasets: Sequence[DatasetPointer]) -> RoundResult:
         started = time.monotonic()
-        fleet = self.aggregator.fleet
         number = len(self.history) + 1
         if any((d.privacy or {}).get("unit") == "record" for d in datasets):
             return self._record_round(number, started, datasets)
-        weights = torch.cat([t.detach().float().flatten() for t in _state(self.model)])
         private = any(d.private for d in datasets)
+        if not private and not self.secure:
+            return self._streamed_round(number, started, loader, datasets)
+        weights = torch.cat([t.detach().float().flatten() for t in _state(self.model)])
         sent: dict[str, tuple[PointerTensor, int]] = {}
         for position, dataset in enumerate(datasets):
             local = self._local_state(dataset, loader, private)
@@ -195,32 +203,77 @@ class FedAvg:
             update = local.train(local.data, local.target, weights, *orders)
             sent[dataset.location.id] = (update if self.secure  # stays with its owner
                                          else update.move_later(self.aggregator), len(dataset))
-        # All of it goes now, and is waited for together: what a worker has not done
-        # in time does not hold the round up.
-        failures = fleet.settle(self.round_timeout)
-        left_out = {w: str(failures[w]) for w in sent if w in failures}
-        for worker_id in left_out:  # it starts afresh next time: its state may be lost
-            self._workers.pop(worker_id, None)
-        arrived = {w: update for w, update in sent.items() if w not in failures}
-        if len(arrived) < self.min_workers:
-            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
-                               left_out | {"round": f"{len(arrived)} of the min_workers "
-                                                    f"{self.min_workers} took part"})
-        samples = sum(n for _, n in arrived.values())
+        arrived, left_out, too_few = self._settle(number, started, sent)
+        if too_few is not None:
+            return too_few
         if self.secure:
             return self._secure_round(number, started, weights if private else None, arrived,
                                       left_out)
-        if private:
-            return self._private_round(number, started, weights, arrived, left_out)
-        total = None
-        for update, n in arrived.values():  # on the aggregator
-            weighted = update * (n / samples)
-            total = weighted if total is None else total + weighted
-        assert total is not None
-        average = total.get()
-        self._load(average[:-1])
-        return RoundResult(number, sorted(arrived), samples, float(average[-1]),
+        return self._private_round(number, started, weights, arrived, left_out)
+
+    def _streamed_round(self, number: int, started: float, loader: FederatedDataLoader,
+                        datasets: Sequence[DatasetPointer]) -> RoundResult:
+        """A public round, tensor by tensor (`_streamed_sum.py`): no process holds more
+        than the model and about one more copy of it, whatever its size."""
+        fleet = self.aggregator.fleet
+        state = [t.detach() for t in _state(self.model)]
+        trained: dict[str, tuple[list[PointerTensor], int]] = {}
+        for position, dataset in enumerate(datasets):
+            fresh = dataset.location.id not in self._workers
+            local = self._local_state(dataset, loader, False)
+            if not fresh:  # (a copy just sent holds these weights already)
+                local.load(state, fleet.flush)
+            # Published now: what is loaded is freed on the worker before training needs
+            # the memory for gradients.
+            fleet.flush()
+            orders = self._orders(loader, dataset, number, position)
+            trained[dataset.location.id] = (list(local.train_public(local.data, local.target,
+                                                                    *orders)), len(dataset))
+        arrived, left_out, too_few = self._settle(number, started, trained)
+        if too_few is not None:
+            return too_few
+        samples = sum(n for _, n in arrived.values())
+        # The average is written straight into a copy-free view of the model where it
+        # can be (float32 and contiguous), else into a float32 tensor copied in after.
+        into = [t.view(-1) if t.dtype == torch.float32 and t.is_contiguous()
+                else torch.zeros(t.numel()) for t in state]
+        loss = torch.zeros(1)
+        try:
+            average = streamed_sum(self.aggregator, {w: r for w, (r, _) in arrived.items()},
+                                   {w: n / samples for w, (_, n) in arrived.items()},
+                                   [*(t.numel() for t in into), 1])
+        except TorchRelayError as e:  # a move failed half-way: the sum is incomplete
+            for worker_id in arrived:
+                self._workers.pop(worker_id, None)
+            return RoundResult(number, [], 0, math.nan, time.monotonic() - started,
+                               left_out | {"round": f"the average could not be completed: "
+                                                    f"{e}"})
+        # (Only the aggregator failing now stops this half-way, raising: the model is
+        # then partly the new average.)
+        average.fetch_into([*into, loss])
+        with torch.no_grad():
+            for tensor, flat in zip(state, into, strict=True):
+                if flat.data_ptr() != tensor.data_ptr():
+                    tensor.copy_(flat.view_as(tensor).to(tensor.dtype))
+        return RoundResult(number, sorted(arrived), samples, float(loss),
                            time.monotonic() - started, left_out)
+
+    def _settle(self, number: int, started: float, sent: dict[str, _Sent],
+                ) -> tuple[dict[str, _Sent], dict[str, str], RoundResult | None]:
+        """Wait for what the round sent, together and at most `round_timeout`: what a
+        worker has not done in time does not hold the round up. What arrived, who was
+        left out and why, and the round's result if too few took part."""
+        failures = self.aggregator.fleet.settle(self.round_timeout)
+        left_out = {w: str(failures[w]) for w in sent if w in failures}
+        for worker_id in left_out:  # it starts afresh next time: its state may be lost
+            self._workers.pop(worker_id, None)
+        arrived = {w: result for w, result in sent.items() if w not in failures}
+        if len(arrived) >= self.min_workers:
+            return arrived, left_out, None
+        return arrived, left_out, RoundResult(
+            number, [], 0, math.nan, time.monotonic() - started,
+            left_out | {"round": f"{len(arrived)} of the min_workers {self.min_workers} "
+                                 "took part"})
 
     def _private_round(self, number: int, started: float, weights: torch.Tensor,
                        arrived: dict[str, tuple[PointerTensor, int]],
@@ -391,6 +444,33 @@ class _LocalTraining:
 
     def __post_init__(self) -> None:
         self.train = Plan(self.local_round)
+        self.train_public = Plan(self.public_round)
+
+    def load(self, state: list[torch.Tensor], flush: Callable[[], None]) -> None:
+        """Copy the global weights into the worker's model in place, piece by piece,
+        `flush`ing about every `LOAD_BYTES`: each message is freed on the worker once
+        copied in, so it never holds a second copy of the model."""
+        remote_state = _state(self.model)
+        queued = 0
+        for piece in pieces([t.numel() for t in state], WAVE_BYTES // 4):
+            remote, tensor = remote_state[piece.tensor], state[piece.tensor]
+            if piece.start == 0 and piece.stop == tensor.numel():
+                remote.data.copy_(tensor)
+            else:
+                remote.data.view(-1)[piece.start : piece.stop].copy_(
+                    tensor.view(-1)[piece.start : piece.stop])
+            queued += (piece.stop - piece.start) * tensor.element_size()
+            if queued >= LOAD_BYTES:
+                flush()
+                queued = 0
+        flush()
+
+    def public_round(self, data: Any, target: Any, *batches: Any) -> Any:
+        """Train the loaded model on `batches`; its tensors (views: no copy) and the mean
+        loss. Gradients are freed before returning: the weights they were for are
+        replaced before the next round."""
+        total = self._train(data, target, batches)
+        return (*[t.detach().float().flatten() for t in _state(self.model)], total)
 
     def local_round(self, data: Any, target: Any, weights: Any, *batches: Any) -> Any:
         """Load `weights`, train on `batches` (index tensors), return the new weights and
@@ -399,6 +479,14 @@ class _LocalTraining:
         state = _state(self.model)
         for tensor, (start, stop, shape) in zip(state, self.layout, strict=True):
             tensor.data.copy_(weights[start:stop].view(shape))
+        mean_loss = self._train(data, target, batches)
+        trained = [t.detach().float().flatten() for t in state]
+        if self.private:
+            return torch.cat(trained) - weights
+        return torch.cat([*trained, mean_loss])
+
+    def _train(self, data: Any, target: Any, batches: tuple[Any, ...]) -> Any:
+        """Train on `batches` (index tensors); the mean loss, a one-element tensor."""
         self.optimizer.reset()
         self.model.train()
         total: Any = None
@@ -412,10 +500,8 @@ class _LocalTraining:
             weighted = loss.detach() * size
             total = weighted if total is None else total + weighted
             samples += size
-        trained = [t.detach().float().flatten() for t in state]
-        if self.private:
-            return torch.cat(trained) - weights
-        return torch.cat([*trained, (total / samples).reshape(1)])
+        self.optimizer.zero_grad()  # (set to None: the gradients' memory goes now)
+        return (total / samples).reshape(1)
 
 
 def _layout(model: nn.Module) -> list[tuple[int, int, torch.Size]]:

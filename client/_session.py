@@ -170,6 +170,11 @@ class Fleet:
         """
         self._collect()
 
+    def flush(self) -> None:
+        """Publish every command queued so far now, without waiting for anything (a
+        message of their own: a large one, received and run before what comes next)."""
+        self._publish()
+
     def close(self) -> None:
         """Delete what this session's pointers own, wait for it, and disconnect."""
         if self.closed:

@@ -177,3 +177,17 @@ def test_a_plan_cannot_hold_more_than_the_memory_budget(vhost_factory: Any) -> N
         with pytest.raises(tr.RemoteError, match=r"past its max_bytes.*at call 4"):
             fleet.request("tight", RunPlan(plan_id, [], [fleet.new_id()]))
         assert tight.status()["tensor_bytes"] == 0
+        # Views take no memory of their own: five of a stored 40 MiB tensor, and of one
+        # made in the plan, are within the budget (FedAvg returns views of a model).
+        stored = torch.ones(10 * mib).send(tight)
+        calls = [_call("Tensor.detach", [ObjectRef(1)], 100),
+                 *[_call("Tensor.flatten", [ObjectRef(100 + i)], 101 + i) for i in range(4)],
+                 _call("torch.ones", [4 * mib], 105),
+                 *[_call("Tensor.view", [ObjectRef(105 + i), -1], 106 + i) for i in range(4)]]
+        plan_id = fleet.new_id()
+        fleet.request("tight", DefinePlan(plan_id, [1], calls, [104, 109]))
+        views = [tr.PointerTensor(tight, fleet.new_id()) for _ in range(2)]
+        fleet.request("tight", RunPlan(plan_id, [ObjectRef(stored.id_at_location)],
+                                       [v.id_at_location for v in views]))
+        assert views[0].get().shape == (10 * mib,)
+        del stored, views

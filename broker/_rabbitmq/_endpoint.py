@@ -418,7 +418,8 @@ class RabbitMQEndpoint(Endpoint):
 
     def stats(self) -> dict[str, Any]:
         return {"broker": self._broker.url, "connection": self.connection_name,
-                "reconnects": self.reconnects, "forged": self._consumer.forged}
+                "reconnects": self.reconnects, "forged": self._consumer.forged,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
 
     def close(self) -> None:
         consumer = self._consumer

@@ -264,6 +264,11 @@ class ObjectStore:
     def tensor_bytes(self) -> int:
         return self.bytes
 
+    def counts(self, storage: Any) -> bool:
+        """Whether `storage`'s bytes are counted in `bytes` already (a stored object
+        views it)."""
+        return storage._cdata in self._storages
+
     # -- memory accounting ------------------------------------------------------------
 
     def _count_in(self, object_id: int, value: Any) -> None:

@@ -44,6 +44,7 @@ def run_plan(worker: WorkerRuntime, command: RunPlan, sender: str) -> None:
     resolver.scope = scope
     budget = worker.store.max_bytes
     held = worker.store.bytes
+    counted: set[int] = set()  # storages counted already: views of one count it once
     for number, (call, op) in enumerate(zip(plan.calls, plan.ops, strict=True)):
         args = resolver.arguments(call.args)
         kwargs = resolver.resolve(call.kwargs) if call.kwargs else {}
@@ -56,7 +57,10 @@ def run_plan(worker: WorkerRuntime, command: RunPlan, sender: str) -> None:
         if call.result_id is not None:
             scope[call.result_id] = result
             if budget is not None and type(result) is torch.Tensor:
-                held += result.untyped_storage().nbytes()  # intermediates count too
+                storage = result.untyped_storage()
+                if storage._cdata not in counted and not worker.store.counts(storage):
+                    counted.add(storage._cdata)
+                    held += storage.nbytes()  # intermediates count too
                 if held > budget:
                     raise BudgetExceeded(
                         f"the plan's results would take worker {worker.id!r} past its "
