@@ -113,11 +113,10 @@ def test_fedavg_on_the_digits_matches_the_one_process_loop_round_by_round(
     assert history[0].loss > history[-1].loss > 0
     central = train_centrally(digits, ROUNDS)
     assert history[-1].metrics["accuracy"] >= 0.95 * central
-    # Only the average came back, from the aggregator: a fetch of each of its tensors (the
-    # model's, and the loss) per round, sent together.
-    tensors = len([*make_model().parameters(), *make_model().buffers()]) + 1
+    # Only the average came back: one fetch per round, from the aggregator (a model this
+    # small goes whole: tests/test_large_fedavg.py streams large ones).
     fetches = [e for e in recorder.events if e.startswith("send fetch")]
-    assert fetches == [f"send fetch to {AGGREGATOR}"] * (tensors * ROUNDS)
+    assert fetches == [f"send fetch to {AGGREGATOR}"] * ROUNDS
     # Rounds after the first send each worker its run and the move of its result.
     assert recorder.events.count("send define_plan to bob") == 1
     assert recorder.events.count("send run_plan to bob") == ROUNDS - 1
