@@ -32,36 +32,13 @@ import statistics
 import time
 from typing import Any
 
+# Run by path in Flower's Python: the workload beside it is imported by its bare name.
+import flower_digits as workload
 import numpy as np
 import torch
 from torch import nn
 
 OWNERS = 3
-BATCH = 32
-LR = 0.1
-
-
-def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, stratify=y,
-                                                        random_state=0)
-    return x_train, y_train, x_test, y_test
-
-
-def _share(owner: int) -> tuple[np.ndarray, np.ndarray]:
-    x_train, y_train, _, _ = _data()
-    part = np.array_split(np.random.default_rng(0).permutation(len(x_train)), OWNERS)[owner]
-    return x_train[part], y_train[part]
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
 def _weights(model: nn.Module) -> list[np.ndarray]:
@@ -74,18 +51,6 @@ def _load(model: nn.Module, weights: list[np.ndarray]) -> None:
                            for k, w in zip(keys, weights, strict=True)})
 
 
-def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int) -> None:
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model.train()
-    for start in range(0, len(x), BATCH):
-        batch = order[start:start + BATCH]
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
-        optimizer.step()
-
-
 def _client_app(secure: bool) -> Any:
     from flwr.client import ClientApp, NumPyClient  # noqa: PLC0415
     from flwr.client.mod import secaggplus_mod  # noqa: PLC0415
@@ -94,13 +59,14 @@ def _client_app(secure: bool) -> Any:
         def __init__(self, owner: int) -> None:
             torch.set_num_threads(1)
             self.owner = owner
-            self.x, self.y = _share(owner)
+            self.x, self.y = workload.share(owner, OWNERS)
 
         def fit(self, parameters: list[np.ndarray],
                 config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-            model = _model()
+            model = workload.model()
             _load(model, parameters)
-            _train(model, self.x, self.y, 1000 * int(config["server-round"]) + self.owner)
+            workload.train_epoch(model, self.x, self.y,
+                                 1000 * int(config["server-round"]) + self.owner)
             return _weights(model), len(self.x), {}
 
     def client_fn(context: Any) -> Any:
@@ -115,8 +81,7 @@ def _server_app(secure: bool, rounds: int, out: dict[str, Any]) -> Any:
     from flwr.server.strategy import FedAvg  # noqa: PLC0415
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: PLC0415
 
-    _, _, x_test, y_test = _data()
-    model = _model()
+    model = workload.model()
     entered: dict[int, float] = {}
     left: dict[int, float] = {}
     accuracy: dict[int, float] = {}
@@ -125,17 +90,14 @@ def _server_app(secure: bool, rounds: int, out: dict[str, Any]) -> Any:
                  config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         entered[server_round] = time.perf_counter()
         _load(model, weights)
-        model.eval()
-        with torch.no_grad():
-            predicted = model(torch.from_numpy(x_test)).argmax(1).numpy()
-        accuracy[server_round] = float((predicted == y_test).mean())
+        accuracy[server_round] = workload.accuracy(model)
         left[server_round] = time.perf_counter()
         return 0.0, {"accuracy": accuracy[server_round]}
 
     strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=OWNERS,
                       min_available_clients=OWNERS, evaluate_fn=evaluate,
                       on_fit_config_fn=lambda server_round: {"server-round": server_round},
-                      initial_parameters=ndarrays_to_parameters(_weights(_model())))
+                      initial_parameters=ndarrays_to_parameters(_weights(workload.model())))
     app = ServerApp()
 
     @app.main()  # type: ignore[misc]

@@ -22,60 +22,14 @@ import statistics
 import time
 from typing import Any
 
-import numpy as np
+# Run by path in Flower's Python: the workload beside it is imported by its bare name.
+import flower_digits as workload
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
-
-BATCH, LR = 32, 0.1
-_DATA: dict[str, Any] = {}
-
-
-def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    if "split" not in _DATA:
-        digits = load_digits()
-        data = (digits.data / 16.0).astype(np.float32)
-        _DATA["split"] = train_test_split(data, digits.target.astype(np.int64), test_size=0.2,
-                                          stratify=digits.target, random_state=0)
-    x_train, x_test, y_train, y_test = _DATA["split"]
-    return x_train, y_train, x_test, y_test
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-def _share(partition: int, partitions: int) -> tuple[np.ndarray, np.ndarray]:
-    x_train, y_train, _, _ = _digits()
-    indices = np.array_split(np.random.default_rng(0).permutation(len(x_train)),
-                             partitions)[partition]
-    return x_train[indices], y_train[indices]
-
-
-def _train_epoch(model: nn.Module, x: np.ndarray, y: np.ndarray, seed: int) -> None:
-    data, target = torch.from_numpy(x), torch.from_numpy(y)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model.train()
-    for start in range(0, len(x), BATCH):
-        batch = order[start : start + BATCH]
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(data[batch]), target[batch]).backward()
-        optimizer.step()
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module) -> float:
-    _, _, x_test, y_test = _digits()
-    model.eval()
-    return float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
 
 
 def run(clients: int, rounds: int) -> dict[str, Any]:
@@ -86,10 +40,10 @@ def run(clients: int, rounds: int) -> dict[str, Any]:
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         partition = int(context.node_config["partition-id"])
-        x, y = _share(partition, int(context.node_config["num-partitions"]))
-        model = _model()
+        x, y = workload.share(partition, int(context.node_config["num-partitions"]))
+        model = workload.model()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        _train_epoch(model, x, y, seed=1000 * int(msg.content["config"]["server-round"])
+        workload.train_epoch(model, x, y, seed=1000 * int(msg.content["config"]["server-round"])
                      + partition)
         return Message(content=RecordDict({
             "arrays": ArrayRecord(model.state_dict()),
@@ -102,12 +56,12 @@ def run(clients: int, rounds: int) -> dict[str, Any]:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        model = _model()
+        model = workload.model()
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             entered[server_round] = time.time()
             model.load_state_dict(arrays.to_torch_state_dict())
-            accuracies[server_round] = _accuracy(model)
+            accuracies[server_round] = workload.accuracy(model)
             left[server_round] = time.time()
             return MetricRecord({"accuracy": accuracies[server_round]})
 
