@@ -1,6 +1,6 @@
 """Flower 1.42's Simulation Engine on the anchor's digits workload with N clients.
 
-    python -m benchmarks.flower_simulation --clients 100 --rounds 20 --out result.json
+    python benchmarks/flower_simulation.py --clients 100 --rounds 20 --out result.json
 
 Run by `benchmarks/owners.py` in a Python that has `flwr[simulation]` (Ray), which
 the dev extra does not install: the anchor's setup (`../shared/anchors/flower`),
@@ -9,8 +9,9 @@ own message-API `FedAvg`, one local epoch per client in the anchor's batch order
 with the training data split in N shares instead of 3, run through
 `flwr.simulation.run_simulation` (the Ray backend, one CPU per client, as Flower's
 default). A round is timed as the anchor times it: between the server's held-out
-evaluations, so it leaves out start-up and evaluation. Self-contained: it imports
-neither torchrelay nor this package, only torch, numpy, scikit-learn and flwr.
+evaluations, so it leaves out start-up and evaluation. It imports neither
+torchrelay nor this package: only flwr and `flower_digits.py` beside it (torch,
+numpy, scikit-learn).
 """
 
 from __future__ import annotations
