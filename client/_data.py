@@ -130,7 +130,9 @@ class FederatedDataLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self._generator = torch.Generator().manual_seed(seed)
-        self._tensors = [(d["data"], d["target"]) for d in self.datasets]
+        # Made on first use: a loader made for each `fit` call of a FedAvg that already
+        # holds its workers' pointers then sends no command.
+        self._tensors: dict[int, tuple[PointerTensor, PointerTensor]] = {}
 
     def batches_of(self, dataset: DatasetPointer) -> int:
         whole, rest = divmod(len(dataset), self.batch_size)
@@ -145,7 +147,10 @@ class FederatedDataLoader:
 
     def tensors(self, dataset: DatasetPointer) -> tuple[PointerTensor, PointerTensor]:
         """Pointers to `dataset`'s data and target (made once, kept by the loader)."""
-        return self._tensors[self.datasets.index(dataset)]
+        position = self.datasets.index(dataset)
+        if position not in self._tensors:
+            self._tensors[position] = (dataset["data"], dataset["target"])
+        return self._tensors[position]
 
     def order(self, samples: int) -> torch.Tensor:
         """The sample order of a pass over `samples` samples: shuffled (the loader's
@@ -158,7 +163,7 @@ class FederatedDataLoader:
                 ) -> Iterator[tuple[PointerTensor, PointerTensor]]:
         """One pass over one dataset; `order` (a permutation of its sample indices)
         overrides the loader's own."""
-        data, target = self._tensors[self.datasets.index(dataset)]
+        data, target = self.tensors(dataset)
         samples = len(dataset)
         if order is None and self.shuffle:
             order = torch.randperm(samples, generator=self._generator)

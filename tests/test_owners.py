@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from torchrelay._cli import main
 from torchrelay._federated import anchor_order, make_model, write_shares
 from torchrelay.broker import Call, Fetch, ObjectRef, worker_queue
 from torchrelay.worker import ConfigError, WorkerConfig, WorkerProcesses
-from torchrelay.worker.containment._host import check_hosted
+from torchrelay.worker.containment._host import check_hosted, host_workers
+from torchrelay.worker.runtime._runtime import WorkerRuntime
 
 tr.hook(torch)
 
@@ -160,8 +162,15 @@ def test_fedavg_across_hosted_owners_gives_the_embedded_model(
     hosted = trained(fleet)
     offered = {o: [{"path": str(p), "tags": ["#digits"], "private": False}]
                for o, p in shares.items()}
-    with tr.connect(datasets=offered) as embedded:
-        reference = trained(embedded)
+    # On one torch thread, as the host runs (--torch-threads 1): on some CPUs a kernel
+    # sums in another order on two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tr.connect(datasets=offered) as embedded:
+            reference = trained(embedded)
+    finally:
+        torch.set_num_threads(threads)
     assert hosted.keys() == reference.keys()
     assert all(torch.equal(hosted[k], reference[k]) for k in hosted)
 
@@ -186,6 +195,47 @@ def test_sigterm_stops_every_hosted_worker_cleanly(vhost_factory: Any, tmp_path:
         assert all(f"worker {w} stopped" in log for w in ids)
     finally:
         daemons.stop_all()
+
+
+def test_hosted_workers_take_turns_handling_commands(vhost_factory: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hosted in this process (threads), so that the runtime's steps can be watched: while
+    # one worker runs a command, no other worker of the host runs one, though both have
+    # commands waiting (each matmul lets go of the GIL: without turns they overlap).
+    running, most, steps, guard = 0, 0, 0, threading.Lock()
+    step = WorkerRuntime.step
+
+    def watched(runtime: WorkerRuntime) -> None:
+        nonlocal running, most, steps
+        with guard:
+            running += 1
+            most, steps = max(most, running), steps + 1
+        try:
+            step(runtime)
+        finally:
+            with guard:
+                running -= 1
+
+    monkeypatch.setattr(WorkerRuntime, "step", watched)
+    url, ids = vhost_factory(), ("turn-a", "turn-b")
+    stop = threading.Event()
+    host = threading.Thread(target=host_workers,
+                            args=([WorkerConfig(id=w, broker=url) for w in ids], stop))
+    host.start()
+    try:
+        with tr.connect(url, timeout=60) as session:
+            for _ in range(60):  # until both serve (their queues exist)
+                if set(ids) <= {status["id"] for status in session.workers()}:
+                    break
+            matrices = [torch.rand(300, 300).send(session.worker(w)) for w in ids]
+            products = [m @ m for _ in range(15) for m in matrices]  # both queues filled
+            session.sync()
+            del products, matrices
+    finally:
+        stop.set()
+        host.join(timeout=60)
+    assert not host.is_alive()
+    assert steps >= 30 and most == 1
 
 
 def test_a_hosted_worker_that_cannot_start_stops_the_others(vhost_factory: Any,

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from types import FrameType
 from typing import Any
 
@@ -52,12 +53,15 @@ def run_worker(
     make_runtime: RuntimeFactory | None = None,
     keep_going: Callable[[], bool] = lambda: True,
     broker_options: dict[str, Any] | None = None,
+    turn: AbstractContextManager[object] | None = None,
 ) -> int:
     """Serve `config.id` in this process until `stop` is set, a signal arrives or
     `keep_going()` is false; the exit status.
 
     `make_runtime` builds the runtime on the endpoint (a supervised executor's
-    keeps a journal and a mirror); by default a plain one.
+    keeps a journal and a mirror); by default a plain one. `turn` is held while
+    the worker handles what it received (workers hosted in one process share one:
+    `_host.py`).
     """
     stop = stop or threading.Event()
     if config.torch_threads is not None:
@@ -102,7 +106,7 @@ def run_worker(
     log.info("worker %s serving on %s", config.id, broker.url)
     runtime.presence.announce("started")
     try:
-        _serve(endpoint, runtime, stop, until=lambda: not keep_going())
+        _serve(endpoint, runtime, stop, until=lambda: not keep_going(), turn=turn)
         _finish_in_flight(endpoint, runtime)
         runtime.presence.announce("stopped")
     except BrokerError as e:
@@ -119,22 +123,26 @@ def _serve(
     runtime: WorkerRuntime,
     stop: threading.Event,
     until: Callable[[], bool] = lambda: False,
+    turn: AbstractContextManager[object] | None = None,
 ) -> None:
-    """Handle deliveries until `stop` is set (or `until()` is true).
+    """Handle deliveries until `stop` is set (or `until()` is true), each batch of
+    them holding `turn`.
 
     Everything read from the connection is taken before each command runs, so that
     the next command is the fairest sender's (`_fairness.py`), not merely the oldest.
     The connection is read once per command (a wait, or a look when commands are
     queued): not again to see that nothing else came meanwhile."""
+    turn = turn or nullcontext()
     next_expiry = time.monotonic() + _POLL_SECONDS
     while not stop.is_set() and not until():
         try:
             delivery = endpoint.poll() if runtime.queued else endpoint.receive(_POLL_SECONDS)
-            while delivery is not None:
-                _guarded(runtime.accept, delivery)
-                delivery = endpoint.take_received()
-            if runtime.queued:
-                _guarded(runtime.step)
+            with turn:
+                while delivery is not None:
+                    _guarded(runtime.accept, delivery)
+                    delivery = endpoint.take_received()
+                if runtime.queued:
+                    _guarded(runtime.step)
         except ConnectionLost as e:
             runtime.fail_waiting(e)
         except BrokerError as e:

@@ -53,10 +53,17 @@ def host_workers(configs: Sequence[WorkerConfig], stop: threading.Event | None =
     if threading.current_thread() is threading.main_thread():
         stop_on_signals(stop)
     statuses: dict[str, int] = {}
+    # One worker handles a command at a time. Each torch operation lets go of the GIL;
+    # with every worker of the process busy at once (a FedAvg round starts them
+    # together) the GIL then changed hands at every operation, and waking the next
+    # thread each time cost more CPU than the operations did (measured: about half of
+    # a host's CPU, in the kernel's futex wake-ups). Workers still read their queues
+    # meanwhile; a host is meant for a core, and uses one.
+    turn = threading.Lock()
 
     def serve(config: WorkerConfig) -> None:
         try:
-            statuses[config.id] = run_worker(config, stop)
+            statuses[config.id] = run_worker(config, stop, turn=turn)
         except BaseException:
             log.exception("worker %s failed", config.id)
             statuses[config.id] = 1
