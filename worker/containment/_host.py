@@ -57,8 +57,9 @@ def host_workers(configs: Sequence[WorkerConfig], stop: threading.Event | None =
     # with every worker of the process busy at once (a FedAvg round starts them
     # together) the GIL then changed hands at every operation, and waking the next
     # thread each time cost more CPU than the operations did (measured: about half of
-    # a host's CPU, in the kernel's futex wake-ups). Workers still read their queues
-    # meanwhile; a host is meant for a core, and uses one.
+    # a host's CPU went to the kernel's futex wake-ups and to waiting on locks).
+    # Workers still read their queues meanwhile; a host is meant for a core, and uses
+    # one. (The price: a long command holds the other workers' until it ends.)
     turn = threading.Lock()
 
     def serve(config: WorkerConfig) -> None:
