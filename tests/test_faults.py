@@ -159,7 +159,10 @@ def test_a_pipeline_in_flight_through_a_broker_restart_completes_or_says_what_wa
     vhost_factory: Any, tmp_path: Path, rabbitmq: ManagementAPI,
 ) -> None:
     url = vhost_factory()
-    with WorkerProcesses(url, ["bob"], log_dir=tmp_path), tr.connect(url) as fleet:
+    # (A broker restarting takes its time on a slow machine, and the daemon's reconnect
+    # with it: the session waits for as long as a restart may take, not 30 s.)
+    with WorkerProcesses(url, ["bob"], log_dir=tmp_path), \
+            tr.connect(url, timeout=180) as fleet:
         bob = fleet.worker("bob")
         y = torch.zeros(1).send(bob)
         fleet.sync()
