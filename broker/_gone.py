@@ -23,7 +23,7 @@ GONE_CHECK_SECONDS: Final = 2.0
 """How long a wait goes without any reply before it checks that its workers still run."""
 GONE_AFTER_SECONDS: Final = 15.0
 """How long a worker's queue may go without a daemon before a wait for it fails. An
-executor's restart (python, torch, its connection) took over 6 s on a loaded 2-core
+executor's restart (python, torch, its connection) took over 6 s on a 2-core
 AMD machine: the grace must outlast the slowest machine's, not this one's."""
 
 

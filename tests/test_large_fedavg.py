@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from threads import one_torch_thread
 from torch import nn
 
 import torchrelay as tr
@@ -61,9 +62,7 @@ def _fedavg(fleet: tr.Fleet) -> tuple[tr.FedAvg, list[Any]]:
 def _local_rounds(rounds: int) -> nn.Module:
     """The one-process loop, on one thread as the daemons run: sequential batches of 8,
     SGD at 0.1, the average weighted by sample count, summed in owner order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         model, local = _model(), _model()
         total = sum(SAMPLES.values())
         for _ in range(rounds):
@@ -83,8 +82,6 @@ def _local_rounds(rounds: int) -> nn.Module:
                                             for owner, state in states)
                                    for key in model.state_dict()})
         return model
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_fedavg_of_a_model_many_chunks_large_is_the_local_average(

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from threads import one_torch_thread
 
 import torchrelay as tr
 from torchrelay._cli import main
@@ -162,15 +163,8 @@ def test_fedavg_across_hosted_owners_gives_the_embedded_model(
     hosted = trained(fleet)
     offered = {o: [{"path": str(p), "tags": ["#digits"], "private": False}]
                for o, p in shares.items()}
-    # On one torch thread, as the host runs (--torch-threads 1): on some CPUs a kernel
-    # sums in another order on two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tr.connect(datasets=offered) as embedded:
-            reference = trained(embedded)
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), tr.connect(datasets=offered) as embedded:
+        reference = trained(embedded)
     assert hosted.keys() == reference.keys()
     assert all(torch.equal(hosted[k], reference[k]) for k in hosted)
 
