@@ -222,4 +222,8 @@ def test_the_usual_built_in_modules_train_remotely_as_locally(
                                     strict=True):
         torch.testing.assert_close(ours, theirs, msg=name)  # running stats included
     trained.eval(), local.eval()
-    torch.testing.assert_close(trained(inputs), local(inputs))
+    # The weights agree to float32's last bits, not exactly: a kernel may sum in another
+    # order in the worker's process (its threads, its buffers' alignment). Batch norm's
+    # division by a 4-row spread then grows those bits to ~2e-5 in outputs near zero
+    # (seen on an AMD EPYC), past assert_close's default 1e-5.
+    torch.testing.assert_close(trained(inputs), local(inputs), rtol=1e-4, atol=1e-4)
