@@ -32,6 +32,9 @@ class Outstanding:
     garbage: list[int]
     """The deletes that ride with it (a Delete's own too): if it is lost, they ride
     again with the next command."""
+    published: bool = False
+    """It has gone out on a connection: a reply to it is due. (Posted and not yet
+    published, it is not: a reconnect that lost the reply queue did not lose it.)"""
 
 
 class Pending:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torchrelay.broker import (
@@ -55,8 +56,8 @@ class Publisher:
     """The commands waiting to be published, and their publication (see the module
     docstring)."""
 
-    __slots__ = ("__weakref__", "_in_send", "_lock", "_lost_meanwhile", "_queued",
-                 "_since", "_to", "closed", "endpoint")
+    __slots__ = ("__weakref__", "_lock", "_lost_meanwhile", "_queued", "_since", "_to",
+                 "closed", "endpoint", "on_published")
 
     def __init__(self, endpoint: Endpoint, *, background: str | None = None) -> None:
         """`background`: the name of a thread that publishes what waited too long (none
@@ -67,17 +68,13 @@ class Publisher:
         self._to: str | None = None  # the worker they go to
         self._lock = threading.Lock()
         self._since = 0.0
-        self._in_send = 0  # taken from the queue, not published yet
         self._lost_meanwhile: ConnectionLost | None = None  # met by the background thread
+        self.on_published: Callable[[list[Queued]], None] = _nothing
+        """Told of the commands each publish sent, once it has sent them."""
         self.closed = False
         if background is not None:
             threading.Thread(target=_publish_late, args=(weakref.ref(self),), daemon=True,
                              name=background).start()
-
-    @property
-    def unpublished(self) -> int:
-        """Commands posted and not published yet."""
-        return len(self._queued) + self._in_send
 
     def add(self, worker_id: str, queued: Queued) -> list[Unsent]:
         """Queue a command to `worker_id`, publishing what waits for another worker first
@@ -141,17 +138,18 @@ class Publisher:
                     self._lost_meanwhile = e
 
     def _send(self, worker_id: str, queued: list[Queued]) -> None:
-        self._in_send = len(queued)
-        try:
-            if len(queued) == 1:
-                command, correlation_id, envelope = queued[0]
-                self.endpoint.send_command(worker_id, command.name, command.encode(envelope),
-                                            correlation_id)
-            else:
-                self.endpoint.send_command(worker_id, BATCH, encode_batch(queued),
-                                            f"{queued[0][1]}+{len(queued)}")
-        finally:
-            self._in_send = 0
+        if len(queued) == 1:
+            command, correlation_id, envelope = queued[0]
+            self.endpoint.send_command(worker_id, command.name, command.encode(envelope),
+                                        correlation_id)
+        else:
+            self.endpoint.send_command(worker_id, BATCH, encode_batch(queued),
+                                        f"{queued[0][1]}+{len(queued)}")
+        self.on_published(queued)
+
+
+def _nothing(queued: list[Queued]) -> None:
+    pass
 
 
 def _publish_late(ref: weakref.ref[Publisher]) -> None:

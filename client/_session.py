@@ -63,7 +63,7 @@ from ._garbage import Garbage
 from ._handles import WorkerHandle
 from ._pending import Outstanding, Pending
 from ._progress import TerminalProgress
-from ._publishing import Publisher, Unsent
+from ._publishing import Publisher, Queued, Unsent
 from ._replies import Replies
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ class Fleet:
         self.publisher = Publisher(self.endpoint, background=None if self.endpoint.in_process
                                    else f"torchrelay-publisher {name}")
         """Posted commands waiting to be published, and their publication."""
+        self.publisher.on_published = self._published
 
     # -- public ----------------------------------------------------------------
 
@@ -341,9 +342,17 @@ class Fleet:
                 if envelope is not None and envelope.garbage:
                     self.garbage.add(failed.worker_id, envelope.garbage)
 
+    def _published(self, queued: list[Queued]) -> None:
+        for _, correlation_id, _ in queued:
+            entry = self.pending.get(correlation_id)
+            if entry is not None:  # (unless already answered)
+                entry.published = True
+
     def _awaiting(self) -> bool:
-        """Whether replies to what was published are still due (see `Endpoint.awaiting`)."""
-        return len(self.pending) - self.publisher.unpublished > 0
+        """Whether replies to what was published are still due (see `Endpoint.awaiting`).
+        Not a count of pending less unpublished: a command posted by one thread while
+        another publishes (and reconnects) is pending and in neither count yet."""
+        return any(entry.published for _, entry in self.pending)
 
     def _flush_deletes(self) -> None:
         """Send every worker the garbage still waiting for a ride."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import urllib.parse
 from typing import Any
@@ -147,6 +148,49 @@ def test_a_client_reconnects_without_losing_replies(
 
         assert torch.equal(doubled.get(), torch.tensor([6.0]))
         assert torch.equal(pointer.get(), torch.tensor([3.0]))
+        assert fleet.endpoint.reconnects == 1  # type: ignore[attr-defined]
+
+
+def test_a_command_posted_while_another_thread_reconnects_is_not_counted_lost(
+    rabbitmq: ManagementAPI, session_daemons: WorkerProcesses
+) -> None:
+    """A broker restart takes the reply queue with it; the first publish after it
+    reconnects. What was published before is lost, what was only posted is not. The
+    background publisher may be reconnecting while the script posts its next command
+    (CI saw `(x + 1).get()` fail so after a broker restart): played here in order."""
+    vhost = vhost_of(session_daemons.url)
+    with tr.connect(session_daemons.url, name="restarted") as fleet:
+        pointer = torch.tensor([3.0]).send(fleet.worker("bob"))
+        fleet.sync()
+        ours = "torchrelay client restarted"
+        connections = rabbitmq.wait_for_connections(
+            lambda cs: any(c["client_properties"].get("connection_name") == ours for c in cs),
+            vhost)
+        (name,) = [c["name"] for c in connections
+                   if c["client_properties"].get("connection_name") == ours]
+        rabbitmq.close_connection(name)  # and the queue goes, as in a restart:
+        reply_queue = fleet.endpoint.reply_queue  # type: ignore[attr-defined]
+        rabbitmq.call("DELETE", f"/api/queues/{rabbitmq.quote(vhost)}/"
+                                f"{rabbitmq.quote(reply_queue)}")
+        send = fleet.endpoint.send_command
+        posted = threading.Thread(target=lambda: results.append(pointer * 3))
+        results: list[Any] = []
+
+        def send_while_another_posts(*args: Any, **kwargs: Any) -> None:
+            fleet.endpoint.send_command = send  # type: ignore[method-assign]
+            posted.start()  # pending at once, then waits for the publisher's lock we hold
+            deadline = time.monotonic() + 10
+            while len(fleet.pending) < 2:
+                assert time.monotonic() < deadline, "the other thread posted nothing"
+                time.sleep(0.01)
+            send(*args, **kwargs)  # reconnects: the reply queue is new
+
+        fleet.endpoint.send_command = send_while_another_posts  # type: ignore[method-assign]
+        doubled = pointer * 2
+        fleet.flush()
+        posted.join(timeout=10)
+        assert torch.equal(doubled.get(), torch.tensor([6.0]))
+        assert torch.equal(results[0].get(), torch.tensor([9.0]))
         assert fleet.endpoint.reconnects == 1  # type: ignore[attr-defined]
 
 
