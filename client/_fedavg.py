@@ -11,7 +11,8 @@ weights of any one worker pass through the client.
 How the weights travel depends on the model's size. One smaller than
 `STREAMED_FROM` (16 MiB) goes whole: the global weights, flattened, ride with
 the owner's run, and its trained weights move to the aggregator as one tensor —
-one message each way per owner and one batch at the aggregator. A larger one is
+one message each way per owner, and their weighted sum one recorded plan run on the
+aggregator (in the owners' order, as a loop's `sum` adds them). A larger one is
 streamed: loaded into the owner's model piece by piece and in place (messages of
 about 64 MiB, each freed once copied in), its gradients freed after training,
 and its trained tensors moved in waves and summed on the aggregator as they come
@@ -172,6 +173,8 @@ class FedAvg:
         """Each worker's per-example loss, recorded once (`dp_train`)."""
         self.history: list[RoundResult] = []
         self._workers: dict[str, _LocalTraining] = {}
+        self._weighted_sum = Plan(_weighted_sum)
+        """The aggregator's sum of the updates, one command a round after the first."""
 
     def fit(
         self,
@@ -224,12 +227,8 @@ class FedAvg:
         if private:
             return self._private_round(number, started, weights, arrived, left_out)
         samples = sum(n for _, n in arrived.values())
-        total = None
-        for update, n in arrived.values():  # on the aggregator
-            weighted = update * (n / samples)
-            total = weighted if total is None else total + weighted
-        assert total is not None
-        average = total.get()
+        weights = torch.tensor([n / samples for _, n in arrived.values()])
+        average = self._weighted_sum(weights, *(u for u, _ in arrived.values())).get()
         self._load(average[:-1])
         return RoundResult(number, sorted(arrived), samples, float(average[-1]),
                            time.monotonic() - started, left_out)
@@ -525,6 +524,16 @@ class _LocalTraining:
             samples += size
         self.optimizer.zero_grad()  # (set to None: the gradients' memory goes now)
         return (total / samples).reshape(1)
+
+
+def _weighted_sum(weights: Any, *updates: Any) -> Any:
+    """`weights[i] * updates[i]` summed in order: float32 products and additions equal
+    to those of `update * (n / samples)` one by one."""
+    total = None
+    for i, update in enumerate(updates):
+        weighted = update * weights[i]
+        total = weighted if total is None else total + weighted
+    return total
 
 
 def _bytes(model: nn.Module) -> int:

@@ -120,6 +120,9 @@ def test_fedavg_on_the_digits_matches_the_one_process_loop_round_by_round(
     # Rounds after the first send each worker its run and the move of its result.
     assert recorder.events.count("send define_plan to bob") == 1
     assert recorder.events.count("send run_plan to bob") == ROUNDS - 1
+    # The aggregator sums the updates as a plan too: one command a round after the first.
+    assert recorder.events.count(f"send define_plan to {AGGREGATOR}") == 1
+    assert recorder.events.count(f"send run_plan to {AGGREGATOR}") == ROUNDS - 1
     fleet.endpoint = recorder.endpoint
     del fedavg
     gc.collect()
