@@ -88,8 +88,10 @@ class Endpoint(ABC):
     ) -> None:
         """Publish a command to `worker_id`'s queue.
 
-        With `confirm`, return only once the broker has taken responsibility for
-        the message (publisher confirms), raising if it could not be routed.
+        With `confirm`, make sure the broker takes the message: where it may refuse
+        one (a quorum queue, a cluster), return only once it has confirmed it,
+        sending it again while refused. Unroutable, it fails the request: raised here,
+        or answered as a `RETURNED` delivery.
         """
 
     @abstractmethod

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import torchrelay as tr
-from torchrelay.broker import APP_ID, COMMAND_EXCHANGE, ManagementAPI, worker_queue
+from torchrelay.broker import (
+    APP_ID,
+    COMMAND_EXCHANGE,
+    ManagementAPI,
+    RabbitMQBroker,
+    worker_queue,
+)
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
@@ -243,3 +249,12 @@ def test_small_message_properties_encode_as_pika_does(
     ours.correlation_id = "x" * 256
     with pytest.raises(pika.exceptions.ShortStringTooLong):
         ours.encode()
+
+
+def test_a_transfer_waits_for_the_broker_s_confirm_only_where_it_may_refuse() -> None:
+    # A single node takes every routable transient message into a classic queue; a
+    # quorum queue electing a leader, or a cluster's node going down, may refuse one.
+    one = "amqp://guest:guest@localhost:5672/%2F"
+    assert not RabbitMQBroker(one).may_refuse
+    assert RabbitMQBroker(one, queue_type="quorum").may_refuse
+    assert RabbitMQBroker([one, one.replace("5672", "5673")]).may_refuse
