@@ -227,8 +227,13 @@ class FedAvg:
         if private:
             return self._private_round(number, started, weights, arrived, left_out)
         samples = sum(n for _, n in arrived.values())
-        weights = torch.tensor([n / samples for _, n in arrived.values()])
-        average = self._weighted_sum(weights, *(u for u, _ in arrived.values())).get()
+        shares = [n / samples for _, n in arrived.values()]
+        updates = [u for u, _ in arrived.values()]
+        if len(updates) * _bytes(self.model) <= PLANNED_SUM_BYTES:
+            total = self._weighted_sum(torch.tensor(shares), *updates)
+        else:  # op by op: each product and partial sum freed once the next is made
+            total = _weighted_sum(shares, *updates)
+        average = total.get()
         self._load(average[:-1])
         return RoundResult(number, sorted(arrived), samples, float(average[-1]),
                            time.monotonic() - started, left_out)
@@ -526,9 +531,15 @@ class _LocalTraining:
         return (total / samples).reshape(1)
 
 
+PLANNED_SUM_BYTES = 16 << 20
+"""The updates' bytes up to which the aggregator sums them as one plan run: a plan keeps
+every intermediate until it ends (about twice the updates), op by op keeps about two."""
+
+
 def _weighted_sum(weights: Any, *updates: Any) -> Any:
-    """`weights[i] * updates[i]` summed in order: float32 products and additions equal
-    to those of `update * (n / samples)` one by one."""
+    """`updates[i] * weights[i]` summed in order; `weights` a float32 tensor (for a plan:
+    its values are the run's arguments, not constants) or the same numbers as Python
+    floats, which multiply a float32 tensor to the same bits."""
     total = None
     for i, update in enumerate(updates):
         weighted = update * weights[i]

@@ -3,6 +3,7 @@ on RabbitMQ; a worker that does not answer is left out of a round and rejoins.""
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
@@ -21,6 +22,7 @@ from conftest import Recorder
 from torch import nn
 
 import torchrelay as tr
+import torchrelay.client._fedavg as fedavg_module
 from torchrelay._federated import (
     AGGREGATOR,
     DEMO_PRIVACY,
@@ -129,6 +131,33 @@ def test_fedavg_on_the_digits_matches_the_one_process_loop_round_by_round(
     fleet.sync()
     assert fleet.worker(AGGREGATOR)._objects == {}
     assert [len(fleet.worker(owner)._objects) for owner in DIGIT_OWNERS] == [1, 1, 1]
+
+
+def test_the_aggregator_s_sum_is_the_same_to_the_bit_as_a_plan_and_op_by_op(
+    digits_fleet: tr.Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Updates past `PLANNED_SUM_BYTES` are summed op by op (a plan would hold every
+    intermediate at once); both ways give the same model."""
+    fleet = digits_fleet
+    datasets = [d for owner in DIGIT_OWNERS for d in fleet.worker(owner).search("#digits")]
+    start = make_model()
+    trained = []
+    for limit in (fedavg_module.PLANNED_SUM_BYTES, 0):
+        monkeypatch.setattr(fedavg_module, "PLANNED_SUM_BYTES", limit)
+        recorder = Recorder(fleet.endpoint)
+        fleet.endpoint = recorder  # type: ignore[assignment]
+        try:
+            model = copy.deepcopy(start)
+            tr.FedAvg(model, F.cross_entropy, aggregator=fleet.worker(AGGREGATOR),
+                      order=anchor_order, progress=False).fit(datasets, 3)
+        finally:
+            fleet.endpoint = recorder.endpoint
+        assert recorder.events.count(f"send run_plan to {AGGREGATOR}") == (2 if limit else 0)
+        trained.append(model.state_dict())
+    planned, op_by_op = trained
+    assert all(torch.equal(planned[k], op_by_op[k]) for k in planned)
+    gc.collect()
+    fleet.sync()
 
 
 def test_a_worker_that_fails_is_left_out_and_min_workers_holds_the_model(
