@@ -12,7 +12,8 @@ How the weights travel depends on the model's size. One smaller than
 `STREAMED_FROM` (16 MiB) goes whole: the global weights, flattened, ride with
 the owner's run, and its trained weights move to the aggregator as one tensor —
 one message each way per owner, and their weighted sum one recorded plan run on the
-aggregator (in the owners' order, as a loop's `sum` adds them). A larger one is
+aggregator while the updates total at most `PLANNED_SUM_BYTES` (op by op past it),
+in the owners' order, as a loop's `sum` adds them. A larger one is
 streamed: loaded into the owner's model piece by piece and in place (messages of
 about 64 MiB, each freed once copied in), its gradients freed after training,
 and its trained tensors moved in waves and summed on the aggregator as they come
