@@ -49,6 +49,7 @@ from torchrelay._federated import (
     accuracy,
     load_digits,
     make_model,
+    one_torch_thread,
     permutation,
     record_privacy,
     write_shares,
@@ -66,7 +67,7 @@ from torchrelay.worker.runtime._plans import RecordedPlan
 
 from . import plots
 from .report import MeasureResult, Row, Target, at_most, not_measured
-from .session import Session, one_torch_thread
+from .session import Session
 from .stats import median, micros, millis, progress
 
 EPSILONS = (1.0, 3.0, 8.0)

@@ -41,6 +41,7 @@ from torchrelay._federated import (
     anchor_order,
     load_digits,
     make_model,
+    one_torch_thread,
     permutation,
     train_centrally,
     write_shares,
@@ -49,7 +50,7 @@ from torchrelay.client import Fleet
 
 from .processes import run_module
 from .report import MeasureResult, Row, Skipped, Target, at_least, at_most, not_measured
-from .session import Session, one_torch_thread, send
+from .session import Session, send
 from .stats import median, micros, millis, percentile, progress
 
 ANCHOR_RESULTS = (Path(__file__).resolve().parents[2] / "shared" / "anchors" / "flower"

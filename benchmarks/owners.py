@@ -40,14 +40,14 @@ from pathlib import Path
 from typing import Any
 
 import torchrelay as tr
-from torchrelay._federated import write_shares
+from torchrelay._federated import one_torch_thread, write_shares
 from torchrelay.worker import WorkerProcesses
 
 from . import plots
 from .federated import fedavg_run, loop_rounds
 from .processes import rss_bytes
 from .report import MeasureResult, Row, Skipped, Target, at_most, failed, not_measured
-from .session import Session, one_torch_thread
+from .session import Session
 from .stats import median, memory, millis, progress
 
 FLOWER_PYTHON_ENV = "TORCHRELAY_FLOWER_PYTHON"

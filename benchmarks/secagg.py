@@ -39,12 +39,13 @@ from torchrelay._federated import (
     anchor_order,
     load_digits,
     make_model,
+    one_torch_thread,
     write_shares,
 )
 from torchrelay.broker import EmbeddedBroker
 
 from .report import MeasureResult, Row, Target, at_most, failed, skipped
-from .session import Session, one_torch_thread
+from .session import Session
 from .stats import millis, progress
 
 ROUNDS = 10

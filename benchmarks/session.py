@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,18 +29,6 @@ MIB = 1 << 20
 def send(tensor: torch.Tensor, worker: WorkerHandle) -> PointerTensor:
     """`tensor.send(worker)`, the method `tr.hook(torch)` adds (typed for mypy)."""
     return cast(PointerTensor, cast(Any, tensor).send(worker))
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch on one thread meanwhile (the Flower and Opacus anchors' setting, for the
-    loops and in-process workers alike), as many as before afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True, slots=True)

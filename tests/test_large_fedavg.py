@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from threads import one_torch_thread
 from torch import nn
 
 import torchrelay as tr
+from torchrelay._federated import one_torch_thread
 from torchrelay.client import _streamed_sum as streamed
 from torchrelay.client._streamed_sum import Piece, pieces, waves
 from torchrelay.worker import WorkerProcesses

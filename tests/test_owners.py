@@ -20,11 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from threads import one_torch_thread
 
 import torchrelay as tr
 from torchrelay._cli import main
-from torchrelay._federated import anchor_order, make_model, write_shares
+from torchrelay._federated import anchor_order, make_model, one_torch_thread, write_shares
 from torchrelay.broker import Call, Fetch, ObjectRef, worker_queue
 from torchrelay.worker import ConfigError, WorkerConfig, WorkerProcesses
 from torchrelay.worker.containment._host import check_hosted, host_workers

@@ -28,10 +28,11 @@ with lr 0.1, 20 rounds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "FederatedRun",
     "NoDatasets",
     "make_model",
+    "one_torch_thread",
     "permutation",
     "record_privacy",
     "run_federated",
@@ -167,6 +169,20 @@ def permutation(samples: int, seed: int) -> torch.Tensor:
 def anchor_order(round_number: int, position: int, samples: int) -> torch.Tensor:
     """The anchor's batch order for the `position`-th share in round `round_number`."""
     return permutation(samples, seed=1000 * round_number + position)
+
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread meanwhile, as many as before afterwards: the anchors' setting
+    and the daemons' (`--torch-threads 1`). A reference computed in-process then sums
+    in their order (on some CPUs a kernel sums in another order on two threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_model() -> nn.Module:
