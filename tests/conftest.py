@@ -116,8 +116,6 @@ def daemons_factory(vhost_factory: Any, tmp_path_factory: pytest.TempPathFactory
         return daemons
 
     yield make
-    for daemons in started:  # all told first: they stop side by side, not in turn
-        daemons.signal_all()
     for daemons in started:
         daemons.stop_all()
 

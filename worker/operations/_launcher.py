@@ -55,7 +55,6 @@ class WorkerProcesses:
         """Each daemon by its worker's id, or a host by the name `spawn_host` gave it."""
         self.hosted: dict[str, str] = {}
         """A hosted worker's id -> its host's name."""
-        self._signalled: set[int] = set()  # daemons' pids sent their one SIGTERM
 
     def start(self, timeout: float = 60.0) -> None:
         for worker_id in self.worker_ids:
@@ -164,7 +163,7 @@ class WorkerProcesses:
         process = self.processes.pop(worker_id)
         self.hosted = {w: host for w, host in self.hosted.items() if host != worker_id}
         if process.poll() is None:
-            if not signalled and process.pid not in self._signalled:
+            if not signalled:
                 process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
@@ -173,16 +172,10 @@ class WorkerProcesses:
                 process.wait()
         return process.returncode
 
-    def signal_all(self) -> None:
-        """SIGTERM every daemon not told yet, without waiting: several fleets told one
-        after another then stop side by side (`stop_all` waits)."""
-        for process in self.processes.values():
-            if process.poll() is None and process.pid not in self._signalled:
-                self._signalled.add(process.pid)
-                process.send_signal(signal.SIGTERM)
-
     def stop_all(self) -> dict[str, int]:
-        self.signal_all()
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         return {worker_id: self.stop(worker_id, signalled=True)
                 for worker_id in list(self.processes)}
 
