@@ -108,6 +108,31 @@ def test_a_move_whose_source_executor_dies_meanwhile_leaves_it_on_the_source(pai
     assert bob._objects == {}
 
 
+def test_what_ran_before_a_move_its_executor_died_in_is_answered_and_stands(
+    pair: Any,
+) -> None:
+    # The addition's answer waits with its batch for the move's (one message back); the
+    # executor dies first. The new one answers both: the addition ran and stands (its
+    # answer was owed), the move did not complete.
+    url, _daemons, fleet = pair
+    bob, alice = fleet.worker("bob"), fleet.worker("alice")
+    x = VALUES.send(bob)
+    fleet.sync()
+    bob_executor = executor_of(bob)
+
+    def add_then_move() -> None:
+        x.add_(1)
+        x.move(alice)
+
+    with pytest.raises(tr.RemoteError, match=r"restarted .* while this command waited on "
+                       r"worker 'alice'.*still on worker 'bob'"):
+        interrupted(url, "bob", alice, lambda: os.kill(bob_executor, signal.SIGKILL),
+                    add_then_move)
+    assert alice._objects == {}
+    assert torch.equal(x.get(), VALUES + 1)  # added once, not twice
+    assert bob._objects == {}
+
+
 def test_a_move_whose_source_daemon_dies_after_sending_stands(pair: Any) -> None:
     url, daemons, fleet = pair
     bob, alice = fleet.worker("bob"), fleet.worker("alice")

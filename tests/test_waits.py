@@ -160,3 +160,21 @@ def test_posted_commands_travel_in_batches(
     assert after == ["send call to bob"]
     assert len(recorder.events) == 2 * 302  # every command answered
     assert x.get().item() == 301 and y.get().item() == 1
+
+
+def test_a_batch_s_answers_wait_for_its_move_and_come_back_with_its_answer(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    x = torch.zeros(3).send(bob)
+    fleet.sync()
+    recorder.clear()
+
+    x += 1
+    moved = x.move_later(alice)
+    fleet.sync()
+
+    # One message each way: bob holds the answer to the addition until alice has the
+    # copy, and sends both together (not two messages, one per moment).
+    assert recorder.messages == ["send call + transfer to bob",
+                                 "receive call.reply + transfer.reply"]
+    assert moved.get().tolist() == [1.0, 1.0, 1.0]

@@ -282,8 +282,9 @@ class WorkerRuntime:
             self.parking.settle(payloads)
 
     def _complete(self, incoming: Incoming, *, counted: bool = True) -> None:
-        """All of a message's commands ran: its answers go out, it is acknowledged (a move
-        still waiting on its destination holds the acknowledgement back)."""
+        """All of a message's commands ran: its answers go out, it is acknowledged. A move
+        of it still waiting on its destination holds both back (`Scheduler._ended` sends
+        them with the move's answer: one message to the sender, not two)."""
         delivery = incoming.delivery
         if counted:  # (among its sender's messages waiting here)
             held = self.queue.held
@@ -292,10 +293,8 @@ class WorkerRuntime:
                 held[delivery.sender] = count
             else:
                 held.pop(delivery.sender, None)
-        if incoming.replies and delivery.reply_to:
-            self.answers.send_together(delivery.reply_to, delivery.correlation_id,
-                                       incoming.replies, incoming.owed)
         if not incoming.held:
+            self.answers.send_all(incoming)
             self.endpoint.ack(delivery)
         stamp("worker.done")
 

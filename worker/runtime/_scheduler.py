@@ -6,7 +6,8 @@ The scheduler sends each request, files the coroutine under the request's
 correlation id (`_waits.py`) and resumes it with the reply, or with the error
 that ended the wait; meanwhile the worker serves others, so chains with cycles
 (alice -> bob -> alice) cannot deadlock. When the coroutine returns, its command
-is answered. A move's task holds its message's acknowledgement until it ends.
+is answered. A move's task holds its message's acknowledgement until it ends, and
+with it the answers of the rest of its batch, which go back with the move's.
 """
 
 from __future__ import annotations
@@ -149,10 +150,27 @@ class Scheduler:
     def _ended(self, task: Task, value: Any, error: Exception | None) -> None:
         if self.parking is not None:
             self.parking.unpark(task)
-        self.answers.finish(task.job, value, error)
         incoming = task.holds
-        if incoming is not None:  # a move's: the message it held back may go now
-            task.holds = None
-            incoming.held -= 1
-            if not incoming.held and not incoming.left:
-                self.endpoint.ack(incoming.delivery)
+        answers = self.answers
+        if incoming is None:
+            answers.finish(task.job, value, error)
+            return
+        # A move's: the message it held back may go now, its batch's answers with this one.
+        task.holds = None
+        incoming.held -= 1
+        if incoming.held or incoming.left:  # others of it are still out: this goes alone
+            outer, answers.incoming = answers.incoming, None
+            try:
+                answers.finish(task.job, value, error)
+            finally:
+                answers.incoming = outer
+            return
+        # (Gathered and sent at once: an answer gathered here has no journal token, and is
+        # never left waiting for a crash to lose.)
+        outer, answers.incoming = answers.incoming, incoming
+        try:
+            answers.finish(task.job, value, error)
+        finally:
+            answers.incoming = outer
+        answers.send_all(incoming)
+        self.endpoint.ack(incoming.delivery)
