@@ -337,7 +337,9 @@ def test_an_owner_lost_after_masking_is_unmasked_from_the_others_shares(
         kill("o5")
         for o in OWNERS[:4]:
             us.request(o, SecAggCommit(round_id, list(OWNERS)))
-        revealed = [us.request(o, SecAggUnmask(round_id)) for o in OWNERS[:4]]
+        # (Together: each asks o5 for its view, and waits until o5 is known gone; four
+        # such waits overlap, as the aggregator's do.)
+        revealed = us.request_many([(o, SecAggUnmask(round_id)) for o in OWNERS[:4]])
     terms = RoundTerms(round_id, "tester", OWNERS, 3, (0.2,) * 5, 7)
     total = unmask(torch.stack([m["masked"] for m in masked.values()]).sum(0), terms,
                    shared=list(OWNERS), survivors=list(OWNERS),
