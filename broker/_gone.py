@@ -3,10 +3,11 @@
 A wait on a worker would otherwise last its whole timeout when the daemon behind
 the queue has died: the commands sit in the queue, unanswered, until someone
 starts it again. Both a client and a worker waiting on another worker look at the
-queue instead: a queue nobody has consumed for `GONE_AFTER_SECONDS` belongs to a
-worker that is gone. The grace covers an executor restarting after a crash and a
-daemon reconnecting after a broker restart, which leave the queue briefly without
-a consumer.
+queue instead: a queue nobody has consumed for `gone_after` seconds (by default
+`GONE_AFTER_SECONDS`; `tr.connect(gone_after=...)`, a worker's `gone_after`)
+belongs to a worker that is gone. The grace covers an executor restarting after a
+crash and a daemon reconnecting after a broker restart, which leave the queue
+briefly without a consumer.
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ __all__ = ["GONE_AFTER_SECONDS", "GONE_CHECK_SECONDS", "GoneWatch", "gone_messag
 GONE_CHECK_SECONDS: Final = 2.0
 """How long a wait goes without any reply before it checks that its workers still run."""
 GONE_AFTER_SECONDS: Final = 15.0
-"""How long a worker's queue may go without a daemon before a wait for it fails. An
-executor's restart (python, torch, its connection) took over 6 s on a 2-core
+"""How long, by default, a worker's queue may go without a daemon before a wait for it
+fails. An executor's restart (python, torch, its connection) took over 6 s on a 2-core
 AMD machine: the grace must outlast the slowest machine's, not this one's."""
 
 
 class GoneWatch:
-    """Remembers since when each awaited worker's queue has had no consumer."""
+    """Remembers since when each awaited worker's queue has had no consumer; one that
+    has had none for `after` seconds is gone."""
 
-    __slots__ = ("_endpoint", "_missing_since")
+    __slots__ = ("_endpoint", "_missing_since", "after")
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, after: float = GONE_AFTER_SECONDS) -> None:
+        if not after > 0:
+            raise ValueError(f"gone_after must be a positive number of seconds, not {after!r}")
         self._endpoint = endpoint
+        self.after = after
         self._missing_since: dict[str, float] = {}
 
     def gone(self, waited_for: Iterable[str], now: float) -> tuple[str, float] | None:
@@ -50,7 +55,7 @@ class GoneWatch:
                 self._missing_since.pop(worker_id, None)
                 continue
             since = self._missing_since.setdefault(worker_id, now)
-            if now - since >= GONE_AFTER_SECONDS:
+            if now - since >= self.after:
                 del self._missing_since[worker_id]
                 return worker_id, now - since
         return None

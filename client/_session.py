@@ -41,6 +41,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from torchrelay.broker import (
+    GONE_AFTER_SECONDS,
     GONE_CHECK_SECONDS,
     Broker,
     Command,
@@ -85,6 +86,7 @@ class Fleet:
         name: str = "me",
         timeout: float = 30.0,
         pipelined: bool = True,
+        gone_after: float | None = None,
         owns_broker: bool = False,
     ) -> None:
         self.broker = broker
@@ -117,7 +119,8 @@ class Fleet:
         """Bumped by operations that may change a tensor's metadata: pointers' caches
         of it are valid for one epoch."""
         self.closed = False
-        self._gone = GoneWatch(self.endpoint)
+        self._gone = GoneWatch(self.endpoint,
+                               GONE_AFTER_SECONDS if gone_after is None else gone_after)
         atexit.register(_close_at_exit, weakref.ref(self))
         self.publisher = Publisher(self.endpoint, background=None if self.endpoint.in_process
                                    else f"torchrelay-publisher {name}")

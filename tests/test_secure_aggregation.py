@@ -68,9 +68,10 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def _start(request: pytest.FixtureRequest, configs: dict[str, Path]) -> WorkerProcesses:
+def _start(request: pytest.FixtureRequest, configs: dict[str, Path],
+           extra: tuple[str, ...] = ()) -> WorkerProcesses:
     factory = request.getfixturevalue("daemons_factory")
-    daemons: WorkerProcesses = factory(WORKERS, worker_args={
+    daemons: WorkerProcesses = factory(WORKERS, *extra, worker_args={
         owner: ["--config", str(path)] for owner, path in configs.items()})
     return daemons
 
@@ -246,7 +247,10 @@ def lossy(request: pytest.FixtureRequest, configs: dict[str, Path],
           ) -> Iterator[tuple[tr.Fleet, Callable[[str], None], str | None]]:
     """A fleet, a way to kill an owner's worker (its daemon and executor, or its queue
     in process), and the broker's URL (None in process)."""
-    daemons = None if request.param == "embedded" else _start(request, configs)
+    # (Those a killed owner leaves waiting fail after 3 s, not the default 15: nothing
+    # here restarts.)
+    daemons = None if request.param == "embedded" else _start(request, configs,
+                                                              ("--gone-after", "3"))
     with _connect(daemons, configs) as session:
         def kill(owner: str) -> None:
             if daemons is None:

@@ -66,6 +66,7 @@ def connect(
     name: str | None = None,
     timeout: float = 30.0,
     pipelined: bool = True,
+    gone_after: float | None = None,
     datasets: dict[str, list[Any]] | None = None,
     privacy: dict[str, dict[str, Any]] | None = None,
     **broker_options: Any,
@@ -78,7 +79,9 @@ def connect(
     comma-separated), the nodes of one RabbitMQ cluster, tried in turn.
 
     `timeout` bounds how long to wait with no reply at all; with `pipelined`
-    false, every operation waits for its worker's answer. `datasets` gives the
+    false, every operation waits for its worker's answer. A wait on a worker whose
+    queue has had no daemon for `gone_after` seconds (default 15) fails, naming it
+    (the grace must outlast a crashed executor's restart and a reconnect). `datasets` gives the
     in-process workers data of their own (`{"bob": ["bob.safetensors:#digits"]}`,
     as a daemon's `--dataset`, or `[[worker.datasets]]` tables as dicts), private
     unless a table says `"private": False`; `privacy` their owners' rules
@@ -101,7 +104,8 @@ def connect(
     broker = open_broker(url, start_worker=start_worker, **broker_options)
     try:
         name = name or broker.verified_identity or "me"
-        return Fleet(broker, name=name, timeout=timeout, pipelined=pipelined, owns_broker=True)
+        return Fleet(broker, name=name, timeout=timeout, pipelined=pipelined,
+                     gone_after=gone_after, owns_broker=True)
     except BaseException:
         broker.close()
         raise

@@ -6,6 +6,8 @@
     prefetch = 128            # messages delivered ahead of the one being executed
     heartbeat = 30            # seconds; the connection stays alive during long commands
     reply_timeout = 60.0      # seconds to wait for another worker down a chain
+    gone_after = 15.0         # seconds another worker's queue may go without a daemon
+                              # before a wait on it fails (it is gone)
     chunk_size = 8388608      # bytes; larger messages travel as chunks of this size
     log_level = "INFO"
     log_format = "text"       # or "json": one object per line, for log shippers
@@ -79,6 +81,7 @@ from torchrelay.broker import (
     BROKER_ENV,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_QUEUE_EXPIRES,
+    GONE_AFTER_SECONDS,
     QUEUE_TYPES,
     SHARED_ACCOUNTS,
     broker_addresses,
@@ -130,6 +133,9 @@ class WorkerConfig:
     prefetch: int = _setting(128, "messages delivered ahead")
     heartbeat: int | None = _setting(30, "AMQP heartbeat in seconds")
     reply_timeout: float = _setting(60.0, "seconds to wait for another worker down a chain")
+    gone_after: float = _setting(GONE_AFTER_SECONDS, "seconds another worker's queue may go "
+                                                     "without a daemon before a wait on it "
+                                                     "fails (longer than an executor's restart)")
     chunk_size: int = _setting(DEFAULT_CHUNK_SIZE, "bytes; larger messages travel in chunks",
                                shown="8 MiB")
     log_level: str = _setting("INFO", "how much the daemon logs", choices=LOG_LEVELS)
@@ -204,8 +210,9 @@ class WorkerConfig:
             raise ConfigError(f"prefetch must be at least 1, not {self.prefetch}")
         if self.heartbeat is not None and self.heartbeat < 0:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
-        for positive in ("reply_timeout", "command_timeout", "stop_grace", "max_elements",
-                         "max_bytes", "max_list_elements", "lease", "presence_interval",
+        for positive in ("reply_timeout", "gone_after", "command_timeout", "stop_grace",
+                         "max_elements", "max_bytes", "max_list_elements", "lease",
+                         "presence_interval",
                          "queue_expires", "sender_max_queued", "sender_strikes",
                          "sender_penalty"):
             if getattr(self, positive) is not None and getattr(self, positive) <= 0:

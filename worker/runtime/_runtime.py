@@ -30,6 +30,7 @@ from typing import Any
 
 from torchrelay.broker import (
     BATCH,
+    GONE_AFTER_SECONDS,
     Batched,
     Command,
     Delete,
@@ -81,6 +82,7 @@ class WorkerRuntime:
         endpoint: Endpoint,
         *,
         reply_timeout: float = 60.0,
+        gone_after: float = GONE_AFTER_SECONDS,
         limits: Limits | None = None,
         store: ObjectStore | None = None,
         containment: Containment | None = None,
@@ -130,7 +132,7 @@ class WorkerRuntime:
         self.parking = None if containment is None else Parking(
             worker_id, containment, self.store, self.tell, self.answers.finish)
         self.scheduler = Scheduler(worker_id, endpoint, reply_timeout, self.answers,
-                                   self.parking)
+                                   self.parking, gone_after=gone_after)
         self.presence = Presence(self, presence_interval, None if endpoint.in_process else Leases(
             lease, endpoint.queue_consumers,
             lambda identity: endpoint.queue_consumers(worker_queue(identity)) is not None),
@@ -144,6 +146,7 @@ class WorkerRuntime:
         """The runtime a daemon with `config` serves with (`extra`: what a supervised
         executor adds, its store and containment)."""
         return cls(config.id, endpoint, reply_timeout=config.reply_timeout,
+                   gone_after=config.gone_after,
                    limits=config.limits, privacy=config.privacy, ledger=config.ledger,
                    lease=config.lease, dataset_clients=config.clients,
                    presence_interval=config.presence_interval,

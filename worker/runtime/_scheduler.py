@@ -29,11 +29,11 @@ class Scheduler:
     """The coroutines of worker `worker_id` waiting on others, and their requests."""
 
     def __init__(self, worker_id: str, endpoint: Endpoint, reply_timeout: float,
-                 answers: Answers, parking: Parking | None) -> None:
+                 answers: Answers, parking: Parking | None, *, gone_after: float) -> None:
         self.endpoint = endpoint
         self.answers = answers
         self.parking = parking
-        self.waits = Waits(endpoint, reply_timeout)
+        self.waits = Waits(endpoint, reply_timeout, gone_after)
         """The requests in flight, by correlation id."""
         self._prefix = f"{worker_id}.{secrets.token_hex(4)}."  # unique per run, as a client's
         self._numbers = 0

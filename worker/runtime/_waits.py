@@ -43,12 +43,12 @@ class Waits:
 
     __slots__ = ("_gone", "_next_gone_check", "_waiting", "forged_replies", "reply_timeout")
 
-    def __init__(self, endpoint: Endpoint, reply_timeout: float) -> None:
+    def __init__(self, endpoint: Endpoint, reply_timeout: float, gone_after: float) -> None:
         self.reply_timeout = reply_timeout
         self.forged_replies = 0
         """Replies dropped because they did not come from the worker asked."""
         self._waiting: dict[str, Waiting] = {}
-        self._gone = GoneWatch(endpoint)
+        self._gone = GoneWatch(endpoint, gone_after)
         self._next_gone_check = 0.0
 
     def __len__(self) -> int:
