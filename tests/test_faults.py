@@ -4,13 +4,17 @@ whole timeout, its queue expires, and quorum queues serve as classic ones do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import pytest
 import torch
 
 import torchrelay as tr
-from torchrelay.broker import ManagementAPI, worker_queue
+from torchrelay.broker import GONE_AFTER_SECONDS, ManagementAPI, worker_queue
 from torchrelay.worker import WorkerProcesses
 
 tr.hook(torch)
@@ -28,13 +32,18 @@ def test_a_wait_on_a_worker_that_died_fails_naming_it_not_after_the_timeout(
     vhost_factory: Any, tmp_path: Path,
 ) -> None:
     url = vhost_factory()
+    # (A timeout no test would wait out, and a grace shorter than the default 15 s.)
     with WorkerProcesses(url, ["dora"], log_dir=tmp_path) as daemons, \
-            tr.connect(url, timeout=600) as fleet:  # a timeout no test would wait out
+            tr.connect(url, timeout=600, gone_after=3) as fleet:
         x = torch.ones(2).send(fleet.worker("dora"))
         fleet.sync()
         daemons.stop("dora")  # gone: its queue stays, with nobody to answer
-        with pytest.raises(tr.UnknownWorker, match=r"dora.*no daemon has consumed its queue"):
+        with pytest.raises(tr.UnknownWorker,
+                           match=r"dora.*no daemon has consumed its queue for (\d+) s") as e:
             x.get()
+        said = re.search(r"for (\d+) s", str(e.value))
+        assert said is not None
+        assert 3 <= int(said.group(1)) < GONE_AFTER_SECONDS  # the session's grace
         x.garbage_collect = False
 
 
@@ -43,7 +52,7 @@ def test_a_worker_killed_mid_command_fails_the_wait_and_serves_again_once_restar
 ) -> None:
     url = vhost_factory()
     with WorkerProcesses(url, ["kim"], log_dir=tmp_path) as daemons, \
-            tr.connect(url, timeout=600) as fleet:  # a timeout no test would wait out
+            tr.connect(url, timeout=600, gone_after=3) as fleet:
         kim = fleet.worker("kim")
         x = torch.ones(3).send(kim)
         fleet.sync()
@@ -189,3 +198,77 @@ def test_a_pipeline_in_flight_through_a_broker_restart_completes_or_says_what_wa
         # The session goes on, and what the lost operations made, if they ran, goes.
         assert (torch.ones(1).send(bob) * 2).get().tolist() == [2.0]
         assert bob._objects == {}
+
+
+class _Proxy:
+    """A TCP proxy to `host:port` on a port of its own, until `cut`: then every
+    connection through it drops, and new ones are refused."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # cut
+            if self._cut:  # (accepted as it was cut)
+                client.close()
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:  # (the ends are closed by `cut`)
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._cut = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # (wakes the accept: close would not)
+        self._listener.close()
+        for end in self._sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+
+def test_a_daemon_told_to_stop_while_the_broker_is_unreachable_stops_by_itself(
+    vhost_factory: Any, tmp_path: Path,
+) -> None:
+    # It gives up reconnecting at once: not after its connect timeout, once per attempt,
+    # by which time its supervisor had killed it (stop_grace).
+    url = vhost_factory()
+    parts = urllib.parse.urlsplit(url)
+    proxy = _Proxy(parts.hostname or "localhost", parts.port or 5672)
+    through = urllib.parse.urlunsplit(parts._replace(
+        netloc=f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"))
+    with WorkerProcesses(through, ["cut"], log_dir=tmp_path) as daemons:
+        with tr.connect(url) as fleet:
+            assert fleet.worker("cut").status()["id"] == "cut"
+        proxy.cut()
+        log = tmp_path / "cut.log"
+        deadline = time.monotonic() + 120
+        while "lost its connection" not in log.read_text():
+            assert time.monotonic() < deadline, "the daemon never noticed"
+            time.sleep(0.1)
+        daemons.stop("cut", timeout=300)
+    said = log.read_text()
+    assert "gave up" in said and "stopping" in said
+    assert "killing it" not in said  # its supervisor did not have to

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
@@ -72,10 +73,13 @@ class RabbitMQBroker(Broker):
         tls_key_file: str | None = None,
         queue_type: str = "classic",
         queue_expires: float | None = topology.DEFAULT_QUEUE_EXPIRES,
+        give_up: threading.Event | None = None,
     ) -> None:
         """`tls_*` (for `amqps://`): the CA that signed the broker's certificate
         (default: `$TORCHRELAY_TLS_CA_FILE`, else the system's CAs), and a client
-        certificate and key to present (`$TORCHRELAY_TLS_CERT_FILE`, `..._KEY_FILE`)."""
+        certificate and key to present (`$TORCHRELAY_TLS_CERT_FILE`, `..._KEY_FILE`).
+        `give_up`: once set, connections stop retrying to reach the broker (a daemon
+        stopping)."""
         if chunk_size < 4096:
             raise ValueError(f"chunk_size must be at least 4096 bytes, not {chunk_size}")
         self._addresses = broker_addresses(url)
@@ -91,6 +95,7 @@ class RabbitMQBroker(Broker):
         self.heartbeat = heartbeat
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
+        self.give_up = give_up
         self.chunk_size = chunk_size
         self.max_message_bytes = max_message_bytes
         self.allocate = allocate
@@ -128,7 +133,7 @@ class RabbitMQBroker(Broker):
                 "own user)")
         role = "worker" if serve_worker is not None else "client"
         settings = LinkSettings(self._addresses, f"torchrelay {role} {identity}",
-                                self.heartbeat, self.connect_timeout, self.tls)
+                                self.heartbeat, self.connect_timeout, self.tls, self.give_up)
         return RabbitMQEndpoint(self, settings, identity, serve_worker)
 
 

@@ -98,6 +98,9 @@ class LinkSettings:
     tls: ssl.SSLContext | None = None
     """For `amqps://`: verifies the broker's certificate against the CA given (and may
     present a client certificate); None: the system's CAs."""
+    give_up: threading.Event | None = None
+    """Once set, (re)connecting stops retrying: a daemon told to stop while the broker is
+    unreachable stops, rather than retry until it is killed."""
 
     def parameters(self, index: int) -> pika.URLParameters:
         """How to connect to address `index`."""
@@ -225,9 +228,19 @@ class Link:
     def _open_connection(self) -> Any:
         """Connect, retrying with backoff while the broker is unreachable."""
         settings = self.settings
+        give_up = settings.give_up
+        stop = tenacity.stop_after_delay(settings.connect_timeout)
+
+        def pause(seconds: float) -> None:
+            if give_up is None:
+                time.sleep(seconds)
+            else:
+                give_up.wait(seconds)  # (woken when it is set)
+
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_delay(settings.connect_timeout),
+            stop=stop if give_up is None else stop | tenacity.stop_when_event_set(give_up),
             wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+            sleep=pause,
             retry=tenacity.retry_if_exception(
                 lambda e: isinstance(e, pe.AMQPConnectionError) and not isinstance(e, _REFUSED)
                 and _tls_failure(e) is None
@@ -245,6 +258,9 @@ class Link:
                 f"RabbitMQ at {settings.shown(self._address)} denied access: {e}"
             ) from None
         except (pe.AMQPConnectionError, ssl.SSLError) as e:
+            if give_up is not None and give_up.is_set():
+                raise BrokerUnavailable(f"gave up reaching RabbitMQ at {settings.shown()}: "
+                                        "stopping") from None
             failure = _tls_failure(e)
             if failure is not None:
                 raise BrokerUnavailable(
@@ -320,7 +336,11 @@ class Link:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"{name} cannot reconnect: {e}") from None
                 log.info("reconnect refused (%s); retrying", e)
-                time.sleep(1.0)
+                give_up = self.settings.give_up
+                if give_up is None:
+                    time.sleep(1.0)
+                elif give_up.wait(1.0):
+                    raise BrokerError(f"{name} gave up reconnecting: stopping") from None
         self.reconnects += 1
         log.warning("%s reconnected to %s", name, self.settings.shown(self._address))
 

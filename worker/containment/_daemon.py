@@ -80,7 +80,7 @@ def run_worker(
                          shared_accounts=config.shared_accounts, tls_ca_file=config.tls_ca_file,
                          tls_cert_file=config.tls_cert_file, tls_key_file=config.tls_key_file,
                          queue_type=config.queue_type, queue_expires=config.queue_expires,
-                         **(broker_options or {}))
+                         give_up=stop, **(broker_options or {}))
     try:
         endpoint = broker.connect(config.id, serve_worker=config.id)
     except BrokerError as e:
