@@ -74,13 +74,19 @@ def move_interrupted(url: str, x: Any, destination: tr.WorkerHandle,
 
 
 @pytest.fixture
-def pair(vhost_factory: Any, tmp_path: Path) -> Iterator[tuple[str, WorkerProcesses, Any]]:
+def pair(request: pytest.FixtureRequest, vhost_factory: Any,
+         tmp_path: Path) -> Iterator[tuple[str, WorkerProcesses, Any]]:
+    """bob and alice, and a session; a test where nothing restarts may ask (an indirect
+    parameter) for a `gone_after` shorter than the default, for all three."""
     url = vhost_factory()
-    with WorkerProcesses(url, ["bob", "alice"], log_dir=tmp_path) as daemons, \
-            tr.connect(url, timeout=600) as fleet:  # a timeout no test would wait out
-        yield url, daemons, fleet
+    gone_after: float | None = getattr(request, "param", None)
+    flags = [] if gone_after is None else ["--gone-after", str(gone_after)]
+    with WorkerProcesses(url, ["bob", "alice"], extra_args=flags, log_dir=tmp_path) as daemons, \
+            tr.connect(url, timeout=600, gone_after=gone_after) as fleet:  # (a timeout no
+        yield url, daemons, fleet                                          # test waits out)
 
 
+@pytest.mark.parametrize("pair", [3.0], indirect=True)
 def test_a_move_whose_destination_is_gone_leaves_the_object_on_its_source(pair: Any) -> None:
     _url, daemons, fleet = pair
     bob, alice = fleet.worker("bob"), fleet.worker("alice")
@@ -133,6 +139,7 @@ def test_what_ran_before_a_move_its_executor_died_in_is_answered_and_stands(
     assert bob._objects == {}
 
 
+@pytest.mark.parametrize("pair", [3.0], indirect=True)
 def test_a_move_whose_source_daemon_dies_after_sending_stands(pair: Any) -> None:
     url, daemons, fleet = pair
     bob, alice = fleet.worker("bob"), fleet.worker("alice")
@@ -165,6 +172,7 @@ def test_a_move_whose_source_daemon_is_replaced_at_once_stands(pair: Any) -> Non
     assert alice._objects == {} and bob._objects == {}
 
 
+@pytest.mark.parametrize("pair", [3.0], indirect=True)
 def test_a_move_whose_source_died_before_sending_names_what_is_lost(pair: Any) -> None:
     _url, daemons, fleet = pair
     bob, alice = fleet.worker("bob"), fleet.worker("alice")
