@@ -81,9 +81,10 @@ def connect(
     `timeout` bounds how long to wait with no reply at all; with `pipelined`
     false, every operation waits for its worker's answer. A wait on a worker whose
     queue has had no daemon for `gone_after` seconds (default 15) fails, naming it
-    (the grace must outlast a crashed executor's restart and a reconnect). `datasets` gives the
-    in-process workers data of their own (`{"bob": ["bob.safetensors:#digits"]}`,
-    as a daemon's `--dataset`, or `[[worker.datasets]]` tables as dicts), private
+    (the grace must outlast a crashed executor's restart and a reconnect).
+    `datasets` gives the in-process workers data of their own (`{"bob":
+    ["bob.safetensors:#digits"]}`, as a daemon's `--dataset`, or
+    `[[worker.datasets]]` tables as dicts), private
     unless a table says `"private": False`; `privacy` their owners' rules
     (`{"bob": {"trusted": ["secure_worker"], ...}}`, a `[worker.privacy]` table).
     `name` is who the session is: with a RabbitMQ user of its own, that user

@@ -212,9 +212,8 @@ class WorkerConfig:
             raise ConfigError(f"heartbeat must be 0 (off) or more seconds, not {self.heartbeat}")
         for positive in ("reply_timeout", "gone_after", "command_timeout", "stop_grace",
                          "max_elements", "max_bytes", "max_list_elements", "lease",
-                         "presence_interval",
-                         "queue_expires", "sender_max_queued", "sender_strikes",
-                         "sender_penalty"):
+                         "presence_interval", "queue_expires", "sender_max_queued",
+                         "sender_strikes", "sender_penalty"):
             if getattr(self, positive) is not None and getattr(self, positive) <= 0:
                 raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
         if self.torch_threads is not None and self.torch_threads < 1:
