@@ -13,10 +13,12 @@ briefly without a consumer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ._names import worker_queue
-from ._transport import Endpoint
+
+if TYPE_CHECKING:  # (a worker's config reads GONE_AFTER_SECONDS: not torch with it)
+    from ._transport import Endpoint
 
 __all__ = ["GONE_AFTER_SECONDS", "GONE_CHECK_SECONDS", "GoneWatch", "gone_message"]
 
