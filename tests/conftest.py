@@ -13,6 +13,7 @@ test created: garbage collection is checked everywhere, for free.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import secrets
@@ -102,22 +103,34 @@ def vhost_factory(rabbitmq: ManagementAPI) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def daemons_factory(vhost_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Starts worker daemons in a fresh virtual host; stops them at the end of the session."""
+    """Starts worker daemons in a fresh virtual host; stops them when the fixture or test
+    whose `request` is given ends, else at the end of the session. (Each supervised
+    daemon is ~350 MiB: kept to the session's end, a whole run's came to 23 GiB, and the
+    machine's memory ran out.)"""
     started: list[WorkerProcesses] = []
 
     def make(worker_ids: tuple[str, ...] = WORKERS, *extra_args: str,
-             worker_args: dict[str, list[str]] | None = None) -> WorkerProcesses:
+             worker_args: dict[str, list[str]] | None = None,
+             request: pytest.FixtureRequest | None = None) -> WorkerProcesses:
         url = vhost_factory()
         log_dir = tmp_path_factory.mktemp("daemons")
         daemons = WorkerProcesses(url, worker_ids, extra_args=extra_args,
                                   worker_args=worker_args, log_dir=log_dir)
         started.append(daemons)
+        if request is not None:
+            request.addfinalizer(daemons.stop_all)
         daemons.start()
         return daemons
 
     yield make
     for daemons in started:
         daemons.stop_all()
+
+
+@pytest.fixture
+def daemons_for_test(daemons_factory: Any, request: pytest.FixtureRequest) -> Any:
+    """`daemons_factory` for one test: its daemons stop when the test ends."""
+    return functools.partial(daemons_factory, request=request)
 
 
 @pytest.fixture(scope="session")

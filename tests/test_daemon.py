@@ -38,9 +38,9 @@ def queued_messages(url: str, worker_id: str) -> int:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
-    daemons_factory: Any, signum: signal.Signals
+    daemons_for_test: Any, signum: signal.Signals
 ) -> None:
-    daemons = daemons_factory(("erin",), "--fault-injection")
+    daemons = daemons_for_test(("erin",), "--fault-injection")
     process = daemons.processes["erin"]
     with tr.connect(daemons.url, timeout=2) as fleet:
         erin = fleet.worker("erin")
@@ -65,8 +65,8 @@ def test_a_signal_lets_the_command_in_hand_finish_then_exits_0(
     assert "worker erin stopped" in log
 
 
-def test_a_long_command_does_not_cost_the_worker_its_connection(daemons_factory: Any) -> None:
-    daemons = daemons_factory(("frank",), "--heartbeat", "1", "--fault-injection")
+def test_a_long_command_does_not_cost_the_worker_its_connection(daemons_for_test: Any) -> None:
+    daemons = daemons_for_test(("frank",), "--heartbeat", "1", "--fault-injection")
     with tr.connect(daemons.url) as fleet:
         frank = fleet.worker("frank")
         # A command of more than three heartbeats: without the keeper thread the broker

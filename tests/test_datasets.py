@@ -55,7 +55,7 @@ def data_url(request: pytest.FixtureRequest, files: dict[str, Path]) -> str | No
         ("bob", "alice", "carol"),
         worker_args={"bob": ["--public-dataset", f"{files['bob']}:#toy,#train"],
                      "alice": ["--public-dataset", f"{files['alice']}:#toy"],
-                     "carol": ["--config", str(files["carol.toml"])]})
+                     "carol": ["--config", str(files["carol.toml"])]}, request=request)
     url: str = daemons.url
     return url
 

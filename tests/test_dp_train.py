@@ -78,7 +78,7 @@ def private_url(request: pytest.FixtureRequest, configs: dict[str, Path]) -> Ite
     arguments = {owner: ["--config", str(path)] for owner, path in configs.items()}
     arguments["erin"].append("--fault-injection")
     daemons: WorkerProcesses = request.getfixturevalue("daemons_factory")(
-        WORKERS, worker_args=arguments)
+        WORKERS, worker_args=arguments, request=request)
     yield daemons
 
 

@@ -58,7 +58,7 @@ def digits_fleet(request: pytest.FixtureRequest, shares: dict[str, Path]) -> Ite
     if request.param == "rabbitmq":
         daemons = request.getfixturevalue("daemons_factory")(
             (*DIGIT_OWNERS, AGGREGATOR), "--torch-threads", "1",
-            worker_args=_dataset_args(shares))
+            worker_args=_dataset_args(shares), request=request)
         url = daemons.url
     with tr.connect(url, datasets={o: [{"path": str(p), "tags": ["#digits"], "private": False}]
                                    for o, p in shares.items()}) as fleet:
@@ -197,9 +197,9 @@ def _process_tree(pid: int) -> list[int]:
 
 
 def test_a_worker_that_hangs_is_left_out_of_the_round_and_rejoins_later(
-    daemons_factory: Any, shares: dict[str, Path]
+    daemons_for_test: Any, shares: dict[str, Path]
 ) -> None:
-    daemons: WorkerProcesses = daemons_factory(
+    daemons: WorkerProcesses = daemons_for_test(
         (*DIGIT_OWNERS, AGGREGATOR), "--torch-threads", "1", worker_args=_dataset_args(shares))
     with tr.connect(daemons.url) as fleet:
         datasets = [d for o in DIGIT_OWNERS for d in fleet.worker(o).search("#digits")]

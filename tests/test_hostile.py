@@ -212,9 +212,9 @@ def test_a_forged_huge_chunk_does_not_keep_another_senders_transfer_out(
 
 
 def test_a_deleted_queue_is_declared_again(
-    rabbitmq: ManagementAPI, daemons_factory: Any
+    rabbitmq: ManagementAPI, daemons_for_test: Any
 ) -> None:
-    daemons = daemons_factory(("gina",))
+    daemons = daemons_for_test(("gina",))
     with pika.BlockingConnection(pika.URLParameters(daemons.url)) as connection:
         connection.channel().queue_delete(worker_queue("gina"))
     with tr.connect(daemons.url) as fleet:

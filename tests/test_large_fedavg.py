@@ -39,7 +39,7 @@ def _data(owner: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def large_fleet(daemons_factory: Any, tmp_path_factory: pytest.TempPathFactory,
-                ) -> Iterator[tuple[tr.Fleet, WorkerProcesses]]:
+                request: pytest.FixtureRequest) -> Iterator[tuple[tr.Fleet, WorkerProcesses]]:
     directory = tmp_path_factory.mktemp("large")
     args = {}
     for owner in OWNERS:
@@ -47,7 +47,7 @@ def large_fleet(daemons_factory: Any, tmp_path_factory: pytest.TempPathFactory,
         save_file(_data(owner), str(path))
         args[owner] = ["--public-dataset", f"{path}:#large"]
     daemons = daemons_factory((*OWNERS, AGGREGATOR), "--torch-threads", "1",
-                              worker_args=args)
+                              worker_args=args, request=request)
     with tr.connect(daemons.url, timeout=300) as fleet:
         yield fleet, daemons
 

@@ -33,9 +33,9 @@ def _held(fleet: tr.Fleet, identity: str) -> int:
 
 
 def test_a_dead_client_s_objects_are_reclaimed_after_its_lease_and_not_before(
-    daemons_factory: Any,
+    daemons_for_test: Any,
 ) -> None:
-    daemons = daemons_factory(("keeper",), worker_args={"keeper": ["--lease", str(LEASE)]})
+    daemons = daemons_for_test(("keeper",), worker_args={"keeper": ["--lease", str(LEASE)]})
     with tr.connect(daemons.url, name="watcher") as watcher:
         mine = torch.tensor([7.0]).send(watcher.worker("keeper"))
         client = subprocess.Popen([sys.executable, "-c", _DOOMED_CLIENT, daemons.url],

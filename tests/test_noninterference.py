@@ -84,7 +84,8 @@ def open_world(request: pytest.FixtureRequest,
     if request.param == "rabbitmq":
         for world, paths in configs.items():
             daemons[world] = request.getfixturevalue("daemons_factory")(
-                WORKERS, worker_args={o: ["--config", str(p)] for o, p in paths.items()})
+                WORKERS, worker_args={o: ["--config", str(p)] for o, p in paths.items()},
+                request=request)
 
     def open_(world: str) -> Any:
         paths = configs[world]

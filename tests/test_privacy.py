@@ -69,7 +69,8 @@ def private_url(request: pytest.FixtureRequest, configs: dict[str, Path]) -> Ite
         yield None
         return
     daemons: WorkerProcesses = request.getfixturevalue("daemons_factory")(
-        WORKERS, worker_args={owner: ["--config", str(path)] for owner, path in configs.items()})
+        WORKERS, worker_args={owner: ["--config", str(path)] for owner, path in configs.items()},
+        request=request)
     yield daemons
 
 

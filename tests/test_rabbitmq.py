@@ -105,9 +105,9 @@ def test_a_second_daemon_with_the_same_id_is_refused(session_daemons: WorkerProc
 
 
 def test_a_worker_reconnects_and_keeps_its_objects(
-    rabbitmq: ManagementAPI, daemons_factory: Any
+    rabbitmq: ManagementAPI, daemons_for_test: Any
 ) -> None:
-    daemons = daemons_factory(("dave",))
+    daemons = daemons_for_test(("dave",))
     vhost = vhost_of(daemons.url)
     with tr.connect(daemons.url) as fleet:
         dave = fleet.worker("dave")

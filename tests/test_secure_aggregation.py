@@ -72,7 +72,7 @@ def _start(request: pytest.FixtureRequest, configs: dict[str, Path],
            extra: tuple[str, ...] = ()) -> WorkerProcesses:
     factory = request.getfixturevalue("daemons_factory")
     daemons: WorkerProcesses = factory(WORKERS, *extra, worker_args={
-        owner: ["--config", str(path)] for owner, path in configs.items()})
+        owner: ["--config", str(path)] for owner, path in configs.items()}, request=request)
     return daemons
 
 

@@ -50,7 +50,7 @@ def digits_fleet(request: pytest.FixtureRequest, shares: dict[str, Path]) -> Ite
     if request.param == "rabbitmq":
         daemons = request.getfixturevalue("daemons_factory")(
             (*DIGIT_OWNERS, AGGREGATOR), "--torch-threads", "1",
-            worker_args=_dataset_args(shares))
+            worker_args=_dataset_args(shares), request=request)
         url = daemons.url
     with tr.connect(url, datasets={o: [{"path": str(p), "tags": ["#digits"], "private": False}]
                                    for o, p in shares.items()}) as fleet:

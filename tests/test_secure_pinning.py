@@ -74,7 +74,7 @@ def daemons(request: pytest.FixtureRequest, tables: dict[str, dict[str, Any]]) -
     folder = Path(tables["o1"]["signing_key"]).parent
     factory = request.getfixturevalue("daemons_factory")
     return factory(WORKERS, worker_args={
-        o: ["--config", str(_config(o, t, folder))] for o, t in tables.items()})
+        o: ["--config", str(_config(o, t, folder))] for o, t in tables.items()}, request=request)
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ def test_walkthrough_on_the_embedded_broker() -> None:
     assert text.count("._objects") == 15  # every store listing the notebook shows, and one more
 
 
-def test_walkthrough_on_rabbitmq_with_daemon_processes(daemons_factory: Any) -> None:
-    daemons = daemons_factory(("bob", "alice"))  # fresh daemons: the stores start empty
+def test_walkthrough_on_rabbitmq_with_daemon_processes(daemons_for_test: Any) -> None:
+    daemons = daemons_for_test(("bob", "alice"))  # fresh daemons: the stores start empty
     lines: list[str] = []
     with tr.connect(daemons.url) as fleet:
         run_walkthrough(fleet, echo=lines.append)
