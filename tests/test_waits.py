@@ -8,6 +8,7 @@ import torch
 from conftest import Recorder
 
 import torchrelay as tr
+from torchrelay.broker import Status, Transfer
 
 tr.hook(torch)
 
@@ -169,12 +170,16 @@ def test_a_batch_s_answers_wait_for_its_move_and_come_back_with_its_answer(
     fleet.sync()
     recorder.clear()
 
-    x += 1
-    moved = x.move_later(alice)
-    fleet.sync()
+    # (Sent as one batch whatever the machine's speed: posted commands could leave in
+    # two messages, were the background publisher to look between them.)
+    moved_id = fleet.new_id()
+    status, _ = fleet.request_many([(bob.id, Status()),
+                                    (bob.id, Transfer(x.id_at_location, alice.id, moved_id))])
 
-    # One message each way: bob holds the answer to the addition until alice has the
-    # copy, and sends both together (not two messages, one per moment).
-    assert recorder.messages == ["send call + transfer to bob",
-                                 "receive call.reply + transfer.reply"]
-    assert moved.get().tolist() == [1.0, 1.0, 1.0]
+    # One message each way: bob holds the answer to the status until alice has the copy,
+    # and sends both together (not two messages, one per moment).
+    assert recorder.messages == ["send status + transfer to bob",
+                                 "receive status.reply + transfer.reply"]
+    assert status["id"] == "bob"
+    x.garbage_collect = False  # (moved: alice has it now)
+    assert tr.PointerTensor(alice, moved_id).get().tolist() == [0.0, 0.0, 0.0]
