@@ -134,6 +134,8 @@ def test_flags_and_environment_override_the_config_file(
         ('[worker]\nid = "bob"\nbroker = "amqp://x/"\nprefetch = 0\n', "prefetch must be"),
         ('[worker]\nid = "bob"\nbroker = "amqp://x/"\ngone_after = 0\n',
          "gone_after must be positive"),
+        ('[worker]\nid = "bob"\nbroker = "amqp://x/"\nreply_timeout = nan\n',
+         "reply_timeout must be positive, not nan"),
         ('[worker]\nid = "bob"\nbroker = "amqp://x/"\nspeed = 3\n', "unknown settings ['speed']"),
         ('[worker]\nid = "bob"\nbroker = "amqp://x/"\nprefetch = "8"\n', "prefetch must be int"),
         ('[worker]\nid = "bob"\nbroker = "redis://x/"\n', "amqp:// or amqps://"),

@@ -214,8 +214,9 @@ class WorkerConfig:
                          "max_elements", "max_bytes", "max_list_elements", "lease",
                          "presence_interval", "queue_expires", "sender_max_queued",
                          "sender_strikes", "sender_penalty"):
-            if getattr(self, positive) is not None and getattr(self, positive) <= 0:
-                raise ConfigError(f"{positive} must be positive, not {getattr(self, positive)}")
+            value = getattr(self, positive)
+            if value is not None and not value > 0:  # (TOML's nan too: it compares false)
+                raise ConfigError(f"{positive} must be positive, not {value}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"torch_threads must be at least 1, not {self.torch_threads}")
         if type(self.fault_injection) is not bool:
