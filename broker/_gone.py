@@ -36,7 +36,7 @@ class GoneWatch:
 
     __slots__ = ("_endpoint", "_missing_since", "after")
 
-    def __init__(self, endpoint: Endpoint, after: float = GONE_AFTER_SECONDS) -> None:
+    def __init__(self, endpoint: Endpoint, after: float) -> None:
         if not after > 0:
             raise ValueError(f"gone_after must be a positive number of seconds, not {after!r}")
         self._endpoint = endpoint

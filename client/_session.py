@@ -86,7 +86,7 @@ class Fleet:
         name: str = "me",
         timeout: float = 30.0,
         pipelined: bool = True,
-        gone_after: float | None = None,
+        gone_after: float = GONE_AFTER_SECONDS,
         owns_broker: bool = False,
     ) -> None:
         self.broker = broker
@@ -119,8 +119,7 @@ class Fleet:
         """Bumped by operations that may change a tensor's metadata: pointers' caches
         of it are valid for one epoch."""
         self.closed = False
-        self._gone = GoneWatch(self.endpoint,
-                               GONE_AFTER_SECONDS if gone_after is None else gone_after)
+        self._gone = GoneWatch(self.endpoint, gone_after)
         atexit.register(_close_at_exit, weakref.ref(self))
         self.publisher = Publisher(self.endpoint, background=None if self.endpoint.in_process
                                    else f"torchrelay-publisher {name}")

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import torchrelay as tr
+from torchrelay.broker import GONE_AFTER_SECONDS
 from torchrelay.worker import WorkerProcesses
 
 tr.hook(torch)
@@ -79,8 +80,8 @@ def pair(request: pytest.FixtureRequest, vhost_factory: Any,
     """bob and alice, and a session; a test where nothing restarts may ask (an indirect
     parameter) for a `gone_after` shorter than the default, for all three."""
     url = vhost_factory()
-    gone_after: float | None = getattr(request, "param", None)
-    flags = [] if gone_after is None else ["--gone-after", str(gone_after)]
+    gone_after: float = getattr(request, "param", GONE_AFTER_SECONDS)
+    flags = ["--gone-after", str(gone_after)]
     with WorkerProcesses(url, ["bob", "alice"], extra_args=flags, log_dir=tmp_path) as daemons, \
             tr.connect(url, timeout=600, gone_after=gone_after) as fleet:  # (a timeout no
         yield url, daemons, fleet                                          # test waits out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from torchrelay.broker._gone import GONE_AFTER_SECONDS
 from torchrelay.broker._lazy import lazy_exports
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def connect(
     name: str | None = None,
     timeout: float = 30.0,
     pipelined: bool = True,
-    gone_after: float | None = None,
+    gone_after: float = GONE_AFTER_SECONDS,
     datasets: dict[str, list[Any]] | None = None,
     privacy: dict[str, dict[str, Any]] | None = None,
     **broker_options: Any,
@@ -80,7 +81,7 @@ def connect(
 
     `timeout` bounds how long to wait with no reply at all; with `pipelined`
     false, every operation waits for its worker's answer. A wait on a worker whose
-    queue has had no daemon for `gone_after` seconds (default 15) fails, naming it
+    queue has had no daemon for `gone_after` seconds fails, naming it
     (the grace must outlast a crashed executor's restart and a reconnect).
     `datasets` gives the in-process workers data of their own (`{"bob":
     ["bob.safetensors:#digits"]}`, as a daemon's `--dataset`, or

@@ -95,7 +95,7 @@ class RabbitMQBroker(Broker):
         self.heartbeat = heartbeat
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
-        self.give_up = give_up
+        self.give_up = give_up or threading.Event()  # (never set: retry until the timeout)
         self.chunk_size = chunk_size
         self.max_message_bytes = max_message_bytes
         self.allocate = allocate

@@ -98,7 +98,7 @@ class LinkSettings:
     tls: ssl.SSLContext | None = None
     """For `amqps://`: verifies the broker's certificate against the CA given (and may
     present a client certificate); None: the system's CAs."""
-    give_up: threading.Event | None = None
+    give_up: threading.Event = field(default_factory=threading.Event)
     """Once set, (re)connecting stops retrying: a daemon told to stop while the broker is
     unreachable stops, rather than retry until it is killed."""
 
@@ -228,19 +228,11 @@ class Link:
     def _open_connection(self) -> Any:
         """Connect, retrying with backoff while the broker is unreachable."""
         settings = self.settings
-        give_up = settings.give_up
-        stop = tenacity.stop_after_delay(settings.connect_timeout)
-
-        def pause(seconds: float) -> None:
-            if give_up is None:
-                time.sleep(seconds)
-            else:
-                give_up.wait(seconds)  # (woken when it is set)
-
         retrying = tenacity.Retrying(
-            stop=stop if give_up is None else stop | tenacity.stop_when_event_set(give_up),
+            stop=tenacity.stop_after_delay(settings.connect_timeout)
+            | tenacity.stop_when_event_set(settings.give_up),
             wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
-            sleep=pause,
+            sleep=self._pause,
             retry=tenacity.retry_if_exception(
                 lambda e: isinstance(e, pe.AMQPConnectionError) and not isinstance(e, _REFUSED)
                 and _tls_failure(e) is None
@@ -258,7 +250,7 @@ class Link:
                 f"RabbitMQ at {settings.shown(self._address)} denied access: {e}"
             ) from None
         except (pe.AMQPConnectionError, ssl.SSLError) as e:
-            if give_up is not None and give_up.is_set():
+            if settings.give_up.is_set():
                 raise BrokerUnavailable(f"gave up reaching RabbitMQ at {settings.shown()}: "
                                         "stopping") from None
             failure = _tls_failure(e)
@@ -336,13 +328,15 @@ class Link:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"{name} cannot reconnect: {e}") from None
                 log.info("reconnect refused (%s); retrying", e)
-                give_up = self.settings.give_up
-                if give_up is None:
-                    time.sleep(1.0)
-                elif give_up.wait(1.0):
+                self._pause(1.0)
+                if self.settings.give_up.is_set():
                     raise BrokerError(f"{name} gave up reconnecting: stopping") from None
         self.reconnects += 1
         log.warning("%s reconnected to %s", name, self.settings.shown(self._address))
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between two attempts to connect; no longer once giving up."""
+        self.settings.give_up.wait(seconds)
 
     def _tick(self, connection: Any) -> None:
         # A standing timer wakes `process_data_events(time_limit=None)` so its caller

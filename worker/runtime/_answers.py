@@ -107,12 +107,14 @@ class Answers:
             self.containment.commit()  # what a reply reports outlives a crash after it
         self.endpoint.send_reply(reply_to, f"{name}.reply", frame, correlation_id)
 
-    def send_all(self, incoming: Incoming) -> None:
-        """Send the answers gathered for `incoming` (a batch's), if its sender asked."""
+    def settle(self, incoming: Incoming) -> None:
+        """`incoming` is done with: send the answers gathered for it (a batch's), if its
+        sender asked, and acknowledge it."""
         delivery = incoming.delivery
         if incoming.replies and delivery.reply_to:
             self.send_together(delivery.reply_to, delivery.correlation_id, incoming.replies,
                                incoming.owed)
+        self.endpoint.ack(delivery)
 
     def send_together(self, reply_to: str, batch_id: str,
                       replies: list[tuple[str, str, Frame]], owed: list[Any]) -> None:

@@ -297,8 +297,7 @@ class WorkerRuntime:
             else:
                 held.pop(delivery.sender, None)
         if not incoming.held:
-            self.answers.send_all(incoming)
-            self.endpoint.ack(delivery)
+            self.answers.settle(incoming)
         stamp("worker.done")
 
     # -- one command ---------------------------------------------------------------

@@ -155,22 +155,16 @@ class Scheduler:
         if incoming is None:
             answers.finish(task.job, value, error)
             return
-        # A move's: the message it held back may go now, its batch's answers with this one.
+        # A move's: the message it held back may go now, its batch's answers with this one
+        # — gathered only if it is the last of them, and sent at once: an answer gathered
+        # here has no journal token, and is never left waiting for a crash to lose.
         task.holds = None
         incoming.held -= 1
-        if incoming.held or incoming.left:  # others of it are still out: this goes alone
-            outer, answers.incoming = answers.incoming, None
-            try:
-                answers.finish(task.job, value, error)
-            finally:
-                answers.incoming = outer
-            return
-        # (Gathered and sent at once: an answer gathered here has no journal token, and is
-        # never left waiting for a crash to lose.)
-        outer, answers.incoming = answers.incoming, incoming
+        last = not incoming.held and not incoming.left
+        outer, answers.incoming = answers.incoming, incoming if last else None
         try:
             answers.finish(task.job, value, error)
         finally:
             answers.incoming = outer
-        answers.send_all(incoming)
-        self.endpoint.ack(incoming.delivery)
+        if last:
+            answers.settle(incoming)
