@@ -101,6 +101,7 @@ if TYPE_CHECKING:
         ManagementError,
         RabbitMQBroker,
         RabbitMQEndpoint,
+        SharedConnection,
         redact_url,
     )
     from ._refs import ObjectRef, PointerRef, format_pointer, new_object_id

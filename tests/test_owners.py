@@ -12,6 +12,8 @@ import gc
 import json
 import signal
 import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,9 @@ from safetensors.torch import save_file
 import torchrelay as tr
 from torchrelay._cli import main
 from torchrelay._federated import anchor_order, make_model, one_torch_thread, write_shares
-from torchrelay.broker import Call, Fetch, ObjectRef, worker_queue
+from torchrelay.broker import Call, Fetch, ManagementAPI, ObjectRef, worker_queue
 from torchrelay.worker import ConfigError, WorkerConfig, WorkerProcesses
-from torchrelay.worker.containment._host import check_hosted, host_workers
+from torchrelay.worker.containment._host import _by_login, check_hosted, host_workers
 from torchrelay.worker.runtime._runtime import WorkerRuntime
 
 tr.hook(torch)
@@ -100,14 +102,30 @@ def fleet(host: WorkerProcesses) -> Iterator[tr.Fleet]:
 
 
 def test_one_process_serves_every_hosted_worker_on_its_own_queue(
-        host: WorkerProcesses, fleet: tr.Fleet) -> None:
+        host: WorkerProcesses, fleet: tr.Fleet, rabbitmq: ManagementAPI) -> None:
     statuses = [fleet.worker(w).status() for w in HOSTED]
     assert [s["id"] for s in statuses] == list(HOSTED)
     assert {s["pid"] for s in statuses} == {host.processes["host"].pid}
-    assert len({s["connection"] for s in statuses}) == len(HOSTED)  # a connection each
+    # One connection for them all (they log in alike), as the console shows it: a
+    # command and a reply channel of each worker's own on it.
+    (name,) = {s["connection"] for s in statuses}
+    assert name == "torchrelay host " + ", ".join(HOSTED)
+    connections = rabbitmq.wait_for_connections(
+        lambda cs: any(_named(c) == name and c.get("channels", 0) >= 2 * len(HOSTED)
+                       for c in cs), vhost_of(host.url))
+    assert [_named(c) for c in connections].count(name) == 1
     results = [(torch.tensor([float(i)]).send(fleet.worker(w)) * 2).get()
                for i, w in enumerate(HOSTED)]
     assert results == [torch.tensor([2.0 * i]) for i in range(len(HOSTED))]
+
+
+def vhost_of(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:])
+
+
+def _named(connection: dict[str, Any]) -> str | None:
+    name: str | None = connection["client_properties"].get("connection_name")
+    return name
 
 
 def test_one_hosted_worker_s_objects_are_unknown_to_another(fleet: tr.Fleet) -> None:
@@ -229,6 +247,48 @@ def test_hosted_workers_take_turns_handling_commands(vhost_factory: Any,
         host.join(timeout=60)
     assert not host.is_alive()
     assert steps >= 30 and most == 1
+
+
+def test_hosted_workers_reconnect_together_and_keep_their_objects(
+        vhost_factory: Any, rabbitmq: ManagementAPI, tmp_path: Path) -> None:
+    ids = ("again-a", "again-b")
+    daemons = WorkerProcesses(vhost_factory(), [], log_dir=tmp_path)
+    try:
+        daemons.spawn_host("host", ids, "--id", ",".join(ids))
+        daemons.wait_ready(ids)
+        with tr.connect(daemons.url, timeout=60) as session:
+            kept = [torch.tensor([float(i)]).send(session.worker(w)) for i, w in enumerate(ids)]
+            session.sync()
+            name = "torchrelay host " + ", ".join(ids)
+            (shared,) = [c["name"] for c in rabbitmq.wait_for_connections(
+                lambda cs: name in map(_named, cs), vhost_of(daemons.url)) if _named(c) == name]
+
+            rabbitmq.close_connection(shared)
+
+            deadline = time.monotonic() + 30
+            # Each notices, as the connection was theirs too.
+            while min(_reconnects(session, w) for w in ids) < 1:
+                assert time.monotonic() < deadline, "the host did not reconnect"
+                time.sleep(0.2)
+            assert [float(p.get()) for p in kept] == [0.0, 1.0]
+    finally:
+        daemons.stop_all()
+
+
+def _reconnects(session: tr.Fleet, worker: str) -> int:
+    try:
+        return int(session.worker(worker).status()["reconnects"])
+    except tr.TorchRelayError:  # (asked while it reconnects)
+        return 0
+
+
+def test_workers_that_log_in_differently_get_connections_of_their_own() -> None:
+    configs = [WorkerConfig(id="a", broker="amqp://guest:guest@localhost/"),
+               WorkerConfig(id="a-user", broker="amqp://a-user:pw@localhost/"),
+               WorkerConfig(id="b", broker="amqp://guest:guest@localhost/"),
+               WorkerConfig(id="c", broker="amqp://guest:guest@localhost/", prefetch=8)]
+    assert [[c.id for c in group] for group in _by_login(configs)] == [
+        ["a", "b"], ["a-user"], ["c"]]
 
 
 def test_a_hosted_worker_that_cannot_start_stops_the_others(vhost_factory: Any,

@@ -1,9 +1,13 @@
 """`RabbitMQBroker` and its `RabbitMQEndpoint`: the parts put together.
 
-An endpoint is one `Link` (connection, reconnect, the lock and the keeper
+An endpoint is a seat on a `Link` (connection, reconnect, the lock and the keeper
 thread), one `Consumer` (deliveries in, acknowledgements out) and one
 `Publisher` (properties, confirms, chunks). It adds only the `Endpoint`
 vocabulary on top: which queue a command goes to, and how long to wait.
+
+A worker daemon's endpoint, or each of a host's, sits on a `SharedConnection`:
+one connection that one thread reads for all of them (`wait`), then serves each
+what it received.
 """
 
 from __future__ import annotations
@@ -36,10 +40,10 @@ from .._trace import stamp
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer
-from ._link import Channels, Link, LinkSettings, redact_url, tls_context
+from ._link import Channels, Link, LinkSettings, Seat, redact_url, tls_context
 from ._publishing import Publisher
 
-__all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "redact_url"]
+__all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "SharedConnection", "redact_url"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -126,15 +130,83 @@ class RabbitMQBroker(Broker):
             self.verified_identity = self.user
 
     def connect(self, identity: str, *, serve_worker: str | None = None) -> RabbitMQEndpoint:
+        self._check_identity(identity)
+        role = "worker" if serve_worker is not None else "client"
+        return RabbitMQEndpoint(self, Link(self._settings(f"torchrelay {role} {identity}")),
+                                identity, serve_worker, owns_link=True)
+
+    def share(self, name: str) -> SharedConnection:
+        """One connection for the workers one thread serves, named `name` in the console
+        ("torchrelay worker bob" for a daemon's one)."""
+        return SharedConnection(self, Link(self._settings(name)))
+
+    def _settings(self, connection_name: str) -> LinkSettings:
+        return LinkSettings(self._addresses, connection_name, self.heartbeat,
+                            self.connect_timeout, self.tls, self.give_up)
+
+    def _check_identity(self, identity: str) -> None:
         if self.verified_identity not in (None, identity):
             raise BrokerError(
                 f"{identity!r} cannot connect as RabbitMQ user {self.user!r}: a participant's "
                 f"name is its user's name (connect as {self.user!r}, or with {identity!r}'s "
                 "own user)")
-        role = "worker" if serve_worker is not None else "client"
-        settings = LinkSettings(self._addresses, f"torchrelay {role} {identity}",
-                                self.heartbeat, self.connect_timeout, self.tls, self.give_up)
-        return RabbitMQEndpoint(self, settings, identity, serve_worker)
+
+
+class SharedConnection:
+    """One connection serving the workers one thread serves (see the module docstring).
+
+    Every endpoint on it keeps its own channels, queues, consumer, acknowledgements and
+    sender identity, as on a connection of its own; what they share is the socket, the
+    keeper thread and reconnecting (a reconnect tells each endpoint what it lost)."""
+
+    def __init__(self, broker: RabbitMQBroker, link: Link) -> None:
+        self.name = link.settings.connection_name
+        self._broker = broker
+        self._link = link
+        self._endpoints: list[RabbitMQEndpoint] = []
+
+    def serve(self, worker_id: str) -> RabbitMQEndpoint:
+        """An endpoint serving `worker_id`'s queue on this connection."""
+        self._broker._check_identity(worker_id)
+        endpoint = RabbitMQEndpoint(self._broker, self._link, worker_id, worker_id,
+                                    owns_link=False)
+        self._endpoints.append(endpoint)
+        return endpoint
+
+    def wait(self, timeout: float) -> None:
+        """Read the connection until one of its endpoints has received something, or
+        `timeout` seconds have passed (0: only what is there now)."""
+        if timeout <= 0:
+            self._link.pump(self._look)
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            self._link.pump(self._read)
+            if any(e.has_received for e in self._endpoints) or time.monotonic() >= deadline:
+                return
+
+    def _look(self, connection: Any) -> None:
+        self._read(connection, wait=False)
+
+    def _read(self, connection: Any, *, wait: bool = True) -> None:
+        endpoints = [e for e in self._endpoints if not e.closed]
+        for endpoint in endpoints:
+            endpoint._tend()
+        if not wait or any(e.has_received for e in endpoints):
+            connection.process_data_events(time_limit=0)
+        else:
+            # Until something arrives, but no longer than acknowledgements may wait (see
+            # `RabbitMQEndpoint._next_delivery`).
+            due = [t for e in endpoints if (t := e._consumer.acks_due_in()) is not None]
+            connection.process_data_events(time_limit=min(due, default=None))
+        for endpoint in endpoints:
+            endpoint._tend()
+
+    def close(self) -> None:
+        """Close every endpoint on it (see `RabbitMQEndpoint.close`), then the connection."""
+        for endpoint in self._endpoints:
+            endpoint.close()
+        self._link.close()
 
 
 class RabbitMQEndpoint(Endpoint):
@@ -143,12 +215,15 @@ class RabbitMQEndpoint(Endpoint):
     def __init__(
         self,
         broker: RabbitMQBroker,
-        settings: LinkSettings,
+        link: Link,
         identity: str,
         serve_worker: str | None,
+        *,
+        owns_link: bool,
     ) -> None:
         self.identity = identity
-        self.connection_name = settings.connection_name
+        self.connection_name = link.settings.connection_name
+        self.closed = False
         # Named once: the queue outlives a dropped connection (it expires only after
         # a minute unused), so replies in flight survive a reconnect.
         self.reply_queue = reply_queue(identity, secrets.token_hex(4))
@@ -163,7 +238,14 @@ class RabbitMQEndpoint(Endpoint):
         self._channels: Channels | None = None
         self._next_stale_check = 0.0
         self._publisher = Publisher(identity, broker.user, broker.chunk_size)
-        self._link = Link(settings, self._on_open, self._on_keepalive)
+        self._link = link
+        self._owns_link = owns_link
+        try:
+            self._seat: Seat = link.seat(self._on_open, self._on_keepalive)
+        except BaseException:
+            if owns_link:
+                link.close()
+            raise
 
     # -- set-up, under the link's lock ---------------------------------------------------
 
@@ -218,7 +300,6 @@ class RabbitMQEndpoint(Endpoint):
         log.warning("%s: consuming %s again", self.connection_name, queue)
 
     def _on_keepalive(self, channels: Channels) -> None:
-        channels.connection.process_data_events(time_limit=0)
         self._consumer.flush_acks(channels.commands, channels.replies, everything=True)
 
     # -- Endpoint --------------------------------------------------------------------
@@ -242,7 +323,7 @@ class RabbitMQEndpoint(Endpoint):
         stamp("publish", correlation_id)
         while True:
             try:
-                self._link.run(lambda channels: publisher.publish(
+                self._seat.run(lambda channels: publisher.publish(
                     channels, COMMAND_EXCHANGE, worker_id, type=type, frame=frame,
                     correlation_id=correlation_id, reply_to=reply_to, confirm=confirm,
                 ))
@@ -262,7 +343,7 @@ class RabbitMQEndpoint(Endpoint):
     def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
         publisher = self._publisher
         stamp("publish", correlation_id)
-        self._link.run(lambda channels: publisher.publish(
+        self._seat.run(lambda channels: publisher.publish(
             channels, "", reply_to, type=type, frame=frame, correlation_id=correlation_id
         ))
         stamp("published", correlation_id)
@@ -285,7 +366,7 @@ class RabbitMQEndpoint(Endpoint):
 
     def take_received(self) -> Delivery | None:
         consumer = self._consumer
-        return self._link.run(lambda channels: consumer.take())
+        return self._seat.run(lambda channels: consumer.take())
 
     def poll(self) -> Delivery | None:
         def poll(channels: Channels) -> Delivery | None:
@@ -297,12 +378,12 @@ class RabbitMQEndpoint(Endpoint):
                 delivery = consumer.take()
             return delivery
 
-        return self._link.run(poll)
+        return self._seat.run(poll)
 
     def receive(self, timeout: float) -> Delivery | None:
         deadline = time.monotonic() + timeout
         while True:
-            delivery = self._link.run(self._next_delivery)
+            delivery = self._seat.run(self._next_delivery)
             if delivery is not None:
                 return delivery
             if time.monotonic() >= deadline:
@@ -311,22 +392,34 @@ class RabbitMQEndpoint(Endpoint):
     def _next_delivery(self, channels: Channels) -> Delivery | None:
         """A delivery waiting in the inbox, or pump I/O until one arrives or the next tick."""
         consumer = self._consumer
-        if consumer.cancelled:
-            self._resume_after_cancel(channels)
         delivery = consumer.take()
         if delivery is None:
-            consumer.flush_acks(channels.commands, channels.replies, everything=False)
+            self._tend()
             # Until something arrives, but no longer than acknowledgements may wait: a
             # command acknowledged late comes again should the daemon die (the standing
             # tick does not end a wait without events).
             channels.connection.process_data_events(time_limit=consumer.acks_due_in())
-            consumer.flush_acks(channels.commands, channels.replies, everything=False)
-            now = time.monotonic()
-            if now >= self._next_stale_check:
-                consumer.drop_stale()
-                self._next_stale_check = now + 1.0
+            self._tend()
             delivery = consumer.take()
         return delivery
+
+    def _tend(self) -> None:
+        """Under the lock, around each read of the connection: resume a consumer the
+        broker cancelled, send the acknowledgements due, drop stale chunked messages."""
+        consumer, channels = self._consumer, self._channels
+        assert channels is not None
+        if consumer.cancelled:
+            self._resume_after_cancel(channels)
+        consumer.flush_acks(channels.commands, channels.replies, everything=False)
+        now = time.monotonic()
+        if now >= self._next_stale_check:
+            consumer.drop_stale()
+            self._next_stale_check = now + 1.0
+
+    @property
+    def has_received(self) -> bool:
+        """Whether a delivery waits to be taken (`take_received`)."""
+        return bool(self._consumer.inbox)
 
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge an executed command, in a batch with the ones before it.
@@ -345,11 +438,11 @@ class RabbitMQEndpoint(Endpoint):
             if consumer.commands.add(delivery.tag):
                 consumer.commands.flush(channels.commands)
 
-        self._link.run(ack)
+        self._seat.run(ack)
 
     def flush_acks(self) -> None:
         consumer = self._consumer
-        self._link.run(lambda channels: consumer.flush_acks(
+        self._seat.run(lambda channels: consumer.flush_acks(
             channels.commands, channels.replies, everything=True))
 
     def dead_letter(
@@ -358,21 +451,21 @@ class RabbitMQEndpoint(Endpoint):
         """Publish a command refused for good to `torchrelay.dead`, saying whose and why."""
         publisher = self._publisher
         headers = {"x-torchrelay-sender": sender, "x-torchrelay-reason": reason[:1000]}
-        self._link.run(lambda channels: publisher.publish(
+        self._seat.run(lambda channels: publisher.publish(
             channels, topology.DEAD_LETTERS, "", type=type, frame=frame,
             correlation_id=correlation_id, headers=headers,
         ))
 
     def broadcast_command(self, type: str, frame: Frame, correlation_id: str) -> None:
         publisher = self._publisher
-        self._link.run(lambda channels: publisher.publish(
+        self._seat.run(lambda channels: publisher.publish(
             channels, EVENTS_EXCHANGE, PRESENCE_ASK, type=type, frame=frame,
             correlation_id=correlation_id, reply_to=self.reply_queue,
         ))
 
     def publish_event(self, routing_key: str, body: bytes) -> None:
         publisher = self._publisher
-        self._link.run(lambda channels: publisher.event(channels, routing_key, body))
+        self._seat.run(lambda channels: publisher.event(channels, routing_key, body))
 
     @property
     def progress(self) -> Callable[[str, int, int], None] | None:
@@ -397,7 +490,7 @@ class RabbitMQEndpoint(Endpoint):
             except pe.ChannelClosedByBroker as e:
                 raise BrokerError(f"cannot inspect queue {queue}: {e.reply_text}") from None
 
-        return self._link.run(consumers)
+        return self._seat.run(consumers)
 
     def ensure_worker(self, worker_id: str) -> None:
         queue = worker_queue(worker_id)
@@ -414,7 +507,7 @@ class RabbitMQEndpoint(Endpoint):
             )
 
     def take_unreturnable(self) -> list[Delivery]:
-        return self._link.run(lambda channels: self._consumer.take_unreturnable())
+        return self._seat.run(lambda channels: self._consumer.take_unreturnable())
 
     @property
     def reconnects(self) -> int:
@@ -436,8 +529,13 @@ class RabbitMQEndpoint(Endpoint):
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         consumer = self._consumer
         # What ran is done: it must not come again.
-        self._link.close(lambda channels: consumer.flush_acks(
+        self._seat.leave(lambda channels: consumer.flush_acks(
             channels.commands, channels.replies, everything=True
         ))
+        if self._owns_link:
+            self._link.close()

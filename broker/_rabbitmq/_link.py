@@ -1,11 +1,15 @@
-"""One participant's pika connection: opened with retries, reopened when it dies,
-used by one thread at a time.
+"""A pika connection: opened with retries, reopened when it dies, used by one
+thread at a time, and shared by the participants seated on it.
 
 pika's `BlockingConnection` must never be used by two threads at once. The rule
-is carried by the structure: the connection and its channels live in a
-`Channels` object that only `Link.run` hands out, under the link's lock. Code
-that has no `Channels` in hand cannot touch pika; pika's callbacks run inside
+is carried by the structure: each participant's channels live in a `Channels`
+object that only its `Seat.run` hands out, under the link's lock. Code that has
+no `Channels` in hand cannot touch pika; pika's callbacks run inside
 `process_data_events`, hence also under the lock.
+
+A participant usually has a link of its own. Workers hosted in one process by
+one thread share one (`SharedConnection`): a seat each, with channels, queues
+and consumers of its own, and one socket, one keeper and one reconnect for all.
 
 Two threads take turns on it. The owner thread does all the work. A keeper
 thread pumps the connection (which sends heartbeats and lets callbacks queue
@@ -31,7 +35,7 @@ import tenacity
 
 from .._errors import BrokerError, BrokerUnavailable, ConnectionLost
 
-__all__ = ["Channels", "Link", "LinkSettings", "redact_url", "tls_context"]
+__all__ = ["Channels", "Link", "LinkSettings", "Seat", "redact_url", "tls_context"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -150,28 +154,61 @@ class Channels:
 
 
 OnOpen = Callable[[Channels, bool], None]
-"""Called under the lock on a fresh connection (the flag: a reconnect), to declare
-and consume. It may raise `ConnectionLost` after setting up, to say that
+"""Called under the lock with a participant's fresh channels (the flag: a reconnect),
+to declare and consume. It may raise `ConnectionLost` after setting up, to say that
 something was lost with the old connection."""
 
 OnKeepAlive = Callable[[Channels], None]
-"""Called under the lock by the keeper thread while the owner is busy elsewhere:
-pump the connection without blocking, and send what must not wait (acks)."""
+"""Called under the lock by the keeper thread while the owner is busy elsewhere, once
+the connection was pumped: send what must not wait (acks)."""
+
+
+@dataclass(eq=False, slots=True)
+class _Member:
+    on_open: OnOpen
+    on_keepalive: OnKeepAlive
+    channels: Channels
+    lost: ConnectionLost | None = None
+    """What the last reconnect lost for this participant, told at its next `run`."""
+
+
+class Seat:
+    """One participant's place on a `Link`: its channels, used under the link's lock."""
+
+    def __init__(self, link: Link, member: _Member) -> None:
+        self._link = link
+        self._member = member
+
+    def run(self, action: Callable[[Channels], _T]) -> _T:
+        """Run `action` on this participant's channels under the lock; on a dead
+        connection reopen it and retry once.
+
+        pika's errors do not leave this method (but for `UnroutableError` and
+        `NackError`, which name a message the caller knows): they become
+        `BrokerError`s.
+        """
+        return self._link._run(self._member, action)
+
+    def leave(self, last: Callable[[Channels], None] | None = None) -> None:
+        """Run `last` (if the connection is still open), then give up the seat: its
+        channels close (what they delivered and nobody acknowledged goes back to its
+        queue), unless the link closes next anyway."""
+        self._link._leave(self._member, last)
 
 
 class Link:
-    """A connection that `run` uses under a lock, reopening it when it has died."""
+    """A connection that seated participants use under a lock, reopened when it has
+    died (for them all)."""
 
-    def __init__(self, settings: LinkSettings, on_open: OnOpen, on_keepalive: OnKeepAlive) -> None:
+    def __init__(self, settings: LinkSettings) -> None:
         self.settings = settings
         self.reconnects = 0
-        self._on_open = on_open
-        self._on_keepalive = on_keepalive
         self._lock = threading.Lock()
         self._closed = False
         self._epoch = 0
         self._address = 0  # which of the settings' addresses it is connected to
-        self._channels = self._connect(reconnecting=False)
+        self._members: list[_Member] = []
+        self._connection = self._connect(reconnecting=False)
         self._stop = threading.Event()
         self._keeper = threading.Thread(
             target=self._keep_alive, name=f"torchrelay-keepalive {settings.connection_name}",
@@ -179,20 +216,70 @@ class Link:
         )
         self._keeper.start()
 
-    def run(self, action: Callable[[Channels], _T]) -> _T:
-        """Run `action` under the lock; on a dead connection reopen it and retry once.
+    def seat(self, on_open: OnOpen, on_keepalive: OnKeepAlive) -> Seat:
+        """A participant's seat: channels of its own, handed to `on_open` to declare
+        and consume (now, and again on every reconnect)."""
+        with self._lock:
+            if self._closed:
+                raise ConnectionLost(f"{self.settings.connection_name} is closed")
+            if not self._connection.is_open:
+                self._reconnect()
+            channels = self._channels_on(self._connection)
+            try:
+                on_open(channels, False)
+            except pe.ChannelClosedByBroker as e:
+                _close_channels_quietly(channels)
+                raise BrokerError(
+                    f"RabbitMQ at {self.settings.shown(self._address)} refused: {e.reply_text}"
+                ) from None
+            except BaseException:
+                _close_channels_quietly(channels)
+                raise
+            member = _Member(on_open, on_keepalive, channels)
+            self._members.append(member)
+        return Seat(self, member)
 
-        pika's errors do not leave this method (but for `UnroutableError` and
-        `NackError`, which name a message the caller knows): they become
-        `BrokerError`s.
-        """
+    def close(self) -> None:
+        """Close for good (every seat with it)."""
+        if self._closed:
+            return
+        self._stop.set()
+        with self._lock:
+            self._closed = True
+            _close_quietly(self._connection)
+        self._keeper.join(timeout=5)
+
+    def pump(self, read: Callable[[Any], None]) -> None:
+        """Run `read` on the connection itself under the lock, to read it for every seat;
+        on a dead connection reopen it instead (what that lost, each seat is told at its
+        next `run`)."""
         with self._lock:
             if self._closed:
                 raise ConnectionLost(f"{self.settings.connection_name} is closed")
             try:
-                if self._channels.connection.is_open:
+                if self._connection.is_open:
                     try:
-                        return action(self._channels)
+                        read(self._connection)
+                        return
+                    except _CONNECTION_ERRORS:
+                        if self._closed:
+                            raise ConnectionLost(
+                                f"{self.settings.connection_name} is closed") from None
+                self._reconnect()
+            except pe.AMQPError as e:
+                raise BrokerError(
+                    f"{self.settings.connection_name}: {type(e).__name__}: {e}"
+                ) from None
+
+    def _run(self, member: _Member, action: Callable[[Channels], _T]) -> _T:
+        with self._lock:
+            if self._closed or member not in self._members:
+                raise ConnectionLost(f"{self.settings.connection_name} is closed")
+            try:
+                self._tell_lost(member)
+                if self._connection.is_open:
+                    try:
+                        return action(member.channels)
                     except _CONNECTION_ERRORS:
                         if self._closed:
                             raise ConnectionLost(
@@ -200,7 +287,8 @@ class Link:
                             ) from None
                 # Dead: closed by the broker while we were away, or just now.
                 self._reconnect()
-                return action(self._channels)
+                self._tell_lost(member)
+                return action(member.channels)
             except (pe.UnroutableError, pe.NackError):
                 raise
             except pe.AMQPError as e:
@@ -208,20 +296,24 @@ class Link:
                     f"{self.settings.connection_name}: {type(e).__name__}: {e}"
                 ) from None
 
-    def close(self, last: Callable[[Channels], None] | None = None) -> None:
-        """Run `last` (if the connection is still open), then close for good."""
-        if self._closed:
-            return
-        self._stop.set()
+    @staticmethod
+    def _tell_lost(member: _Member) -> None:
+        lost, member.lost = member.lost, None
+        if lost is not None:
+            raise lost
+
+    def _leave(self, member: _Member, last: Callable[[Channels], None] | None) -> None:
         with self._lock:
+            if member not in self._members:
+                return
             try:
-                if last is not None and self._channels.connection.is_open:
-                    last(self._channels)
+                if last is not None and self._connection.is_open:
+                    last(member.channels)
             except _CONNECTION_ERRORS:
                 log.debug("could not finish before closing", exc_info=True)
-            self._closed = True
-            _close_quietly(self._channels.connection)
-        self._keeper.join(timeout=5)
+            self._members.remove(member)
+            if self._members and not self._closed:  # (else the connection closes next)
+                _close_channels_quietly(member.channels)
 
     # -- connecting -----------------------------------------------------------------
 
@@ -285,17 +377,22 @@ class Link:
         assert failure is not None
         raise failure
 
-    def _connect(self, *, reconnecting: bool) -> Channels:
+    def _channels_on(self, connection: Any) -> Channels:
+        return Channels(connection, connection.channel(), connection.channel(), self._epoch)
+
+    def _connect(self, *, reconnecting: bool) -> Any:
+        """A new connection, every seat's channels opened on it and set up again."""
         connection = self._open_connection()
         try:
             self._epoch += 1
-            channels = Channels(connection, connection.channel(), connection.channel(),
-                                self._epoch)
             self._tick(connection)
-            self._channels = channels
-            self._on_open(channels, reconnecting)
-        except ConnectionLost:
-            raise  # set up, but something was lost with the old connection
+            self._connection = connection
+            for member in self._members:
+                member.channels = self._channels_on(connection)
+                try:
+                    member.on_open(member.channels, reconnecting)
+                except ConnectionLost as e:  # set up, but something was lost with the old one
+                    member.lost = e
         except pe.ChannelClosedByBroker as e:
             _close_quietly(connection)
             raise BrokerError(
@@ -304,14 +401,14 @@ class Link:
         except BaseException:
             _close_quietly(connection)
             raise
-        return channels
+        return connection
 
     def _reconnect(self) -> None:
         name, url = self.settings.connection_name, self.settings.shown(self._address)
         log.warning("%s lost its connection to %s; reconnecting", name, url)
         # To the next node of a cluster first: the one lost may be going down.
         self._address = (self._address + 1) % len(self.settings.urls)
-        _close_quietly(self._channels.connection)
+        _close_quietly(self._connection)
         # Until the broker notices our old connection is dead, it still holds our
         # exclusive consumers: retry for a few heartbeats.
         deadline = time.monotonic() + max(30.0, 3.0 * self.settings.heartbeat_seconds)
@@ -319,9 +416,6 @@ class Link:
             try:
                 self._connect(reconnecting=True)
                 break
-            except ConnectionLost:
-                self.reconnects += 1
-                raise
             except BrokerUnavailable:
                 raise
             except BrokerError as e:
@@ -354,12 +448,23 @@ class Link:
             if not self._lock.acquire(blocking=False):
                 continue  # the owner is pumping the connection itself
             try:
-                if not self._closed and self._channels.connection.is_open:
-                    self._on_keepalive(self._channels)
+                if not self._closed and self._connection.is_open:
+                    self._connection.process_data_events(time_limit=0)
+                    for member in self._members:
+                        member.on_keepalive(member.channels)
             except Exception:
                 log.debug("keepalive found the connection broken", exc_info=True)
             finally:
                 self._lock.release()
+
+
+def _close_channels_quietly(channels: Channels) -> None:
+    for channel in (channels.commands, channels.replies, channels._confirming):
+        try:
+            if channel is not None and channel.is_open:
+                channel.close()
+        except Exception:
+            log.debug("error while closing a channel", exc_info=True)
 
 
 def _close_quietly(connection: Any) -> None:

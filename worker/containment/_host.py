@@ -2,15 +2,23 @@
 
 A supervised daemon costs about 250 MiB idle (an executor with torch, and its
 supervisor), most of it torch itself; a hundred owners would take 25 GiB. A host
-pays for torch once: each worker it serves runs `run_worker` in a thread of its
-own, exactly as a daemon of its own would — its own RabbitMQ connection and
-queue, its own `WorkerRuntime`, `ObjectStore`, identity, privacy policy, budget
-and ledger file, built from its own `WorkerConfig`. Nothing mutable is shared
-between them but the process: no store, no cache, no connection. A command
-reaches a worker only through that worker's queue, and a pointer names its
-worker, so one hosted worker's objects are as far from another's as from a
-worker on another machine (a pointer to A's object sent to B's queue is an
-unknown object there).
+pays for torch once. Each worker it serves is served as a daemon of its own
+would be — its own queue and channels, its own `WorkerRuntime`, `ObjectStore`,
+identity, privacy policy, budget and ledger file, built from its own
+`WorkerConfig`. Nothing mutable is shared between them but the process and the
+connection: no store, no cache, no channel. A command reaches a worker only
+through that worker's queue, and a pointer names its worker, so one hosted
+worker's objects are as far from another's as from a worker on another machine
+(a pointer to A's object sent to B's queue is an unknown object there).
+
+One thread serves all the workers that log in to RabbitMQ alike (the same
+addresses, user and connection settings), on one connection (`serve_workers`):
+it reads the connection, lets each worker take what it received, then runs one
+command of each in turn. Workers with users of their own (`torchrelay users`)
+each get a thread and a connection, as RabbitMQ checks a connection's user once.
+A thread and a connection per worker cost more than the workers' commands did at
+a hundred owners: each wake-up of each thread was a context switch, about forty
+per owner per FedAvg round, and a quarter of the host's CPU went to the kernel.
 
 What hosting gives up, stated plainly: **containment**. The supervisor exists
 because a native crash or a loop inside a kernel can only be contained by
@@ -20,8 +28,9 @@ command past `command_timeout` is not stopped (nobody can kill a thread). That
 is why `torchrelay worker` hosts several workers only when told `--unsupervised`.
 Everything enforced per command (the allow-list, the checks, limits on bytes
 and elements, privacy, pacing) is enforced as before; what is lost is the
-recovery from what gets through. The threads also share the interpreter's lock:
-the hosted workers' Python work runs one at a time (torch kernels release it).
+recovery from what gets through. A long command holds up the other workers'
+commands, as they take turns on one thread (torch kernels run on the threads
+`torch_threads` gives them).
 
 The host serves all its workers or none: one that cannot start, or stops
 because of an error, stops the others (each finishing the command in hand), so
@@ -36,7 +45,7 @@ import threading
 from collections.abc import Sequence
 
 from ..operations._config import ConfigError, WorkerConfig
-from ._daemon import run_worker, stop_on_signals
+from ._daemon import broker_settings, serve_workers, stop_on_signals
 
 __all__ = ["host_workers"]
 
@@ -46,44 +55,58 @@ _JOIN_SECONDS = 0.5
 
 
 def host_workers(configs: Sequence[WorkerConfig], stop: threading.Event | None = None) -> int:
-    """Serve every worker of `configs` in this process, each in a thread of its own,
-    until `stop` is set or a signal arrives; the exit status (the worst of theirs)."""
+    """Serve every worker of `configs` in this process until `stop` is set or a signal
+    arrives, a thread and a connection for each group that logs in alike; the exit
+    status (the worst of theirs)."""
     check_hosted(configs)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         stop_on_signals(stop)
-    statuses: dict[str, int] = {}
-    # One worker handles a command at a time. Each torch operation lets go of the GIL;
-    # with every worker of the process busy at once (a FedAvg round starts them
-    # together) the GIL then changed hands at every operation, and waking the next
-    # thread each time cost more CPU than the operations did (measured: about half of
-    # a host's CPU went to the kernel's futex wake-ups and to waiting on locks).
-    # Workers still read their queues meanwhile; a host is meant for a core, and uses
-    # one. (The price: a long command holds the other workers' until it ends.)
+    groups = _by_login(configs)
+    statuses: dict[int, int] = {}
+    # Groups take turns handling what they received. Each torch operation lets go of
+    # the GIL; with every thread busy at once (a FedAvg round starts them together) the
+    # GIL then changed hands at every operation, and waking the next thread each time
+    # cost more CPU than the operations did. A host is meant for a core, and uses one.
     turn = threading.Lock()
 
-    def serve(config: WorkerConfig) -> None:
+    def serve(number: int, group: list[WorkerConfig]) -> None:
+        name = "torchrelay host " + ", ".join(c.id for c in group)
         try:
-            statuses[config.id] = run_worker(config, stop, turn=turn)
+            statuses[number] = serve_workers(group, stop, name=_shortened(name), turn=turn)
         except BaseException:
-            log.exception("worker %s failed", config.id)
-            statuses[config.id] = 1
-        if statuses[config.id] != 0 and not stop.is_set():
-            log.error("worker %s ended with status %d: stopping the other workers this "
-                      "process hosts", config.id, statuses[config.id])
+            log.exception("workers %s failed", ", ".join(c.id for c in group))
+            statuses[number] = 1
+        if statuses[number] != 0 and not stop.is_set():
+            log.error("%s ended with status %d: stopping the other workers this process "
+                      "hosts", name, statuses[number])
             stop.set()
 
-    # Each thread is named after its worker: log lines say whose they are.
-    threads = [threading.Thread(target=serve, args=(config,), name=config.id)
-               for config in configs]
+    # Each thread is named after its first worker: log lines say whose they are.
+    threads = [threading.Thread(target=serve, args=(number, group), name=group[0].id)
+               for number, group in enumerate(groups)]
     for thread in threads:
         thread.start()
-    log.info("hosting %d workers in one process: %s", len(configs),
-             ", ".join(c.id for c in configs))
+    log.info("hosting %d workers in one process on %d connections: %s", len(configs),
+             len(groups), ", ".join(c.id for c in configs))
     for thread in threads:
         while thread.is_alive():  # (a timed join: signals reach the main thread meanwhile)
             thread.join(_JOIN_SECONDS)
     return max(statuses.values(), default=0)
+
+
+def _by_login(configs: Sequence[WorkerConfig]) -> list[list[WorkerConfig]]:
+    """The workers that can share a connection (the same addresses, user and settings),
+    in the order given."""
+    groups: dict[str, list[WorkerConfig]] = {}
+    for config in configs:
+        login = repr((config.broker, sorted(broker_settings(config).items())))
+        groups.setdefault(login, []).append(config)
+    return list(groups.values())
+
+
+def _shortened(name: str, most: int = 200) -> str:
+    return name if len(name) <= most else name[: most - 1] + "…"
 
 
 def check_hosted(configs: Sequence[WorkerConfig]) -> None:
