@@ -11,6 +11,7 @@ from typing import Any
 import pika
 import pytest
 import torch
+from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
 import torchrelay as tr
 from torchrelay.broker import (
@@ -258,3 +259,37 @@ def test_a_transfer_waits_for_the_broker_s_confirm_only_where_it_may_refuse() ->
     assert not RabbitMQBroker(one).may_refuse
     assert RabbitMQBroker(one, queue_type="quorum").may_refuse
     assert RabbitMQBroker([one, one.replace("5672", "5673")]).may_refuse
+
+
+def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_when_asked(
+    vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pika sends each frame with a system call of its own (a message is three: method,
+    # header, body); on loopback each wakes the broker for a piece of a message.
+    sends: list[int] = []
+    send = _AsyncTransportBase._sigint_safe_send
+
+    def counted(sock: Any, data: bytes) -> int:
+        sends.append(len(data))
+        return int(send(sock, data))
+
+    monkeypatch.setattr(_AsyncTransportBase, "_sigint_safe_send", staticmethod(counted))
+    url = vhost_factory()
+    broker = RabbitMQBroker(url)
+    sender, receiver = broker.connect("sender"), broker.connect("receiver")
+    try:
+        sends.clear()
+        sender.send_reply(receiver.reply_queue, "echo", tr.broker.Describe().encode(), "c-1")
+        assert len(sends) == 1
+        delivery = receiver.receive(10)
+        assert delivery is not None and delivery.correlation_id == "c-1"
+        # Acknowledgements wait to go with what is sent next, but not when asked for.
+        sends.clear()
+        receiver.flush_acks()
+        assert len(sends) == 1
+    finally:
+        sender.close()
+        receiver.close()
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        method, _, _ = connection.channel().basic_get(receiver.reply_queue)
+    assert method is None  # acknowledged: not back in its queue once the receiver left

@@ -39,6 +39,7 @@ from .._codec import tensor_buffer
 from .._names import RETURNED
 from .._trace import stamp
 from .._transport import Delivery
+from ._coalescing import ack_later
 
 __all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch",
            "CommandAcks", "Consumer"]
@@ -91,7 +92,7 @@ class AckBatch:
     def flush(self, channel: Any) -> None:
         """Acknowledge everything added so far."""
         if self._count:
-            channel.basic_ack(self._tag, multiple=True)
+            ack_later(channel, self._tag, multiple=True)
             self._tag = self._count = 0
 
     def forget(self) -> None:
@@ -141,15 +142,15 @@ class CommandAcks:
         if not done:
             return
         if not self._open:
-            channel.basic_ack(max(done), multiple=True)
+            ack_later(channel, max(done), multiple=True)
         else:
             oldest_open = min(self._open)
             below = [t for t in done if t < oldest_open]
             if below:
-                channel.basic_ack(max(below), multiple=True)
+                ack_later(channel, max(below), multiple=True)
             for tag in done:
                 if tag > oldest_open:
-                    channel.basic_ack(tag)
+                    ack_later(channel, tag)
         self._done = []
 
     def forget(self) -> None:

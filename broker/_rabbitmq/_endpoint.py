@@ -442,8 +442,12 @@ class RabbitMQEndpoint(Endpoint):
 
     def flush_acks(self) -> None:
         consumer = self._consumer
-        self._seat.run(lambda channels: consumer.flush_acks(
-            channels.commands, channels.replies, everything=True))
+
+        def flush(channels: Channels) -> None:
+            consumer.flush_acks(channels.commands, channels.replies, everything=True)
+            channels.connection.process_data_events(time_limit=0)  # sent now (`ack_later`)
+
+        self._seat.run(flush)
 
     def dead_letter(
         self, type: str, frame: Frame, correlation_id: str, sender: str, reason: str

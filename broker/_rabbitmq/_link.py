@@ -34,6 +34,7 @@ import pika.exceptions as pe
 import tenacity
 
 from .._errors import BrokerError, BrokerUnavailable, ConnectionLost
+from ._coalescing import coalesce_writes
 
 __all__ = ["Channels", "Link", "LinkSettings", "Seat", "redact_url", "tls_context"]
 
@@ -159,8 +160,8 @@ to declare and consume. It may raise `ConnectionLost` after setting up, to say t
 something was lost with the old connection."""
 
 OnKeepAlive = Callable[[Channels], None]
-"""Called under the lock by the keeper thread while the owner is busy elsewhere, once
-the connection was pumped: send what must not wait (acks)."""
+"""Called under the lock by the keeper thread while the owner is busy elsewhere, before
+it pumps the connection: write what must not wait (acks)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -366,6 +367,7 @@ class Link:
             index = (self._address + step) % len(urls)
             try:
                 connection = pika.BlockingConnection(self.settings.parameters(index))
+                coalesce_writes(connection)
             except pe.AMQPConnectionError as e:
                 self._address = index  # (what the error names)
                 if isinstance(e, _REFUSED) or _tls_failure(e) is not None:
@@ -449,9 +451,9 @@ class Link:
                 continue  # the owner is pumping the connection itself
             try:
                 if not self._closed and self._connection.is_open:
-                    self._connection.process_data_events(time_limit=0)
                     for member in self._members:
                         member.on_keepalive(member.channels)
+                    self._connection.process_data_events(time_limit=0)  # (sends them too)
             except Exception:
                 log.debug("keepalive found the connection broken", exc_info=True)
             finally:
