@@ -66,7 +66,7 @@ class Delivery:
 class Endpoint(ABC):
     """One participant's connection to the broker, used by one owner thread — with two
     exceptions, each safe by construction: on RabbitMQ every pika action runs under the
-    link's one lock (`_rabbitmq/_link.Link.run`), so a client's background publisher may
+    link's one lock (`_rabbitmq/_link.Seat.run`), so a client's background publisher may
     `send_command` and the link's keeper thread may answer `answer_now` requests while
     the owner thread waits or computes; an in-process endpoint is never shared (the
     client starts no background publisher for it)."""

@@ -3,7 +3,7 @@
 `Consumer`'s callbacks are what pika calls; they only turn messages into
 `Delivery`s (reassembling chunked ones) and queue them. Like everything that
 touches pika, they run under the link's lock, and so does every other method
-here: the owner thread reaches them only through `Link.run`.
+here: the owner thread reaches them only through `Seat.run`.
 
 Who sent a message is its `user_id`, which RabbitMQ checks against the
 publishing connection's user. On an account several participants share

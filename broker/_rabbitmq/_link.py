@@ -134,7 +134,8 @@ class LinkSettings:
 
 @dataclass(slots=True)
 class Channels:
-    """A live connection and its channels. Only ever in hand inside `Link.run`."""
+    """A live connection and one participant's channels on it. Only ever in hand inside
+    `Seat.run`."""
 
     connection: Any
     commands: Any
