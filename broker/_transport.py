@@ -116,8 +116,8 @@ class Endpoint(ABC):
         """Acknowledge a command once it has been executed."""
 
     def flush_acks(self) -> None:  # noqa: B027 - most transports acknowledge at once
-        """Send the acknowledgements still batched, now (before a long wait: a command
-        acknowledged late comes again should this endpoint's process die)."""
+        """Acknowledge what is still batched, at the latest with the next message sent (a
+        command acknowledged late comes again should this endpoint's process die)."""
 
     @abstractmethod
     def dead_letter(

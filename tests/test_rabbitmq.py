@@ -261,7 +261,7 @@ def test_a_transfer_waits_for_the_broker_s_confirm_only_where_it_may_refuse() ->
     assert RabbitMQBroker([one, one.replace("5672", "5673")]).may_refuse
 
 
-def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_when_asked(
+def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_with_the_next(
     vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # pika sends each frame with a system call of its own (a message is three: method,
@@ -283,9 +283,10 @@ def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_when_asked(
         assert len(sends) == 1
         delivery = receiver.receive(10)
         assert delivery is not None and delivery.correlation_id == "c-1"
-        # Acknowledgements wait to go with what is sent next, but not when asked for.
+        # Its acknowledgement, asked for now, goes with the next message sent.
         sends.clear()
         receiver.flush_acks()
+        receiver.send_reply(sender.reply_queue, "echo", tr.broker.Describe().encode(), "c-2")
         assert len(sends) == 1
     finally:
         sender.close()
@@ -293,3 +294,35 @@ def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_when_asked(
     with pika.BlockingConnection(pika.URLParameters(url)) as connection:
         method, _, _ = connection.channel().basic_get(receiver.reply_queue)
     assert method is None  # acknowledged: not back in its queue once the receiver left
+
+
+def test_what_served_workers_publish_goes_together_with_the_next_read(
+    vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sends: list[int] = []
+    send = _AsyncTransportBase._sigint_safe_send
+
+    def counted(sock: Any, data: bytes) -> int:
+        sends.append(len(data))
+        return int(send(sock, data))
+
+    monkeypatch.setattr(_AsyncTransportBase, "_sigint_safe_send", staticmethod(counted))
+    broker = RabbitMQBroker(vhost_factory())
+    shared, client = broker.share("torchrelay host a, b"), broker.connect("client")
+    try:
+        a, b = shared.serve("a"), shared.serve("b")
+        sends.clear()
+        for number, worker in enumerate((a, b, a)):
+            worker.send_reply(client.reply_queue, "echo", tr.broker.Describe().encode(),
+                              f"c-{number}")
+        assert sends == []  # written, not sent: the serving loop reads after its round
+        shared.wait(0)
+        assert len(sends) == 1  # the three in one send
+        received = [client.receive(10) for _ in range(3)]
+        got = [(d.sender, d.correlation_id) for d in received if d is not None]
+        # (In order per worker: one channel each. Across channels RabbitMQ may reorder.)
+        assert [c for w, c in got if w == "a"] == ["c-0", "c-2"]
+        assert [c for w, c in got if w == "b"] == ["c-1"]
+    finally:
+        client.close()
+        shared.close()

@@ -8,9 +8,11 @@ at a hundred owners those sends were a third of the aggregator's CPU and, with t
 broker's reads, a good part of RabbitMQ's. `coalesce_writes` joins the small frames
 waiting in a connection's buffer before they are sent; large ones (chunks of a big
 message) go as they are, unjoined: copying them would cost more than it saves.
-`ack_later` writes an acknowledgement into that buffer without sending it at once:
-it goes with the next message, or the next read of the connection, whichever is
-first (a host's fifty workers acknowledged their commands with fifty sends a round).
+`ack_later` and `publish_later` write an acknowledgement or a message into that
+buffer without sending it at once: it goes with the next message sent at once, or
+the next read of the connection, whichever is first. A worker's serving loop reads
+its connection after each round of commands, so a host's fifty workers send what
+a round of their commands published in a few sends, not a hundred and fifty.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 from collections import deque
 from typing import Any
 
-__all__ = ["ack_later", "coalesce_writes"]
+__all__ = ["ack_later", "coalesce_writes", "publish_later"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -67,3 +69,16 @@ def ack_later(channel: Any, tag: int, *, multiple: bool = False) -> None:
         channel.basic_ack(tag, multiple=multiple)
         return
     impl.basic_ack(delivery_tag=tag, multiple=multiple)
+
+
+def publish_later(channel: Any, exchange: str, routing_key: str, body: bytes, properties: Any,
+                  *, mandatory: bool) -> None:
+    """Publish on `channel` (a pika `BlockingChannel`, not in confirm mode) with what the
+    connection sends next, rather than with a send of its own. (pika encodes the
+    message here: `properties` may change once this returns.)"""
+    impl = getattr(channel, "_impl", None)
+    if impl is None:
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        return
+    impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                       properties=properties, mandatory=mandatory)

@@ -170,6 +170,9 @@ class SharedConnection:
         self._broker._check_identity(worker_id)
         endpoint = RabbitMQEndpoint(self._broker, self._link, worker_id, worker_id,
                                     owns_link=False)
+        # Its serving loop reads the connection after each round of commands: what
+        # they published goes then, together (`_coalescing.py`).
+        endpoint._publisher.write_behind = True
         self._endpoints.append(endpoint)
         return endpoint
 
@@ -361,7 +364,7 @@ class RabbitMQEndpoint(Endpoint):
             return False
         kind, frame = answered
         self._publisher.publish(self._channels, "", delivery.reply_to, type=kind, frame=frame,
-                                correlation_id=delivery.correlation_id)
+                                correlation_id=delivery.correlation_id, now=True)
         return True
 
     def take_received(self) -> Delivery | None:
@@ -441,13 +444,11 @@ class RabbitMQEndpoint(Endpoint):
         self._seat.run(ack)
 
     def flush_acks(self) -> None:
+        """Acknowledge every delivery handled so far: written now, sent with the next
+        message, or the next read of the connection, whichever comes first (`ack_later`)."""
         consumer = self._consumer
-
-        def flush(channels: Channels) -> None:
-            consumer.flush_acks(channels.commands, channels.replies, everything=True)
-            channels.connection.process_data_events(time_limit=0)  # sent now (`ack_later`)
-
-        self._seat.run(flush)
+        self._seat.run(lambda channels: consumer.flush_acks(
+            channels.commands, channels.replies, everything=True))
 
     def dead_letter(
         self, type: str, frame: Frame, correlation_id: str, sender: str, reason: str

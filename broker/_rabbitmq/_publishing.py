@@ -24,6 +24,7 @@ import pika
 from .._chunks import split_frame
 from .._codec import Frame
 from .._names import APP_ID, COMMAND_EXCHANGE, EVENTS_EXCHANGE
+from ._coalescing import publish_later
 from ._link import Channels
 
 __all__ = ["Publisher", "SmallMessageProperties"]
@@ -90,6 +91,10 @@ class Publisher:
         # One properties object, refilled for every small message: pika encodes it
         # during basic_publish, and building one costs as much as the rest.
         self._properties = SmallMessageProperties(user, self._headers)
+        self.write_behind = False
+        """Whether small unconfirmed messages are written to the connection's buffer to
+        go with its next read (`publish_later`), rather than sent at once: a worker's,
+        served by a loop that reads the connection after each round of commands."""
 
     def publish(
         self,
@@ -103,8 +108,10 @@ class Publisher:
         reply_to: str | None = None,
         confirm: bool = False,
         headers: dict[str, Any] | None = None,
+        now: bool = False,
     ) -> None:
-        """Publish one message (raises pika's `UnroutableError` / `NackError` under `confirm`).
+        """Publish one message (raises pika's `UnroutableError` / `NackError` under `confirm`);
+        `now`: sent at once, even if `write_behind`.
 
         A reconnect in the middle of a chunked message makes the caller run this
         again: the whole message is sent again, from chunk 0.
@@ -125,8 +132,12 @@ class Publisher:
         if frame.nbytes <= self.chunk_size:
             props = self._properties
             props.type, props.correlation_id, props.reply_to = type, correlation_id, reply_to
-            channel.basic_publish(exchange, routing_key, frame.tobytes(), props,
-                                  mandatory=mandatory)
+            if self.write_behind and not (confirm or now):
+                publish_later(channel, exchange, routing_key, frame.tobytes(), props,
+                              mandatory=mandatory)
+            else:
+                channel.basic_publish(exchange, routing_key, frame.tobytes(), props,
+                                      mandatory=mandatory)
             self.bytes_sent += frame.nbytes
             return
         chunks = list(split_frame(frame, self.chunk_size))

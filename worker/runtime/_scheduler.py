@@ -19,7 +19,7 @@ from torchrelay.broker import Delivery, Endpoint, Envelope, TorchRelayError, Tra
 
 from ._answers import Answers
 from ._parking import Parking
-from ._records import Gather, GatherPart, Request, Task
+from ._records import Gather, GatherPart, Incoming, Request, Task
 from ._waits import Waits
 
 __all__ = ["Scheduler"]
@@ -67,6 +67,7 @@ class Scheduler:
                 value, error = self._gathered, None
                 continue
             correlation_id = self.next_correlation_id()
+            holds = self._held_by(task)
             try:
                 self.endpoint.send_command(
                     request.worker_id,
@@ -80,16 +81,24 @@ class Scheduler:
                 value, error = None, e
                 continue
             self.waits.add(correlation_id, task, request)
-            incoming = self.answers.incoming
-            if incoming is not None and task.holds is None and type(task.job.command) is Transfer:
+            if holds is not None:
                 # Acknowledged only once it completes: were the whole daemon to die first,
                 # the broker delivers it again, and the client learns how it ended.
-                task.holds = incoming
-                incoming.held += 1
-                self.endpoint.flush_acks()  # what ran before it is not to come again
+                task.holds = holds
+                holds.held += 1
             if self.parking is not None:
                 self.parking.park(task, request)
             return
+
+    def _held_by(self, task: Task) -> Incoming | None:
+        """The message in hand, if `task` is a transfer about to be sent: it holds the
+        message unacknowledged until it completes. What ran before it is acknowledged
+        now, to go in the transfer's send (it is not to come again)."""
+        incoming = self.answers.incoming
+        if incoming is None or task.holds is not None or type(task.job.command) is not Transfer:
+            return None
+        self.endpoint.flush_acks()
+        return incoming
 
     def _gather(self, task: Task, gather: Gather) -> bool:
         """Send every request of `gather` for `task`; whether all ended at once (then
