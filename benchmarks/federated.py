@@ -78,7 +78,7 @@ class _Counts:
             return send(*args, **kwargs)
 
         def counted_collect(**kwargs: Any) -> None:
-            if fleet.pending or fleet.publisher.unpublished:
+            if fleet.pending:  # (posted commands, published or still queued)
                 self.waits += 1
             collect(**kwargs)
 
