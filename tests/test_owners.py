@@ -275,6 +275,38 @@ def test_hosted_workers_reconnect_together_and_keep_their_objects(
         daemons.stop_all()
 
 
+def test_a_hosted_worker_flooded_with_work_does_not_hold_up_another(
+        vhost_factory: Any, tmp_path: Path) -> None:
+    # One thread serves both, a command of each in turn: the other worker's command is
+    # answered while the flood runs, not after it.
+    ids = ("busy", "idle")
+    daemons = WorkerProcesses(vhost_factory(), [], extra_args=["--torch-threads", "1"],
+                              log_dir=tmp_path)
+    try:
+        daemons.spawn_host("host", ids, "--id", ",".join(ids))
+        daemons.wait_ready(ids)
+        with tr.connect(daemons.url, timeout=120) as flooder, \
+                tr.connect(daemons.url, timeout=120, name="other") as other:
+            matrix = torch.rand(400, 400).send(flooder.worker("busy"))
+            flooder.sync()
+            before = other.worker("busy").status()["commands_handled"]
+            products = [matrix @ matrix for _ in range(100)]  # a second or more of work
+            deadline = time.monotonic() + 30
+            while True:  # until the flood has begun
+                status = other.worker("busy").status()
+                if "busy" in status or status["commands_handled"] > before:
+                    break
+                assert time.monotonic() < deadline, "the flood never started"
+
+            assert float((torch.ones(1).send(other.worker("idle")) + 1).get()) == 2.0
+            handled = other.worker("busy").status()["commands_handled"] - before
+            assert handled < 100, "the other worker's command waited for the whole flood"
+            flooder.sync()
+            del products, matrix
+    finally:
+        daemons.stop_all()
+
+
 def _reconnects(session: tr.Fleet, worker: str) -> int:
     try:
         return int(session.worker(worker).status()["reconnects"])
