@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import select
 import threading
 import time
 import urllib.parse
@@ -323,6 +324,36 @@ def test_what_served_workers_publish_goes_together_with_the_next_read(
         # (In order per worker: one channel each. Across channels RabbitMQ may reorder.)
         assert [c for w, c in got if w == "a"] == ["c-0", "c-2"]
         assert [c for w, c in got if w == "b"] == ["c-1"]
+    finally:
+        client.close()
+        shared.close()
+
+
+def test_what_a_worker_wrote_behind_is_sent_again_if_its_connection_dies_first(
+    vhost_factory: Any, rabbitmq: ManagementAPI
+) -> None:
+    url = vhost_factory()
+    vhost, name = vhost_of(url), "torchrelay host behind"
+    broker = RabbitMQBroker(url)
+    shared, client = broker.share(name), broker.connect("client")
+    try:
+        worker = shared.serve("a")
+        (connection,) = [c["name"] for c in rabbitmq.wait_for_connections(
+            lambda cs: any(c["client_properties"].get("connection_name") == name for c in cs),
+            vhost) if c["client_properties"].get("connection_name") == name]
+        worker.send_reply(client.reply_queue, "echo", tr.broker.Describe().encode(), "c-1")
+        with shared._link._lock:  # (the keeper thread would send it meanwhile)
+            rabbitmq.close_connection(connection)  # before the reply written behind is sent
+            # Once the broker's Close has arrived, it discards whatever we send.
+            sock = shared._link._connection._impl._transport._sock
+            assert select.select([sock], [], [], 30)[0], "the broker did not close it"
+
+        shared.wait(1)  # finds it dead, reconnects, writes the reply again
+
+        delivery = client.receive(10)
+        assert delivery is not None and (delivery.sender, delivery.correlation_id) == (
+            "a", "c-1")
+        assert worker.reconnects == 1
     finally:
         client.close()
         shared.close()

@@ -21,7 +21,7 @@ import logging
 from collections import deque
 from typing import Any
 
-__all__ = ["ack_later", "coalesce_writes", "publish_later"]
+__all__ = ["ack_later", "coalesce_writes", "publish_later", "unsent_bytes"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -82,3 +82,11 @@ def publish_later(channel: Any, exchange: str, routing_key: str, body: bytes, pr
         return
     impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
                        properties=properties, mandatory=mandatory)
+
+
+def unsent_bytes(connection: Any) -> int:
+    """How many bytes `connection` (a pika `BlockingConnection`) holds, written and not
+    yet sent (0 where pika does not say: it then sends at once, see above)."""
+    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
+    size = getattr(transport, "get_write_buffer_size", None)
+    return int(size()) if size is not None else 0

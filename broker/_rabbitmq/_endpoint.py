@@ -324,9 +324,10 @@ class RabbitMQEndpoint(Endpoint):
         deadline = time.monotonic() + NACK_RETRY_SECONDS
         pause = 0.05
         stamp("publish", correlation_id)
+        publish = self._seat.run if confirm else self._publish
         while True:
             try:
-                self._seat.run(lambda channels: publisher.publish(
+                publish(lambda channels: publisher.publish(
                     channels, COMMAND_EXCHANGE, worker_id, type=type, frame=frame,
                     correlation_id=correlation_id, reply_to=reply_to, confirm=confirm,
                 ))
@@ -346,10 +347,16 @@ class RabbitMQEndpoint(Endpoint):
     def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
         publisher = self._publisher
         stamp("publish", correlation_id)
-        self._seat.run(lambda channels: publisher.publish(
+        self._publish(lambda channels: publisher.publish(
             channels, "", reply_to, type=type, frame=frame, correlation_id=correlation_id
         ))
         stamp("published", correlation_id)
+
+    def _publish(self, action: Callable[[Channels], None]) -> None:
+        if self._publisher.write_behind:
+            self._seat.run_behind(action)  # (sent again should the connection die first)
+        else:
+            self._seat.run(action)
 
     def _urgent(self, channel: Any, delivery: Delivery) -> bool:
         """Answer a command at once if our owner can (`answer_now`), under the lock."""

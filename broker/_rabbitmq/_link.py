@@ -34,7 +34,7 @@ import pika.exceptions as pe
 import tenacity
 
 from .._errors import BrokerError, BrokerUnavailable, ConnectionLost
-from ._coalescing import coalesce_writes
+from ._coalescing import coalesce_writes, unsent_bytes
 
 __all__ = ["Channels", "Link", "LinkSettings", "Seat", "redact_url", "tls_context"]
 
@@ -191,6 +191,13 @@ class Seat:
         """
         return self._link._run(self._member, action)
 
+    def run_behind(self, action: Callable[[Channels], None]) -> None:
+        """`run` an `action` that writes a message behind (`_coalescing.publish_later`):
+        should the connection die before its buffer is sent, `action` runs again on the
+        new connection's channels (the message, sent again, may then come twice: the
+        receiver recognises a correlation id it has seen)."""
+        self._link._run(self._member, action, behind=True)
+
     def leave(self, last: Callable[[Channels], None] | None = None) -> None:
         """Run `last` (if the connection is still open), then give up the seat: its
         channels close (what they delivered and nobody acknowledged goes back to its
@@ -210,6 +217,8 @@ class Link:
         self._epoch = 0
         self._address = 0  # which of the settings' addresses it is connected to
         self._members: list[_Member] = []
+        self._behind: list[tuple[_Member, Callable[[Channels], None]]] = []
+        """What was written behind since the connection's buffer was last seen empty."""
         self._connection = self._connect(reconnecting=False)
         self._stop = threading.Event()
         self._keeper = threading.Thread(
@@ -262,6 +271,7 @@ class Link:
                 if self._connection.is_open:
                     try:
                         read(self._connection)
+                        self._sent_behind()
                         return
                     except _CONNECTION_ERRORS:
                         if self._closed:
@@ -273,7 +283,8 @@ class Link:
                     f"{self.settings.connection_name}: {type(e).__name__}: {e}"
                 ) from None
 
-    def _run(self, member: _Member, action: Callable[[Channels], _T]) -> _T:
+    def _run(self, member: _Member, action: Callable[[Channels], _T], *,
+             behind: bool = False) -> _T:
         with self._lock:
             if self._closed or member not in self._members:
                 raise ConnectionLost(f"{self.settings.connection_name} is closed")
@@ -281,22 +292,38 @@ class Link:
                 self._tell_lost(member)
                 if self._connection.is_open:
                     try:
-                        return action(member.channels)
+                        result = action(member.channels)
                     except _CONNECTION_ERRORS:
                         if self._closed:
                             raise ConnectionLost(
                                 f"{self.settings.connection_name} is closed"
                             ) from None
+                    else:
+                        self._ran(member, action, behind)
+                        return result
                 # Dead: closed by the broker while we were away, or just now.
                 self._reconnect()
                 self._tell_lost(member)
-                return action(member.channels)
+                result = action(member.channels)
+                self._ran(member, action, behind)
+                return result
             except (pe.UnroutableError, pe.NackError):
                 raise
             except pe.AMQPError as e:
                 raise BrokerError(
                     f"{self.settings.connection_name}: {type(e).__name__}: {e}"
                 ) from None
+
+    def _ran(self, member: _Member, action: Callable[[Channels], Any], behind: bool) -> None:
+        if behind:
+            self._behind.append((member, action))
+        elif self._behind:
+            self._sent_behind()
+
+    def _sent_behind(self) -> None:
+        """Forget what was written behind once the connection's buffer is empty (sent)."""
+        if self._behind and unsent_bytes(self._connection) == 0:
+            self._behind.clear()
 
     @staticmethod
     def _tell_lost(member: _Member) -> None:
@@ -396,6 +423,9 @@ class Link:
                     member.on_open(member.channels, reconnecting)
                 except ConnectionLost as e:  # set up, but something was lost with the old one
                     member.lost = e
+                for writer, action in self._behind:  # what the old connection may not have sent
+                    if writer is member:
+                        action(member.channels)
         except pe.ChannelClosedByBroker as e:
             _close_quietly(connection)
             raise BrokerError(
@@ -453,7 +483,10 @@ class Link:
             try:
                 if not self._closed and self._connection.is_open:
                     for member in self._members:
-                        member.on_keepalive(member.channels)
+                        try:  # (one seat's broken channel is no reason to skip the others)
+                            member.on_keepalive(member.channels)
+                        except Exception:
+                            log.debug("keepalive found a channel broken", exc_info=True)
                     self._connection.process_data_events(time_limit=0)  # (sends them too)
             except Exception:
                 log.debug("keepalive found the connection broken", exc_info=True)

@@ -189,28 +189,35 @@ def _serve(
     turn = turn or nullcontext()
     next_expiry = time.monotonic() + _POLL_SECONDS
     while not stop.is_set() and not until():
-        failure: BrokerError | None = None
         try:
             shared.wait(0 if any(r.queued for _, r in served) else _POLL_SECONDS)
         except BrokerError as e:
-            failure = e
+            _broker_down(e, stop)  # (not once per worker: nothing to handle meanwhile)
+            continue
+        now = time.monotonic()
+        expire = now >= next_expiry
+        if expire:
+            next_expiry = now + _POLL_SECONDS
+        failure: BrokerError | None = None
         with turn:
             for endpoint, runtime in served:
                 try:
                     _handle(endpoint, runtime)
+                    if expire:
+                        runtime.expire(now)
                 except ConnectionLost as e:
                     runtime.fail_waiting(e)
                 except BrokerError as e:
                     failure = e
+                    break  # the connection is the others' too
         if failure is not None:
-            # Keep the objects in memory and keep trying: the broker may come back.
-            log.error("%s; retrying in %g s", failure, _BROKER_RETRY_SECONDS)
-            stop.wait(_BROKER_RETRY_SECONDS)
-        now = time.monotonic()
-        if now >= next_expiry:
-            for _, runtime in served:
-                runtime.expire(now)
-            next_expiry = now + _POLL_SECONDS
+            _broker_down(failure, stop)
+
+
+def _broker_down(error: BrokerError, stop: threading.Event) -> None:
+    # Keep the objects in memory and keep trying: the broker may come back.
+    log.error("%s; retrying in %g s", error, _BROKER_RETRY_SECONDS)
+    stop.wait(_BROKER_RETRY_SECONDS)
 
 
 def _handle(endpoint: Endpoint, runtime: WorkerRuntime) -> None:

@@ -69,6 +69,10 @@ class Scheduler:
             correlation_id = self.next_correlation_id()
             holds = self._held_by(task)
             try:
+                if holds is not None:
+                    # What ran before it is not to come again: acknowledged now, to go in
+                    # the transfer's send.
+                    self.endpoint.flush_acks()
                 self.endpoint.send_command(
                     request.worker_id,
                     request.command.name,
@@ -92,12 +96,10 @@ class Scheduler:
 
     def _held_by(self, task: Task) -> Incoming | None:
         """The message in hand, if `task` is a transfer about to be sent: it holds the
-        message unacknowledged until it completes. What ran before it is acknowledged
-        now, to go in the transfer's send (it is not to come again)."""
+        message unacknowledged until it completes."""
         incoming = self.answers.incoming
         if incoming is None or task.holds is not None or type(task.job.command) is not Transfer:
             return None
-        self.endpoint.flush_acks()
         return incoming
 
     def _gather(self, task: Task, gather: Gather) -> bool:
