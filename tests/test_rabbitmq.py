@@ -324,6 +324,13 @@ def test_what_served_workers_publish_goes_together_with_the_next_read(
         # (In order per worker: one channel each. Across channels RabbitMQ may reorder.)
         assert [c for w, c in got if w == "a"] == ["c-0", "c-2"]
         assert [c for w, c in got if w == "b"] == ["c-1"]
+        # Unless asked for now (a journaled worker, before its next command runs).
+        sends.clear()
+        b.send_reply(client.reply_queue, "echo", tr.broker.Describe().encode(), "c-3")
+        b.send_written()
+        assert len(sends) == 1
+        delivery = client.receive(10)
+        assert delivery is not None and delivery.correlation_id == "c-3"
     finally:
         client.close()
         shared.close()

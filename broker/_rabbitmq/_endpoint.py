@@ -39,6 +39,7 @@ from .._names import (
 from .._trace import stamp
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
+from ._coalescing import unsent_bytes
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer
 from ._link import Channels, Link, LinkSettings, Seat, redact_url, tls_context
 from ._publishing import Publisher
@@ -352,6 +353,10 @@ class RabbitMQEndpoint(Endpoint):
         ))
         stamp("published", correlation_id)
 
+    def send_written(self) -> None:
+        """Send what was written behind (`_coalescing.py`) now, not with the next read."""
+        self._seat.run(_send_written)
+
     def _publish(self, action: Callable[[Channels], None]) -> None:
         if self._publisher.write_behind:
             self._seat.run_behind(action)  # (sent again should the connection die first)
@@ -551,3 +556,8 @@ class RabbitMQEndpoint(Endpoint):
         ))
         if self._owns_link:
             self._link.close()
+
+
+def _send_written(channels: Channels) -> None:
+    if unsent_bytes(channels.connection):
+        channels.connection.process_data_events(time_limit=0)

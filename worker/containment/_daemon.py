@@ -27,6 +27,7 @@ from torchrelay.broker import (
     ConnectionLost,
     Endpoint,
     RabbitMQBroker,
+    RabbitMQEndpoint,
     SharedConnection,
     open_broker,
 )
@@ -47,7 +48,7 @@ _BROKER_RETRY_SECONDS = 5.0
 
 RuntimeFactory = Callable[[Endpoint], WorkerRuntime]
 
-Served = list[tuple[Endpoint, WorkerRuntime]]
+Served = list[tuple[RabbitMQEndpoint, WorkerRuntime]]
 """The workers one thread serves, each an endpoint on one shared connection and the
 runtime that handles what it receives."""
 
@@ -220,13 +221,19 @@ def _broker_down(error: BrokerError, stop: threading.Event) -> None:
     stop.wait(_BROKER_RETRY_SECONDS)
 
 
-def _handle(endpoint: Endpoint, runtime: WorkerRuntime) -> None:
+def _handle(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime) -> None:
     """What `endpoint` received, accepted; then one command run."""
     delivery = endpoint.take_received()
     while delivery is not None:
         _guarded(runtime.accept, delivery)
         delivery = endpoint.take_received()
     if runtime.queued:
+        if runtime.containment is not None:
+            # Answers the journal counts as sent (of commands that waited on others and
+            # ended in `accept`) leave before the next command runs: a native crash in it
+            # would take them with the process's buffer, and the command, delivered
+            # again, would be skipped as answered.
+            endpoint.send_written()
         _guarded(runtime.step)
 
 
