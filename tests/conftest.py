@@ -18,6 +18,7 @@ import gc
 import os
 import secrets
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,11 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Privacy ledgers of workers that name none (see worker/runtime/_privacy.py) go to a folder of
 # this run, not the user's ~/.local/state.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="torchrelay-test-state-")
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host of a broker URL (the tests' own, from `vhost_factory`)."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:])
 
 
 TERMINAL_SUMMARY: list[str] = []

@@ -13,7 +13,6 @@ import json
 import signal
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import vhost_of
 from safetensors.torch import save_file
 
 import torchrelay as tr
@@ -117,10 +117,6 @@ def test_one_process_serves_every_hosted_worker_on_its_own_queue(
     results = [(torch.tensor([float(i)]).send(fleet.worker(w)) * 2).get()
                for i, w in enumerate(HOSTED)]
     assert results == [torch.tensor([2.0 * i]) for i in range(len(HOSTED))]
-
-
-def vhost_of(url: str) -> str:
-    return urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:])
 
 
 def _named(connection: dict[str, Any]) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any
 import pika
 import pytest
 import torch
+from conftest import vhost_of
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
 import torchrelay as tr
@@ -26,10 +27,6 @@ from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
 tr.hook(torch)
-
-
-def vhost_of(url: str) -> str:
-    return urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:])
 
 
 def test_commands_carry_properties_a_person_can_read_in_the_console(
@@ -262,19 +259,25 @@ def test_a_transfer_waits_for_the_broker_s_confirm_only_where_it_may_refuse() ->
     assert RabbitMQBroker([one, one.replace("5672", "5673")]).may_refuse
 
 
-def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_with_the_next(
-    vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # pika sends each frame with a system call of its own (a message is three: method,
-    # header, body); on loopback each wakes the broker for a piece of a message.
-    sends: list[int] = []
+@pytest.fixture
+def sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every `send` pika makes from now on, in order."""
+    sent: list[int] = []
     send = _AsyncTransportBase._sigint_safe_send
 
     def counted(sock: Any, data: bytes) -> int:
-        sends.append(len(data))
+        sent.append(len(data))
         return int(send(sock, data))
 
     monkeypatch.setattr(_AsyncTransportBase, "_sigint_safe_send", staticmethod(counted))
+    return sent
+
+
+def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_with_the_next(
+    vhost_factory: Any, sends: list[int]
+) -> None:
+    # pika sends each frame with a system call of its own (a message is three: method,
+    # header, body); on loopback each wakes the broker for a piece of a message.
     url = vhost_factory()
     broker = RabbitMQBroker(url)
     sender, receiver = broker.connect("sender"), broker.connect("receiver")
@@ -298,16 +301,8 @@ def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_with_the_next
 
 
 def test_what_served_workers_publish_goes_together_with_the_next_read(
-    vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
+    vhost_factory: Any, sends: list[int]
 ) -> None:
-    sends: list[int] = []
-    send = _AsyncTransportBase._sigint_safe_send
-
-    def counted(sock: Any, data: bytes) -> int:
-        sends.append(len(data))
-        return int(send(sock, data))
-
-    monkeypatch.setattr(_AsyncTransportBase, "_sigint_safe_send", staticmethod(counted))
     broker = RabbitMQBroker(vhost_factory())
     shared, client = broker.share("torchrelay host a, b"), broker.connect("client")
     try:

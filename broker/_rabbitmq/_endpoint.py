@@ -171,9 +171,6 @@ class SharedConnection:
         self._broker._check_identity(worker_id)
         endpoint = RabbitMQEndpoint(self._broker, self._link, worker_id, worker_id,
                                     owns_link=False)
-        # Its serving loop reads the connection after each round of commands: what
-        # they published goes then, together (`_coalescing.py`).
-        endpoint._publisher.write_behind = True
         self._endpoints.append(endpoint)
         return endpoint
 
@@ -190,21 +187,10 @@ class SharedConnection:
                 return
 
     def _look(self, connection: Any) -> None:
-        self._read(connection, wait=False)
+        _read(connection, [e for e in self._endpoints if not e.closed], wait=False)
 
-    def _read(self, connection: Any, *, wait: bool = True) -> None:
-        endpoints = [e for e in self._endpoints if not e.closed]
-        for endpoint in endpoints:
-            endpoint._tend()
-        if not wait or any(e.has_received for e in endpoints):
-            connection.process_data_events(time_limit=0)
-        else:
-            # Until something arrives, but no longer than acknowledgements may wait (see
-            # `RabbitMQEndpoint._next_delivery`).
-            due = [t for e in endpoints if (t := e._consumer.acks_due_in()) is not None]
-            connection.process_data_events(time_limit=min(due, default=None))
-        for endpoint in endpoints:
-            endpoint._tend()
+    def _read(self, connection: Any) -> None:
+        _read(connection, [e for e in self._endpoints if not e.closed], wait=True)
 
     def close(self) -> None:
         """Close every endpoint on it (see `RabbitMQEndpoint.close`), then the connection."""
@@ -242,6 +228,9 @@ class RabbitMQEndpoint(Endpoint):
         self._channels: Channels | None = None
         self._next_stale_check = 0.0
         self._publisher = Publisher(identity, broker.user, broker.chunk_size)
+        # On a shared connection, a serving loop reads the connection after each round
+        # of commands: what they published goes then, together (`_coalescing.py`).
+        self._publisher.write_behind = not owns_link
         self._link = link
         self._owns_link = owns_link
         try:
@@ -406,16 +395,10 @@ class RabbitMQEndpoint(Endpoint):
 
     def _next_delivery(self, channels: Channels) -> Delivery | None:
         """A delivery waiting in the inbox, or pump I/O until one arrives or the next tick."""
-        consumer = self._consumer
-        delivery = consumer.take()
+        delivery = self._consumer.take()
         if delivery is None:
-            self._tend()
-            # Until something arrives, but no longer than acknowledgements may wait: a
-            # command acknowledged late comes again should the daemon die (the standing
-            # tick does not end a wait without events).
-            channels.connection.process_data_events(time_limit=consumer.acks_due_in())
-            self._tend()
-            delivery = consumer.take()
+            _read(channels.connection, [self], wait=True)
+            delivery = self._consumer.take()
         return delivery
 
     def _tend(self) -> None:
@@ -556,6 +539,22 @@ class RabbitMQEndpoint(Endpoint):
         ))
         if self._owns_link:
             self._link.close()
+
+
+def _read(connection: Any, endpoints: list[RabbitMQEndpoint], *, wait: bool) -> None:
+    """Read `connection` for `endpoints` (under the lock), tending each before and after:
+    with `wait`, until something arrives for one of them, but no longer than their
+    acknowledgements may wait (a command acknowledged late comes again should the daemon
+    die; the standing tick does not end a wait without events)."""
+    for endpoint in endpoints:
+        endpoint._tend()
+    if not wait or any(e.has_received for e in endpoints):
+        connection.process_data_events(time_limit=0)
+    else:
+        due = [t for e in endpoints if (t := e._consumer.acks_due_in()) is not None]
+        connection.process_data_events(time_limit=min(due, default=None))
+    for endpoint in endpoints:
+        endpoint._tend()
 
 
 def _send_written(channels: Channels) -> None:
