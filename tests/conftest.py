@@ -20,6 +20,7 @@ import secrets
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,7 +78,21 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     setattr(item, f"report_{report.when}", report)
+    if report.failed and report.when == "call":
+        _attach_worker_logs(item, report)
     return report
+
+
+def _attach_worker_logs(item: pytest.Item, report: pytest.TestReport, lines: int = 80) -> None:
+    """A failed test's daemons' logs (`*.log` under its `tmp_path`, where tests that
+    start daemons keep them) go with its report: CI keeps only what it printed."""
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if not isinstance(tmp_path, Path):
+        return
+    for log in sorted(tmp_path.rglob("*.log"))[:6]:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        report.sections.append((f"log {log.relative_to(tmp_path)} (last {lines} lines)",
+                                "\n".join(tail)))
 
 
 @pytest.fixture(scope="session")
