@@ -12,6 +12,7 @@ what it received.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -186,11 +187,10 @@ class SharedConnection:
             if any(e.has_received for e in self._endpoints) or time.monotonic() >= deadline:
                 return
 
-    def _look(self, connection: Any) -> None:
-        _read(connection, [e for e in self._endpoints if not e.closed], wait=False)
+    def _read(self, connection: Any, *, wait: bool = True) -> None:
+        _read(connection, [e for e in self._endpoints if not e.closed], wait=wait)
 
-    def _read(self, connection: Any) -> None:
-        _read(connection, [e for e in self._endpoints if not e.closed], wait=True)
+    _look = functools.partialmethod(_read, wait=False)
 
     def close(self) -> None:
         """Close every endpoint on it (see `RabbitMQEndpoint.close`), then the connection."""

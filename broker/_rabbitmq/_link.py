@@ -27,7 +27,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pika
 import pika.exceptions as pe
@@ -264,49 +264,49 @@ class Link:
         """Run `read` on the connection itself under the lock, to read it for every seat;
         on a dead connection reopen it instead (what that lost, each seat is told at its
         next `run`)."""
-        with self._lock:
-            if self._closed:
-                raise ConnectionLost(f"{self.settings.connection_name} is closed")
-            try:
-                if self._connection.is_open:
-                    try:
-                        read(self._connection)
-                        self._sent_behind()
-                        return
-                    except _CONNECTION_ERRORS:
-                        if self._closed:
-                            raise ConnectionLost(
-                                f"{self.settings.connection_name} is closed") from None
-                self._reconnect()
-            except pe.AMQPError as e:
-                raise BrokerError(
-                    f"{self.settings.connection_name}: {type(e).__name__}: {e}"
-                ) from None
+
+        def attempt() -> None:
+            read(self._connection)
+            self._sent_behind()
+
+        self._live(attempt, None)
 
     def _run(self, member: _Member, action: Callable[[Channels], _T], *,
              behind: bool = False) -> _T:
+        def attempt() -> _T:
+            result = action(member.channels)
+            self._ran(member, action, behind)
+            return result
+
+        return cast(_T, self._live(attempt, member))
+
+    def _live(self, attempt: Callable[[], _T], member: _Member | None) -> _T | None:
+        """`attempt()` under the lock, on a live connection. A dead one is reopened; then,
+        for a seat's `member` (told first, each time, what a reconnect lost for it),
+        `attempt` runs again on the new connection, and for a pump it does not (None).
+
+        pika's errors do not leave this method (but for `UnroutableError` and `NackError`,
+        which name a message the caller knows): they become `BrokerError`s."""
         with self._lock:
-            if self._closed or member not in self._members:
+            if self._closed or (member is not None and member not in self._members):
                 raise ConnectionLost(f"{self.settings.connection_name} is closed")
             try:
-                self._tell_lost(member)
+                if member is not None:
+                    self._tell_lost(member)
                 if self._connection.is_open:
                     try:
-                        result = action(member.channels)
+                        return attempt()
                     except _CONNECTION_ERRORS:
                         if self._closed:
                             raise ConnectionLost(
                                 f"{self.settings.connection_name} is closed"
                             ) from None
-                    else:
-                        self._ran(member, action, behind)
-                        return result
                 # Dead: closed by the broker while we were away, or just now.
                 self._reconnect()
+                if member is None:
+                    return None
                 self._tell_lost(member)
-                result = action(member.channels)
-                self._ran(member, action, behind)
-                return result
+                return attempt()
             except (pe.UnroutableError, pe.NackError):
                 raise
             except pe.AMQPError as e:
