@@ -3,10 +3,13 @@
 Posted commands wait here, all to one worker and in order, until the script
 waits for something, addresses another worker, has `MAX_QUEUED` of them, or
 `QUEUE_DELAY` has passed — a background thread sees to that, so work starts on
-the worker while the script computes locally. Then they go as one message: a
-command alone, or a batch. The background thread and the script's share the
-endpoint safely (on RabbitMQ every pika action runs under the link's lock) and
-the queue under this module's lock.
+the worker while the script computes locally. While the script publishes by itself
+(it waits soon after it posts, as a loop of `x + x; sync()` does), that thread finds
+nothing late and looks less and less often, down to once per `IDLE_LOOK`: each of its
+looks wakes a thread the script's must then share the interpreter with, for nothing.
+Then they go as one message: a command alone, or a batch. The background thread and
+the script's share the endpoint safely (on RabbitMQ every pika action runs under the
+link's lock) and the queue under this module's lock.
 
 A lost connection fails everything in flight (the session's to say); a
 publication that fails otherwise hands back what it could not send (`Unsent`).
@@ -30,14 +33,19 @@ from torchrelay.broker import (
     encode_batch,
 )
 
-__all__ = ["MAX_QUEUED", "QUEUE_DELAY", "Publisher", "Queued", "Unsent"]
+__all__ = ["IDLE_LOOK", "MAX_QUEUED", "QUEUE_DELAY", "Publisher", "Queued", "Unsent"]
 
 MAX_QUEUED = 256
 """Posted commands to one worker that wait for a ride at most; then they go."""
 
 QUEUE_DELAY = 0.002
 """Seconds posted commands wait for more to join them, if the script does not wait first
-(the background publisher looks this often)."""
+(the background publisher looks this often while it finds commands waiting)."""
+
+IDLE_LOOK = 0.016
+"""Seconds between the background publisher's looks, at most, once it has found nothing
+waiting for a while: how late a command posted after a run of prompt waits may go,
+if the script does not wait for it (or post after it) first."""
 
 Queued = tuple[Command, str, Envelope | None]
 """A command waiting to be published: itself, its correlation id, its envelope."""
@@ -120,15 +128,18 @@ class Publisher:
             return [Unsent(worker_id, queued, e)]
         return []
 
-    def publish_if_late(self) -> None:
+    def publish_if_late(self) -> bool:
         """(The background thread's.) Publish what waited `QUEUE_DELAY`; a failure leaves
-        it queued, for the script's thread to publish again and report."""
-        if not self._queued or time.monotonic() - self._since < QUEUE_DELAY:
-            return
+        it queued, for the script's thread to publish again and report. Whether anything
+        was waiting."""
+        if not self._queued:
+            return False
+        if time.monotonic() - self._since < QUEUE_DELAY:
+            return True
         with self._lock:
             queued, worker_id = self._queued, self._to
             if not queued or worker_id is None or self._lost_meanwhile is not None:
-                return
+                return bool(queued)
             self._queued = []
             try:
                 self._send(worker_id, queued)
@@ -136,6 +147,7 @@ class Publisher:
                 self._queued = queued + self._queued
                 if isinstance(e, ConnectionLost):  # (the reconnect it made says so once)
                     self._lost_meanwhile = e
+        return True
 
     def _send(self, worker_id: str, queued: list[Queued]) -> None:
         if len(queued) == 1:
@@ -155,11 +167,14 @@ def _nothing(queued: list[Queued]) -> None:
 def _publish_late(ref: weakref.ref[Publisher]) -> None:
     """The background thread: what waited `QUEUE_DELAY` unpublished goes now. It looks on
     its own clock rather than being woken for every command, so the script's thread pays
-    nothing for it; it holds its publisher only while looking."""
+    nothing for it, every `QUEUE_DELAY` while it finds commands waiting, then, finding
+    none, twice as long each time, up to `IDLE_LOOK`. It holds its publisher only while
+    looking."""
+    pause = QUEUE_DELAY
     while True:
-        time.sleep(QUEUE_DELAY)
+        time.sleep(pause)
         publisher = ref()
         if publisher is None or publisher.closed:
             return
-        publisher.publish_if_late()
+        pause = QUEUE_DELAY if publisher.publish_if_late() else min(2 * pause, IDLE_LOOK)
         del publisher

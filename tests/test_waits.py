@@ -3,6 +3,8 @@ earlier failures first, metadata answered locally."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import Recorder
@@ -161,6 +163,25 @@ def test_posted_commands_travel_in_batches(
     assert after == ["send call to bob"]
     assert len(recorder.events) == 2 * 302  # every command answered
     assert x.get().item() == 301 and y.get().item() == 1
+
+
+def test_a_posted_command_goes_without_a_wait_even_after_a_run_of_prompt_waits(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    if fleet.endpoint.in_process:
+        pytest.skip("in-process workers run only while the script waits anyway")
+    x = torch.zeros(1).send(bob)
+    for _ in range(50):  # the background publisher finds nothing late: it looks less often
+        x += 1
+        fleet.sync()
+    recorder.clear()
+
+    x += 1  # and the script computes locally, never waiting: the command goes all the same
+    deadline = time.monotonic() + 20  # (a bound on a hang, not a speed)
+    while not recorder.messages and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert recorder.messages == ["send call to bob"]
+    assert x.get().item() == 51
 
 
 def test_a_batch_s_answers_wait_for_its_move_and_come_back_with_its_answer(
