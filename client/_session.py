@@ -14,7 +14,8 @@ in" means "every worker is up to date".
 
 Commands to one worker travel together (`_publishing.py`): posted commands wait
 in the client until it waits for something, addresses another worker, has
-`MAX_QUEUED` of them, or `QUEUE_DELAY` has passed, and then go as one message,
+`MAX_QUEUED` of them, or `QUEUE_DELAY` has passed (`IDLE_LOOK`, when the script has
+been waiting promptly), and then go as one message,
 a batch, which the worker runs in order and answers with one message. A
 training step of a dozen operations and the loss it fetches is one message each
 way.
