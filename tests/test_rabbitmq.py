@@ -319,13 +319,35 @@ def test_what_served_workers_publish_goes_together_with_the_next_read(
         # (In order per worker: one channel each. Across channels RabbitMQ may reorder.)
         assert [c for w, c in got if w == "a"] == ["c-0", "c-2"]
         assert [c for w, c in got if w == "b"] == ["c-1"]
-        # Unless asked for now (a journaled worker, before its next command runs).
+    finally:
+        client.close()
+        shared.close()
+
+
+def test_a_connection_serving_one_worker_sends_each_message_at_once(
+    vhost_factory: Any, sends: list[int]
+) -> None:
+    broker = RabbitMQBroker(vhost_factory())
+    shared, client = broker.share("torchrelay worker a"), broker.connect("client")
+    try:
+        # Nothing to go with: waiting for the serving loop's read would only delay it.
+        # (And a journaled worker's answers must not wait in the process's buffer: a
+        # crash in its next command would take them along.)
+        a = shared.serve("a")
         sends.clear()
-        b.send_reply(client.reply_queue, "echo", tr.broker.Describe().encode(), "c-3")
-        b.send_written()
+        a.send_reply(client.reply_queue, "echo", tr.broker.Describe().encode(), "c-1")
         assert len(sends) == 1
         delivery = client.receive(10)
-        assert delivery is not None and delivery.correlation_id == "c-3"
+        assert delivery is not None and (delivery.sender, delivery.correlation_id) == (
+            "a", "c-1")
+        # A second worker served: from now on both write behind.
+        b = shared.serve("b")
+        sends.clear()
+        for worker in (a, b):
+            worker.send_reply(client.reply_queue, "echo", tr.broker.Describe().encode(), "c-2")
+        assert sends == []
+        shared.wait(0)
+        assert len(sends) == 1
     finally:
         client.close()
         shared.close()
@@ -339,7 +361,7 @@ def test_what_a_worker_wrote_behind_is_sent_again_if_its_connection_dies_first(
     broker = RabbitMQBroker(url)
     shared, client = broker.share(name), broker.connect("client")
     try:
-        worker = shared.serve("a")
+        worker, _ = shared.serve("a"), shared.serve("b")  # (several: they write behind)
         (connection,) = [c["name"] for c in rabbitmq.wait_for_connections(
             lambda cs: any(c["client_properties"].get("connection_name") == name for c in cs),
             vhost) if c["client_properties"].get("connection_name") == name]

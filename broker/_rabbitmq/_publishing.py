@@ -91,10 +91,6 @@ class Publisher:
         # One properties object, refilled for every small message: pika encodes it
         # during basic_publish, and building one costs as much as the rest.
         self._properties = SmallMessageProperties(user, self._headers)
-        self.write_behind = False
-        """Whether small unconfirmed messages are written to the connection's buffer to
-        go with its next read (`publish_later`), rather than sent at once: a worker's,
-        served by a loop that reads the connection after each round of commands."""
 
     def publish(
         self,
@@ -108,10 +104,11 @@ class Publisher:
         reply_to: str | None = None,
         confirm: bool = False,
         headers: dict[str, Any] | None = None,
-        now: bool = False,
+        behind: bool = False,
     ) -> None:
         """Publish one message (raises pika's `UnroutableError` / `NackError` under `confirm`);
-        `now`: sent at once, even if `write_behind`.
+        `behind`: a small unconfirmed one is written to the connection's buffer, to go with
+        its next read (`publish_later`), rather than sent at once.
 
         A reconnect in the middle of a chunked message makes the caller run this
         again: the whole message is sent again, from chunk 0.
@@ -132,7 +129,7 @@ class Publisher:
         if frame.nbytes <= self.chunk_size:
             props = self._properties
             props.type, props.correlation_id, props.reply_to = type, correlation_id, reply_to
-            if self.write_behind and not (confirm or now):
+            if behind and not confirm:
                 publish_later(channel, exchange, routing_key, frame.tobytes(), props,
                               mandatory=mandatory)
             else:

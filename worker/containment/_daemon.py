@@ -228,12 +228,6 @@ def _handle(endpoint: RabbitMQEndpoint, runtime: WorkerRuntime) -> None:
         _guarded(runtime.accept, delivery)
         delivery = endpoint.take_received()
     if runtime.queued:
-        if runtime.containment is not None:
-            # Answers the journal counts as sent (of commands that waited on others and
-            # ended in `accept`) leave before the next command runs: a native crash in it
-            # would take them with the process's buffer, and the command, delivered
-            # again, would be skipped as answered.
-            endpoint.send_written()
         _guarded(runtime.step)
 
 

@@ -129,6 +129,9 @@ class Answers:
             self.endpoint.send_reply(reply_to, f"{BATCH}.reply", encode_reply_batch(replies),
                                      batch_id or replies[0][0])
         if self.containment is not None and owed:
+            # Sent, not written behind: a journaled worker has its connection to itself
+            # (`SharedConnection` writes behind only for several), so a crash in its next
+            # command cannot take these answers along with the process's buffer.
             self.containment.answered(owed)
             owed.clear()
 
