@@ -172,8 +172,8 @@ def sync_op(session: Session) -> MeasureResult:
     ours_median, ours_p99 = median(literal), percentile(literal, 0.99)
     result.rows += [
         Row("1 sync x+x: median, vs torch rpc", micros(ours_median),
-            f"rpc_sync {micros(median(rpc))}", ours_median / median(rpc),
-            note="reference: TensorPipe on loopback, no broker"),
+            f"rpc_sync {micros(median(rpc))}", ours_median / median(rpc), at_most(1.5),
+            note="TensorPipe on loopback, no broker (the hot path issue's peer)"),
         Row("1 sync x+x: p99, vs torch rpc", micros(ours_p99),
             f"rpc_sync {micros(percentile(rpc, 0.99))}", ours_p99 / percentile(rpc, 0.99)),
     ]
