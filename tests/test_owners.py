@@ -28,6 +28,7 @@ from torchrelay._cli import main
 from torchrelay._federated import anchor_order, make_model, one_torch_thread, write_shares
 from torchrelay.broker import Call, Fetch, ManagementAPI, ObjectRef, worker_queue
 from torchrelay.worker import ConfigError, WorkerConfig, WorkerProcesses
+from torchrelay.worker.containment._daemon import serve_workers
 from torchrelay.worker.containment._host import _by_login, check_hosted, host_workers
 from torchrelay.worker.runtime._runtime import WorkerRuntime
 
@@ -317,6 +318,14 @@ def test_workers_that_log_in_differently_get_connections_of_their_own() -> None:
                WorkerConfig(id="c", broker="amqp://guest:guest@localhost/", prefetch=8)]
     assert [[c.id for c in group] for group in _by_login(configs)] == [
         ["a", "b"], ["a-user"], ["c"]]
+
+
+def test_a_journaled_runtime_is_never_hosted_with_other_workers() -> None:
+    # A connection serving several workers writes their answers behind; an executor's
+    # journal counts an answer sent once published, so its worker is served alone.
+    configs = [WorkerConfig(id=w, broker="amqp://guest:guest@localhost/") for w in "ab"]
+    with pytest.raises(ValueError, match="serves one worker alone, not 2"):
+        serve_workers(configs, name="host", make_runtime=lambda endpoint: None)  # type: ignore[arg-type, return-value]
 
 
 def test_a_hosted_worker_that_cannot_start_stops_the_others(vhost_factory: Any,

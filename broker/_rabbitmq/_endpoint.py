@@ -319,13 +319,14 @@ class RabbitMQEndpoint(Endpoint):
         deadline = time.monotonic() + NACK_RETRY_SECONDS
         pause = 0.05
         stamp("publish", correlation_id)
-        publish = self._seat.run if confirm else self._publish
+        behind = self.writes_behind and not confirm
+        publish = self._publisher_run(behind)
         while True:
             try:
                 publish(lambda channels: publisher.publish(
                     channels, COMMAND_EXCHANGE, worker_id, type=type, frame=frame,
                     correlation_id=correlation_id, reply_to=reply_to, confirm=confirm,
-                    behind=self.writes_behind,
+                    behind=behind,
                 ))
                 stamp("published", correlation_id)
                 return
@@ -343,17 +344,18 @@ class RabbitMQEndpoint(Endpoint):
     def send_reply(self, reply_to: str, type: str, frame: Frame, correlation_id: str) -> None:
         publisher = self._publisher
         stamp("publish", correlation_id)
-        self._publish(lambda channels: publisher.publish(
+        behind = self.writes_behind
+        self._publisher_run(behind)(lambda channels: publisher.publish(
             channels, "", reply_to, type=type, frame=frame, correlation_id=correlation_id,
-            behind=self.writes_behind,
+            behind=behind,
         ))
         stamp("published", correlation_id)
 
-    def _publish(self, action: Callable[[Channels], None]) -> None:
-        if self.writes_behind:
-            self._seat.run_behind(action)  # (sent again should the connection die first)
-        else:
-            self._seat.run(action)
+    def _publisher_run(self, behind: bool) -> Callable[[Callable[[Channels], None]], None]:
+        """How a publication runs: one written behind (`behind`, read once with the
+        publication, which it must agree with) is sent again should the connection die
+        before its buffer is sent."""
+        return self._seat.run_behind if behind else self._seat.run
 
     def _urgent(self, channel: Any, delivery: Delivery) -> bool:
         """Answer a command at once if our owner can (`answer_now`), under the lock."""

@@ -88,6 +88,11 @@ def serve_workers(
     `turn` is held while the workers handle what they received (the threads of one host
     share one). All or none: one worker that cannot start stops the others.
     """
+    if make_runtime is not None and len(configs) != 1:
+        # A journaled worker's answers must leave before its next command runs: only a
+        # connection serving one worker sends them at once (`SharedConnection`).
+        raise ValueError("a runtime of the caller's making (an executor's) serves one "
+                         f"worker alone, not {len(configs)}")
     stop = stop or threading.Event()
     config = configs[0]
     if config.torch_threads is not None:
