@@ -7,6 +7,8 @@ import select
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pika
@@ -21,6 +23,8 @@ from torchrelay.broker import (
     COMMAND_EXCHANGE,
     ManagementAPI,
     RabbitMQBroker,
+    RabbitMQEndpoint,
+    SharedConnection,
     worker_queue,
 )
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
@@ -300,12 +304,22 @@ def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_with_the_next
     assert method is None  # acknowledged: not back in its queue once the receiver left
 
 
+@contextmanager
+def _shared_and_client(url: str, name: str) -> Iterator[tuple[SharedConnection, RabbitMQEndpoint]]:
+    """A worker connection named `name` (serving no worker yet) and a client, closed after."""
+    broker = RabbitMQBroker(url)
+    shared, client = broker.share(name), broker.connect("client")
+    try:
+        yield shared, client
+    finally:
+        client.close()
+        shared.close()
+
+
 def test_what_served_workers_publish_goes_together_with_the_next_read(
     vhost_factory: Any, sends: list[int]
 ) -> None:
-    broker = RabbitMQBroker(vhost_factory())
-    shared, client = broker.share("torchrelay host a, b"), broker.connect("client")
-    try:
+    with _shared_and_client(vhost_factory(), "torchrelay host a, b") as (shared, client):
         a, b = shared.serve("a"), shared.serve("b")
         sends.clear()
         for number, worker in enumerate((a, b, a)):
@@ -319,17 +333,12 @@ def test_what_served_workers_publish_goes_together_with_the_next_read(
         # (In order per worker: one channel each. Across channels RabbitMQ may reorder.)
         assert [c for w, c in got if w == "a"] == ["c-0", "c-2"]
         assert [c for w, c in got if w == "b"] == ["c-1"]
-    finally:
-        client.close()
-        shared.close()
 
 
 def test_a_connection_serving_one_worker_sends_each_message_at_once(
     vhost_factory: Any, sends: list[int]
 ) -> None:
-    broker = RabbitMQBroker(vhost_factory())
-    shared, client = broker.share("torchrelay worker a"), broker.connect("client")
-    try:
+    with _shared_and_client(vhost_factory(), "torchrelay worker a") as (shared, client):
         # Nothing to go with: waiting for the serving loop's read would only delay it.
         # (And a journaled worker's answers must not wait in the process's buffer: a
         # crash in its next command would take them along.)
@@ -348,9 +357,6 @@ def test_a_connection_serving_one_worker_sends_each_message_at_once(
         assert sends == []
         shared.wait(0)
         assert len(sends) == 1
-    finally:
-        client.close()
-        shared.close()
 
 
 def test_what_a_worker_wrote_behind_is_sent_again_if_its_connection_dies_first(
@@ -358,9 +364,7 @@ def test_what_a_worker_wrote_behind_is_sent_again_if_its_connection_dies_first(
 ) -> None:
     url = vhost_factory()
     vhost, name = vhost_of(url), "torchrelay host behind"
-    broker = RabbitMQBroker(url)
-    shared, client = broker.share(name), broker.connect("client")
-    try:
+    with _shared_and_client(url, name) as (shared, client):
         worker, _ = shared.serve("a"), shared.serve("b")  # (several: they write behind)
         (connection,) = [c["name"] for c in rabbitmq.wait_for_connections(
             lambda cs: any(c["client_properties"].get("connection_name") == name for c in cs),
@@ -378,6 +382,3 @@ def test_what_a_worker_wrote_behind_is_sent_again_if_its_connection_dies_first(
         assert delivery is not None and (delivery.sender, delivery.correlation_id) == (
             "a", "c-1")
         assert worker.reconnects == 1
-    finally:
-        client.close()
-        shared.close()
