@@ -27,6 +27,7 @@ from torchrelay.broker import (
     SharedConnection,
     worker_queue,
 )
+from torchrelay.broker._rabbitmq._coalescing import coalesce_writes, publish_now, unsent_bytes
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
@@ -302,6 +303,32 @@ def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_with_the_next
     with pika.BlockingConnection(pika.URLParameters(url)) as connection:
         method, _, _ = connection.channel().basic_get(receiver.reply_queue)
     assert method is None  # acknowledged: not back in its queue once the receiver left
+
+
+def test_a_small_message_is_sent_at_once_without_pika_s_loop_and_a_large_one_whole(
+    vhost_factory: Any
+) -> None:
+    # pika's basic_publish polls the socket for writability and dispatches the event to
+    # what sends: a poll and dozens of calls per message, where a loopback socket takes
+    # a small one at once. publish_now sends first; pika's loop gets only what is left.
+    with pika.BlockingConnection(pika.URLParameters(vhost_factory())) as connection:
+        coalesce_writes(connection)
+        channel = connection.channel()
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        ioloop = connection._impl.ioloop
+        polls: list[None] = []
+        poll = ioloop.poll
+        ioloop.poll = lambda: (polls.append(None), poll())[1]
+        small, large = b"s" * 100, bytes(range(256)) * (64 << 10)  # 16 MiB: over a socket's buffer
+        publish_now(channel, "", queue, small, pika.BasicProperties(), mandatory=False)
+        assert (polls, unsent_bytes(connection)) == ([], 0)
+        publish_now(channel, "", queue, large, pika.BasicProperties(), mandatory=False)
+        assert unsent_bytes(connection) == 0
+        # Nothing is left watched for writability: a read would otherwise fail (pika
+        # asserts it has something to send when the socket says it may).
+        connection.process_data_events(time_limit=0.1)
+        got = [channel.basic_get(queue, auto_ack=True)[2] for _ in range(2)]
+    assert got == [small, large]
 
 
 @contextmanager

@@ -13,15 +13,25 @@ buffer without sending it at once: it goes with the next message sent at once, o
 the next read of the connection, whichever is first. A worker's serving loop reads
 its connection after each round of commands, so a host's fifty workers send what
 a round of their commands published in a few sends, not a hundred and fifty.
+
+`publish_now` sends a message at once, but without pika's I/O loop: pika's
+`basic_publish` buffers the frames, then polls the socket for writability and
+dispatches the event to the code that sends them, a poll and some forty Python calls
+to reach one `send` a loopback socket would have taken at once. It sends first and
+leaves to pika's loop only what the socket would not take (a large message).
 """
 
 from __future__ import annotations
 
 import logging
+import select
+import socket
 from collections import deque
 from typing import Any
 
-__all__ = ["ack_later", "coalesce_writes", "publish_later", "unsent_bytes"]
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
+
+__all__ = ["ack_later", "coalesce_writes", "publish_later", "publish_now", "unsent_bytes"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -82,6 +92,36 @@ def publish_later(channel: Any, exchange: str, routing_key: str, body: bytes, pr
         return
     impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
                        properties=properties, mandatory=mandatory)
+
+
+def publish_now(channel: Any, exchange: str, routing_key: str, body: bytes, properties: Any,
+                *, mandatory: bool) -> None:
+    """Publish on `channel` (a pika `BlockingChannel`, not in confirm mode) and send it,
+    with whatever the connection's buffer held, now: as `basic_publish` does, minus
+    pika's loop when nothing waits to be read and the socket takes everything at once.
+
+    pika's loop reads before it returns: a connection the broker closed while we were
+    away is found closed there, before the message is taken for sent (the caller then
+    reconnects and publishes it again). So when anything waits to be read, the loop
+    runs, as in `basic_publish`."""
+    impl: Any = getattr(channel, "_impl", None)
+    transport: Any = getattr(getattr(impl, "connection", None), "_transport", None)
+    if not isinstance(transport, _PlainTransport):  # (TLS sends in states of its own, as pika does)
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        return
+    impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                       properties=properties, mandatory=mandatory)
+    if transport.get_write_buffer_size() and not _readable(transport._sock):
+        # What pika's loop calls once the socket is writable: sends what it takes, and
+        # stops watching for writability once nothing is left (else a poll would wake
+        # for it); a send that fails aborts the connection, as it would in the loop.
+        transport._on_socket_writable()
+    if transport.get_write_buffer_size():
+        channel._flush_output()  # pika's loop: reads, sends the rest, raises what broke
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select((sock,), (), (), 0)[0])
 
 
 def unsent_bytes(connection: Any) -> int:

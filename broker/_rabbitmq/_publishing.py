@@ -24,7 +24,7 @@ import pika
 from .._chunks import split_frame
 from .._codec import Frame
 from .._names import APP_ID, COMMAND_EXCHANGE, EVENTS_EXCHANGE
-from ._coalescing import publish_later
+from ._coalescing import publish_later, publish_now
 from ._link import Channels
 
 __all__ = ["Publisher", "SmallMessageProperties"]
@@ -129,12 +129,12 @@ class Publisher:
         if frame.nbytes <= self.chunk_size:
             props = self._properties
             props.type, props.correlation_id, props.reply_to = type, correlation_id, reply_to
-            if behind and not confirm:
-                publish_later(channel, exchange, routing_key, frame.tobytes(), props,
-                              mandatory=mandatory)
-            else:
+            if confirm:  # (pika waits for the broker's word)
                 channel.basic_publish(exchange, routing_key, frame.tobytes(), props,
                                       mandatory=mandatory)
+            else:
+                send = publish_later if behind else publish_now
+                send(channel, exchange, routing_key, frame.tobytes(), props, mandatory=mandatory)
             self.bytes_sent += frame.nbytes
             return
         chunks = list(split_frame(frame, self.chunk_size))
