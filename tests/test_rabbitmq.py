@@ -15,6 +15,7 @@ import pika
 import pytest
 import torch
 from conftest import vhost_of
+from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
 import torchrelay as tr
@@ -28,6 +29,7 @@ from torchrelay.broker import (
     worker_queue,
 )
 from torchrelay.broker._rabbitmq._coalescing import coalesce_writes, publish_now, unsent_bytes
+from torchrelay.broker._rabbitmq._consuming import consume
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
@@ -329,6 +331,35 @@ def test_a_small_message_is_sent_at_once_without_pika_s_loop_and_a_large_one_who
         connection.process_data_events(time_limit=0.1)
         got = [channel.basic_get(queue, auto_ack=True)[2] for _ in range(2)]
     assert got == [small, large]
+
+
+def test_deliveries_are_handed_over_as_pika_reads_them(
+    vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pika's blocking channel queues each delivery as an event, dispatched once its read
+    # loop is done; `consume` takes them as read (as pika's own consume() generator
+    # does), and a wait for a delivery ends with it.
+    queued: list[str] = []
+    add_pending_event = BlockingChannel._add_pending_event
+
+    def counted(channel: Any, event: Any) -> None:
+        queued.append(type(event).__name__)
+        add_pending_event(channel, event)
+
+    monkeypatch.setattr(BlockingChannel, "_add_pending_event", counted)
+    with pika.BlockingConnection(pika.URLParameters(vhost_factory())) as connection:
+        channel = connection.channel()
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        got: list[bytes] = []
+        consume(channel, queue, lambda _channel, _method, _props, body: got.append(body))
+        publisher = connection.channel()
+        for number in range(3):
+            publisher.basic_publish("", queue, b"%d" % number)
+        waited_out: list[None] = []
+        connection.call_later(60, lambda: waited_out.append(None))
+        while len(got) < 3 and not waited_out:
+            connection.process_data_events(time_limit=None)  # ends with a delivery
+    assert (got, waited_out, queued) == ([b"0", b"1", b"2"], [], [])
 
 
 @contextmanager

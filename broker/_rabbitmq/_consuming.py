@@ -24,6 +24,11 @@ after a lost acknowledgement is recognised and skipped by the worker).
 busy with another (this runs in whichever thread pumps the connection, under
 the link's lock): one it answers at once (a status request) is acknowledged
 then and never queued.
+
+The callbacks are called as pika reads each message (`consume`), inside its I/O
+loop: nothing they do may wait on pika. They acknowledge, and `urgent` answers,
+into the connection's buffer (`ack_later`, `publish_later`), which the read that
+is running sends before it returns.
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ from .._transport import Delivery
 from ._coalescing import ack_later
 
 __all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch",
-           "CommandAcks", "Consumer"]
+           "CommandAcks", "Consumer", "consume"]
 
 log = logging.getLogger("torchrelay.broker")
 
 Allocate = Callable[[int], Any]
 """Makes a uint8 tensor of the given size (where received messages are put)."""
+
+OnMessage = Callable[[Any, Any, Any, bytes], None]
+"""A pika consumer callback: (channel, method, properties, body)."""
 
 _COPIED_FROM: Final = 64 << 10
 
@@ -55,6 +63,39 @@ REPLY_PREFETCH: Final = 1024
 REPLY_ACK_BATCH: Final = 128
 ACK_BATCH: Final = 16
 ACK_DELAY: Final = 0.05
+
+
+def consume(channel: Any, queue: str, on_message: OnMessage) -> None:
+    """Consume `queue` on `channel` (a pika `BlockingChannel`), exclusively, with each
+    delivery handed to `on_message` as pika reads it.
+
+    pika's blocking channel queues each delivery as an event and dispatches it once its
+    read loop is done: an object, a dispatch request and a few calls more per message.
+    Handed over as read instead, the way pika's own `consume()` generator takes them,
+    with the wait for a delivery ended as that generator ends it (a dispatch request
+    for no channel). `on_message` must then not wait on pika (see the module
+    docstring). A cancellation by the broker is dispatched as pika does it, to the
+    channel's cancel callbacks. Raises what `basic_consume` raises (pika's
+    `ChannelClosedByBroker` when another consumer holds the queue)."""
+    subscribe = getattr(channel, "_basic_consume_impl", None)
+    connection = getattr(channel, "connection", None)
+    request = getattr(connection, "_request_channel_dispatch", None)
+    queue_event = getattr(channel, "_add_pending_event", None)
+    if subscribe is None or request is None or queue_event is None:  # not the pika 1.x
+        channel.basic_consume(queue, on_message, exclusive=True)   # this was written for
+        return
+    stop_waiting = -channel.channel_number
+
+    def as_read(event: Any) -> None:
+        body = getattr(event, "body", None)
+        if body is None:  # the broker cancelled the consumer
+            queue_event(event)
+            return
+        on_message(channel, event.method, event.properties, body)
+        request(stop_waiting)
+
+    subscribe(queue=queue, auto_ack=False, exclusive=True, consumer_tag=None,
+              alternate_event_sink=as_read)
 
 
 class AckBatch:
@@ -209,7 +250,7 @@ class Consumer:
         sender = self._sender(props.user_id, headers.get("sender"))
         if sender is None:
             if not is_reply:  # never handled, never coming back: settled now
-                channel.basic_ack(method.delivery_tag)
+                ack_later(channel, method.delivery_tag)
             return
         chunk = headers.get("chunk")
         if chunk is None:
@@ -227,7 +268,7 @@ class Consumer:
             stamp("received", delivery.correlation_id)
             if not is_reply:
                 if self.urgent is not None and self.urgent(channel, delivery):
-                    channel.basic_ack(method.delivery_tag)  # answered already
+                    ack_later(channel, method.delivery_tag)  # answered already
                     return
                 self.commands.delivered(method.delivery_tag)
             self.inbox.append(delivery)
@@ -239,7 +280,7 @@ class Consumer:
         self._report_dropped()
         if whole is None:
             if not is_reply:  # acked now, or the prefetch window would stall the rest
-                channel.basic_ack(method.delivery_tag)
+                ack_later(channel, method.delivery_tag)
             return
         if not is_reply:
             self.commands.delivered(method.delivery_tag)

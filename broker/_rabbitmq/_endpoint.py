@@ -44,7 +44,7 @@ from .._names import (
 from .._trace import stamp
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
-from ._consuming import REPLY_PREFETCH, Allocate, Consumer
+from ._consuming import REPLY_PREFETCH, Allocate, Consumer, consume
 from ._link import Channels, Link, LinkSettings, Seat, redact_url, tls_context
 from ._publishing import Publisher
 
@@ -260,7 +260,7 @@ class RabbitMQEndpoint(Endpoint):
         commands.add_on_return_callback(consumer.on_return)
         replies.basic_qos(prefetch_count=REPLY_PREFETCH)
         topology.declare_reply_queue(replies, self.reply_queue)
-        replies.basic_consume(self.reply_queue, consumer.on_reply, exclusive=True)
+        consume(replies, self.reply_queue, consumer.on_reply)
         if self._serve_worker is not None:
             commands.basic_qos(prefetch_count=self._broker.prefetch)
             commands.add_on_cancel_callback(consumer.on_cancel)
@@ -369,8 +369,9 @@ class RabbitMQEndpoint(Endpoint):
         if answered is None or not delivery.reply_to:
             return False
         kind, frame = answered
+        # Behind: this runs inside pika's read (see `_consuming`), which sends it.
         self._publisher.publish(self._channels, "", delivery.reply_to, type=kind, frame=frame,
-                                correlation_id=delivery.correlation_id)
+                                correlation_id=delivery.correlation_id, behind=True)
         return True
 
     def take_received(self) -> Delivery | None:

@@ -38,6 +38,7 @@ from .._names import (
     QUEUE_TYPES,
     worker_queue,
 )
+from ._consuming import consume
 
 __all__ = [
     "DEAD_LETTERS",
@@ -125,7 +126,7 @@ def consume_worker_queue(
     if administered:
         if not _exists(connection, lambda c: c.queue_declare(queue, passive=True)):
             raise BrokerError(f"there is no queue {queue}: {_ADMINISTERED}")
-        channel.basic_consume(queue, on_message, exclusive=True)
+        consume(channel, queue, on_message)
         return
     _declare_dead_letters(connection, settings)
     arguments = worker_queue_arguments(settings)
@@ -138,7 +139,7 @@ def consume_worker_queue(
         channel.queue_declare(queue, passive=True)
     channel.queue_bind(queue, COMMAND_EXCHANGE, routing_key=worker_id)
     channel.queue_bind(queue, EVENTS_EXCHANGE, routing_key=PRESENCE_ASK)
-    channel.basic_consume(queue, on_message, exclusive=True)
+    consume(channel, queue, on_message)
 
 
 def _declare_dead_letters(connection: Any, settings: QueueSettings) -> None:
