@@ -14,6 +14,13 @@ loopback socket and both pika clients' framing.
 
 The medians of segments do not add up to the median of the total exactly
 (each is the middle of its own distribution); their sum is shown beside it.
+
+Beside the segments, the CPU each process spent per command over the same
+iterations (`/proc/<pid>/stat`: user and system, every thread): the client (this
+process), the worker daemon (supervisor and executor) or the echo server, and
+RabbitMQ (`beam.smp`, when it runs on this machine). One command's round trip is
+serial, so on a small machine their sum is about its wall time: what a command
+costs anywhere, the broker included, it waits for.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import os
 import secrets
 import statistics
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,7 @@ from torchrelay.broker import _trace
 from torchrelay.worker import WorkerProcesses
 
 from .baselines import EchoServer, PikaEcho
+from .processes import cpu_seconds, processes_named, tree
 from .report import MeasureResult, Row
 from .session import Session, send
 from .stats import micros, progress
@@ -76,6 +85,9 @@ PIKA: tuple[Segment, ...] = (
 
 _SIDE_STAGES = {"publish", "published", "received"}
 
+Roles = dict[str, list[int]]
+"""The processes of one side of the measure, by what they are."""
+
 
 def measure(session: Session) -> MeasureResult:
     iterations = 300 if session.settings.sync_iterations < 1000 else 2000
@@ -85,32 +97,57 @@ def measure(session: Session) -> MeasureResult:
     worker_id, queue = f"bench-traced-{suffix}", f"bench.echo.traced.{suffix}"
     session.known_queues.update({f"torchrelay.worker.{worker_id}", queue})
 
-    with WorkerProcesses(session.url, [worker_id], env=env, log_dir=folder):
+    broker = processes_named("beam.smp") if _local(session.url) else []
+    with WorkerProcesses(session.url, [worker_id], env=env, log_dir=folder) as daemons:
         fleet = tr.connect(session.url, name=f"bench-tracer-{suffix}")
+        roles = {"client": [os.getpid()], "worker": tree(daemons.processes[worker_id].pid),
+                 "broker": broker}
         try:
             x = send(torch.ones(4), fleet.worker(worker_id))
             progress(f"breakdown: {iterations} traced `y = x + x; fleet.sync()`")
-            ours = _traced(lambda: _sync_add(fleet, x), iterations)
+            ours, ours_cpu = _traced(lambda: _sync_add(fleet, x), iterations, roles)
             progress(f"breakdown: {iterations} traced `(x + x).get()`")
-            got = _traced(lambda: _get_add(x), iterations)
+            got, got_cpu = _traced(lambda: _get_add(x), iterations, roles)
         finally:
             fleet.close()
-    with EchoServer(session.url, queue, env=env):
+    with EchoServer(session.url, queue, env=env) as server:
         echo = PikaEcho(session.url, queue)
+        assert server.process is not None
+        roles = {"client": [os.getpid()], "worker": [server.process.pid], "broker": broker}
         try:
             progress(f"breakdown: {iterations} traced bare pika round trips")
-            bare = _traced(lambda: echo.call(b"x" * 64), iterations)
+            bare, bare_cpu = _traced(lambda: echo.call(b"x" * 64), iterations, roles)
         finally:
             echo.close()
     remote = _remote_stamps(folder)
     ours_rows, ours_raw = _segments(OURS, ours, remote)
     get_rows, get_raw = _segments(OURS, got, remote)
     pika_rows, pika_raw = _segments(PIKA, bare, remote)
+    ours_rows += _cpu_rows(ours_cpu, "worker daemon (supervisor, executor)")
+    get_rows += _cpu_rows(got_cpu, "worker daemon (supervisor, executor)")
+    pika_rows += _cpu_rows(bare_cpu, "echo server")
     rows = [Row(f"B sync  {label}", text, get_text)
             for (label, text), (_, get_text) in zip(ours_rows, get_rows, strict=True)]
     rows += [Row(f"B pika  {label}", text) for label, text in pika_rows]
-    return MeasureResult(rows=rows, raw={"sync": ours_raw, "get": get_raw, "pika": pika_raw,
-                                         "iterations": iterations})
+    raw = {"sync": ours_raw, "get": get_raw, "pika": pika_raw, "iterations": iterations,
+           "cpu_per_command": {"sync": ours_cpu, "get": got_cpu, "pika": bare_cpu}}
+    return MeasureResult(rows=rows, raw=raw)
+
+
+def _local(url: str) -> bool:
+    """Whether the broker at `url` runs on this machine (its CPU can then be read)."""
+    return (urllib.parse.urlsplit(url).hostname or "localhost") in ("localhost", "127.0.0.1",
+                                                                    "::1")
+
+
+def _cpu_rows(cpu: dict[str, float], worker: str) -> list[tuple[str, str]]:
+    """Rows of CPU per command, by process, and their sum."""
+    named = (("client", "client (this process, every thread)"), ("worker", worker),
+             ("broker", "RabbitMQ (beam.smp)"))
+    rows = [(f"CPU per command: {label}", micros(cpu[role]) if role in cpu else "-")
+            for role, label in named]
+    rows.append(("CPU per command: the three together", micros(sum(cpu.values()))))
+    return rows
 
 
 def _sync_add(fleet: tr.Fleet, x: Any) -> None:
@@ -122,23 +159,28 @@ def _get_add(x: Any) -> None:
     (x + x).get()
 
 
-def _traced(step: Any, iterations: int) -> list[list[_trace.Stamp]]:
-    """Each iteration's stamps in this process, `start` and `end` added."""
+def _traced(step: Any, iterations: int, roles: Roles
+            ) -> tuple[list[list[_trace.Stamp]], dict[str, float]]:
+    """Each iteration's stamps in this process, `start` and `end` added; and the CPU
+    seconds each role's processes spent per iteration (a role without one: absent)."""
     for _ in range(50):  # warm
         step()
+    before = {role: cpu_seconds(pids) for role, pids in roles.items() if pids}
     _trace.start()
     for _ in range(iterations):
         _trace.stamp("start")
         step()
         _trace.stamp("end")
     stamps = _trace.stop()
+    cpu = {role: (cpu_seconds(roles[role]) - spent) / iterations
+           for role, spent in before.items()}
     runs: list[list[_trace.Stamp]] = []
     for stage, key, at in stamps:
         if stage == "start":
             runs.append([])
         if runs:
             runs[-1].append((stage, key, at))
-    return runs
+    return runs, cpu
 
 
 def _remote_stamps(folder: Path) -> dict[str, list[_trace.Stamp]]:

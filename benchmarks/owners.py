@@ -45,7 +45,7 @@ from torchrelay.worker import WorkerProcesses
 
 from . import plots
 from .federated import fedavg_run, loop_rounds
-from .processes import rss_bytes
+from .processes import rss_bytes, tree
 from .report import MeasureResult, Row, Skipped, Target, at_most, failed, not_measured
 from .session import Session
 from .stats import median, memory, millis, progress
@@ -80,19 +80,10 @@ def _config(folder: Path, worker: str, dataset: Path | None) -> Path:
 
 def _tree_rss(pid: int) -> int:
     """RSS of `pid` and every descendant (a host has none today; a supervised one would)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(
-                    int(entry))
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
+    total = 0
+    for member in tree(pid):
         with contextlib.suppress(Exception):
-            total += rss_bytes(current)
-        stack += children.get(current, [])
+            total += rss_bytes(member)
     return total
 
 
