@@ -362,6 +362,25 @@ def test_deliveries_are_handed_over_as_pika_reads_them(
     assert (got, waited_out, queued) == ([b"0", b"1", b"2"], [], [])
 
 
+def test_an_error_handling_a_delivery_is_raised_after_the_read_and_the_connection_stays(
+    vhost_factory: Any
+) -> None:
+    # Raised inside pika's read, it would abort the connection: a message whose handling
+    # always fails would bring it down again each time it came back.
+    with pika.BlockingConnection(pika.URLParameters(vhost_factory())) as connection:
+        channel = connection.channel()
+        queue = channel.queue_declare("", exclusive=True).method.queue
+
+        def refuse(_channel: Any, _method: Any, _props: Any, body: bytes) -> None:
+            raise ValueError(f"cannot handle {body!r}")
+
+        consume(channel, queue, refuse)
+        channel.basic_publish("", queue, b"hostile")
+        with pytest.raises(ValueError, match="cannot handle b'hostile'"):
+            connection.process_data_events(time_limit=None)  # (a delivery ends the wait)
+        assert connection.is_open and channel.is_open
+
+
 @contextmanager
 def _shared_and_client(url: str, name: str) -> Iterator[tuple[SharedConnection, RabbitMQEndpoint]]:
     """A worker connection named `name` (serving no worker yet) and a client, closed after."""

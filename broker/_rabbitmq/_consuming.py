@@ -75,8 +75,10 @@ def consume(channel: Any, queue: str, on_message: OnMessage) -> None:
     with the wait for a delivery ended as that generator ends it (a dispatch request
     for no channel). `on_message` must then not wait on pika (see the module
     docstring). A cancellation by the broker is dispatched as pika does it, to the
-    channel's cancel callbacks. Raises what `basic_consume` raises (pika's
-    `ChannelClosedByBroker` when another consumer holds the queue)."""
+    channel's cancel callbacks, and an error `on_message` raises is raised from the
+    dispatch, once the read is done, as a queued delivery's would be. Raises what
+    `basic_consume` raises (pika's `ChannelClosedByBroker` when another consumer holds
+    the queue)."""
     subscribe = getattr(channel, "_basic_consume_impl", None)
     connection = getattr(channel, "connection", None)
     request = getattr(connection, "_request_channel_dispatch", None)
@@ -91,11 +93,30 @@ def consume(channel: Any, queue: str, on_message: OnMessage) -> None:
         if body is None:  # the broker cancelled the consumer
             queue_event(event)
             return
-        on_message(channel, event.method, event.properties, body)
+        try:
+            on_message(channel, event.method, event.properties, body)
+        except Exception as error:
+            # Raised inside pika's read, it would abort the connection (and a message
+            # that always raises would bring it down again each time it came back):
+            # raised where a queued delivery's error is, once the read is done.
+            queue_event(_Raise(error))
+            return
         request(stop_waiting)
 
     subscribe(queue=queue, auto_ack=False, exclusive=True, consumer_tag=None,
               alternate_event_sink=as_read)
+
+
+class _Raise:
+    """A pending event of pika's blocking channel that raises `error` when dispatched."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def dispatch(self) -> None:
+        raise self.error
 
 
 class AckBatch:
