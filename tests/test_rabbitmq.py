@@ -9,6 +9,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pika
@@ -29,7 +30,7 @@ from torchrelay.broker import (
     worker_queue,
 )
 from torchrelay.broker._rabbitmq._coalescing import coalesce_writes, publish_now, unsent_bytes
-from torchrelay.broker._rabbitmq._consuming import consume
+from torchrelay.broker._rabbitmq._consuming import Consumer, consume
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
@@ -216,6 +217,7 @@ def test_hostile_envelopes_do_not_take_a_daemon_down(session_daemons: WorkerProc
         hostile = [
             ("x" * 250, {"sender": "evil"}),  # an error reply "<type>.reply" would not fit
             ("store", {"sender": "evil", "chunk": "nonsense"}),
+            ("store", {"sender": "evil", "chunk": 5}),  # not a list: refused all the same
             ("store", {"sender": "evil", "chunk": [0, 1000, 1 << 60]}),  # 1 EiB, announced
         ]
         for kind, headers in hostile:
@@ -379,6 +381,32 @@ def test_an_error_handling_a_delivery_is_raised_after_the_read_and_the_connectio
         with pytest.raises(ValueError, match="cannot handle b'hostile'"):
             connection.process_data_events(time_limit=None)  # (a delivery ends the wait)
         assert connection.is_open and channel.is_open
+
+
+def test_a_message_that_cannot_be_taken_in_is_dropped_said_and_acknowledged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whatever a sender puts in a message, a worker must not stop over it (nor meet it
+    # again at each restart): what its consumer cannot take in is logged and dropped.
+    consumer = Consumer(1 << 20, prefetch=64)
+
+    def cannot(*args: Any) -> None:
+        raise TypeError("a header no one foresaw")
+
+    monkeypatch.setattr(consumer, "_deliver", cannot)
+    acked: list[int] = []
+
+    class Channel:  # (a pika channel as far as acknowledging goes)
+        def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            acked.append(delivery_tag)
+
+    method = SimpleNamespace(delivery_tag=7)
+    props = SimpleNamespace(type="store", correlation_id="evil.1")
+    consumer.on_command(Channel(), method, props, b"")
+    assert acked == [7] and not consumer.inbox
+    assert "dropped a message (store, correlation id 'evil.1')" in caplog.text
+    consumer.on_reply(Channel(), SimpleNamespace(delivery_tag=8), props, b"")
+    assert acked == [7] and not consumer.inbox  # a reply's goes with its batch, as ever
 
 
 @contextmanager

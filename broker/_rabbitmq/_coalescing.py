@@ -121,7 +121,11 @@ def publish_now(channel: Any, exchange: str, routing_key: str, body: bytes, prop
 
 
 def _readable(sock: socket.socket) -> bool:
-    return bool(select.select((sock,), (), (), 0)[0])
+    """Whether `sock` has input waiting, or an error or hang-up to report (poll, not
+    select: a descriptor past 1023 is out of select's range)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def unsent_bytes(connection: Any) -> int:

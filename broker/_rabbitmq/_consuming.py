@@ -251,11 +251,26 @@ class Consumer:
     # -- pika callbacks -------------------------------------------------------------
 
     def on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        self.replies.add(method.delivery_tag)
-        self._deliver(True, channel, method, props, body)
+        self.replies.add(method.delivery_tag)  # (acknowledged with its batch, whatever comes)
+        try:
+            self._deliver(True, channel, method, props, body)
+        except Exception:
+            self._dropped(props)
 
     def on_command(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        self._deliver(False, channel, method, props, body)
+        try:
+            self._deliver(False, channel, method, props, body)
+        except Exception:
+            self._dropped(props)
+            ack_later(channel, method.delivery_tag)  # never handled, never coming back
+
+    @staticmethod
+    def _dropped(props: Any) -> None:
+        """A message that could not be taken in (whatever a sender put in it, a worker
+        must not stop, nor meet it again at each restart): said, and dropped."""
+        log.exception("dropped a message (%s, correlation id %.100r) that could not be "
+                      "taken in", getattr(props, "type", None),
+                      getattr(props, "correlation_id", None))
 
     def on_cancel(self, method_frame: Any) -> None:
         self.cancelled = True
@@ -347,7 +362,8 @@ class Consumer:
                                         origin=origin)
         except Exception as e:  # hostile headers, or a size this machine cannot hold
             log.warning("dropped a chunked message %s from %r: %s", correlation_id, sender, e)
-            if chunk and chunk[0] == 0:  # refused at its first chunk: tell the sender
+            if isinstance(chunk, list | tuple) and chunk and chunk[0] == 0:  # refused at
+                # its first chunk: tell the sender
                 self._refuse(sender, correlation_id, origin, f"refused: {e}")
             return None
 
