@@ -241,15 +241,22 @@ def test_the_federated_demo_prints_the_rounds_and_writes_its_plot(tmp_path: Path
 
 NON_PRIVATE_ACCURACY = 0.9278  # every round of the public run: see the first test
 
+DP_ACCURACY_FLOOR = NON_PRIVATE_ACCURACY - 0.15
+"""The least a differentially private run's final accuracy may be. The owners' noise
+comes from a secure generator, so every run differs: over 60 runs each (2026-12-07),
+the DP run ended at 0.825-0.93 (mean 0.896, sd 0.021), the secure DP run at 0.828-0.925
+(mean 0.879, sd 0.019). Ten points below the public run was 2 to 3 sd away, and about one
+run in 60 failed; this is 5 sd below the secure run's mean, and far above chance (0.1)."""
 
-def test_fedavg_with_differential_privacy_stays_within_ten_points(
+
+def test_fedavg_with_differential_privacy_stays_near_the_public_run(
     shares: dict[str, Path],
 ) -> None:
     datasets = {o: [f"{p}:#digits"] for o, p in shares.items()}  # private: the default
     with tr.connect(datasets=datasets, privacy=dict.fromkeys(DIGIT_OWNERS, DEMO_PRIVACY)) \
             as fleet:
         run = run_federated(fleet, ROUNDS, echo=lambda line: None)
-    assert run.accuracy >= NON_PRIVATE_ACCURACY - 0.10
+    assert run.accuracy >= DP_ACCURACY_FLOOR
     spent = [r.epsilon for r in run.history]
     assert all(set(e) == set(DIGIT_OWNERS) for e in spent)
     assert [e["bob"] for e in spent] == sorted(e["bob"] for e in spent)  # it only grows
@@ -268,7 +275,7 @@ def test_the_federated_demo_on_rabbitmq_is_private_and_says_what_it_spent(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "The shares are private: FedAvg with differential privacy" in result.stdout
     found = re.search(r"Federated: test accuracy (\S+) after 20 rounds", result.stdout)
-    assert found is not None and float(found.group(1)) >= NON_PRIVATE_ACCURACY - 0.10
+    assert found is not None and float(found.group(1)) >= DP_ACCURACY_FLOOR
     assert re.search(r"Privacy spent, at delta 1e-05: alice epsilon \d", result.stdout)
     assert "WARNING" not in result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.glob("*.toml")) == [
