@@ -18,7 +18,8 @@ a round of their commands published in a few sends, not a hundred and fifty.
 `basic_publish` buffers the frames, then polls the socket for writability and
 dispatches the event to the code that sends them, a poll and some forty Python calls
 to reach one `send` a loopback socket would have taken at once. It sends first and
-leaves to pika's loop only what the socket would not take (a large message).
+leaves to pika's loop only what the socket would not take (a large message), and a
+connection with input waiting (which the loop must read first: see `publish_now`).
 """
 
 from __future__ import annotations

@@ -362,8 +362,8 @@ class Consumer:
                                         origin=origin)
         except Exception as e:  # hostile headers, or a size this machine cannot hold
             log.warning("dropped a chunked message %s from %r: %s", correlation_id, sender, e)
-            if isinstance(chunk, list | tuple) and chunk and chunk[0] == 0:  # refused at
-                # its first chunk: tell the sender
+            first = isinstance(chunk, list | tuple) and bool(chunk) and chunk[0] == 0
+            if first:  # refused at its first chunk: tell the sender
                 self._refuse(sender, correlation_id, origin, f"refused: {e}")
             return None
 
