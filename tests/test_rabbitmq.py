@@ -29,7 +29,12 @@ from torchrelay.broker import (
     SharedConnection,
     worker_queue,
 )
-from torchrelay.broker._rabbitmq._coalescing import coalesce_writes, publish_now, unsent_bytes
+from torchrelay.broker._rabbitmq._coalescing import (
+    coalesce_writes,
+    publish_later,
+    publish_now,
+    unsent_bytes,
+)
 from torchrelay.broker._rabbitmq._consuming import Consumer, consume
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
@@ -312,18 +317,25 @@ def test_a_message_s_frames_leave_in_one_send_and_acknowledgements_with_the_next
 def test_a_small_message_is_sent_at_once_without_pika_s_loop_and_a_large_one_whole(
     vhost_factory: Any
 ) -> None:
-    # pika's basic_publish polls the socket for writability and dispatches the event to
-    # what sends: a poll and dozens of calls per message, where a loopback socket takes
-    # a small one at once. publish_now sends first; pika's loop gets only what is left.
+    # pika's basic_publish writes the frames to a buffer, watches the socket for
+    # writability (a system call), polls it and dispatches the event to what sends, and
+    # unwatches it (another): where a loopback socket takes a small message at once.
+    # publish_now sends it itself; pika's buffer and loop get only what is left.
     with pika.BlockingConnection(pika.URLParameters(vhost_factory())) as connection:
         coalesce_writes(connection)
         channel = connection.channel()
         queue = channel.queue_declare("", exclusive=True).method.queue
-        ioloop = connection._impl.ioloop
+        ioloop, transport = connection._impl.ioloop, connection._impl._transport
         polls: list[None] = []
-        poll = ioloop.poll
+        watched: list[int] = []
+        poll, set_writer = ioloop.poll, transport._nbio.set_writer
         ioloop.poll = lambda: (polls.append(None), poll())[1]
+        transport._nbio.set_writer = lambda fd, on: (watched.append(fd), set_writer(fd, on))[1]
         small, large = b"s" * 100, bytes(range(256)) * (64 << 10)  # 16 MiB: over a socket's buffer
+        publish_now(channel, "", queue, small, pika.BasicProperties(), mandatory=False)
+        assert (polls, watched, unsent_bytes(connection)) == ([], [], 0)
+        # Behind a message written behind, in order, and sent with it.
+        publish_later(channel, "", queue, b"behind", pika.BasicProperties(), mandatory=False)
         publish_now(channel, "", queue, small, pika.BasicProperties(), mandatory=False)
         assert (polls, unsent_bytes(connection)) == ([], 0)
         publish_now(channel, "", queue, large, pika.BasicProperties(), mandatory=False)
@@ -331,8 +343,8 @@ def test_a_small_message_is_sent_at_once_without_pika_s_loop_and_a_large_one_who
         # Nothing is left watched for writability: a read would otherwise fail (pika
         # asserts it has something to send when the socket says it may).
         connection.process_data_events(time_limit=0.1)
-        got = [channel.basic_get(queue, auto_ack=True)[2] for _ in range(2)]
-    assert got == [small, large]
+        got = [channel.basic_get(queue, auto_ack=True)[2] for _ in range(4)]
+    assert got == [small, b"behind", small, large]
 
 
 def test_deliveries_are_handed_over_as_pika_reads_them(

@@ -15,11 +15,13 @@ its connection after each round of commands, so a host's fifty workers send what
 a round of their commands published in a few sends, not a hundred and fifty.
 
 `publish_now` sends a message at once, but without pika's I/O loop: pika's
-`basic_publish` buffers the frames, then polls the socket for writability and
-dispatches the event to the code that sends them, a poll and some forty Python calls
-to reach one `send` a loopback socket would have taken at once. It sends first and
-leaves to pika's loop only what the socket would not take (a large message), and a
-connection with input waiting (which the loop must read first: see `publish_now`).
+`basic_publish` writes the frames to the buffer, watches the socket for writability
+(a system call), polls it and dispatches the event to the code that sends them, then
+unwatches it (another): a poll, two `epoll_ctl`s and some forty Python calls to reach
+one `send` a loopback socket would have taken at once. A small message with nothing
+buffered before it goes straight to the socket; one behind something buffered is sent
+with it; what the socket would not take (a large message), and a connection with
+input waiting (which the loop must read first: see `publish_now`), go to pika's loop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 import select
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
@@ -110,15 +113,43 @@ def publish_now(channel: Any, exchange: str, routing_key: str, body: bytes, prop
     if not isinstance(transport, _PlainTransport):  # (TLS sends in states of its own, as pika does)
         channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         return
-    impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
-                       properties=properties, mandatory=mandatory)
-    if transport.get_write_buffer_size() and not _readable(transport._sock):
-        # What pika's loop calls once the socket is writable: sends what it takes, and
-        # stops watching for writability once nothing is left (else a poll would wake
-        # for it); a send that fails aborts the connection, as it would in the loop.
-        transport._on_socket_writable()
+    if (len(body) <= JOIN_BYTES and not transport.get_write_buffer_size()
+            and transport._state == transport._STATE_ACTIVE and not _readable(transport._sock)):
+        # Nothing buffered before it: its frames go straight to the socket, in one send,
+        # rather than into the buffer, with the socket watched for writability and then
+        # unwatched, two system calls for nothing.
+        _send_directly(transport, lambda: impl.basic_publish(
+            exchange=exchange, routing_key=routing_key, body=body, properties=properties,
+            mandatory=mandatory))
+    else:
+        impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                           properties=properties, mandatory=mandatory)
+        if transport.get_write_buffer_size() and not _readable(transport._sock):
+            # What pika's loop calls once the socket is writable: sends what it takes, and
+            # stops watching for writability once nothing is left (else a poll would wake
+            # for it); a send that fails aborts the connection, as it would in the loop.
+            transport._on_socket_writable()
     if transport.get_write_buffer_size():
         channel._flush_output()  # pika's loop: reads, sends the rest, raises what broke
+
+
+def _send_directly(transport: Any, publish: Callable[[], None]) -> None:
+    """Run `publish` with the frames it writes to `transport` (an empty, active plain
+    one) taken, joined and sent; what the socket does not take, or a send that fails,
+    goes to the transport's buffer after all, for pika's loop to send or report."""
+    frames: list[bytes] = []
+    transport.write = frames.append  # (this object's own attribute, for this call)
+    try:
+        publish()
+    finally:
+        del transport.write
+    data = b"".join(frames)
+    try:
+        sent = transport._sigint_safe_send(transport._sock, data)
+    except OSError:  # (would block, or broken: pika's loop sees it again and says so)
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 def _readable(sock: socket.socket) -> bool:
