@@ -26,6 +26,7 @@ input waiting (which the loop must read first: see `publish_now`), go to pika's 
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import socket
@@ -113,18 +114,17 @@ def publish_now(channel: Any, exchange: str, routing_key: str, body: bytes, prop
     if not isinstance(transport, _PlainTransport):  # (TLS sends in states of its own, as pika does)
         channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         return
-    if (len(body) <= JOIN_BYTES and not transport.get_write_buffer_size()
-            and transport._state == transport._STATE_ACTIVE and not _readable(transport._sock)):
+    publish = functools.partial(impl.basic_publish, exchange=exchange, routing_key=routing_key,
+                                body=body, properties=properties, mandatory=mandatory)
+    quiet = transport._state == transport._STATE_ACTIVE and not _readable(transport._sock)
+    if quiet and len(body) <= JOIN_BYTES and not transport.get_write_buffer_size():
         # Nothing buffered before it: its frames go straight to the socket, in one send,
         # rather than into the buffer, with the socket watched for writability and then
         # unwatched, two system calls for nothing.
-        _send_directly(transport, lambda: impl.basic_publish(
-            exchange=exchange, routing_key=routing_key, body=body, properties=properties,
-            mandatory=mandatory))
+        _send_directly(transport, publish)
     else:
-        impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
-                           properties=properties, mandatory=mandatory)
-        if transport.get_write_buffer_size() and not _readable(transport._sock):
+        publish()
+        if quiet and transport.get_write_buffer_size():
             # What pika's loop calls once the socket is writable: sends what it takes, and
             # stops watching for writability once nothing is left (else a poll would wake
             # for it); a send that fails aborts the connection, as it would in the loop.

@@ -252,25 +252,22 @@ class Consumer:
 
     def on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         self.replies.add(method.delivery_tag)  # (acknowledged with its batch, whatever comes)
-        try:
-            self._deliver(True, channel, method, props, body)
-        except Exception:
-            self._dropped(props)
+        self._take(True, channel, method, props, body)
 
     def on_command(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        try:
-            self._deliver(False, channel, method, props, body)
-        except Exception:
-            self._dropped(props)
-            ack_later(channel, method.delivery_tag)  # never handled, never coming back
+        self._take(False, channel, method, props, body)
 
-    @staticmethod
-    def _dropped(props: Any) -> None:
-        """A message that could not be taken in (whatever a sender put in it, a worker
-        must not stop, nor meet it again at each restart): said, and dropped."""
-        log.exception("dropped a message (%s, correlation id %.100r) that could not be "
-                      "taken in", getattr(props, "type", None),
-                      getattr(props, "correlation_id", None))
+    def _take(self, is_reply: bool, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        """`_deliver`, and a message it cannot take in dropped and said (whatever a sender
+        put in it, a worker must not stop, nor meet it again at each restart)."""
+        try:
+            self._deliver(is_reply, channel, method, props, body)
+        except Exception:
+            log.exception("dropped a message (%s, correlation id %.100r) that could not be "
+                          "taken in", getattr(props, "type", None),
+                          getattr(props, "correlation_id", None))
+            if not is_reply:  # never handled, never coming back: settled now
+                ack_later(channel, method.delivery_tag)
 
     def on_cancel(self, method_frame: Any) -> None:
         self.cancelled = True

@@ -369,8 +369,8 @@ class RabbitMQEndpoint(Endpoint):
         if answered is None or not delivery.reply_to:
             return False
         kind, frame = answered
-        if frame.nbytes > self._publisher.chunk_size:
-            return False  # chunks are published waiting on pika: answered in turn instead
+        if not self._publisher.whole(frame):
+            return False  # (chunks wait on pika, which this runs inside): answered in turn
         # Behind: this runs inside pika's read (see `_consuming`), which sends it.
         self._publisher.publish(self._channels, "", delivery.reply_to, type=kind, frame=frame,
                                 correlation_id=delivery.correlation_id, behind=True)

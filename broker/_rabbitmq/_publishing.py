@@ -126,7 +126,7 @@ class Publisher:
                 ),
             )
             return
-        if frame.nbytes <= self.chunk_size:
+        if self.whole(frame):
             props = self._properties
             props.type, props.correlation_id, props.reply_to = type, correlation_id, reply_to
             if confirm:  # (pika waits for the broker's word)
@@ -154,6 +154,11 @@ class Publisher:
             if progress is not None:
                 done += len(data)
                 progress(f"{type} to {routing_key.rsplit('.', 1)[-1]}", done, frame.nbytes)
+
+    def whole(self, frame: Frame) -> bool:
+        """Whether `frame` goes as one message (else in chunks, each published waiting on
+        pika: never from inside its read)."""
+        return frame.nbytes <= self.chunk_size
 
     def event(self, channels: Channels, routing_key: str, body: bytes) -> None:
         """Announce on the events exchange: JSON, for people and tools as much as for us."""
