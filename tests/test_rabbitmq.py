@@ -376,19 +376,85 @@ def test_deliveries_are_handed_over_as_pika_reads_them(
     assert (got, waited_out, queued) == ([b"0", b"1", b"2"], [], [])
 
 
+@contextmanager
+def _consuming(url: str, on_message: Any) -> Iterator[tuple[Any, Any, str]]:
+    """A connection, a channel of it consuming (`consume`) a queue of its own, the queue."""
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        consume(channel, queue, on_message)
+        yield connection, channel, queue
+
+
+def test_whole_deliveries_are_read_without_pika_s_frame_decoding(
+    vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pika turns each of a delivery's three frames into an object and passes it through
+    # its callback manager and content assembler; `consume` reads whole ones in one pass.
+    decoded: list[None] = []
+    decode_frame = pika.frame.decode_frame
+    monkeypatch.setattr(pika.frame, "decode_frame",
+                        lambda data: (decoded.append(None), decode_frame(data))[1])
+    got: list[tuple[Any, Any, bytes]] = []
+    with _consuming(vhost_factory(), lambda _channel, method, props, body: got.append(
+            (method, props, body))) as (connection, channel, queue):
+        props = pika.BasicProperties(type="call", correlation_id="c-1", reply_to="back",
+                                     user_id="guest", headers={"sender": "zoë"})
+        channel.basic_publish("", queue, b"one", props)
+        channel.basic_publish("", queue, b"", props)  # (no body frame: pika's to read)
+        decoded.clear()
+        while len(got) < 2:
+            connection.process_data_events(time_limit=None)
+        decoded_for_them = len(decoded)
+    (method, props, body), (_, _, empty) = got
+    assert (body, empty) == (b"one", b"")
+    assert (method.routing_key, method.exchange, method.redelivered) == (queue, "", False)
+    assert (props.type, props.correlation_id, props.reply_to, props.user_id,
+            props.headers) == ("call", "c-1", "back", "guest", {"sender": "zoë"})
+    assert decoded_for_them == 2  # the empty message's method and header frames only
+
+
+def test_a_delivery_read_in_pieces_or_among_other_frames_reaches_its_consumer_whole(
+    vhost_factory: Any
+) -> None:
+    # What a read brings may end in the middle of a frame, and deliveries come between
+    # heartbeats and messages too large for one body frame, which pika reads: whatever
+    # the cut, each delivery reaches its consumer once, whole and in order.
+    got: list[tuple[int, str, bytes]] = []
+    with _consuming(vhost_factory(), lambda _channel, method, props, body: got.append(
+            (method.delivery_tag, props.correlation_id, body))) as (connection, channel, queue):
+        (tag,) = channel._impl._consumers
+        number, impl = channel.channel_number, connection._impl
+
+        def delivery(delivery_tag: int, *bodies: bytes) -> bytes:
+            method = pika.spec.Basic.Deliver(tag, delivery_tag, False, "", queue)
+            header = pika.frame.Header(number, sum(map(len, bodies)), pika.BasicProperties(
+                correlation_id=f"c-{delivery_tag}", headers={"sender": "ünïcode"}))
+            return b"".join([pika.frame.Method(number, method).marshal(), header.marshal(),
+                             *(pika.frame.Body(number, body).marshal() for body in bodies)])
+
+        stream = b"".join([delivery(1, b"first"), pika.frame.Heartbeat().marshal(),
+                           delivery(2, b"second"), delivery(3, b"thi", b"rd"), delivery(4),
+                           delivery(5, b"fifth")])
+        expected = [(1, "c-1", b"first"), (2, "c-2", b"second"), (3, "c-3", b"third"),
+                    (4, "c-4", b""), (5, "c-5", b"fifth")]
+        for cut in range(len(stream) + 1):
+            got.clear()
+            impl._on_data_available(stream[:cut])
+            impl._on_data_available(stream[cut:])
+            assert (cut, got) == (cut, expected)
+            assert impl._frame_buffer == b""
+
+
 def test_an_error_handling_a_delivery_is_raised_after_the_read_and_the_connection_stays(
     vhost_factory: Any
 ) -> None:
     # Raised inside pika's read, it would abort the connection: a message whose handling
     # always fails would bring it down again each time it came back.
-    with pika.BlockingConnection(pika.URLParameters(vhost_factory())) as connection:
-        channel = connection.channel()
-        queue = channel.queue_declare("", exclusive=True).method.queue
+    def refuse(_channel: Any, _method: Any, _props: Any, body: bytes) -> None:
+        raise ValueError(f"cannot handle {body!r}")
 
-        def refuse(_channel: Any, _method: Any, _props: Any, body: bytes) -> None:
-            raise ValueError(f"cannot handle {body!r}")
-
-        consume(channel, queue, refuse)
+    with _consuming(vhost_factory(), refuse) as (connection, channel, queue):
         channel.basic_publish("", queue, b"hostile")
         with pytest.raises(ValueError, match="cannot handle b'hostile'"):
             connection.process_data_events(time_limit=None)  # (a delivery ends the wait)

@@ -45,6 +45,7 @@ from .._names import RETURNED
 from .._trace import stamp
 from .._transport import Delivery
 from ._coalescing import ack_later
+from ._reading import read_deliveries
 
 __all__ = ["ACK_BATCH", "ACK_DELAY", "REPLY_ACK_BATCH", "REPLY_PREFETCH", "AckBatch",
            "CommandAcks", "Consumer", "consume"]
@@ -73,10 +74,11 @@ def consume(channel: Any, queue: str, on_message: OnMessage) -> None:
     read loop is done: an object, a dispatch request and a few calls more per message.
     Handed over as read instead, the way pika's own `consume()` generator takes them,
     with the wait for a delivery ended as that generator ends it (a dispatch request
-    for no channel). `on_message` must then not wait on pika (see the module
-    docstring). A cancellation by the broker is dispatched as pika does it, to the
-    channel's cancel callbacks, and an error `on_message` raises is raised from the
-    dispatch, once the read is done, as a queued delivery's would be. Raises what
+    for no channel); a delivery whose frames are whole in what pika read is taken
+    without pika's frame decoding (`read_deliveries`). `on_message` must then not wait
+    on pika (see the module docstring). A cancellation by the broker is dispatched as
+    pika does it, to the channel's cancel callbacks, and an error `on_message` raises is
+    raised from the dispatch, once the read is done, as a queued delivery's would be. Raises what
     `basic_consume` raises (pika's `ChannelClosedByBroker` when another consumer holds
     the queue)."""
     subscribe = getattr(channel, "_basic_consume_impl", None)
@@ -88,13 +90,9 @@ def consume(channel: Any, queue: str, on_message: OnMessage) -> None:
         return
     stop_waiting = -channel.channel_number
 
-    def as_read(event: Any) -> None:
-        body = getattr(event, "body", None)
-        if body is None:  # the broker cancelled the consumer
-            queue_event(event)
-            return
+    def deliver(method: Any, properties: Any, body: bytes) -> None:
         try:
-            on_message(channel, event.method, event.properties, body)
+            on_message(channel, method, properties, body)
         except Exception as error:
             # Raised inside pika's read, it would abort the connection (and a message
             # that always raises would bring it down again each time it came back):
@@ -103,8 +101,16 @@ def consume(channel: Any, queue: str, on_message: OnMessage) -> None:
             return
         request(stop_waiting)
 
-    subscribe(queue=queue, auto_ack=False, exclusive=True, consumer_tag=None,
-              alternate_event_sink=as_read)
+    def as_read(event: Any) -> None:
+        body = getattr(event, "body", None)
+        if body is None:  # the broker cancelled the consumer
+            queue_event(event)
+            return
+        deliver(event.method, event.properties, body)
+
+    tag = subscribe(queue=queue, auto_ack=False, exclusive=True, consumer_tag=None,
+                    alternate_event_sink=as_read)
+    read_deliveries(connection, channel.channel_number, tag, deliver)
 
 
 class _Raise:
