@@ -396,12 +396,16 @@ def test_whole_deliveries_are_read_without_pika_s_frame_decoding(
     monkeypatch.setattr(pika.frame, "decode_frame",
                         lambda data: (decoded.append(None), decode_frame(data))[1])
     got: list[tuple[Any, Any, bytes]] = []
-    with _consuming(vhost_factory(), lambda _channel, method, props, body: got.append(
-            (method, props, body))) as (connection, channel, queue):
+    url = vhost_factory()
+    with _consuming(url, lambda _channel, method, props, body: got.append(
+            (method, props, body))) as (connection, _channel, queue):
         props = pika.BasicProperties(type="call", correlation_id="c-1", reply_to="back",
                                      user_id="guest", headers={"sender": "zoë"})
-        channel.basic_publish("", queue, b"one", props)
-        channel.basic_publish("", queue, b"", props)  # (no body frame: pika's to read)
+        # Published on a connection of their own: the consuming one reads in the loop only.
+        with pika.BlockingConnection(pika.URLParameters(url)) as publisher:
+            sending = publisher.channel()
+            sending.basic_publish("", queue, b"one", props)
+            sending.basic_publish("", queue, b"", props)  # (no body frame: pika's to read)
         decoded.clear()
         while len(got) < 2:
             connection.process_data_events(time_limit=None)
