@@ -111,8 +111,10 @@ class _Reader:
                 tag, offset = _short_string(buffer, method_at + 4)
                 sink = self.sinks.get((number, tag))
                 channel = impl._channels.get(number)
-                if (sink is None or channel is None or tag not in channel._consumers
-                        or tag in channel._cancelled
+                if sink is None or channel is None or tag not in channel._consumers:
+                    self.sinks.pop((number, tag), None)  # (a consumer gone: pika says so)
+                    return
+                if (tag in channel._cancelled
                         or channel._content_assembler._method_frame is not None):
                     return
                 delivery_tag = _U64.unpack_from(buffer, offset)[0]
