@@ -36,6 +36,7 @@ from torchrelay.broker._rabbitmq._coalescing import (
     unsent_bytes,
 )
 from torchrelay.broker._rabbitmq._consuming import Consumer, consume
+from torchrelay.broker._rabbitmq._framing import message_frames
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
@@ -262,6 +263,27 @@ def test_small_message_properties_encode_as_pika_does(
     ours.correlation_id = "x" * 256
     with pytest.raises(pika.exceptions.ShortStringTooLong):
         ours.encode()
+
+
+@pytest.mark.parametrize(("exchange", "routing_key", "mandatory", "body"), [
+    ("torchrelay.commands", "bob", True, b"x" * 100),
+    ("", "torchrelay.reply.zoë", False, b""),
+    ("", "q", False, bytes(range(256)) * 9),  # over the body frame's size: in three
+])
+def test_a_small_message_s_frames_are_pika_s_own(
+    exchange: str, routing_key: str, mandatory: bool, body: bytes
+) -> None:
+    properties = pika.BasicProperties(correlation_id="c-1", headers={"sender": "ünï"})
+    written: list[bytes] = []
+    connection = SimpleNamespace(_body_max_length=1000, _output_marshaled_frames=written.extend)
+    pika.connection.Connection._send_message(  # (what pika marshals, as it writes it)
+        connection, 7, pika.spec.Basic.Publish(exchange=exchange, routing_key=routing_key,
+                                               mandatory=mandatory), (properties, body))
+    assert message_frames(7, exchange, routing_key, mandatory=mandatory,
+                          properties=properties, body=body, body_max=1000) == b"".join(written)
+    with pytest.raises(pika.exceptions.ShortStringTooLong):
+        message_frames(7, "", "q" * 256, mandatory=False, properties=properties, body=body,
+                       body_max=1000)
 
 
 def test_a_transfer_waits_for_the_broker_s_confirm_only_where_it_may_refuse() -> None:

@@ -26,15 +26,15 @@ input waiting (which the loop must read first: see `publish_now`), go to pika's 
 
 from __future__ import annotations
 
-import functools
 import logging
 import select
 import socket
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
+
+from ._framing import message_frames
 
 __all__ = ["ack_later", "coalesce_writes", "publish_later", "publish_now", "unsent_bytes"]
 
@@ -103,47 +103,50 @@ def publish_now(channel: Any, exchange: str, routing_key: str, body: bytes, prop
                 *, mandatory: bool) -> None:
     """Publish on `channel` (a pika `BlockingChannel`, not in confirm mode) and send it,
     with whatever the connection's buffer held, now: as `basic_publish` does, minus
-    pika's loop when nothing waits to be read and the socket takes everything at once.
+    pika's loop when nothing waits to be read and the socket takes everything at once,
+    and a small message's frames marshalled in one pass (`message_frames`).
 
     pika's loop reads before it returns: a connection the broker closed while we were
     away is found closed there, before the message is taken for sent (the caller then
     reconnects and publishes it again). So when anything waits to be read, the loop
     runs, as in `basic_publish`."""
     impl: Any = getattr(channel, "_impl", None)
-    transport: Any = getattr(getattr(impl, "connection", None), "_transport", None)
-    if not isinstance(transport, _PlainTransport):  # (TLS sends in states of its own, as pika does)
+    connection: Any = getattr(impl, "connection", None)
+    transport: Any = getattr(connection, "_transport", None)
+    body_max = getattr(connection, "_body_max_length", None)
+    if not isinstance(transport, _PlainTransport) or body_max is None:
+        # (TLS sends in states of its own, as pika does)
         channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         return
-    publish = functools.partial(impl.basic_publish, exchange=exchange, routing_key=routing_key,
-                                body=body, properties=properties, mandatory=mandatory)
     quiet = transport._state == transport._STATE_ACTIVE and not _readable(transport._sock)
-    if quiet and len(body) <= JOIN_BYTES and not transport.get_write_buffer_size():
-        # Nothing buffered before it: its frames go straight to the socket, in one send,
-        # rather than into the buffer, with the socket watched for writability and then
-        # unwatched, two system calls for nothing.
-        _send_directly(transport, publish)
+    if len(body) > JOIN_BYTES or not impl.is_open:  # (pika's to frame, or to refuse)
+        impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
+                           properties=properties, mandatory=mandatory)
     else:
-        publish()
-        if quiet and transport.get_write_buffer_size():
-            # What pika's loop calls once the socket is writable: sends what it takes, and
-            # stops watching for writability once nothing is left (else a poll would wake
-            # for it); a send that fails aborts the connection, as it would in the loop.
-            transport._on_socket_writable()
+        data = message_frames(impl.channel_number, exchange, routing_key, mandatory=mandatory,
+                              properties=properties, body=body, body_max=body_max)
+        connection.bytes_sent += len(data)
+        connection.frames_sent += 2 + -(-len(body) // body_max)
+        if quiet and not transport.get_write_buffer_size():
+            # Nothing buffered before it: straight to the socket, in one send, rather
+            # than into the buffer, with the socket watched for writability and then
+            # unwatched, two system calls for nothing.
+            _send_directly(transport, data)
+        else:
+            transport.write(data)
+    if quiet and transport.get_write_buffer_size():
+        # What pika's loop calls once the socket is writable: sends what it takes, and
+        # stops watching for writability once nothing is left (else a poll would wake
+        # for it); a send that fails aborts the connection, as it would in the loop.
+        transport._on_socket_writable()
     if transport.get_write_buffer_size():
         channel._flush_output()  # pika's loop: reads, sends the rest, raises what broke
 
 
-def _send_directly(transport: Any, publish: Callable[[], None]) -> None:
-    """Run `publish` with the frames it writes to `transport` (an empty, active plain
-    one) taken, joined and sent; what the socket does not take, or a send that fails,
-    goes to the transport's buffer after all, for pika's loop to send or report."""
-    frames: list[bytes] = []
-    transport.write = frames.append  # (this object's own attribute, for this call)
-    try:
-        publish()
-    finally:
-        del transport.write
-    data = b"".join(frames)
+def _send_directly(transport: Any, data: bytes) -> None:
+    """Send `data` on `transport` (an empty, active plain one); what the socket does not
+    take, or a send that fails, goes to the transport's buffer after all, for pika's
+    loop to send or report."""
     try:
         sent = transport._sigint_safe_send(transport._sock, data)
     except OSError:  # (would block, or broken: pika's loop sees it again and says so)

@@ -25,6 +25,7 @@ from .._chunks import split_frame
 from .._codec import Frame
 from .._names import APP_ID, COMMAND_EXCHANGE, EVENTS_EXCHANGE
 from ._coalescing import publish_later, publish_now
+from ._framing import short_string
 from ._link import Channels
 
 __all__ = ["Publisher", "SmallMessageProperties"]
@@ -35,13 +36,6 @@ __all__ = ["Publisher", "SmallMessageProperties"]
 _TRANSIENT: Final = 1
 _SET_APART_BYTES: Final = 1 << 20
 """A dead-lettered message keeps its body up to this size (its size is always said)."""
-
-
-def _short_string(value: str) -> bytes:
-    encoded = value.encode()
-    if len(encoded) > 255:
-        raise pika.exceptions.ShortStringTooLong(encoded)
-    return bytes((len(encoded),)) + encoded
 
 
 class SmallMessageProperties(pika.BasicProperties):  # type: ignore[misc]
@@ -63,7 +57,7 @@ class SmallMessageProperties(pika.BasicProperties):  # type: ignore[misc]
         table: list[bytes] = []
         pika.data.encode_table(table, headers)
         self._head = b"".join(table) + bytes((_TRANSIENT,))
-        self._tail = _short_string(user) + _short_string(APP_ID)
+        self._tail = short_string(user) + short_string(APP_ID)
 
     def encode(self) -> list[bytes]:
         if self.reply_to is None:
@@ -71,9 +65,9 @@ class SmallMessageProperties(pika.BasicProperties):  # type: ignore[misc]
             reply = b""
         else:
             flags = self._FLAGS | pika.BasicProperties.FLAG_REPLY_TO
-            reply = _short_string(self.reply_to)
-        return [struct.pack(">H", flags), self._head, _short_string(self.correlation_id),
-                reply, _short_string(self.type), self._tail]
+            reply = short_string(self.reply_to)
+        return [struct.pack(">H", flags), self._head, short_string(self.correlation_id),
+                reply, short_string(self.type), self._tail]
 
 
 class Publisher:
