@@ -440,6 +440,36 @@ def test_whole_deliveries_are_read_without_pika_s_frame_decoding(
     assert decoded_for_them == 2  # the empty message's method and header frames only
 
 
+def test_a_short_read_ends_the_reading_and_what_comes_later_wakes_the_next_poll(
+    vhost_factory: Any
+) -> None:
+    # pika reads until recv raises that it would block: an exception, a log call and a
+    # system call after every message. Its polls are level-triggered: a read shorter
+    # than asked for may end the reading, and whatever comes after wakes the next poll.
+    got: list[bytes] = []
+    url = vhost_factory()
+    with _consuming(url, lambda _channel, _method, _props, body: got.append(body)) as (
+            connection, _channel, queue):
+        transport = connection._impl._transport
+        recv, blocked = transport._sigint_safe_recv, []
+
+        def counted(sock: Any, size: int) -> bytes:
+            try:
+                return bytes(recv(sock, size))
+            except BlockingIOError:
+                blocked.append(None)
+                raise
+
+        transport._sigint_safe_recv = counted
+        with pika.BlockingConnection(pika.URLParameters(url)) as publisher:
+            sending = publisher.channel()
+            for body in (b"one", bytes(9000), b"three"):  # (the second over a read)
+                sending.basic_publish("", queue, body)
+                while body not in got:
+                    connection.process_data_events(time_limit=None)
+    assert (got, blocked) == ([b"one", bytes(9000), b"three"], [])
+
+
 def test_a_delivery_read_in_pieces_or_among_other_frames_reaches_its_consumer_whole(
     vhost_factory: Any
 ) -> None:

@@ -15,16 +15,23 @@ other method, a heartbeat, a frame not yet whole, a message in several body fram
 a consumer being cancelled, a channel pika is assembling content on) the rest of
 the buffer goes to pika's reader, as it was, so everything but these deliveries,
 and every error, is pika's.
+
+pika's plain transport reads its socket until `recv` raises that it would block: an
+exception through three frames and a log call, after every message. Its polls are
+level-triggered, so `read_deliveries` also has a read shorter than asked for end
+the reading: whatever came meanwhile wakes the next poll.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Callable
 from typing import Any, Final
 
 import pika.spec
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
 __all__ = ["Sink", "read_deliveries"]
 
@@ -133,6 +140,26 @@ class _Reader:
                  properties, message)
 
 
+def _consume_until_short(transport: Any) -> None:
+    """pika's `_consume` (its plain transport's read), ended by a short read too."""
+    consumed = 0
+    wanted = transport._MAX_RECV_BYTES
+    while transport._state == transport._STATE_ACTIVE and consumed < transport._MAX_CONSUME_BYTES:
+        data = transport._sigint_safe_recv(transport._sock, wanted)
+        if not data:
+            log.error("Socket EOF; %s", transport._sock)
+            raise transport.RxEndOfFile()
+        consumed += len(data)
+        try:
+            transport._protocol.data_received(data)
+        except Exception as error:
+            log.exception("protocol.data_received() failed: error=%r; %s", error,
+                          transport._sock)
+            raise
+        if len(data) < wanted:
+            return
+
+
 def read_deliveries(connection: Any, channel_number: int, consumer_tag: str,
                     sink: Sink) -> bool:
     """Hand the deliveries to `consumer_tag` on `channel_number` of `connection` (a pika
@@ -152,5 +179,8 @@ def read_deliveries(connection: Any, channel_number: int, consumer_tag: str,
             return False
         reader = _Reader(impl)
         impl._on_data_available = reader
+        transport = getattr(impl, "_transport", None)
+        if isinstance(transport, _PlainTransport):  # (TLS reads in states of its own)
+            transport._consume = functools.partial(_consume_until_short, transport)
     reader.sinks[(channel_number, consumer_tag)] = sink
     return True
