@@ -31,11 +31,13 @@ from torchrelay.broker import (
 )
 from torchrelay.broker._rabbitmq._coalescing import (
     coalesce_writes,
+    idle,
     publish_later,
     publish_now,
     unsent_bytes,
 )
 from torchrelay.broker._rabbitmq._consuming import Consumer, consume
+from torchrelay.broker._rabbitmq._endpoint import _read
 from torchrelay.broker._rabbitmq._framing import message_frames
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
@@ -468,6 +470,30 @@ def test_a_short_read_ends_the_reading_and_what_comes_later_wakes_the_next_poll(
                 while body not in got:
                     connection.process_data_events(time_limit=None)
     assert (got, blocked) == ([b"one", bytes(9000), b"three"], [])
+
+
+def test_a_look_that_would_find_nothing_is_not_taken(vhost_factory: Any) -> None:
+    # Between two commands it holds, a worker looks for new ones (the next command is the
+    # fairest sender's): pika's loop, for nothing, cost more than a small command's work.
+    got: list[bytes] = []
+    url = vhost_factory()
+    with _consuming(url, lambda _channel, _method, _props, body: got.append(body)) as (
+            connection, channel, queue):
+        loops: list[None] = []
+        process = connection.process_data_events
+        connection.process_data_events = lambda **limit: (loops.append(None), process(**limit))
+        _read(connection, [], wait=False)
+        assert (idle(connection), loops) == (True, [])
+        with pika.BlockingConnection(pika.URLParameters(url)) as publisher:
+            publisher.channel().basic_publish("", queue, b"new")
+        assert select.select([connection._impl._transport._sock], [], [], 10)[0]
+        assert not idle(connection)  # input waiting
+        _read(connection, [], wait=False)
+        assert (got, len(loops)) == ([b"new"], 1)
+        publish_later(channel, "", queue, b"behind", pika.BasicProperties(), mandatory=False)
+        assert not idle(connection)  # output waiting
+        _read(connection, [], wait=False)
+        assert (unsent_bytes(connection), len(loops)) == (0, 2)
 
 
 def test_a_delivery_read_in_pieces_or_among_other_frames_reaches_its_consumer_whole(

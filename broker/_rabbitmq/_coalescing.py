@@ -36,7 +36,8 @@ from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _P
 
 from ._framing import message_frames
 
-__all__ = ["ack_later", "coalesce_writes", "publish_later", "publish_now", "unsent_bytes"]
+__all__ = ["ack_later", "coalesce_writes", "idle", "publish_later", "publish_now",
+           "unsent_bytes"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -153,6 +154,20 @@ def _send_directly(transport: Any, data: bytes) -> None:
         sent = 0
     if sent < len(data):
         transport.write(data[sent:])
+
+
+def idle(connection: Any) -> bool:
+    """Whether pika's loop, run on `connection` (a pika `BlockingConnection`) now, would
+    find nothing to do: no input waiting, nothing buffered to send, no event waiting to
+    be dispatched. (Its timers, heartbeats among them, the link's keep-alive thread
+    runs whenever the connection is not in use.)"""
+    transport: Any = getattr(getattr(connection, "_impl", None), "_transport", None)
+    return (isinstance(transport, _PlainTransport)
+            and transport._state == transport._STATE_ACTIVE
+            and not transport.get_write_buffer_size()
+            and not getattr(connection, "_channels_pending_dispatch", True)
+            and not getattr(connection, "_ready_events", True)
+            and not _readable(transport._sock))
 
 
 def _readable(sock: socket.socket) -> bool:
