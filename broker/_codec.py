@@ -179,11 +179,14 @@ class _Encoder:
         dtype_name = _DTYPE_NAMES.get(tensor.dtype)
         if dtype_name is None:
             raise EncodeError(f"tensors of dtype {tensor.dtype} cannot travel")
+        # Each torch call costs microseconds cold, as between two commands: none without need.
         requires_grad = tensor.requires_grad
-        data = tensor.detach()
-        if data.device.type != "cpu":
+        data = tensor.detach() if requires_grad else tensor
+        if not data.is_cpu:
             data = data.cpu()
-        data = data.resolve_conj().resolve_neg().contiguous()
+        if data.dtype.is_complex:
+            data = data.resolve_conj()
+        data = data.resolve_neg().contiguous()  # (a real view of a conjugate may be negated)
         self.keepalive.append(data)
         offset = self.offset
         buffer = tensor_buffer(data)

@@ -49,13 +49,15 @@ def test_tensors_keep_dtype_shape_values_and_requires_grad() -> None:
         torch.randn(3, 4, requires_grad=True), torch.arange(6).reshape(2, 3).t(),
         torch.tensor(2.5), torch.zeros(0, 5), torch.randn(3, dtype=torch.complex128).conj(),
         -torch.ones(2, dtype=torch.float16),
+        torch._neg_view(torch.tensor([1.0, -2.0])),  # real, negated only by a bit
     ]
+    assert tensors[-1].is_neg() and tensors[-1].is_contiguous()
     back = roundtrip(tensors)
     assert isinstance(back, list)
     for original, decoded in zip(tensors, back, strict=True):
         assert decoded.dtype == original.dtype
         assert decoded.shape == original.shape
-        assert torch.equal(decoded.detach(), original.detach().resolve_conj())
+        assert torch.equal(decoded.detach(), original.detach().resolve_conj().resolve_neg())
         assert decoded.requires_grad == original.requires_grad
 
 
