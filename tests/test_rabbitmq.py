@@ -494,6 +494,11 @@ def test_a_look_that_would_find_nothing_is_not_taken(vhost_factory: Any) -> None
         assert not idle(connection)  # output waiting
         _read(connection, [], wait=False)
         assert (unsent_bytes(connection), len(loops)) == (0, 2)
+        called: list[None] = []
+        connection.add_callback_threadsafe(lambda: called.append(None))
+        assert not idle(connection)  # a callback due
+        _read(connection, [], wait=False)
+        assert (called, len(loops)) == ([None], 3)
 
 
 def test_a_delivery_read_in_pieces_or_among_other_frames_reaches_its_consumer_whole(
@@ -526,6 +531,22 @@ def test_a_delivery_read_in_pieces_or_among_other_frames_reaches_its_consumer_wh
             impl._on_data_available(stream[cut:])
             assert (cut, got) == (cut, expected)
             assert impl._frame_buffer == b""
+        # A consumer that reads the connection again (none of ours does) reads what
+        # follows its delivery, in order.
+        first, rest = delivery(1, b"first"), delivery(2, b"second") + delivery(3, b"third")
+        nested = [rest[len(rest) // 2:]]
+        sinks = impl._on_data_available.sinks
+        sink = sinks[(number, tag)]
+
+        def reading_again(*args: Any) -> None:
+            sink(*args)
+            if nested:
+                impl._on_data_available(nested.pop())
+
+        sinks[(number, tag)] = reading_again
+        got.clear()
+        impl._on_data_available(first + rest[:len(rest) // 2])
+        assert [body for _, _, body in got] == [b"first", b"second", b"third"]
 
 
 def test_an_error_handling_a_delivery_is_raised_after_the_read_and_the_connection_stays(

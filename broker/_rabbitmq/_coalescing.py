@@ -120,7 +120,8 @@ def publish_now(channel: Any, exchange: str, routing_key: str, body: bytes, prop
         channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         return
     quiet = transport._state == transport._STATE_ACTIVE and not _readable(transport._sock)
-    if len(body) > JOIN_BYTES or not impl.is_open:  # (pika's to frame, or to refuse)
+    if type(body) is not bytes or len(body) > JOIN_BYTES or not impl.is_open:
+        # (pika's to frame, or to refuse)
         impl.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
                            properties=properties, mandatory=mandatory)
     else:
@@ -159,10 +160,13 @@ def _send_directly(transport: Any, data: bytes) -> None:
 def idle(connection: Any) -> bool:
     """Whether pika's loop, run on `connection` (a pika `BlockingConnection`) now, would
     find nothing to do: no input waiting, nothing buffered to send, no event waiting to
-    be dispatched. (Its timers, heartbeats among them, the link's keep-alive thread
-    runs whenever the connection is not in use.)"""
-    transport: Any = getattr(getattr(connection, "_impl", None), "_transport", None)
-    return (isinstance(transport, _PlainTransport)
+    be dispatched, no timer or callback due."""
+    impl: Any = getattr(connection, "_impl", None)
+    transport: Any = getattr(impl, "_transport", None)
+    if not isinstance(transport, _PlainTransport):
+        return False
+    due = impl.ioloop._get_remaining_interval()  # (callbacks from other threads are timers)
+    return ((due is None or due > 0)
             and transport._state == transport._STATE_ACTIVE
             and not transport.get_write_buffer_size()
             and not getattr(connection, "_channels_pending_dispatch", True)

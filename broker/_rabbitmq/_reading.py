@@ -67,77 +67,72 @@ def _short_string(data: bytes, at: int) -> tuple[Any, int]:
 class _Reader:
     """Stands in for a pika connection's `_on_data_available` (see the module)."""
 
-    __slots__ = ("_by_pika", "_impl", "_taken", "sinks")
+    __slots__ = ("_by_pika", "_impl", "sinks")
 
     def __init__(self, impl: Any) -> None:
         self._impl = impl
         self._by_pika: Callable[[bytes], None] = impl._on_data_available
         self.sinks: dict[tuple[int, str], Sink] = {}
-        self._taken = 0
 
     def __call__(self, data: bytes) -> None:
         impl = self._impl
-        buffer = impl._frame_buffer + data if impl._frame_buffer else data
-        impl._frame_buffer = b""
-        self._taken = 0
-        try:
-            self._take(buffer)
-        finally:
-            # What was handed over is gone, whatever a sink raised; the rest is pika's.
-            rest = buffer[self._taken:] if self._taken else buffer
-            impl._frame_buffer = rest
-        if rest:
+        impl._frame_buffer = impl._frame_buffer + data if impl._frame_buffer else data
+        # Read from pika's own buffer each time: a sink that reads the connection again
+        # (none does) reads what follows, in order, as it would within pika.
+        while impl._frame_buffer and self._deliver_first(impl._frame_buffer):
+            pass
+        if impl._frame_buffer:
             self._by_pika(b"")
 
-    def _take(self, buffer: bytes) -> None:
-        """Hand over the whole deliveries at the start of `buffer`, counting them taken."""
+    def _deliver_first(self, buffer: bytes) -> bool:
+        """Hand over the delivery `buffer` starts with, if it is one to take whole (it
+        is then gone from pika's buffer before its sink is called, as pika does it)."""
         impl = self._impl
         end = len(buffer)
-        at = 0
-        while end - at > _FRAME_HEAD + 4:
-            kind, number, size = _FRAME.unpack_from(buffer, at)
-            method_at = at + _FRAME_HEAD
-            if kind != _METHOD or buffer[method_at:method_at + 4] != _DELIVER:
-                return
-            header = method_at + size + 1
-            if header + _FRAME_HEAD > end or buffer[header - 1] != _FRAME_END:
-                return
-            kind, header_number, size = _FRAME.unpack_from(buffer, header)
-            body = header + _FRAME_HEAD + size + 1
-            if (kind != _HEADER or header_number != number or body + _FRAME_HEAD > end
-                    or buffer[body - 1] != _FRAME_END
-                    or buffer[header + _FRAME_HEAD:header + _FRAME_HEAD + 2] != _BASIC):
-                return
+        if end <= _FRAME_HEAD + 4:
+            return False
+        kind, number, size = _FRAME.unpack_from(buffer, 0)
+        if kind != _METHOD or buffer[_FRAME_HEAD:_FRAME_HEAD + 4] != _DELIVER:
+            return False
+        header = _FRAME_HEAD + size + 1
+        if header + _FRAME_HEAD > end or buffer[header - 1] != _FRAME_END:
+            return False
+        kind, header_number, size = _FRAME.unpack_from(buffer, header)
+        body = header + _FRAME_HEAD + size + 1
+        if (kind != _HEADER or header_number != number or body + _FRAME_HEAD > end
+                or buffer[body - 1] != _FRAME_END
+                or buffer[header + _FRAME_HEAD:header + _FRAME_HEAD + 2] != _BASIC):
+            return False
+        try:
             body_size = _U64.unpack_from(buffer, header + _FRAME_HEAD + 4)[0]
             kind, body_number, size = _FRAME.unpack_from(buffer, body)
             following = body + _FRAME_HEAD + size + 1
             if (kind != _BODY or body_number != number or size != body_size
                     or following > end or buffer[following - 1] != _FRAME_END):
-                return
-            try:
-                tag, offset = _short_string(buffer, method_at + 4)
-                sink = self.sinks.get((number, tag))
-                channel = impl._channels.get(number)
-                if sink is None or channel is None or tag not in channel._consumers:
-                    self.sinks.pop((number, tag), None)  # (a consumer gone: pika says so)
-                    return
-                if (tag in channel._cancelled
-                        or channel._content_assembler._method_frame is not None):
-                    return
-                delivery_tag = _U64.unpack_from(buffer, offset)[0]
-                redelivered = bool(buffer[offset + 8] & 1)
-                exchange, offset = _short_string(buffer, offset + 9)
-                routing_key, _ = _short_string(buffer, offset)
-                properties = _Properties()
-                properties.decode(buffer[header + _PROPERTIES_AT:body - 1])
-            except Exception:  # (malformed: pika reads it again and says what is wrong)
-                return
-            message = buffer[body + _FRAME_HEAD:following - 1]
-            impl.frames_received += 3
-            impl.bytes_received += following - at
-            at = self._taken = following
-            sink(_Deliver(tag, delivery_tag, redelivered, exchange, routing_key),
-                 properties, message)
+                return False
+            tag, offset = _short_string(buffer, _FRAME_HEAD + 4)
+            sink = self.sinks.get((number, tag))
+            channel = impl._channels.get(number)
+            if sink is None or channel is None or tag not in channel._consumers:
+                self.sinks.pop((number, tag), None)  # (a consumer gone: pika says so)
+                return False
+            if (tag in channel._cancelled
+                    or channel._content_assembler._method_frame is not None):
+                return False
+            delivery_tag = _U64.unpack_from(buffer, offset)[0]
+            redelivered = bool(buffer[offset + 8] & 1)
+            exchange, offset = _short_string(buffer, offset + 9)
+            routing_key, _ = _short_string(buffer, offset)
+            properties = _Properties()
+            properties.decode(buffer[header + _PROPERTIES_AT:body - 1])
+        except Exception:  # (malformed: pika reads it again and says what is wrong)
+            return False
+        impl._frame_buffer = buffer[following:]
+        impl.frames_received += 3
+        impl.bytes_received += following
+        sink(_Deliver(tag, delivery_tag, redelivered, exchange, routing_key), properties,
+             buffer[body + _FRAME_HEAD:following - 1])
+        return True
 
 
 def _consume_until_short(transport: Any) -> None:
@@ -165,7 +160,7 @@ def read_deliveries(connection: Any, channel_number: int, consumer_tag: str,
     """Hand the deliveries to `consumer_tag` on `channel_number` of `connection` (a pika
     `BlockingConnection`) to `sink` as they are read (see the module); whether it could
     (the pika internals it relies on are pika 1.x's)."""
-    impl = getattr(connection, "_impl", None)
+    impl: Any = getattr(connection, "_impl", None)
     reader = getattr(impl, "__dict__", {}).get("_on_data_available")
     if not isinstance(reader, _Reader):
         needed = ("_frame_buffer", "_channels", "bytes_received", "frames_received",
@@ -182,5 +177,10 @@ def read_deliveries(connection: Any, channel_number: int, consumer_tag: str,
         transport = getattr(impl, "_transport", None)
         if isinstance(transport, _PlainTransport):  # (TLS reads in states of its own)
             transport._consume = functools.partial(_consume_until_short, transport)
+    channels = impl._channels
+    for number, tag in list(reader.sinks):  # (consumers gone with no delivery since)
+        channel = channels.get(number)
+        if channel is None or tag not in channel._consumers:
+            del reader.sinks[(number, tag)]
     reader.sinks[(channel_number, consumer_tag)] = sink
     return True
