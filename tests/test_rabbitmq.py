@@ -39,6 +39,7 @@ from torchrelay.broker._rabbitmq._coalescing import (
 from torchrelay.broker._rabbitmq._consuming import Consumer, consume
 from torchrelay.broker._rabbitmq._endpoint import _read
 from torchrelay.broker._rabbitmq._framing import message_frames
+from torchrelay.broker._rabbitmq._reading import wait_for_input
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
 from torchrelay.worker import WorkerProcesses
 
@@ -499,6 +500,32 @@ def test_a_look_that_would_find_nothing_is_not_taken(vhost_factory: Any) -> None
         assert not idle(connection)  # a callback due
         _read(connection, [], wait=False)
         assert (called, len(loops)) == ([None], 3)
+
+
+def test_a_wait_for_input_reads_without_pika_s_loop_and_leaves_it_the_rest(
+    vhost_factory: Any
+) -> None:
+    # pika's loop around a poll (its dispatch guard, a timer for the time limit, its
+    # checks) cost more than reading a small message; a wait in the state torchrelay
+    # waits in polls and reads, and leaves whatever else is due to pika's loop.
+    got: list[bytes] = []
+    url = vhost_factory()
+    with _consuming(url, lambda _channel, _method, _props, body: got.append(body)) as (
+            connection, _channel, queue):
+        loops: list[Any] = []
+        process = connection.process_data_events
+        connection.process_data_events = lambda **limit: (loops.append(limit), process(**limit))
+        wait_for_input(connection, 0.01)  # nothing comes: one poll, and back
+        assert (got, loops) == ([], [])
+        with pika.BlockingConnection(pika.URLParameters(url)) as publisher:
+            publisher.channel().basic_publish("", queue, b"new")
+        while not got:
+            wait_for_input(connection, 10)
+        assert (got, loops) == ([b"new"], [])
+        called: list[None] = []
+        connection.add_callback_threadsafe(lambda: called.append(None))
+        wait_for_input(connection, 10)  # a callback due: pika's loop runs it
+        assert called == [None] and loops
 
 
 def test_a_delivery_read_in_pieces_or_among_other_frames_reaches_its_consumer_whole(

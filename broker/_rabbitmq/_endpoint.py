@@ -48,6 +48,7 @@ from ._coalescing import idle
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer, consume
 from ._link import Channels, Link, LinkSettings, Seat, redact_url, tls_context
 from ._publishing import Publisher
+from ._reading import wait_for_input
 
 __all__ = ["RabbitMQBroker", "RabbitMQEndpoint", "SharedConnection", "redact_url"]
 
@@ -564,7 +565,7 @@ def _read(connection: Any, endpoints: list[RabbitMQEndpoint], *, wait: bool) -> 
             connection.process_data_events(time_limit=0)
     else:
         due = [t for e in endpoints if (t := e._consumer.acks_due_in()) is not None]
-        connection.process_data_events(time_limit=min(due, default=None))
+        wait_for_input(connection, min(due, default=None))
     for endpoint in endpoints:
         endpoint._tend()
 

@@ -20,6 +20,12 @@ pika's plain transport reads its socket until `recv` raises that it would block:
 exception through three frames and a log call, after every message. Its polls are
 level-triggered, so `read_deliveries` also has a read shorter than asked for end
 the reading: whatever came meanwhile wakes the next poll.
+
+`wait_for_input` waits for a connection's input without pika's blocking loop
+around the poll (its event-dispatch guard, a timer for the time limit, the loop's
+checks and dispatch), 13 to 16 µs a wait: one poll, and a read when the socket is
+all it reports; anything else it reports, and any timer, callback, event or output
+pending after it, is pika's loop's to run at once.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import pika.spec
+from pika.adapters.select_connection import PollEvents, PollPoller
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
-__all__ = ["Sink", "read_deliveries"]
+__all__ = ["Sink", "read_deliveries", "wait_for_input"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -184,3 +191,41 @@ def read_deliveries(connection: Any, channel_number: int, consumer_tag: str,
             del reader.sinks[(number, tag)]
     reader.sinks[(channel_number, consumer_tag)] = sink
     return True
+
+
+def wait_for_input(connection: Any, time_limit: float | None) -> None:
+    """`connection.process_data_events(time_limit)` (a pika `BlockingConnection`), but
+    for one poll only, and without pika's loop when the connection is in the state
+    torchrelay waits in (see the module); callers wait again if they must."""
+    impl: Any = getattr(connection, "_impl", None)
+    transport: Any = getattr(impl, "_transport", None)
+    poller: Any = getattr(getattr(impl, "ioloop", None), "_poller", None)
+    polling: Any = getattr(poller, "_poll", None)
+    if (not isinstance(transport, _PlainTransport) or not isinstance(poller, PollPoller)
+            or polling is None or transport._state != transport._STATE_ACTIVE
+            or transport.get_write_buffer_size() or connection._ready_events
+            or connection._channels_pending_dispatch or connection._closed_result.ready):
+        connection.process_data_events(time_limit=time_limit)
+        return
+    ioloop = impl.ioloop
+    due = ioloop._get_remaining_interval()
+    if due is not None and due <= 0:
+        connection.process_data_events(time_limit=time_limit)
+        return
+    wait = min(t for t in (time_limit, due, poller._MAX_POLL_TIMEOUT) if t is not None)
+    events = polling.poll(wait * poller.POLL_TIMEOUT_MULT)
+    if events == [(transport._sock.fileno(), PollEvents.READ)]:
+        transport._on_socket_readable()
+    elif events:  # (anything else: pika's, as its loop would dispatch it)
+        happened: dict[int, int] = {}
+        for fileno, event in events:
+            happened[fileno] = happened.get(fileno, 0) | event
+        poller._dispatch_fd_events(happened)
+    pending = connection._channels_pending_dispatch
+    if all(number < 0 for number in pending):  # (what ends a wait: nothing to dispatch)
+        pending.clear()
+    due = ioloop._get_remaining_interval()
+    if (pending or connection._ready_events or connection._closed_result.ready
+            or (due is not None and due <= 0) or transport._state != transport._STATE_ACTIVE
+            or transport.get_write_buffer_size()):
+        connection.process_data_events(time_limit=0)  # (pika's: runs, sends, raises)
