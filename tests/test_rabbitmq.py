@@ -39,8 +39,8 @@ from torchrelay.broker._rabbitmq._coalescing import (
 from torchrelay.broker._rabbitmq._consuming import Consumer, consume
 from torchrelay.broker._rabbitmq._endpoint import _read
 from torchrelay.broker._rabbitmq._framing import message_frames
-from torchrelay.broker._rabbitmq._reading import wait_for_input
 from torchrelay.broker._rabbitmq._publishing import SmallMessageProperties
+from torchrelay.broker._rabbitmq._reading import wait_for_input
 from torchrelay.worker import WorkerProcesses
 
 tr.hook(torch)
@@ -411,6 +411,15 @@ def _consuming(url: str, on_message: Any) -> Iterator[tuple[Any, Any, str]]:
         yield connection, channel, queue
 
 
+@contextmanager
+def _consuming_bodies(url: str) -> Iterator[tuple[Any, Any, str, list[bytes]]]:
+    """`_consuming`, the bodies it receives collected in the list it yields last."""
+    got: list[bytes] = []
+    with _consuming(url, lambda _channel, _method, _props, body: got.append(body)) as (
+            connection, channel, queue):
+        yield connection, channel, queue, got
+
+
 def test_whole_deliveries_are_read_without_pika_s_frame_decoding(
     vhost_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -449,10 +458,8 @@ def test_a_short_read_ends_the_reading_and_what_comes_later_wakes_the_next_poll(
     # pika reads until recv raises that it would block: an exception, a log call and a
     # system call after every message. Its polls are level-triggered: a read shorter
     # than asked for may end the reading, and whatever comes after wakes the next poll.
-    got: list[bytes] = []
     url = vhost_factory()
-    with _consuming(url, lambda _channel, _method, _props, body: got.append(body)) as (
-            connection, _channel, queue):
+    with _consuming_bodies(url) as (connection, _channel, queue, got):
         transport = connection._impl._transport
         recv, blocked = transport._sigint_safe_recv, []
 
@@ -476,10 +483,8 @@ def test_a_short_read_ends_the_reading_and_what_comes_later_wakes_the_next_poll(
 def test_a_look_that_would_find_nothing_is_not_taken(vhost_factory: Any) -> None:
     # Between two commands it holds, a worker looks for new ones (the next command is the
     # fairest sender's): pika's loop, for nothing, cost more than a small command's work.
-    got: list[bytes] = []
     url = vhost_factory()
-    with _consuming(url, lambda _channel, _method, _props, body: got.append(body)) as (
-            connection, channel, queue):
+    with _consuming_bodies(url) as (connection, channel, queue, got):
         loops: list[None] = []
         process = connection.process_data_events
         connection.process_data_events = lambda **limit: (loops.append(None), process(**limit))
@@ -508,10 +513,8 @@ def test_a_wait_for_input_reads_without_pika_s_loop_and_leaves_it_the_rest(
     # pika's loop around a poll (its dispatch guard, a timer for the time limit, its
     # checks) cost more than reading a small message; a wait in the state torchrelay
     # waits in polls and reads, and leaves whatever else is due to pika's loop.
-    got: list[bytes] = []
     url = vhost_factory()
-    with _consuming(url, lambda _channel, _method, _props, body: got.append(body)) as (
-            connection, _channel, queue):
+    with _consuming_bodies(url) as (connection, _channel, queue, got):
         loops: list[Any] = []
         process = connection.process_data_events
         connection.process_data_events = lambda **limit: (loops.append(limit), process(**limit))
