@@ -35,6 +35,7 @@ from typing import Any
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
 from ._framing import message_frames
+from ._reading import settled
 
 __all__ = ["ack_later", "coalesce_writes", "idle", "publish_later", "publish_now",
            "unsent_bytes"]
@@ -159,19 +160,8 @@ def _send_directly(transport: Any, data: bytes) -> None:
 
 def idle(connection: Any) -> bool:
     """Whether pika's loop, run on `connection` (a pika `BlockingConnection`) now, would
-    find nothing to do: no input waiting, nothing buffered to send, no event waiting to
-    be dispatched, no timer or callback due."""
-    impl: Any = getattr(connection, "_impl", None)
-    transport: Any = getattr(impl, "_transport", None)
-    if not isinstance(transport, _PlainTransport):
-        return False
-    due = impl.ioloop._get_remaining_interval()  # (callbacks from other threads are timers)
-    return ((due is None or due > 0)
-            and transport._state == transport._STATE_ACTIVE
-            and not transport.get_write_buffer_size()
-            and not getattr(connection, "_channels_pending_dispatch", True)
-            and not getattr(connection, "_ready_events", True)
-            and not _readable(transport._sock))
+    find nothing to do: `settled`, and no input waiting."""
+    return settled(connection) and not _readable(connection._impl._transport._sock)
 
 
 def _readable(sock: socket.socket) -> bool:

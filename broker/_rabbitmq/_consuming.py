@@ -78,9 +78,9 @@ def consume(channel: Any, queue: str, on_message: OnMessage) -> None:
     without pika's frame decoding (`read_deliveries`). `on_message` must then not wait
     on pika (see the module docstring). A cancellation by the broker is dispatched as
     pika does it, to the channel's cancel callbacks, and an error `on_message` raises is
-    raised from the dispatch, once the read is done, as a queued delivery's would be. Raises what
-    `basic_consume` raises (pika's `ChannelClosedByBroker` when another consumer holds
-    the queue)."""
+    raised from the dispatch, once the read is done, as a queued delivery's would be.
+    Raises what `basic_consume` raises (pika's `ChannelClosedByBroker` when another
+    consumer holds the queue)."""
     subscribe = getattr(channel, "_basic_consume_impl", None)
     connection = getattr(channel, "connection", None)
     request = getattr(connection, "_request_channel_dispatch", None)

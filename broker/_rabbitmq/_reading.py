@@ -40,7 +40,7 @@ import pika.spec
 from pika.adapters.select_connection import PollEvents, PollPoller
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
-__all__ = ["Sink", "read_deliveries", "wait_for_input"]
+__all__ = ["Sink", "read_deliveries", "settled", "wait_for_input"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -193,25 +193,32 @@ def read_deliveries(connection: Any, channel_number: int, consumer_tag: str,
     return True
 
 
-def wait_for_input(connection: Any, time_limit: float | None) -> None:
-    """`connection.process_data_events(time_limit)` (a pika `BlockingConnection`), but
-    for one poll only, and without pika's loop when the connection is in the state
-    torchrelay waits in (see the module); callers wait again if they must."""
+def settled(connection: Any) -> bool:
+    """Whether pika's loop has nothing to run on `connection` (a pika `BlockingConnection`)
+    but its input: a plain transport, open, with nothing buffered to send, no event to
+    dispatch, no timer or callback due."""
     impl: Any = getattr(connection, "_impl", None)
     transport: Any = getattr(impl, "_transport", None)
-    poller: Any = getattr(getattr(impl, "ioloop", None), "_poller", None)
-    polling: Any = getattr(poller, "_poll", None)
-    if (not isinstance(transport, _PlainTransport) or not isinstance(poller, PollPoller)
-            or polling is None or transport._state != transport._STATE_ACTIVE
+    if (not isinstance(transport, _PlainTransport) or transport._state != transport._STATE_ACTIVE
             or transport.get_write_buffer_size() or connection._ready_events
             or connection._channels_pending_dispatch or connection._closed_result.ready):
+        return False
+    due = impl.ioloop._get_remaining_interval()  # (callbacks from other threads are timers)
+    return due is None or due > 0
+
+
+def wait_for_input(connection: Any, time_limit: float | None) -> None:
+    """`connection.process_data_events(time_limit)` (a pika `BlockingConnection`), but
+    for one poll only, and without pika's loop when the connection is `settled` (see
+    the module); callers wait again if they must."""
+    poller: Any = getattr(getattr(getattr(connection, "_impl", None), "ioloop", None),
+                          "_poller", None)
+    polling: Any = getattr(poller, "_poll", None)
+    if not isinstance(poller, PollPoller) or polling is None or not settled(connection):
         connection.process_data_events(time_limit=time_limit)
         return
-    ioloop = impl.ioloop
-    due = ioloop._get_remaining_interval()
-    if due is not None and due <= 0:
-        connection.process_data_events(time_limit=time_limit)
-        return
+    impl = connection._impl
+    transport, due = impl._transport, impl.ioloop._get_remaining_interval()
     wait = min(t for t in (time_limit, due, poller._MAX_POLL_TIMEOUT) if t is not None)
     events = polling.poll(wait * poller.POLL_TIMEOUT_MULT)
     if events == [(transport._sock.fileno(), PollEvents.READ)]:
@@ -224,8 +231,5 @@ def wait_for_input(connection: Any, time_limit: float | None) -> None:
     pending = connection._channels_pending_dispatch
     if all(number < 0 for number in pending):  # (what ends a wait: nothing to dispatch)
         pending.clear()
-    due = ioloop._get_remaining_interval()
-    if (pending or connection._ready_events or connection._closed_result.ready
-            or (due is not None and due <= 0) or transport._state != transport._STATE_ACTIVE
-            or transport.get_write_buffer_size()):
+    if not settled(connection):
         connection.process_data_events(time_limit=0)  # (pika's: runs, sends, raises)
