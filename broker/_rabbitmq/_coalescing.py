@@ -35,10 +35,8 @@ from typing import Any
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport as _PlainTransport
 
 from ._framing import message_frames
-from ._reading import settled
 
-__all__ = ["ack_later", "coalesce_writes", "idle", "publish_later", "publish_now",
-           "unsent_bytes"]
+__all__ = ["ack_later", "coalesce_writes", "publish_later", "publish_now", "unsent_bytes"]
 
 log = logging.getLogger("torchrelay.broker")
 
@@ -156,12 +154,6 @@ def _send_directly(transport: Any, data: bytes) -> None:
         sent = 0
     if sent < len(data):
         transport.write(data[sent:])
-
-
-def idle(connection: Any) -> bool:
-    """Whether pika's loop, run on `connection` (a pika `BlockingConnection`) now, would
-    find nothing to do: `settled`, and no input waiting."""
-    return settled(connection) and not _readable(connection._impl._transport._sock)
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -44,7 +44,6 @@ from .._names import (
 from .._trace import stamp
 from .._transport import Broker, Delivery, Endpoint
 from . import _topology as topology
-from ._coalescing import idle
 from ._consuming import REPLY_PREFETCH, Allocate, Consumer, consume
 from ._link import Channels, Link, LinkSettings, Seat, redact_url, tls_context
 from ._publishing import Publisher
@@ -559,10 +558,10 @@ def _read(connection: Any, endpoints: list[RabbitMQEndpoint], *, wait: bool) -> 
     for endpoint in endpoints:
         endpoint._tend()
     if not wait or any(e.has_received for e in endpoints):
-        # A look that would find nothing is not taken: pika's loop costs a worker, between
-        # two commands it holds, more than a small command's own work.
-        if not idle(connection):
-            connection.process_data_events(time_limit=0)
+        # A look is a wait that does not wait: pika's loop, which costs a worker more than
+        # a small command's own work between two commands it holds, runs only for what
+        # is not input.
+        wait_for_input(connection, 0)
     else:
         due = [t for e in endpoints if (t := e._consumer.acks_due_in()) is not None]
         wait_for_input(connection, min(due, default=None))
