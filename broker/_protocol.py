@@ -221,9 +221,13 @@ class Call(Command):
     hops: Hops = 0
     holders: list[Identity] = field(default_factory=list)
     """Who else may use the result: the participants a forwarded call acts for."""
+    fetch: bool = False
+    """Then `fetch` the result, as that command would, with every check of it: the
+    answer is its value (`(x + x).get()` as one command; down a chain of pointers, the
+    pointer to it). Never in a plan."""
 
     def describe(self) -> str:
-        return f"call {self.op}"
+        return f"call {self.op} and fetch its result" if self.fetch else f"call {self.op}"
 
 
 MAX_PLAN_CALLS: Final = 4096

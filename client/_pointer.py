@@ -28,7 +28,6 @@ import torch
 from torchrelay.broker import (
     Call,
     Describe,
-    Fetch,
     Grant,
     Meta,
     ObjectRef,
@@ -134,7 +133,7 @@ class PointerTensor:
 
     def get(self) -> Any:
         """Bring the target back (removing it from the worker); a pointer stays a pointer."""
-        value = self.fleet.request(self.location.id, Fetch(self.id_at_location))
+        value = self.fleet.fetch(self.location.id, self.id_at_location)
         self.garbage_collect = False
         if type(value) is PointerRef:
             location = self.fleet.worker(value.location)

@@ -105,6 +105,16 @@ class Publisher:
         with self._lock:
             return self._publish()
 
+    def replace(self, correlation_id: str, command: Command) -> bool:
+        """Send `command` in place of the one waiting under `correlation_id`, with its
+        envelope; whether that one was still waiting (not published meanwhile)."""
+        with self._lock:
+            for index, (_, waiting, envelope) in enumerate(self._queued):
+                if waiting == correlation_id:
+                    self._queued[index] = (command, correlation_id, envelope)
+                    return True
+        return False
+
     def drop(self) -> None:
         """Forget what waits (it failed with everything in flight)."""
         with self._lock:

@@ -32,6 +32,7 @@ In every other case the client first collects what is in flight, then sends.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import random
@@ -45,11 +46,13 @@ from torchrelay.broker import (
     GONE_AFTER_SECONDS,
     GONE_CHECK_SECONDS,
     Broker,
+    Call,
     Command,
     ConnectionLost,
     Delete,
     Endpoint,
     Envelope,
+    Fetch,
     GoneWatch,
     ReplyTimeout,
     Status,
@@ -249,7 +252,26 @@ class Fleet:
                 guard = self.pending.first().number
             else:
                 self._collect()
-        correlation_id = self._send(worker_id, command, keep=True, settles=True, guard=guard)
+        return self._answer(self._send(worker_id, command, keep=True, settles=True,
+                                       guard=guard))
+
+    def fetch(self, worker_id: str, object_id: int) -> Any:
+        """`request(worker_id, Fetch(object_id))`; but when the call that makes the object
+        is the one command in flight, still waiting to go, it goes instead as that call
+        fetching its result (`Call.fetch`): one command, with every check of both."""
+        if self.capture is None and len(self.pending) == 1:
+            correlation_id, entry = self.pending.first_item()
+            call = entry.command
+            if (type(call) is Call and call.result_id == object_id and not call.fetch
+                    and entry.worker_id == worker_id and entry.settles):
+                fused = dataclasses.replace(call, fetch=True)
+                if self.publisher.replace(correlation_id, fused):
+                    entry.command, entry.keep = fused, True
+                    return self._answer(correlation_id)
+        return self.request(worker_id, Fetch(object_id))
+
+    def _answer(self, correlation_id: str) -> Any:
+        """Wait for everything in flight; the reply to `correlation_id` (a command kept)."""
         self._collect(raise_errors=False)
         result = self.replies.results.pop(correlation_id)
         self.replies.raise_errors()  # an earlier failure first: the reason this one was refused

@@ -236,3 +236,16 @@ def test_a_store_claiming_a_pointer_to_itself_is_refused(
     body = Store(7, PointerRef("bob", 7)).encode().tobytes()
     reply = raw_request(fleet, "bob", "store", body)
     assert reply.error is not None and "cannot point at itself" in reply.error.message
+
+
+def test_a_call_told_to_fetch_without_a_result_is_refused(
+    fleet: tr.Fleet, bob: tr.WorkerHandle
+) -> None:
+    # `fetch` is the client's `(x + x).get()` in one command; sent by hand on an in-place
+    # call, it has nothing of its own to fetch, and the call does not run.
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    reply = raw_request(fleet, "bob", "call", Call(
+        "Tensor.add_", [ObjectRef(x.id_at_location), 1], {}, None, fetch=True).encode().tobytes())
+    assert reply.error is not None and "no result to fetch" in reply.error.message
+    assert list(bob._objects) == [x.id_at_location]
+    assert torch.equal(x.get(), torch.tensor([1.0, 2.0]))

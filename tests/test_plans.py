@@ -121,6 +121,8 @@ def _call(op: str, args: list[Any], result_id: int | None = None, **fields: Any)
     [
         ([_call("builtins.eval", ["1"], 2)], [2], "'builtins.eval' is not on the allow-list"),
         ([_call("Tensor.add", [ObjectRef(1), 1], 2, hops=1)], [2], "hops must be 0"),
+        ([{**_call("Tensor.add", [ObjectRef(1), 1], 2), "fetch": True}], [2],
+         "a plan's calls fetch nothing"),
         ([_call("torch.add", [ObjectRef(1), 1], 2, kwargs={"out": ObjectRef(1)})], [2],
          "with out= is refused"),
         ([_call("Tensor.add", [ObjectRef(1), 1], 2)] * 2, [2], "result 2 is made twice"),

@@ -4,6 +4,7 @@ earlier failures first, metadata answered locally."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -19,14 +20,68 @@ def test_get_behind_an_operation_costs_one_round_trip(
     fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
 ) -> None:
     x = torch.tensor([1.0, 2.0]).send(bob)
+    y = x * 3
     fleet.sync()
     recorder.clear()
 
-    assert torch.equal((x + x).get(), torch.tensor([2.0, 4.0]))
+    y += 1
+    assert torch.equal(y.get(), torch.tensor([4.0, 7.0]))
 
     # One message each way: the fetch goes with the operation, the replies together.
     assert recorder.messages == ["send call + fetch to bob", "receive call.reply + fetch.reply"]
     x.get()
+
+
+def test_get_of_the_operation_just_posted_is_one_command(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    x = _sent(torch.tensor([1.0, 2.0]), bob, recorder)
+
+    assert torch.equal((x + x).get(), torch.tensor([2.0, 4.0]))
+
+    # The call that makes the result, still waiting to go, goes as that call fetching
+    # it: one command, and nothing left on bob but x.
+    assert recorder.messages == ["send call to bob", "receive call.reply"]
+    assert list(bob._objects) == [x.id_at_location]
+    recorder.clear()
+    y = x * 2
+    fleet.sync()  # gone already: fetched as a fetch
+    assert torch.equal(y.get(), torch.tensor([2.0, 4.0]))
+    assert recorder.messages == ["send call to bob", "receive call.reply", "send fetch to bob",
+                                 "receive fetch.reply"]
+    x.get()
+
+
+def test_a_get_whose_operation_fails_raises_its_error_and_leaves_nothing(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    x = _sent(torch.tensor([1.0, 2.0]), bob, recorder)
+
+    with pytest.raises(tr.RemoteError, match=r"call Tensor\.view and fetch its result failed "
+                       r"on worker 'bob': RuntimeError: shape '\[5, 5\]' is invalid") as caught:
+        x.view(5, 5).get()
+
+    assert caught.value.operation == "call Tensor.view and fetch its result"
+    assert recorder.messages == ["send call to bob", "receive call.reply"]
+    assert list(bob._objects) == [x.id_at_location]
+    assert torch.equal(x.get(), torch.tensor([1.0, 2.0]))
+
+
+def test_a_get_of_an_operation_down_a_chain_the_client_did_not_know_of_gets_a_pointer(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    chain = torch.tensor([1.0]).send(bob).send(alice)
+    fleet.sync()
+    found = tr.PointerTensor(alice, chain.id_at_location)  # as if found, not sent on
+    found.garbage_collect = False  # (chain's)
+    recorder.clear()
+
+    got = (found + 1).get()  # one command: alice forwards the call, then fetches its result
+
+    assert recorder.messages == ["send call to alice", "receive call.reply"]
+    assert isinstance(got, tr.PointerTensor) and got.location is bob
+    assert torch.equal(got.get(), torch.tensor([2.0]))
+    assert torch.equal(chain.get().get(), torch.tensor([1.0]))
 
 
 def test_a_wait_behind_a_chain_or_another_worker_collects_first(
@@ -55,9 +110,7 @@ def test_a_wait_behind_a_chain_or_another_worker_collects_first(
 def test_a_get_behind_a_failure_raises_it_and_destroys_nothing(
     fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
 ) -> None:
-    x = torch.tensor([1.0, 2.0]).send(bob)
-    fleet.sync()
-    recorder.clear()
+    x = _sent(torch.tensor([1.0, 2.0]), bob, recorder)
 
     x.view(5, 5)  # fails on bob, nobody waits for it
     with pytest.raises(tr.RemoteError, match=r"call Tensor\.view failed") as caught:
@@ -204,3 +257,11 @@ def test_a_batch_s_answers_wait_for_its_move_and_come_back_with_its_answer(
     assert status["id"] == "bob"
     x.garbage_collect = False  # (moved: alice has it now)
     assert tr.PointerTensor(alice, moved_id).get().tolist() == [0.0, 0.0, 0.0]
+
+
+def _sent(tensor: torch.Tensor, worker: tr.WorkerHandle, recorder: Recorder) -> Any:
+    """`tensor` sent to `worker`, stored there, and the traffic so far forgotten."""
+    pointer = tensor.send(worker)
+    worker.fleet.sync()
+    recorder.clear()
+    return pointer

@@ -61,6 +61,9 @@ def check_plan(command: DefinePlan) -> RecordedPlan:
         if call.hops:
             raise ProtocolError(f"plan call {number}: a plan runs where its data is (hops "
                                 "must be 0)")
+        if call.fetch:
+            raise ProtocolError(f"plan call {number}: a plan's calls fetch nothing (what it "
+                                "returns is fetched afterwards)")
         if call.result_id is not None:
             if call.result_id in made or call.result_id in parameters:
                 raise ProtocolError(f"plan call {number}: result {call.result_id} is made twice")

@@ -9,6 +9,7 @@ and refuses mixing workers.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -110,6 +111,10 @@ def call(worker: WorkerRuntime, command: Call, sender: str) -> Any:
             f"{command.op} with out= is refused: results are new objects here (use the "
             "in-place method, such as add_, to change a tensor)"
         )
+    fetched = command.result_id if command.fetch else None  # (`Call.fetch`)
+    if command.fetch and fetched is None:
+        raise ProtocolError(f"{command.describe()}: there is no result to fetch (result_id "
+                            "is null)")
     resolver = ArgumentResolver(worker.store, sender)
     args = resolver.arguments(command.args)
     kwargs = resolver.resolve(command.kwargs) if command.kwargs else {}
@@ -121,10 +126,21 @@ def call(worker: WorkerRuntime, command: Call, sender: str) -> Any:
             worker.store.put(command.result_id, result, owners, _holders(command, sender),
                              by=sender)
             stamp("worker.stored")
+            if fetched is not None:  # stored first: a fetch refused leaves it, as a `fetch` does
+                return fetch(worker, Fetch(fetched), sender)
         elif owners and command.args and type(command.args[0]) is ObjectRef:
             worker.store.add_owners(command.args[0].id, owners)  # changed in place
         return None
-    return forward_call(worker, command, sender, resolver.location, args=args, kwargs=kwargs)
+    forwarded = forward_call(worker, command, sender, resolver.location, args=args,
+                             kwargs=kwargs)
+    return forwarded if fetched is None else _then_fetch(worker, forwarded, fetched, sender)
+
+
+async def _then_fetch(worker: WorkerRuntime, call: Coroutine[Any, Any, None], result_id: int,
+                      sender: str) -> Encoded:
+    """A call forwarded down a chain, then its result (the pointer to it) fetched."""
+    await call
+    return fetch(worker, Fetch(result_id), sender)
 
 
 def execute(worker: WorkerRuntime, call: Call, op: Any, *, args: list[Any],
