@@ -1,8 +1,8 @@
 """Where the time of one small operation goes, layer by layer, beside bare pika's.
 
-`y = x + x; fleet.sync()` (and `(x + x).get()`, whose call and fetch go as one
-batch: its "journal commit" segment holds the fetch, from the call's reply to
-the batch's) on a daemon started for this measure with
+`y = x + x; fleet.sync()` (and `(x + x).get()`, one command: the call, told to
+fetch its result, which its "reply encoded, logged" segment holds) on a daemon
+started for this measure with
 `TORCHRELAY_TRACE` set, and the bare pika echo round trip on an echo server
 traced the same way: every layer stamps the moment it is done with a command
 (`torchrelay.broker._trace`; CLOCK_MONOTONIC, one clock for all processes of

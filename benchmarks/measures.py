@@ -150,7 +150,7 @@ def sync_op(session: Session) -> MeasureResult:
         ("1 sync x+x", literal, at_most(1.2), at_most(1.5),
          "`y = x + x; fleet.sync()`: the old y rides, as garbage, with the next command"),
         ("1 get (x+x).get()", got, at_most(1.3), at_most(1.6),
-         "the fetch is published right behind the op: one round trip"),
+         "the op, told to fetch its result: one command, one round trip"),
         ("1 sync x+x, results kept", kept, None, None,
          "every result kept alive (no garbage at all); no target"),
         ("1 move 4 floats", moves, None, None,

@@ -229,6 +229,12 @@ class Call(Command):
     def describe(self) -> str:
         return f"call {self.op} and fetch its result" if self.fetch else f"call {self.op}"
 
+    def fields(self, envelope: Envelope | None = None) -> dict[str, Any]:
+        values = Command.fields(self, envelope)
+        if not self.fetch:  # a call as it was before the field: a worker of then takes it
+            del values["fetch"]
+        return values
+
 
 MAX_PLAN_CALLS: Final = 4096
 """The most operations one plan may hold."""

@@ -105,13 +105,14 @@ class Publisher:
         with self._lock:
             return self._publish()
 
-    def replace(self, correlation_id: str, command: Command) -> bool:
-        """Send `command` in place of the one waiting under `correlation_id`, with its
-        envelope; whether that one was still waiting (not published meanwhile)."""
+    def replace(self, queued: Queued) -> bool:
+        """Send `queued` in place of the command waiting under its correlation id; whether
+        that one was still waiting (not published meanwhile)."""
+        correlation_id = queued[1]
         with self._lock:
-            for index, (_, waiting, envelope) in enumerate(self._queued):
+            for index, (_, waiting, _) in enumerate(self._queued):
                 if waiting == correlation_id:
-                    self._queued[index] = (command, correlation_id, envelope)
+                    self._queued[index] = queued
                     return True
         return False
 

@@ -27,6 +27,8 @@ them in order, so it sees their effects. It carries a guard (`Envelope.guard`):
 should one of them fail, the worker refuses it instead of running it behind a
 failure the client has not heard of, so a `get` never destroys what it fetched.
 In every other case the client first collects what is in flight, then sends.
+A fetch of what the one command in flight makes, still waiting to go, replaces
+that command: the call, told to fetch its result (`fetch`, `Call.fetch`).
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ class Fleet:
         With `show_garbage`, every worker first deletes what dead pointers owned,
         for commands that show a store.
         """
+        self.replies.raise_errors()  # one already in: a `get` behind it must not even go
         guard = None
         if show_garbage:
             self._flush_deletes()
@@ -259,13 +262,17 @@ class Fleet:
         """`request(worker_id, Fetch(object_id))`; but when the call that makes the object
         is the one command in flight, still waiting to go, it goes instead as that call
         fetching its result (`Call.fetch`): one command, with every check of both."""
+        self.replies.raise_errors()  # (as `request`)
         if self.capture is None and len(self.pending) == 1:
             correlation_id, entry = self.pending.first_item()
             call = entry.command
             if (type(call) is Call and call.result_id == object_id and not call.fetch
-                    and entry.worker_id == worker_id and entry.settles):
+                    and entry.worker_id == worker_id and entry.settles and not entry.keep):
+                # With the call's own envelope: what died since it was posted may be its
+                # arguments, and garbage is deleted before a command runs; it waits.
+                envelope = Envelope(list(entry.garbage)) if entry.garbage else None
                 fused = dataclasses.replace(call, fetch=True)
-                if self.publisher.replace(correlation_id, fused):
+                if self.publisher.replace((fused, correlation_id, envelope)):
                     entry.command, entry.keep = fused, True
                     return self._answer(correlation_id)
         return self.request(worker_id, Fetch(object_id))
@@ -283,6 +290,7 @@ class Fleet:
         """`request` for several commands at once: sent together (one batch per worker
         when they follow one another), waited for together; their replies in order.
         Raises the first error, once all are in."""
+        self.replies.raise_errors()  # (as `request`)
         if self.pending and not (
             len({worker_id for worker_id, _ in requests}) == 1
             and self.pending.may_overtake(requests[0][0])

@@ -204,6 +204,28 @@ def test_private_data_moves_only_where_its_owner_trusts(fleet: tr.Fleet) -> None
     _refused(back)
 
 
+def test_a_result_fetched_by_its_own_call_is_refused_and_kept(fleet: tr.Fleet) -> None:
+    # `(data + 1).get()` goes as one command, the call told to fetch its result: the
+    # fetch's checks hold, and a refused fetch leaves the result, as a `fetch` does.
+    bob = fleet.worker("bob")
+    data = _secret(fleet, "bob")
+    fleet.sync()
+    before = set(bob._objects)
+    sent: list[str] = []
+    endpoint_send = fleet.endpoint.send_command
+    fleet.endpoint.send_command = lambda *a, **k: (sent.append(a[1]), endpoint_send(*a, **k))
+    try:
+        doubled = data * 2
+        with pytest.raises(tr.PrivateDataError, match="cannot be fetched") as refused:
+            doubled.get()
+    finally:
+        del fleet.endpoint.send_command
+    assert sent == ["call"]  # one command
+    assert refused.value.operation == "call Tensor.__mul__ and fetch its result"
+    assert set(bob._objects) == before | {doubled.id_at_location}
+    del doubled, refused  # collected: deleted
+
+
 def test_forged_stores_do_not_launder_private_data(fleet: tr.Fleet) -> None:
     secure = fleet.worker("secure_worker")
     data = _secret(fleet, "bob")

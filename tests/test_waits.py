@@ -67,6 +67,40 @@ def test_a_get_whose_operation_fails_raises_its_error_and_leaves_nothing(
     assert torch.equal(x.get(), torch.tensor([1.0, 2.0]))
 
 
+def test_a_get_of_an_operation_on_pointers_dead_since_finds_them(
+    fleet: tr.Fleet, bob: tr.WorkerHandle, recorder: Recorder
+) -> None:
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    parts = [x * 2, x * 3]
+    fleet.sync()
+    joined = torch.cat(parts)
+    del parts  # its pointers die after the call was posted: they are its arguments
+    recorder.clear()
+
+    assert torch.equal(joined.get(), torch.tensor([2.0, 4.0, 3.0, 6.0]))
+
+    # Garbage is deleted before the command it rides with: theirs waits for the next.
+    assert (recorder.messages, recorder.garbage) == (
+        ["send call to bob", "receive call.reply"], [])
+    assert list(bob._objects) == [x.id_at_location]  # (a listing deletes garbage first)
+    x.get()
+
+
+def test_a_get_behind_a_failure_already_in_raises_it_and_destroys_nothing(
+    fleet: tr.Fleet, bob: tr.WorkerHandle
+) -> None:
+    x = torch.tensor([1.0, 2.0]).send(bob)
+    y = x * 10
+    x.view(5, 5)  # fails on bob, nobody waits for it
+    fleet.workers()  # takes its reply, and raises nothing
+
+    with pytest.raises(tr.RemoteError, match=r"call Tensor\.view failed"):
+        y.get()  # not sent: it would fetch, and lose, y behind the failure
+
+    assert torch.equal(y.get(), torch.tensor([10.0, 20.0]))
+    x.get()
+
+
 def test_a_get_of_an_operation_down_a_chain_the_client_did_not_know_of_gets_a_pointer(
     fleet: tr.Fleet, bob: tr.WorkerHandle, alice: tr.WorkerHandle, recorder: Recorder
 ) -> None:

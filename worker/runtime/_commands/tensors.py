@@ -136,10 +136,10 @@ def call(worker: WorkerRuntime, command: Call, sender: str) -> Any:
     return forwarded if fetched is None else _then_fetch(worker, forwarded, fetched, sender)
 
 
-async def _then_fetch(worker: WorkerRuntime, call: Coroutine[Any, Any, None], result_id: int,
-                      sender: str) -> Encoded:
+async def _then_fetch(worker: WorkerRuntime, forwarded: Coroutine[Any, Any, None],
+                      result_id: int, sender: str) -> Encoded:
     """A call forwarded down a chain, then its result (the pointer to it) fetched."""
-    await call
+    await forwarded
     return fetch(worker, Fetch(result_id), sender)
 
 
