@@ -64,10 +64,6 @@ class Pending:
         """The oldest (raises `StopIteration` when none is outstanding)."""
         return next(iter(self._entries.values()))
 
-    def first_item(self) -> tuple[str, Outstanding]:
-        """The oldest and its correlation id (raises `StopIteration` when none is)."""
-        return next(iter(self._entries.items()))
-
     def workers(self) -> set[str]:
         return {entry.worker_id for entry in self._entries.values()}
 

@@ -105,14 +105,13 @@ class Publisher:
         with self._lock:
             return self._publish()
 
-    def replace(self, queued: Queued) -> bool:
-        """Send `queued` in place of the command waiting under its correlation id; whether
-        that one was still waiting (not published meanwhile)."""
-        correlation_id = queued[1]
+    def replace(self, correlation_id: str, command: Command) -> bool:
+        """Send `command`, with the envelope it had, in place of the command waiting under
+        `correlation_id`; whether that one was still waiting (not published meanwhile)."""
         with self._lock:
-            for index, (_, waiting, _) in enumerate(self._queued):
+            for index, (_, waiting, envelope) in enumerate(self._queued):
                 if waiting == correlation_id:
-                    self._queued[index] = queued
+                    self._queued[index] = (command, correlation_id, envelope)
                     return True
         return False
 

@@ -263,19 +263,30 @@ class Fleet:
         is the one command in flight, still waiting to go, it goes instead as that call
         fetching its result (`Call.fetch`): one command, with every check of both."""
         self.replies.raise_errors()  # (as `request`)
-        if self.capture is None and len(self.pending) == 1:
-            correlation_id, entry = self.pending.first_item()
-            call = entry.command
-            if (type(call) is Call and call.result_id == object_id and not call.fetch
-                    and entry.worker_id == worker_id and entry.settles and not entry.keep):
-                # With the call's own envelope: what died since it was posted may be its
-                # arguments, and garbage is deleted before a command runs; it waits.
-                envelope = Envelope(list(entry.garbage)) if entry.garbage else None
-                fused = dataclasses.replace(call, fetch=True)
-                if self.publisher.replace((fused, correlation_id, envelope)):
-                    entry.command, entry.keep = fused, True
-                    return self._answer(correlation_id)
+        making = self._call_making(worker_id, object_id)
+        if making is not None:
+            correlation_id, entry, call = making
+            # With the call's own envelope: what died since it was posted may be its
+            # arguments, and garbage is deleted before a command runs; it waits.
+            fused = dataclasses.replace(call, fetch=True)
+            if self.publisher.replace(correlation_id, fused):
+                entry.command, entry.keep = fused, True
+                return self._answer(correlation_id)
         return self.request(worker_id, Fetch(object_id))
+
+    def _call_making(self, worker_id: str,
+                     object_id: int) -> tuple[str, Outstanding, Call] | None:
+        """The call that makes `object_id` on `worker_id`, if it is the one command in
+        flight, posted (not waited for) and settling there; with its correlation id and
+        its entry."""
+        if self.capture is not None or len(self.pending) != 1:
+            return None
+        correlation_id, entry = next(iter(self.pending))
+        call = entry.command
+        if (type(call) is Call and call.result_id == object_id and not call.fetch
+                and entry.worker_id == worker_id and entry.settles and not entry.keep):
+            return correlation_id, entry, call
+        return None
 
     def _answer(self, correlation_id: str) -> Any:
         """Wait for everything in flight; the reply to `correlation_id` (a command kept)."""

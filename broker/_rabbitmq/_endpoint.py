@@ -561,10 +561,11 @@ def _read(connection: Any, endpoints: list[RabbitMQEndpoint], *, wait: bool) -> 
         # A look is a wait that does not wait: pika's loop, which costs a worker more than
         # a small command's own work between two commands it holds, runs only for what
         # is not input.
-        wait_for_input(connection, 0)
+        limit: float | None = 0
     else:
         due = [t for e in endpoints if (t := e._consumer.acks_due_in()) is not None]
-        wait_for_input(connection, min(due, default=None))
+        limit = min(due, default=None)
+    wait_for_input(connection, limit)
     for endpoint in endpoints:
         endpoint._tend()
 
